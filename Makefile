@@ -1,0 +1,72 @@
+# sagaplatform: `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8000
+QUEUES ?= orchestrator,inventory,payments,orders,shipping,notifications
+CONCURRENCY ?= 4
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev run test lint format bench web worker workers beat setup migrations clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.run-deps: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev-deps: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	@touch $@ $(VENV)/.run-deps
+
+install: $(VENV)/.run-deps ## Create the virtualenv and install the pinned runtime dependencies
+
+install-dev: $(VENV)/.dev-deps ## Install the runtime and development dependencies
+
+setup: install ## Create (PostgreSQL) and migrate every service database, load demo data
+	$(BIN)/python manage.py setup_databases
+	$(BIN)/python manage.py seed_demo
+
+run: setup ## Set up and serve the platform with demo data on http://127.0.0.1:$(PORT) (embedded by default)
+	$(BIN)/python manage.py serve --port $(PORT)
+
+test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers when reachable)
+	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-dev ## Lint, check formatting and check that migrations are up to date
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python manage.py makemigrations --check --dry-run
+
+format: install-dev ## Fix lint findings and format the code
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install-dev ## Benchmark sagas/s and latency against a bare Celery chain (PostgreSQL + Redis)
+	@eval "$$($(BIN)/python -m tests.services --require)" && $(BIN)/python manage.py bench $(BENCH_ARGS)
+
+web: install ## Production: serve HTTP/websockets only (needs DATABASE_URL and REDIS_URL)
+	$(BIN)/python manage.py serve --host $${HOST:-127.0.0.1} --port $(PORT)
+
+worker: install ## Production: a Celery worker for QUEUES (default: all queues)
+	$(BIN)/celery -A sagaplatform worker -Q $(QUEUES) -c $(CONCURRENCY) -n worker-$$$$@%h --loglevel INFO
+
+workers: install ## Production: one Celery worker per service queue, in the foreground
+	@trap 'kill 0' INT TERM; for q in $$(echo $(QUEUES) | tr , ' '); do \
+	  $(BIN)/celery -A sagaplatform worker -Q $$q -c 2 -n $$q@%h --loglevel INFO & done; wait
+
+beat: install ## Production: Celery beat, which schedules the sweeper
+	@mkdir -p var
+	$(BIN)/celery -A sagaplatform beat -s var/celerybeat-schedule --loglevel INFO
+
+migrations: install-dev ## Make migrations for every app
+	$(BIN)/python manage.py makemigrations
+
+clean: ## Remove the embedded databases and caches (keeps the virtualenv)
+	rm -rf var .pytest_cache .ruff_cache test-artifacts

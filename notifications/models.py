@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+
+class Notification(models.Model):
+    """One message to a customer. Written with the saga step; delivered after commit."""
+
+    class Channel(models.TextChoices):
+        EMAIL = "email"
+        SMS = "sms"
+
+    class Kind(models.TextChoices):
+        ORDER_CONFIRMED = "order_confirmed"
+        ORDER_FAILED = "order_failed"
+
+    class State(models.TextChoices):
+        QUEUED = "queued"
+        SENT = "sent"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    saga_id = models.UUIDField(db_index=True)
+    order_id = models.UUIDField(db_index=True)
+    channel = models.CharField(max_length=8, choices=Channel.choices)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    recipient = models.CharField(max_length=254)
+    subject = models.CharField(max_length=200, blank=True)
+    body = models.TextField()
+    state = models.CharField(max_length=8, choices=State.choices, default=State.QUEUED)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["order_id", "kind", "channel"], name="notification_once_per_kind"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} by {self.channel} to {self.recipient}"

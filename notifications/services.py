@@ -1,0 +1,67 @@
+"""Notification writes and delivery."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.core.mail import send_mail
+from django.db import transaction
+from django.utils import timezone
+
+from sagaplatform.kernel import outbox
+
+from . import sms
+from .models import Notification
+
+DB = "notifications"
+DELIVER_TASK = "notifications.deliver"
+
+TEMPLATES = {
+    Notification.Kind.ORDER_CONFIRMED: (
+        "Your order is confirmed",
+        "Good news: order {order_id} is confirmed and will ship soon.",
+    ),
+    Notification.Kind.ORDER_FAILED: (
+        "Your order could not be completed",
+        "Sorry: order {order_id} could not be completed ({reason}). You have not been charged.",
+    ),
+}
+
+
+def notification_queue(
+    *, saga_id: uuid.UUID, order_id: str, kind: str, email: str, phone: str = "", reason: str = ""
+) -> list[Notification]:
+    """Write the customer's messages and, in the same transaction, the messages to deliver them."""
+    subject, template = TEMPLATES[kind]
+    body = template.format(order_id=order_id, reason=reason or "unknown reason")
+    created = []
+    with transaction.atomic(using=DB):
+        for channel, recipient in ((Notification.Channel.EMAIL, email), (Notification.Channel.SMS, phone)):
+            if not recipient:
+                continue
+            notification, is_new = Notification.objects.using(DB).get_or_create(
+                order_id=order_id,
+                kind=kind,
+                channel=channel,
+                defaults={"saga_id": saga_id, "recipient": recipient, "subject": subject, "body": body},
+            )
+            if is_new:
+                outbox.enqueue(using=DB, task=DELIVER_TASK, queue=DB, payload={"notification_id": str(notification.id)})
+            created.append(notification)
+    return created
+
+
+def notification_deliver(*, notification_id: str) -> bool:
+    """Send one queued notification. At least once: a crash between sending and marking it sent
+    means it is sent again, which is the right side to err on for a customer message."""
+    notification = Notification.objects.using(DB).filter(id=notification_id).first()
+    if notification is None or notification.state == Notification.State.SENT:
+        return False
+    if notification.channel == Notification.Channel.EMAIL:
+        send_mail(notification.subject, notification.body, None, [notification.recipient])
+    else:
+        sms.get_backend().send(to=notification.recipient, body=notification.body)
+    Notification.objects.using(DB).filter(id=notification.id, state=Notification.State.QUEUED).update(
+        state=Notification.State.SENT, sent_at=timezone.now()
+    )
+    return True

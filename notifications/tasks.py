@@ -1,0 +1,15 @@
+from celery import shared_task
+
+from sagaplatform.kernel import commands
+
+from . import services
+
+
+@shared_task(name="notifications.execute", ignore_result=True)
+def execute(message: dict) -> None:
+    commands.execute(service="notifications", message=message)
+
+
+@shared_task(name="notifications.deliver", ignore_result=True)
+def deliver(message: dict) -> None:
+    services.notification_deliver(notification_id=message["notification_id"])

@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django_fsm import FSMField, FSMModelMixin, transition
+
+
+class Saga(FSMModelMixin, models.Model):
+    """One distributed transaction. Its steps and events hang off it; its id is the idempotency
+    key of everything the services do for it."""
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        COMPENSATING = "compensating"
+        COMPLETED = "completed"
+        COMPENSATED = "compensated"
+        FAILED = "failed"
+        PARKED = "parked"
+        CANCELLED = "cancelled"
+
+    TERMINAL_STATES = (State.COMPLETED, State.COMPENSATED, State.FAILED, State.CANCELLED)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    definition = models.CharField(max_length=64)
+    state = FSMField(default=State.PENDING, choices=State.choices, protected=True, db_index=True)
+    context = models.JSONField(default=dict)
+    failure = models.JSONField(null=True, blank=True)
+    # Bumped on every recorded event: the event sequence number, and the guard against two
+    # writers (every engine write holds the row lock and bumps it).
+    version = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.definition} {self.id} ({self.state})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in self.TERMINAL_STATES
+
+    @transition(field=state, source=State.PENDING, target=State.RUNNING)
+    def start(self) -> None:
+        pass
+
+    @transition(field=state, source=State.RUNNING, target=State.COMPLETED)
+    def complete(self) -> None:
+        pass
+
+    @transition(field=state, source=State.RUNNING, target=State.COMPENSATING)
+    def begin_compensation(self, *, failure: dict) -> None:
+        self.failure = failure
+
+    @transition(field=state, source=State.COMPENSATING, target=State.COMPENSATED)
+    def finish_compensation(self) -> None:
+        pass
+
+    @transition(field=state, source=State.COMPENSATING, target=State.PARKED)
+    def park(self) -> None:
+        pass
+
+    @transition(field=state, source=[State.PENDING, State.RUNNING, State.COMPENSATING], target=State.FAILED)
+    def fail(self, *, failure: dict) -> None:
+        self.failure = failure
+
+
+class SagaStep(FSMModelMixin, models.Model):
+    class Kind(models.TextChoices):
+        ACTION = "action"
+        ON_FAILURE = "on_failure"
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        RETRYING = "retrying"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        COMPENSATING = "compensating"
+        COMPENSATED = "compensated"
+        COMPENSATION_FAILED = "compensation_failed"
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
+    name = models.CharField(max_length=64)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.ACTION)
+    position = models.PositiveSmallIntegerField()
+    service = models.CharField(max_length=32)
+    state = FSMField(default=State.PENDING, choices=State.choices, protected=True)
+    attempts = models.PositiveIntegerField(default=0)
+    compensation_attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["saga", "kind", "position"]
+        constraints = [models.UniqueConstraint(fields=["saga", "name"], name="saga_step_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.state})"
+
+    @transition(field=state, source=State.PENDING, target=State.RUNNING)
+    def dispatch(self) -> None:
+        self.attempts = 1
+
+    @transition(field=state, source=[State.RUNNING, State.RETRYING], target=State.RETRYING)
+    def schedule_retry(self, *, error: dict, next_attempt_at) -> None:
+        self.error = error
+        self.attempts += 1
+        self.next_attempt_at = next_attempt_at
+
+    @transition(field=state, source=[State.RUNNING, State.RETRYING], target=State.SUCCEEDED)
+    def succeed(self, *, result: dict) -> None:
+        self.result = result
+        self.next_attempt_at = None
+
+    @transition(field=state, source=[State.RUNNING, State.RETRYING], target=State.FAILED)
+    def fail(self, *, error: dict) -> None:
+        self.error = error
+        self.next_attempt_at = None
+
+    # A failed step is compensated too when its last attempt's fate is unknown (retries
+    # exhausted): the barrier makes that a no-op if the action never committed.
+    @transition(field=state, source=[State.SUCCEEDED, State.FAILED], target=State.COMPENSATING)
+    def begin_compensation(self) -> None:
+        self.compensation_attempts = 1
+
+    @transition(field=state, source=State.COMPENSATING, target=State.COMPENSATING)
+    def schedule_compensation_retry(self, *, error: dict, next_attempt_at) -> None:
+        self.error = error
+        self.compensation_attempts += 1
+        self.next_attempt_at = next_attempt_at
+
+    @transition(field=state, source=State.COMPENSATING, target=State.COMPENSATED)
+    def finish_compensation(self) -> None:
+        self.next_attempt_at = None
+
+    @transition(field=state, source=State.COMPENSATING, target=State.COMPENSATION_FAILED)
+    def give_up_compensation(self, *, error: dict) -> None:
+        self.error = error
+        self.next_attempt_at = None
+
+
+class SagaEvent(models.Model):
+    """Append-only timeline of a saga: every transition, retry and failure, in order (`seq`)."""
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="events")
+    seq = models.PositiveIntegerField()
+    step = models.CharField(max_length=64, blank=True)
+    kind = models.CharField(max_length=32)
+    from_state = models.CharField(max_length=24, blank=True)
+    to_state = models.CharField(max_length=24, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    actor = models.CharField(max_length=150, default="engine")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["saga", "seq"]
+        constraints = [models.UniqueConstraint(fields=["saga", "seq"], name="saga_event_unique_seq")]
+
+    def __str__(self) -> str:
+        return f"#{self.seq} {self.kind} {self.step}"

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django_fsm import FSMField, FSMModelMixin, transition
+
+
+class Product(models.Model):
+    """What the shop sells and at what price. Stock levels belong to the inventory service."""
+
+    sku = models.CharField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    unit_price = models.DecimalField(max_digits=10, decimal_places=2)
+    is_active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["sku"]
+
+    def __str__(self) -> str:
+        return f"{self.sku} {self.name}"
+
+
+class Order(FSMModelMixin, models.Model):
+    """The customer's view of a purchase, visible from the moment the API accepts it."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPROVED = "approved"
+        REJECTED = "rejected"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    customer_id = models.BigIntegerField(db_index=True)
+    customer_email = models.EmailField(blank=True)
+    status = FSMField(default=Status.PENDING, choices=Status.choices, protected=True)
+    total = models.DecimalField(max_digits=12, decimal_places=2)
+    currency = models.CharField(max_length=3, default="EUR")
+    shipping_address = models.JSONField()
+    saga_id = models.UUIDField(unique=True, default=uuid.uuid4)
+    failure_code = models.CharField(max_length=64, blank=True)
+    failure_message = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Order {self.id} ({self.status})"
+
+    # The state machine, top to bottom. Transitions change fields only; services persist them
+    # and record the history row.
+
+    @transition(field=status, source=Status.PENDING, target=Status.APPROVED)
+    def approve(self) -> None:
+        pass
+
+    @transition(field=status, source=Status.APPROVED, target=Status.PENDING)
+    def revoke(self) -> None:
+        """Undo an approval while the saga compensates; the order then ends rejected."""
+
+    @transition(field=status, source=Status.PENDING, target=Status.REJECTED)
+    def reject(self, *, code: str, message: str) -> None:
+        self.failure_code = code[:64]
+        self.failure_message = message[:500]
+
+
+class OrderLine(models.Model):
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="lines")
+    sku = models.CharField(max_length=64)
+    quantity = models.PositiveIntegerField()
+    unit_price = models.DecimalField(max_digits=10, decimal_places=2)
+
+    class Meta:
+        ordering = ["sku"]
+        constraints = [models.UniqueConstraint(fields=["order", "sku"], name="order_line_unique_sku")]
+
+    def __str__(self) -> str:
+        return f"{self.quantity} x {self.sku}"
+
+
+class OrderStatusChange(models.Model):
+    """Append-only history of an order's status: who, from, to, why, when."""
+
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="status_changes")
+    from_status = models.CharField(max_length=16)
+    to_status = models.CharField(max_length=16)
+    reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_status} -> {self.to_status}"
+
+
+class IdempotencyKey(models.Model):
+    """A client's `Idempotency-Key`, created in the same transaction as the order it produced."""
+
+    customer_id = models.BigIntegerField()
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="+")
+    response = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["customer_id", "key"], name="idempotency_key_per_customer")]
+
+    def __str__(self) -> str:
+        return self.key

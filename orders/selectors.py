@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from .models import Order, Product
+
+DB = "orders"
+
+
+def order_list_for_customer(*, customer_id: int) -> QuerySet[Order]:
+    return Order.objects.using(DB).filter(customer_id=customer_id).prefetch_related("lines")
+
+
+def order_get_for_customer(*, order_id, customer_id: int) -> Order | None:
+    return order_list_for_customer(customer_id=customer_id).filter(id=order_id).first()
+
+
+def order_get(*, order_id) -> Order | None:
+    return Order.objects.using(DB).prefetch_related("lines").filter(id=order_id).first()
+
+
+def product_list() -> QuerySet[Product]:
+    return Product.objects.using(DB).filter(is_active=True)

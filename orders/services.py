@@ -1,0 +1,187 @@
+"""Order writes. Every status change goes through the state machine and appends a history row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.db import IntegrityError, transaction
+
+from sagaplatform.kernel import outbox
+
+from .exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused, OrderNotInState, UnknownProduct
+from .models import IdempotencyKey, Order, OrderLine, OrderStatusChange, Product
+
+DB = "orders"
+START_SAGA_TASK = "orchestration.start_saga"
+ORCHESTRATOR_QUEUE = "orchestrator"
+DEFAULT_SAGA = "place_order"
+
+
+@dataclass(frozen=True)
+class Placement:
+    order: Order
+    receipt: dict
+    replayed: bool
+
+
+def fingerprint(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def order_receipt(order: Order) -> dict:
+    """What the API answers when it accepts an order (and replays for a repeated key)."""
+    return {
+        "id": str(order.id),
+        "status": order.status,
+        "saga": {"id": str(order.saga_id), "state": "pending"},
+        "url": f"/api/orders/{order.id}/",
+    }
+
+
+def _record(order: Order, from_status: str, reason: str = "") -> None:
+    order.save(using=DB)
+    OrderStatusChange.objects.using(DB).create(
+        order=order, from_status=from_status, to_status=order.status, reason=reason[:500]
+    )
+
+
+def order_place(
+    *,
+    customer_id: int,
+    customer_email: str,
+    items: list[dict],
+    payment_token: str,
+    shipping_address: dict,
+    idempotency_key: str | None = None,
+    request_body: dict | None = None,
+) -> Placement:
+    """Accept an order: write it pending and, in the same transaction, the message that starts
+    its saga. With an idempotency key the key row commits with the order, so a retried or
+    concurrent request with the same key finds the first one's order instead of a second.
+    """
+    body_fingerprint = fingerprint(request_body if request_body is not None else {"items": items})
+    if idempotency_key:
+        replay = _replay(customer_id=customer_id, key=idempotency_key, body_fingerprint=body_fingerprint)
+        if replay:
+            return replay
+    try:
+        with transaction.atomic(using=DB):
+            order = _create(
+                customer_id=customer_id,
+                customer_email=customer_email,
+                items=items,
+                payment_token=payment_token,
+                shipping_address=shipping_address,
+            )
+            receipt = order_receipt(order)
+            if idempotency_key:
+                IdempotencyKey.objects.using(DB).create(
+                    customer_id=customer_id,
+                    key=idempotency_key,
+                    fingerprint=body_fingerprint,
+                    order=order,
+                    response=receipt,
+                )
+    except IntegrityError:
+        # Another request with the same key committed first (its insert held ours back until
+        # then): answer with its order.
+        replay = idempotency_key and _replay(
+            customer_id=customer_id, key=idempotency_key, body_fingerprint=body_fingerprint
+        )
+        if not replay:
+            raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still being processed") from None
+        return replay
+    return Placement(order=order, receipt=receipt, replayed=False)
+
+
+def _replay(*, customer_id: int, key: str, body_fingerprint: str) -> Placement | None:
+    existing = IdempotencyKey.objects.using(DB).select_related("order").filter(customer_id=customer_id, key=key).first()
+    if existing is None:
+        return None
+    if existing.fingerprint != body_fingerprint:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was used with a different request body", details={"idempotency_key": key}
+        )
+    return Placement(order=existing.order, receipt=existing.response, replayed=True)
+
+
+def _create(
+    *, customer_id: int, customer_email: str, items: list[dict], payment_token: str, shipping_address: dict
+) -> Order:
+    skus = [item["sku"] for item in items]
+    products = {p.sku: p for p in Product.objects.using(DB).filter(sku__in=skus, is_active=True)}
+    unknown = sorted(set(skus) - set(products))
+    if unknown:
+        raise UnknownProduct(f"Unknown SKU: {', '.join(unknown)}", details={"unknown_skus": unknown})
+    total = sum((products[i["sku"]].unit_price * i["quantity"] for i in items), Decimal("0.00"))
+    order = Order.objects.using(DB).create(
+        customer_id=customer_id,
+        customer_email=customer_email,
+        total=total,
+        shipping_address=shipping_address,
+    )
+    OrderLine.objects.using(DB).bulk_create(
+        [
+            OrderLine(order=order, sku=i["sku"], quantity=i["quantity"], unit_price=products[i["sku"]].unit_price)
+            for i in items
+        ]
+    )
+    OrderStatusChange.objects.using(DB).create(order=order, from_status="", to_status=order.status, reason="accepted")
+    outbox.enqueue(
+        using=DB,
+        task=START_SAGA_TASK,
+        queue=ORCHESTRATOR_QUEUE,
+        payload={
+            "saga_id": str(order.saga_id),
+            "definition": DEFAULT_SAGA,
+            "context": {
+                "order_id": str(order.id),
+                "customer_id": customer_id,
+                "customer_email": customer_email,
+                "items": [{"sku": i["sku"], "quantity": i["quantity"]} for i in items],
+                "amount": str(total),
+                "currency": order.currency,
+                "payment_token": payment_token,
+                "shipping_address": shipping_address,
+            },
+        },
+    )
+    return order
+
+
+def _locked(order_id: uuid.UUID | str) -> Order:
+    return Order.objects.using(DB).select_for_update().get(id=order_id)
+
+
+def order_approve(*, order_id: uuid.UUID | str) -> Order:
+    with transaction.atomic(using=DB):
+        order = _locked(order_id)
+        if order.status == Order.Status.APPROVED:
+            return order
+        if order.status != Order.Status.PENDING:
+            raise OrderNotInState(f"Order is {order.status}, cannot approve", details={"status": order.status})
+        order.approve()
+        _record(order, Order.Status.PENDING, "all earlier steps succeeded")
+    return order
+
+
+def order_revoke(*, order_id: uuid.UUID | str, reason: str = "") -> Order:
+    with transaction.atomic(using=DB):
+        order = _locked(order_id)
+        if order.status == Order.Status.APPROVED:
+            order.revoke()
+            _record(order, Order.Status.APPROVED, reason or "saga compensating")
+    return order
+
+
+def order_reject(*, order_id: uuid.UUID | str, code: str, message: str) -> Order:
+    with transaction.atomic(using=DB):
+        order = _locked(order_id)
+        if order.status == Order.Status.PENDING:
+            order.reject(code=code, message=message)
+            _record(order, Order.Status.PENDING, message)
+    return order

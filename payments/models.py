@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+
+class Charge(models.Model):
+    """Money taken from a customer for one saga. Refunded by a reverse ledger entry, never deleted."""
+
+    class State(models.TextChoices):
+        CAPTURED = "captured"
+        REFUNDED = "refunded"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    saga_id = models.UUIDField(unique=True)
+    order_id = models.UUIDField(db_index=True)
+    amount = models.DecimalField(max_digits=12, decimal_places=2)
+    currency = models.CharField(max_length=3, default="EUR")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.CAPTURED)
+    gateway_reference = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.amount} {self.currency} ({self.state})"
+
+
+class LedgerEntry(models.Model):
+    """Append-only money movements: a charge is +amount, a refund -amount. Never updated."""
+
+    class Kind(models.TextChoices):
+        CHARGE = "charge"
+        REFUND = "refund"
+
+    charge = models.ForeignKey(Charge, on_delete=models.PROTECT, related_name="entries")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    amount = models.DecimalField(max_digits=12, decimal_places=2)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            # One charge entry and at most one refund entry per charge: money moves once.
+            models.UniqueConstraint(fields=["charge", "kind"], name="ledger_one_entry_per_kind"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.amount}"

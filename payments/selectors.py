@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.db.models import Sum
+
+from .models import Charge, LedgerEntry
+
+DB = "payments"
+
+
+def charge_for_saga(*, saga_id) -> Charge | None:
+    return Charge.objects.using(DB).filter(saga_id=saga_id).first()
+
+
+def net_for_order(*, order_id) -> Decimal:
+    total = LedgerEntry.objects.using(DB).filter(charge__order_id=order_id).aggregate(total=Sum("amount"))["total"]
+    return total or Decimal("0.00")

@@ -1,0 +1,8 @@
+from celery import shared_task
+
+from sagaplatform.kernel import commands
+
+
+@shared_task(name="payments.execute", ignore_result=True)
+def execute(message: dict) -> None:
+    commands.execute(service="payments", message=message)

@@ -1,0 +1,89 @@
+"""DTM's sub-transaction barrier, in every service database.
+
+`call()` runs inside the caller's `transaction.atomic(using=alias)`:
+
+1. for a compensation, insert the *action* row first: if that insert succeeds the action never
+   ran, so this is a null compensation (do nothing, succeed) and the row, stored as refused,
+   blocks the action should it arrive later (hanging);
+2. insert the row for the current op: if it already exists this is a duplicate (or the hanging
+   action), so replay the stored outcome and change nothing;
+3. otherwise run the business operation in a savepoint and store its outcome. A business failure
+   is stored too, with its partial effects rolled back.
+
+Both inserts are `INSERT ... ON CONFLICT DO NOTHING`: the unique key, not a read, decides
+("change instead of check"), so concurrent duplicates serialise on the index.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from django.db import connections, transaction
+from django.utils import timezone
+
+from .errors import BusinessError
+from .models import Barrier
+
+logger = logging.getLogger(__name__)
+
+ACTION = Barrier.Op.ACTION.value
+COMPENSATE = Barrier.Op.COMPENSATE.value
+
+REFUSED_AFTER_COMPENSATION = {
+    "status": "business_failure",
+    "error": {
+        "code": "compensated_before_action",
+        "message": "The compensation arrived first; the action is refused.",
+    },
+}
+NULL_COMPENSATION = {"status": "succeeded", "result": {}, "barrier": "null_compensation"}
+
+
+def _insert(using: str, saga_id, step: str, op: str, outcome: dict | None) -> bool:
+    connection = connections[using]
+    fields = {f.name: f for f in Barrier._meta.concrete_fields}
+    values = {
+        "saga_id": fields["saga_id"].get_db_prep_save(saga_id, connection),
+        "step": step,
+        "op": op,
+        "outcome": fields["outcome"].get_db_prep_save(outcome, connection),
+        "created_at": fields["created_at"].get_db_prep_save(timezone.now(), connection),
+    }
+    quote = connection.ops.quote_name
+    sql = (
+        f"INSERT INTO {quote(Barrier._meta.db_table)} ({', '.join(quote(c) for c in values)}) "
+        f"VALUES ({', '.join(['%s'] * len(values))}) ON CONFLICT DO NOTHING"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, list(values.values()))
+        return cursor.rowcount == 1
+
+
+def _store(using: str, saga_id, step: str, op: str, outcome: dict) -> None:
+    Barrier.objects.using(using).filter(saga_id=saga_id, step=step, op=op).update(outcome=outcome)
+
+
+def call(*, using: str, command, fn: Callable[..., dict | None]) -> dict:
+    if not connections[using].in_atomic_block:
+        raise RuntimeError("barrier.call must run inside transaction.atomic(using=...)")
+    saga_id, step, op = command.saga_id, command.step, command.op
+
+    if op == COMPENSATE and _insert(using, saga_id, step, ACTION, REFUSED_AFTER_COMPENSATION):
+        _insert(using, saga_id, step, COMPENSATE, NULL_COMPENSATION)
+        logger.info("null compensation for %s/%s", saga_id, step)
+        return NULL_COMPENSATION
+
+    if not _insert(using, saga_id, step, op, None):
+        stored = Barrier.objects.using(using).get(saga_id=saga_id, step=step, op=op).outcome
+        logger.info("barrier replay for %s/%s/%s", saga_id, step, op)
+        return {**stored, "replayed": True}
+
+    try:
+        with transaction.atomic(using=using):
+            result = fn(command=command) or {}
+        outcome = {"status": "succeeded", "result": result}
+    except BusinessError as exc:
+        outcome = {"status": "business_failure", "error": exc.as_dict()}
+    _store(using, saga_id, step, op, outcome)
+    return outcome

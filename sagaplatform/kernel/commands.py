@@ -1,0 +1,127 @@
+"""The command/reply contract between the orchestrator and the services.
+
+A command names a saga, a step, an op (`action` or `compensate`), the operation to run and the
+attempt number. The service runs it through the barrier and answers with a reply written to its
+own outbox in the same transaction, so the effect and the news of it commit together.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from django.db import transaction
+
+from . import barrier, outbox
+from .errors import TransientError
+
+logger = logging.getLogger(__name__)
+
+ORCHESTRATOR_QUEUE = "orchestrator"
+REPLY_TASK = "orchestration.handle_reply"
+
+SUCCEEDED = "succeeded"
+BUSINESS_FAILURE = "business_failure"
+TRANSIENT_ERROR = "transient_error"
+
+ACTION = "action"
+COMPENSATE = "compensate"
+
+
+@dataclass(frozen=True)
+class Command:
+    saga_id: uuid.UUID
+    step: str
+    op: str
+    operation: str
+    attempt: int
+    payload: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_message(cls, message: dict) -> Command:
+        return cls(
+            saga_id=uuid.UUID(str(message["saga_id"])),
+            step=message["step"],
+            op=message["op"],
+            operation=message["operation"],
+            attempt=int(message["attempt"]),
+            payload=message.get("payload") or {},
+        )
+
+    def to_message(self) -> dict:
+        return {**asdict(self), "saga_id": str(self.saga_id)}
+
+
+Operation = Callable[..., dict | None]
+_OPERATIONS: dict[tuple[str, str], Operation] = {}
+
+
+def operation(service: str, name: str) -> Callable[[Operation], Operation]:
+    """Register `fn(*, command) -> dict | None` as the service operation `name`."""
+
+    def register(fn: Operation) -> Operation:
+        key = (service, name)
+        if key in _OPERATIONS and _OPERATIONS[key] is not fn:
+            raise RuntimeError(f"operation {service}.{name} registered twice")
+        _OPERATIONS[key] = fn
+        return fn
+
+    return register
+
+
+def registered_operations(service: str) -> list[str]:
+    return sorted(name for (svc, name) in _OPERATIONS if svc == service)
+
+
+def _reply(command: Command, outcome: dict) -> dict:
+    return {
+        "saga_id": str(command.saga_id),
+        "step": command.step,
+        "op": command.op,
+        "attempt": command.attempt,
+        **outcome,
+    }
+
+
+def execute(*, service: str, message: dict) -> dict:
+    """Run one command on `service`'s database and queue the reply. Returns the outcome."""
+    command = Command.from_message(message)
+    fn = _OPERATIONS.get((service, command.operation))
+    if fn is None:
+        outcome = {
+            "status": BUSINESS_FAILURE,
+            "error": {"code": "unknown_operation", "message": f"{service} has no operation {command.operation!r}"},
+        }
+        with transaction.atomic(using=service):
+            outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+        return outcome
+    try:
+        with transaction.atomic(using=service):
+            outcome = barrier.call(using=service, command=command, fn=fn)
+            outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+    except Exception as exc:  # unknown errors count as transient, bounded by the step's policy
+        error = exc.as_dict() if isinstance(exc, TransientError) else {
+            "code": "unexpected_error",
+            "message": f"{type(exc).__name__}: {exc}",
+        }
+        logger.warning(
+            "%s.%s failed transiently: %s",
+            service,
+            command.operation,
+            error["message"],
+            extra={"saga_id": str(command.saga_id), "step": command.step, "attempt": command.attempt},
+        )
+        outcome = {"status": TRANSIENT_ERROR, "error": error}
+        with transaction.atomic(using=service):
+            outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+    return outcome
+
+
+def run(*, service: str, message: dict) -> dict:
+    """Run a command's operation directly (tests, tools), through the barrier, without a reply."""
+    command = Command.from_message(message)
+    with transaction.atomic(using=service):
+        return barrier.call(using=service, command=command, fn=_OPERATIONS[(service, command.operation)])
+

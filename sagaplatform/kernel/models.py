@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+
+class Barrier(models.Model):
+    """One row per (saga, step, op) a service has handled: DTM's sub-transaction barrier.
+
+    Inserted in the same local transaction as the business change it guards, so the unique key
+    turns a redelivered command into a replay of `outcome`, a compensation for an action that
+    never ran into a no-op ("null compensation"), and an action arriving after its compensation
+    into a refusal ("hanging").
+    """
+
+    class Op(models.TextChoices):
+        ACTION = "action"
+        COMPENSATE = "compensate"
+
+    saga_id = models.UUIDField()
+    step = models.CharField(max_length=64)
+    op = models.CharField(max_length=16, choices=Op.choices)
+    outcome = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["saga_id", "step", "op"], name="kernel_barrier_unique_op"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.saga_id}:{self.step}:{self.op}"
+
+
+class OutboxMessage(models.Model):
+    """A message written in the same local transaction as the state change that implies it.
+
+    The relay publishes it after commit (fast path) or from the periodic sweep (after a crash);
+    the message id doubles as the Celery task id, so consumers can tell a republish apart.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    task = models.CharField(max_length=128)
+    queue = models.CharField(max_length=64)
+    payload = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    available_at = models.DateTimeField()
+    published_at = models.DateTimeField(null=True, blank=True)
+    publish_attempts = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        indexes = [
+            # Serves the relay sweep: unpublished rows that are due.
+            models.Index(
+                fields=["available_at"],
+                name="kernel_outbox_pending",
+                condition=models.Q(published_at__isnull=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task} -> {self.queue} ({self.id})"

@@ -1,0 +1,88 @@
+"""Transactional outbox: a message is a row written with the state change that implies it.
+
+`enqueue()` must run inside `transaction.atomic(using=alias)`. After that transaction commits
+the message is published straight away (fast path); if the process dies first, or the broker is
+down, `relay_due()` (run by the periodic sweeper) publishes it later. A message can therefore be
+published more than once, never zero times: consumers are idempotent (barrier, step attempts).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from celery import current_app
+from django.db import connections, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from .models import OutboxMessage
+
+logger = logging.getLogger(__name__)
+
+# Give the after-commit fast path this long before the sweep publishes a row itself, so the two
+# do not routinely race each other into duplicates.
+SWEEP_GRACE = timedelta(seconds=5)
+# Publishing is retried once, quickly; past that the sweep takes over, so a broker outage slows
+# no request down by more than a moment.
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
+def enqueue(*, using: str, task: str, queue: str, payload: dict, delay: float = 0.0) -> OutboxMessage:
+    if not connections[using].in_atomic_block:
+        raise RuntimeError(f"outbox.enqueue({task!r}) must run inside transaction.atomic(using={using!r})")
+    message = OutboxMessage.objects.using(using).create(
+        task=task,
+        queue=queue,
+        payload=payload,
+        available_at=timezone.now() + timedelta(seconds=delay),
+    )
+    transaction.on_commit(lambda: publish(using=using, messages=[message]), using=using, robust=True)
+    return message
+
+
+def _send(message: OutboxMessage) -> None:
+    countdown = (message.available_at - timezone.now()).total_seconds()
+    current_app.send_task(
+        message.task,
+        args=[message.payload],
+        queue=message.queue,
+        task_id=str(message.id),
+        countdown=countdown if countdown > 0 else None,
+        retry_policy=PUBLISH_RETRY_POLICY,
+    )
+
+
+def publish(*, using: str, messages: list[OutboxMessage]) -> int:
+    """Send `messages` to the broker, then mark them published. Returns how many were sent."""
+    sent = []
+    for message in messages:
+        try:
+            _send(message)
+        except Exception:
+            logger.warning("outbox publish failed; the sweep will retry", exc_info=True, extra={"task": message.task})
+            break
+        sent.append(message.id)
+    if sent:
+        OutboxMessage.objects.using(using).filter(id__in=sent).update(published_at=timezone.now())
+    if len(sent) < len(messages):
+        failed = messages[len(sent)].id
+        OutboxMessage.objects.using(using).filter(id=failed).update(publish_attempts=F("publish_attempts") + 1)
+    return len(sent)
+
+
+def relay_due(*, using: str, limit: int = 500) -> int:
+    """Publish what the fast path did not: rows unpublished past the grace period."""
+    cutoff = timezone.now() - SWEEP_GRACE
+    with transaction.atomic(using=using):
+        rows = OutboxMessage.objects.using(using).filter(published_at__isnull=True, available_at__lte=cutoff)
+        if connections[using].features.has_select_for_update_skip_locked:
+            rows = rows.select_for_update(skip_locked=True)
+        messages = list(rows.order_by("available_at")[:limit])
+        # Published inside the transaction so a second sweeper skips these locked rows; a crash
+        # after sending and before commit only means they are sent again.
+        return publish(using=using, messages=messages)
+
+
+def pending_count(*, using: str) -> int:
+    return OutboxMessage.objects.using(using).filter(published_at__isnull=True).count()

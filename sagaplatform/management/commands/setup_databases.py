@@ -1,0 +1,31 @@
+"""Create (PostgreSQL) and migrate every service database."""
+
+from __future__ import annotations
+
+import psycopg
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+from psycopg import sql
+
+
+class Command(BaseCommand):
+    help = "Create the PostgreSQL databases that do not exist yet, then migrate every alias."
+
+    def handle(self, *args, **options):
+        settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
+        for alias, db in settings.DATABASES.items():
+            if db["ENGINE"].endswith("postgresql"):
+                self._create_postgres(alias, db)
+        for alias in settings.DATABASE_ALIASES:
+            call_command("migrate", database=alias, interactive=False, verbosity=0)
+            self.stdout.write(f"migrated {alias}")
+
+    def _create_postgres(self, alias: str, db: dict) -> None:
+        params = {"dbname": "postgres", "user": db["USER"] or None, "password": db["PASSWORD"] or None}
+        params |= {"host": db["HOST"] or None, "port": db["PORT"] or None}
+        with psycopg.connect(**{k: v for k, v in params.items() if v}, autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]]).fetchone()
+            if not exists:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db["NAME"])))
+                self.stdout.write(f"created database {db['NAME']} for {alias}")

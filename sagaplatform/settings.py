@@ -1,0 +1,306 @@
+"""Settings for sagaplatform, driven by environment variables (see `.env.example`).
+
+Two ways to run, one codebase:
+
+* embedded (the default, no variable set): one SQLite file per service under `var/`, Celery on
+  the in-memory transport with worker threads inside the web process, in-memory channel layer;
+* production: `DATABASE_URL` points at PostgreSQL (one database per service is derived from it,
+  or given one by one with `DATABASE_URL_<SERVICE>`), `REDIS_URL` at Redis (Celery broker and
+  channel layer), and separate `celery worker` processes consume the service queues.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if raw.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {raw!r}") from None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}") from None
+
+
+# --- Core -----------------------------------------------------------------------------------
+
+DEBUG = env_bool("DJANGO_DEBUG", default=True)
+SECRET_KEY = env_str("DJANGO_SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("DJANGO_SECRET_KEY is required when DJANGO_DEBUG is off")
+    SECRET_KEY = "embedded-insecure-key-only-for-local-use"  # noqa: S105
+ALLOWED_HOSTS = [h for h in env_str("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
+VAR_DIR = Path(env_str("SAGA_VAR_DIR", str(BASE_DIR / "var")))
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "sagaplatform",  # the composition root: operational commands (serve, setup, demo data)
+    "sagaplatform.kernel",
+    "orders",
+    "inventory",
+    "payments",
+    "shipping",
+    "notifications",
+    "orchestration",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "sagaplatform.urls"
+WSGI_APPLICATION = "sagaplatform.wsgi.application"
+ASGI_APPLICATION = "sagaplatform.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "static"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LOGIN_URL = "/admin/login/"
+
+# --- Databases: one per service ----------------------------------------------------------------
+# The orchestrator (sagas, users, sessions, admin) lives on `default`; every service app on the
+# alias named after it. `sagaplatform.routers.ServiceRouter` keeps each app on its own alias and
+# forbids relations across them.
+
+SERVICE_ALIASES = ("orders", "inventory", "payments", "shipping", "notifications")
+DATABASE_ALIASES = ("default", *SERVICE_ALIASES)
+
+
+def _postgres(url: str) -> dict:
+    parts = urlsplit(url)
+    if parts.scheme not in {"postgres", "postgresql"}:
+        raise ImproperlyConfigured(f"Unsupported database URL scheme {parts.scheme!r}: {url}")
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(parts.path.lstrip("/")),
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+        # Opening a PostgreSQL connection costs ~5 ms here, more than a whole saga step: keep
+        # connections (CONN_MAX_AGE) and check them before use (CONN_HEALTH_CHECKS) so a
+        # restarted server costs one failed check, not a failed task.
+        "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 600),
+        "CONN_HEALTH_CHECKS": True,
+        "TEST": {"NAME": f"test_{unquote(parts.path.lstrip('/'))}", "DEPENDENCIES": []},
+    }
+
+
+def _sqlite(alias: str) -> dict:
+    return {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": VAR_DIR / f"{alias}.sqlite3",
+        # Measured here: the defaults gave 113 "database is locked" errors in 400 threaded
+        # transactions; IMMEDIATE + WAL + a busy timeout gave 400 of 400.
+        "OPTIONS": {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
+        # Threaded tests need a file (WAL does not apply to shared in-memory databases).
+        "TEST": {"NAME": str(VAR_DIR / f"test_{alias}.sqlite3"), "DEPENDENCIES": []},
+    }
+
+
+def _database(alias: str) -> dict:
+    explicit = env_str(f"DATABASE_URL_{alias.upper()}")
+    if explicit:
+        return _postgres(explicit)
+    base = env_str("DATABASE_URL")
+    if base:
+        base = base.rstrip("/")
+        return _postgres(f"{base}_{alias}")
+    return _sqlite(alias)
+
+
+DATABASES = {alias: _database(alias) for alias in DATABASE_ALIASES}
+DATABASE_ROUTERS = ["sagaplatform.routers.ServiceRouter"]
+EMBEDDED_DATABASES = all(db["ENGINE"].endswith("sqlite3") for db in DATABASES.values())
+
+# --- Celery ---------------------------------------------------------------------------------
+# Reasons for each delivery setting are in docs/ARCHITECTURE.md ("Delivery").
+
+REDIS_URL = env_str("REDIS_URL")
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL or "memory://")
+EMBEDDED_BROKER = CELERY_BROKER_URL.startswith("memory://")
+# In the embedded mode the web process runs the workers as threads; a production web process
+# only publishes.
+SAGA_EMBEDDED_WORKER = env_bool("SAGA_EMBEDDED_WORKER", default=EMBEDDED_BROKER)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = (
+    # The memory transport polls its queues; its 1 s default would add a second per hop.
+    {"polling_interval": 0.005}
+    if EMBEDDED_BROKER
+    else {
+        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600),
+        "health_check_interval": 25,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+    }
+)
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_TASK_ACKS_ON_FAILURE_OR_TIMEOUT = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_DEFAULT_QUEUE = "orchestrator"
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 150)
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Keep database connections across tasks: Celery's Django fixup otherwise closes every connection
+# after each task, which cost 4,000 new PostgreSQL sessions per 1,000 orders here.
+CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1_000_000)
+SAGA_QUEUES = ("orchestrator", *SERVICE_ALIASES)
+SAGA_SWEEP_INTERVAL = env_float("SAGA_SWEEP_INTERVAL", 2.0)
+CELERY_BEAT_SCHEDULE = {
+    "saga-sweeper": {
+        "task": "orchestration.sweep",
+        "schedule": SAGA_SWEEP_INTERVAL,
+        "options": {"queue": "orchestrator", "expires": SAGA_SWEEP_INTERVAL * 5},
+    },
+}
+
+# --- Channels -------------------------------------------------------------------------------
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [env_str("CHANNEL_LAYER_URL", REDIS_URL)]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- REST API -------------------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "sagaplatform.authentication.SessionAuthentication",
+        "rest_framework.authentication.BasicAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "sagaplatform.api.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "sagaplatform API",
+    "DESCRIPTION": "Place orders that run as distributed transactions across services.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+# A request body larger than this is refused before it is parsed.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 64 * 1024)
+
+# --- Services -------------------------------------------------------------------------------
+
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "orders@sagaplatform.local")
+SMS_BACKEND = env_str("SMS_BACKEND", "notifications.sms.LoggingSmsBackend")
+# Simulated card network: how long the "hang" test card blocks a charge.
+PAYMENT_GATEWAY_HANG_SECONDS = env_float("PAYMENT_GATEWAY_HANG_SECONDS", 30.0)
+# Optimistic locking on stock: attempts before a reservation gives up as a transient error.
+INVENTORY_MAX_LOCK_ATTEMPTS = env_int("INVENTORY_MAX_LOCK_ATTEMPTS", 25)
+
+# --- Logging --------------------------------------------------------------------------------
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {
+        app: {"level": LOG_LEVEL}
+        for app in ("sagaplatform", "orders", "inventory", "payments", "shipping", "notifications", "orchestration")
+    },
+}
+
+# --- Composition ----------------------------------------------------------------------------
+# How services read the orchestrator's view of their saga without importing it.
+SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"

@@ -1,0 +1,20 @@
+"""The shipping service's operations, each beside its compensation."""
+
+from sagaplatform.kernel.commands import Command, operation
+
+from . import services
+
+
+@operation("shipping", "schedule")
+def schedule(*, command: Command) -> dict:
+    shipment = services.shipment_schedule(
+        saga_id=command.saga_id,
+        order_id=command.payload["order_id"],
+        address=command.payload["shipping_address"],
+    )
+    return {"shipment_id": str(shipment.id), "tracking_number": shipment.tracking_number}
+
+
+@operation("shipping", "cancel")
+def cancel(*, command: Command) -> dict:
+    return {"cancelled": services.shipment_cancel(saga_id=command.saga_id)}

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+
+class Shipment(models.Model):
+    """A parcel booked with a carrier for one saga. Cancelled, never deleted."""
+
+    class State(models.TextChoices):
+        SCHEDULED = "scheduled"
+        CANCELLED = "cancelled"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    saga_id = models.UUIDField(unique=True)
+    order_id = models.UUIDField(db_index=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.SCHEDULED)
+    address = models.JSONField()
+    carrier = models.CharField(max_length=32, default="sagapost")
+    tracking_number = models.CharField(max_length=32, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.tracking_number} ({self.state})"

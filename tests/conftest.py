@@ -1,0 +1,136 @@
+"""Shared fixtures: personas, a catalogue, and an in-test broker that delivers outbox messages.
+
+The in-test broker replaces only the last hop (handing a published message to Celery): the
+outbox rows, the after-commit publishing and the task bodies all run for real, so a test sees
+exactly the messages the platform would send, in order, and can drop, hold or duplicate them.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from rest_framework.test import APIClient
+
+from inventory.services import stock_set
+from orders.models import Product
+from sagaplatform.celery import app as celery_app
+from sagaplatform.kernel import outbox
+
+ON_POSTGRES = not settings.EMBEDDED_DATABASES
+
+CATALOGUE = {
+    "SKU-MUG": (Decimal("12.50"), 50),
+    "SKU-BOOK": (Decimal("44.00"), 20),
+    "SKU-LAMP": (Decimal("39.00"), 10),
+}
+
+ADDRESS = {"name": "Alice Martin", "line1": "1 rue de Rivoli", "city": "Paris", "postal_code": "75001", "country": "FR"}
+
+
+def order_body(*, token: str = "tok_visa", items: list[dict] | None = None) -> dict:
+    return {
+        "items": items or [{"sku": "SKU-MUG", "quantity": 2}],
+        "payment": {"token": token},
+        "shipping_address": dict(ADDRESS),
+    }
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_pg = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL; `make test` does when it answers)")
+    skip_prod = pytest.mark.skip(reason="needs PostgreSQL and Redis (DATABASE_URL, REDIS_URL)")
+    for item in items:
+        if "postgres" in item.keywords and not ON_POSTGRES:
+            item.add_marker(skip_pg)
+        if "production" in item.keywords and (not ON_POSTGRES or settings.EMBEDDED_BROKER):
+            item.add_marker(skip_prod)
+
+
+class InTestBroker:
+    """Collects what the outbox publishes; `deliver()` runs the tasks, as a worker would."""
+
+    def __init__(self) -> None:
+        self.queue: list[dict] = []
+        self.delivered: list[dict] = []
+
+    def publish(self, message) -> None:
+        self.queue.append({"id": str(message.id), "task": message.task, "queue": message.queue, "payload": message.payload})
+
+    def run(self, message: dict) -> None:
+        self.delivered.append(message)
+        celery_app.tasks[message["task"]].run(message["payload"])
+
+    def deliver(self, *, limit: int = 1000, skip: tuple[str, ...] = ()) -> int:
+        """Deliver messages (and those they cause) until none is left. Returns how many ran.
+
+        Messages for tasks in `skip` (for example the e-mail delivery) are left queued.
+        """
+        count = 0
+        held = []
+        while self.queue and count < limit:
+            message = self.queue.pop(0)
+            if message["task"] in skip:
+                held.append(message)
+                continue
+            self.run(message)
+            count += 1
+        self.queue[:0] = held
+        return count
+
+    def take(self, task: str) -> list[dict]:
+        """Remove and return the queued messages for `task` (to hold, reorder or duplicate them)."""
+        taken = [m for m in self.queue if m["task"] == task]
+        self.queue = [m for m in self.queue if m["task"] != task]
+        return taken
+
+
+@pytest.fixture
+def broker(monkeypatch) -> InTestBroker:
+    celery_app.loader.import_default_modules()  # registers the tasks, as a worker start does
+    fake = InTestBroker()
+    monkeypatch.setattr(outbox, "_send", fake.publish)
+    return fake
+
+
+@pytest.fixture
+def catalogue(django_db_blocker) -> dict:
+    for sku, (price, stock) in CATALOGUE.items():
+        Product.objects.using("orders").update_or_create(sku=sku, defaults={"name": sku.title(), "unit_price": price})
+        stock_set(sku=sku, on_hand=stock)
+    return CATALOGUE
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", "alice@example.com", "alice-pass")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", "bob@example.com", "bob-pass")
+
+
+@pytest.fixture
+def alice_api(alice) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(alice)
+    return client
+
+
+@pytest.fixture
+def bob_api(bob) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(bob)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _email_in_memory(settings):
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    settings.SMS_BACKEND = "notifications.sms.MemorySmsBackend"
+
+
+def make_user(username: str, *, staff: bool = False):
+    return get_user_model().objects.create_user(username, f"{username}@example.com", f"{username}-pass", is_staff=staff)
