@@ -48,8 +48,11 @@ format: install-dev ## Fix lint findings and format the code
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: install-dev ## Benchmark sagas/s and latency against a bare Celery chain (PostgreSQL + Redis)
-	@eval "$$($(BIN)/python -m tests.services --require)" && $(BIN)/python manage.py bench $(BENCH_ARGS)
+BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/sagabench
+BENCH_REDIS_URL ?= redis://127.0.0.1:6379/14
+bench: install-dev ## Benchmark orders/s and latency against a bare Celery chain (PostgreSQL + Redis; BENCH_ARGS="-n 500 -c 32")
+	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
+	  $(BIN)/python manage.py setup_databases >/dev/null && $(BIN)/python manage.py bench $(BENCH_ARGS)
 
 web: install ## Production: serve HTTP/websockets only (needs DATABASE_URL and REDIS_URL)
 	$(BIN)/python manage.py serve --host $${HOST:-127.0.0.1} --port $(PORT)

@@ -21,7 +21,9 @@ class StockItem(models.Model):
     class Meta:
         ordering = ["sku"]
         constraints = [
-            models.CheckConstraint(condition=models.Q(reserved__lte=models.F("on_hand")), name="stock_reserved_lte_on_hand"),
+            models.CheckConstraint(
+                condition=models.Q(reserved__lte=models.F("on_hand")), name="stock_reserved_lte_on_hand"
+            ),
         ]
 
     def __str__(self) -> str:

@@ -30,7 +30,7 @@ class ReservedLine:
 
 def _backoff(attempt: int) -> None:
     # Full jitter, capped: contenders spread out instead of colliding again in lockstep.
-    time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))  # noqa: S311
+    time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
 
 
 def stock_reserve_line(*, sku: str, quantity: int) -> ReservedLine:

@@ -20,7 +20,7 @@ class LoggingSmsBackend:
 class MemorySmsBackend:
     """Keeps sent messages in `outbox`, like Django's locmem e-mail backend (tests)."""
 
-    outbox: list[dict] = []  # noqa: RUF012  shared on purpose, like mail.outbox
+    outbox: list[dict] = []
 
     def send(self, *, to: str, body: str) -> None:
         MemorySmsBackend.outbox.append({"to": to, "body": body})

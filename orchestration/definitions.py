@@ -32,7 +32,7 @@ class RetryPolicy:
 
     def delay(self, failed_attempt: int) -> float:
         bound = self.ceiling(failed_attempt)
-        return random.uniform(0, bound) if self.jitter else bound  # noqa: S311
+        return random.uniform(0, bound) if self.jitter else bound
 
     def allows_another(self, attempts_so_far: int) -> bool:
         return attempts_so_far < self.max_attempts
@@ -89,9 +89,7 @@ PLACE_ORDER = SagaDefinition(
     name="place_order",
     description="Reserve stock, take payment, approve the order, book shipping, tell the customer.",
     steps=(
-        StepSpec(
-            "reserve_stock", "inventory", "reserve", "release", inputs=("order_id", "items")
-        ),
+        StepSpec("reserve_stock", "inventory", "reserve", "release", inputs=("order_id", "items")),
         StepSpec(
             "charge_payment",
             "payments",

@@ -100,7 +100,13 @@ class OrdersApi(APIView):
                 description="Repeat a request safely: the same key and body return the same order.",
             )
         ],
-        responses={202: OutputSerializer, 400: ErrorSerializer, 401: ErrorSerializer, 409: ErrorSerializer, 422: ErrorSerializer},
+        responses={
+            202: OutputSerializer,
+            400: ErrorSerializer,
+            401: ErrorSerializer,
+            409: ErrorSerializer,
+            422: ErrorSerializer,
+        },
     )
     def post(self, request):
         idempotency_key = request.headers.get("Idempotency-Key") or None
@@ -165,7 +171,9 @@ class OrderDetailApi(APIView):
         created_at = serializers.DateTimeField()
         updated_at = serializers.DateTimeField()
 
-    @extend_schema(operation_id="orders_retrieve", responses={200: OutputSerializer, 401: ErrorSerializer, 404: ErrorSerializer})
+    @extend_schema(
+        operation_id="orders_retrieve", responses={200: OutputSerializer, 401: ErrorSerializer, 404: ErrorSerializer}
+    )
     def get(self, request, order_id):
         order = selectors.order_get_for_customer(order_id=order_id, customer_id=request.user.id)
         if order is None:
@@ -184,4 +192,3 @@ class OrderDetailApi(APIView):
             "updated_at": order.updated_at,
         }
         return Response(self.OutputSerializer(data).data)
-

@@ -37,8 +37,10 @@ def charge_refund(*, saga_id: uuid.UUID) -> Charge | None:
         charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
         if charge is None:
             return None
-        if not Charge.objects.using(DB).filter(id=charge.id, state=Charge.State.CAPTURED).update(
-            state=Charge.State.REFUNDED
+        if (
+            not Charge.objects.using(DB)
+            .filter(id=charge.id, state=Charge.State.CAPTURED)
+            .update(state=Charge.State.REFUNDED)
         ):
             return charge
         gateway.refund(reference=charge.gateway_reference, amount=charge.amount)

@@ -62,7 +62,7 @@ SECRET_KEY = env_str("DJANGO_SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY is required when DJANGO_DEBUG is off")
-    SECRET_KEY = "embedded-insecure-key-only-for-local-use"  # noqa: S105
+    SECRET_KEY = "embedded-insecure-key-only-for-local-use"
 ALLOWED_HOSTS = [h for h in env_str("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
 VAR_DIR = Path(env_str("SAGA_VAR_DIR", str(BASE_DIR / "var")))
 
@@ -226,6 +226,8 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # after each task, which cost 4,000 new PostgreSQL sessions per 1,000 orders here.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1_000_000)
 SAGA_QUEUES = ("orchestrator", *SERVICE_ALIASES)
+# The benchmark's bare-chain tasks, so `make bench` can compare against the same workers.
+CELERY_IMPORTS = ("sagaplatform.bench",)
 SAGA_SWEEP_INTERVAL = env_float("SAGA_SWEEP_INTERVAL", 2.0)
 CELERY_BEAT_SCHEDULE = {
     "saga-sweeper": {

@@ -21,4 +21,6 @@ def healthz(request):
         except Exception as exc:  # report, never raise: this is the page that says what is down
             checks[alias] = f"error: {type(exc).__name__}"
     healthy = all(v == "ok" for v in checks.values())
-    return JsonResponse({"status": "ok" if healthy else "degraded", "databases": checks}, status=200 if healthy else 503)
+    return JsonResponse(
+        {"status": "ok" if healthy else "degraded", "databases": checks}, status=200 if healthy else 503
+    )

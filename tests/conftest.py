@@ -56,7 +56,9 @@ class InTestBroker:
         self.delivered: list[dict] = []
 
     def publish(self, message) -> None:
-        self.queue.append({"id": str(message.id), "task": message.task, "queue": message.queue, "payload": message.payload})
+        self.queue.append(
+            {"id": str(message.id), "task": message.task, "queue": message.queue, "payload": message.payload}
+        )
 
     def run(self, message: dict) -> None:
         self.delivered.append(message)

@@ -33,7 +33,9 @@ def event_kinds(saga_id) -> list[tuple[str, str]]:
 
 
 def test_happy_path_completes_in_every_service(alice_api, catalogue, broker):
-    receipt = place(alice_api, order_body(items=[{"sku": "SKU-MUG", "quantity": 2}, {"sku": "SKU-BOOK", "quantity": 1}]))
+    receipt = place(
+        alice_api, order_body(items=[{"sku": "SKU-MUG", "quantity": 2}, {"sku": "SKU-BOOK", "quantity": 1}])
+    )
     assert receipt["status"] == "pending"
 
     broker.deliver()
@@ -44,10 +46,12 @@ def test_happy_path_completes_in_every_service(alice_api, catalogue, broker):
     order = Order.objects.using("orders").get(id=receipt["id"])
     assert order.status == Order.Status.APPROVED
     assert order.total == Decimal("69.00")
-    assert stock("SKU-MUG").reserved == 2 and stock("SKU-BOOK").reserved == 1
+    assert stock("SKU-MUG").reserved == 2
+    assert stock("SKU-BOOK").reserved == 1
     assert Reservation.objects.using("inventory").filter(saga_id=saga.id, state="held").count() == 2
     charge = Charge.objects.using("payments").get(saga_id=saga.id)
-    assert charge.amount == Decimal("69.00") and charge.state == Charge.State.CAPTURED
+    assert charge.amount == Decimal("69.00")
+    assert charge.state == Charge.State.CAPTURED
     assert list(LedgerEntry.objects.using("payments").values_list("kind", "amount")) == [("charge", Decimal("69.00"))]
     assert Shipment.objects.using("shipping").get(saga_id=saga.id).state == Shipment.State.SCHEDULED
     assert Notification.objects.using("notifications").get(order_id=order.id).state == Notification.State.SENT
@@ -58,7 +62,8 @@ def test_happy_path_completes_in_every_service(alice_api, catalogue, broker):
 def test_order_detail_shows_saga_progress(alice_api, catalogue, broker):
     receipt = place(alice_api, order_body())
     pending = alice_api.get(receipt["url"]).json()
-    assert pending["status"] == "pending" and pending["saga"]["state"] == "pending"
+    assert pending["status"] == "pending"
+    assert pending["saga"]["state"] == "pending"
 
     broker.deliver()
 
@@ -139,7 +144,8 @@ def test_compensations_run_in_reverse_order(alice_api, catalogue, broker, monkey
     assert sum(entry.amount for entry in ledger) == Decimal("0.00")
     assert stock("SKU-MUG").reserved == 0
     order = Order.objects.using("orders").get(id=receipt["id"])
-    assert order.status == Order.Status.REJECTED and order.failure_code == "address_unserviceable"
+    assert order.status == Order.Status.REJECTED
+    assert order.failure_code == "address_unserviceable"
     history = list(OrderStatusChange.objects.using("orders").filter(order=order).values_list("to_status", flat=True))
     assert history == ["pending", "approved", "pending", "rejected"]
 

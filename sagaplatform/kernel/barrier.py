@@ -51,10 +51,10 @@ def _insert(using: str, saga_id, step: str, op: str, outcome: dict | None) -> bo
         "created_at": fields["created_at"].get_db_prep_save(timezone.now(), connection),
     }
     quote = connection.ops.quote_name
-    sql = (
-        f"INSERT INTO {quote(Barrier._meta.db_table)} ({', '.join(quote(c) for c in values)}) "
-        f"VALUES ({', '.join(['%s'] * len(values))}) ON CONFLICT DO NOTHING"
-    )
+    # Only quoted identifiers from the model are interpolated; every value is a parameter.
+    table, columns = quote(Barrier._meta.db_table), ", ".join(quote(c) for c in values)
+    placeholders = ", ".join(["%s"] * len(values))
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING"  # noqa: S608
     with connection.cursor() as cursor:
         cursor.execute(sql, list(values.values()))
         return cursor.rowcount == 1

@@ -102,10 +102,14 @@ def execute(*, service: str, message: dict) -> dict:
             outcome = barrier.call(using=service, command=command, fn=fn)
             outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
     except Exception as exc:  # unknown errors count as transient, bounded by the step's policy
-        error = exc.as_dict() if isinstance(exc, TransientError) else {
-            "code": "unexpected_error",
-            "message": f"{type(exc).__name__}: {exc}",
-        }
+        error = (
+            exc.as_dict()
+            if isinstance(exc, TransientError)
+            else {
+                "code": "unexpected_error",
+                "message": f"{type(exc).__name__}: {exc}",
+            }
+        )
         logger.warning(
             "%s.%s failed transiently: %s",
             service,
@@ -124,4 +128,3 @@ def run(*, service: str, message: dict) -> dict:
     command = Command.from_message(message)
     with transaction.atomic(using=service):
         return barrier.call(using=service, command=command, fn=_OPERATIONS[(service, command.operation)])
-

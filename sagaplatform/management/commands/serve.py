@@ -22,4 +22,14 @@ class Command(BaseCommand):
             embedded.start(concurrency=concurrency)
             self.stdout.write(f"Embedded Celery worker ({concurrency} threads) and sweeper started.")
         self.stdout.write(f"Serving on http://{host}:{port}/")
-        CommandLineInterface().run(["-b", host, "-p", str(port), "--verbosity", "1", settings.ASGI_APPLICATION.replace(".application", ":application")])
+        CommandLineInterface().run(
+            [
+                "-b",
+                host,
+                "-p",
+                str(port),
+                "--verbosity",
+                "1",
+                settings.ASGI_APPLICATION.replace(".application", ":application"),
+            ]
+        )

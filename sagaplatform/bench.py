@@ -1,0 +1,308 @@
+"""Benchmark: the place_order saga against a bare Celery chain of the same service calls.
+
+The chain calls the same five service functions on the same queues and databases, but with no
+saga bookkeeping: no saga/step/event rows, no barrier, no outbox, no replies, no compensation.
+The ratio of the two is the price of the guarantees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+from celery import chain, shared_task
+from django.conf import settings
+from django.db import connections
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_SKU = "SKU-BENCH"
+ADDRESS = {"name": "Bench", "line1": "1 Load St", "city": "Paris", "postal_code": "75001", "country": "FR"}
+
+
+# --- The bare chain: the same service calls, nothing else ---------------------------------------
+
+
+@shared_task(name="bench.reserve", ignore_result=True)
+def chain_reserve(ctx: dict) -> None:
+    from inventory.services import reservation_reserve
+
+    reservation_reserve(saga_id=ctx["saga_id"], order_id=ctx["order_id"], lines=ctx["items"])
+
+
+@shared_task(name="bench.charge", ignore_result=True)
+def chain_charge(ctx: dict) -> None:
+    from payments.services import charge_create
+
+    charge_create(
+        saga_id=ctx["saga_id"],
+        order_id=ctx["order_id"],
+        amount=Decimal(ctx["amount"]),
+        currency="EUR",
+        token="tok_visa",
+    )
+
+
+@shared_task(name="bench.approve", ignore_result=True)
+def chain_approve(ctx: dict) -> None:
+    from orders.services import order_approve
+
+    order_approve(order_id=ctx["order_id"])
+
+
+@shared_task(name="bench.schedule", ignore_result=True)
+def chain_schedule(ctx: dict) -> None:
+    from shipping.services import shipment_schedule
+
+    shipment_schedule(saga_id=ctx["saga_id"], order_id=ctx["order_id"], address=ADDRESS)
+
+
+@shared_task(name="bench.notify", ignore_result=True)
+def chain_notify(ctx: dict) -> None:
+    from django.db import transaction
+
+    from notifications.models import Notification
+
+    # The saga's notification step writes the row (and an outbox message); so does this.
+    with transaction.atomic(using="notifications"):
+        Notification.objects.using("notifications").create(
+            saga_id=ctx["saga_id"],
+            order_id=ctx["order_id"],
+            channel="email",
+            kind="order_confirmed",
+            recipient="bench@example.com",
+            subject="Your order is confirmed",
+            body="bench",
+        )
+
+
+def _chain_for(ctx: dict):
+    steps = [
+        (chain_reserve, "inventory"),
+        (chain_charge, "payments"),
+        (chain_approve, "orders"),
+        (chain_schedule, "shipping"),
+        (chain_notify, "notifications"),
+    ]
+    return chain(*(task.si(ctx).set(queue=queue) for task, queue in steps))
+
+
+# --- Runner ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    name: str
+    submitted: dict = field(default_factory=dict)  # order id -> monotonic submit time
+    finished: dict = field(default_factory=dict)  # order id -> monotonic finish time
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: dict = field(default_factory=dict)  # order id -> threading.Event
+
+    def figures(self) -> dict:
+        latencies = sorted(self.finished[o] - self.submitted[o] for o in self.finished)
+        span = max(self.finished.values()) - min(self.submitted.values())
+
+        def pct(p: float) -> float:
+            return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 1)
+
+        return {
+            "orders": len(latencies),
+            "throughput_per_s": round(len(latencies) / span, 1),
+            "p50_ms": pct(0.50),
+            "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99),
+            "mean_ms": round(1000 * statistics.fmean(latencies), 1),
+        }
+
+
+def _pg_sessions() -> int:
+    names = [connections[a].settings_dict["NAME"] for a in settings.DATABASE_ALIASES]
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT coalesce(sum(sessions), 0) FROM pg_stat_database WHERE datname = ANY(%s)", [names])
+        return int(cursor.fetchone()[0])
+
+
+def _seed(n: int) -> None:
+    from inventory.services import stock_set
+    from orders.models import Product
+
+    Product.objects.using("orders").update_or_create(sku=BENCH_SKU, defaults={"name": "Bench", "unit_price": "10.00"})
+    stock_set(sku=BENCH_SKU, on_hand=10 * n + 10_000)
+
+
+def _place_saga_order(user_id: int) -> tuple[str, str]:
+    from orders.services import order_place
+
+    placement = order_place(
+        customer_id=user_id,
+        customer_email="bench@example.com",
+        items=[{"sku": BENCH_SKU, "quantity": 1}],
+        payment_token="tok_visa",
+        shipping_address=ADDRESS,
+    )
+    return str(placement.order.id), str(placement.order.saga_id)
+
+
+def _place_chain_order(user_id: int) -> tuple[str, str]:
+    from orders.models import Order, OrderLine
+
+    saga_id = uuid.uuid4()
+    order = Order.objects.using("orders").create(
+        customer_id=user_id, customer_email="bench@example.com", total=Decimal("10.00"), shipping_address=ADDRESS
+    )
+    OrderLine.objects.using("orders").create(order=order, sku=BENCH_SKU, quantity=1, unit_price=Decimal("10.00"))
+    _chain_for(
+        {
+            "saga_id": str(saga_id),
+            "order_id": str(order.id),
+            "items": [{"sku": BENCH_SKU, "quantity": 1}],
+            "amount": "10.00",
+        }
+    ).apply_async()
+    return str(order.id), str(saga_id)
+
+
+def _finished_sagas(ids: list[str]) -> list[str]:
+    from orchestration.models import Saga
+
+    return [
+        str(i) for i in Saga.objects.filter(id__in=ids, state__in=Saga.TERMINAL_STATES).values_list("id", flat=True)
+    ]
+
+
+def _finished_chains(ids: list[str]) -> list[str]:
+    from notifications.models import Notification
+
+    return [
+        str(i)
+        for i in Notification.objects.using("notifications").filter(saga_id__in=ids).values_list("saga_id", flat=True)
+    ]
+
+
+def _drive(run: Run, *, n: int, concurrency: int, place, finished_ids, out) -> None:
+    """Closed loop: `concurrency` clients, each placing an order and waiting for it to finish."""
+    inflight: dict[str, str] = {}  # saga id -> order id
+    stop = threading.Event()
+
+    def monitor() -> None:
+        while not stop.is_set():
+            with run.lock:
+                ids = list(inflight)
+            for saga_id in finished_ids(ids) if ids else []:
+                now = time.monotonic()
+                with run.lock:
+                    order_id = inflight.pop(saga_id, None)
+                if order_id:
+                    run.finished[order_id] = now
+                    run.done[order_id].set()
+            time.sleep(0.01)
+        connections.close_all()
+
+    counter = iter(range(n))
+    counter_lock = threading.Lock()
+
+    def client() -> None:
+        try:
+            while True:
+                with counter_lock:
+                    if next(counter, None) is None:
+                        return
+                submitted = time.monotonic()
+                order_id, saga_id = place(1)
+                event = threading.Event()
+                with run.lock:
+                    run.submitted[order_id] = submitted
+                    run.done[order_id] = event
+                    inflight[saga_id] = order_id
+                if not event.wait(timeout=120):
+                    raise RuntimeError(f"order {order_id} did not finish in 120 s")
+        finally:
+            connections.close_all()
+
+    watcher = threading.Thread(target=monitor, daemon=True)
+    watcher.start()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    stop.set()
+    watcher.join()
+    out.write(f"  {run.name}: {json.dumps(run.figures())}\n")
+
+
+def start_worker(concurrency: int, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "sagaplatform.settings", "LOG_LEVEL": "WARNING"}
+    command = [sys.executable, "-m", "celery", "-A", "sagaplatform", "worker", "-Q", ",".join(settings.SAGA_QUEUES)]
+    command += ["-c", str(concurrency), "-n", "bench@%h", "--loglevel", "WARNING"]
+    log = log_path.open("w")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    from celery import current_app
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited; see {log_path}")
+        replies = current_app.control.ping(timeout=0.5)
+        if replies:
+            return process
+    raise RuntimeError("worker did not answer a ping in 60 s")
+
+
+def run_benchmark(*, n: int, concurrency: int, worker_concurrency: int, warmup: int, out) -> dict:
+    if settings.EMBEDDED_DATABASES or settings.EMBEDDED_BROKER:
+        raise RuntimeError("the benchmark measures the production stack: set DATABASE_URL and REDIS_URL")
+    _seed(n + warmup)
+    log_path = ROOT / "var" / "bench-worker.log"
+    log_path.parent.mkdir(exist_ok=True)
+    worker = start_worker(worker_concurrency, log_path)
+    try:
+        out.write(f"{n} orders, {concurrency} concurrent clients, worker -c {worker_concurrency}\n")
+        results = {}
+        for name, place, finished in (
+            ("saga", _place_saga_order, _finished_sagas),
+            ("chain", _place_chain_order, _finished_chains),
+        ):
+            if warmup:
+                _drive(
+                    Run(f"{name} (warm-up)"),
+                    n=warmup,
+                    concurrency=min(concurrency, warmup),
+                    place=place,
+                    finished_ids=finished,
+                    out=out,
+                )
+            sessions_before = _pg_sessions()
+            run = Run(name)
+            _drive(run, n=n, concurrency=concurrency, place=place, finished_ids=finished, out=out)
+            results[name] = {**run.figures(), "new_pg_sessions": _pg_sessions() - sessions_before}
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    saga, bare = results["saga"], results["chain"]
+    summary = {
+        "orders": n,
+        "concurrency": concurrency,
+        "worker_concurrency": worker_concurrency,
+        "saga": saga,
+        "chain": bare,
+        "throughput_ratio": round(saga["throughput_per_s"] / bare["throughput_per_s"], 2),
+        "p50_ratio": round(saga["p50_ms"] / bare["p50_ms"], 2),
+        "p99_ratio": round(saga["p99_ms"] / bare["p99_ms"], 2),
+    }
+    out.write(
+        f"saga  : {saga['throughput_per_s']} orders/s  p50 {saga['p50_ms']} ms  p95 {saga['p95_ms']} ms  "
+        f"p99 {saga['p99_ms']} ms  new PG sessions {saga['new_pg_sessions']}\n"
+        f"chain : {bare['throughput_per_s']} orders/s  p50 {bare['p50_ms']} ms  p95 {bare['p95_ms']} ms  "
+        f"p99 {bare['p99_ms']} ms  new PG sessions {bare['new_pg_sessions']}\n"
+        f"ratio : throughput saga/chain {summary['throughput_ratio']}  p50 saga/chain {summary['p50_ratio']}\n"
+    )
+    out.write(json.dumps(summary) + "\n")
+    return summary
