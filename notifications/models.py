@@ -29,6 +29,9 @@ class Notification(models.Model):
     subject = models.CharField(max_length=200, blank=True)
     body = models.TextField()
     state = models.CharField(max_length=8, choices=State.choices, default=State.QUEUED)
+    # The outbox message that delivers it, republished while the notification stays queued.
+    deliver_message_id = models.UUIDField(null=True, blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField(null=True, blank=True)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 from django.core.mail import send_mail
 from django.db import transaction
 from django.utils import timezone
 
 from sagaplatform.kernel import outbox
+from sagaplatform.kernel.clock import db_now
 
 from . import sms
 from .models import Notification
@@ -46,7 +48,11 @@ def notification_queue(
                 defaults={"saga_id": saga_id, "recipient": recipient, "subject": subject, "body": body},
             )
             if is_new:
-                outbox.enqueue(using=DB, task=DELIVER_TASK, queue=DB, payload={"notification_id": str(notification.id)})
+                message = outbox.enqueue(
+                    using=DB, task=DELIVER_TASK, queue=DB, payload={"notification_id": str(notification.id)}
+                )
+                notification.deliver_message_id, notification.last_attempt_at = message.id, message.available_at
+                notification.save(using=DB, update_fields=["deliver_message_id", "last_attempt_at"])
             created.append(notification)
     return created
 
@@ -65,3 +71,21 @@ def notification_deliver(*, notification_id: str) -> bool:
         state=Notification.State.SENT, sent_at=timezone.now()
     )
     return True
+
+
+REDELIVER_AFTER = timedelta(seconds=30)
+
+
+def notification_redeliver_queued() -> int:
+    """Publish again the delivery of notifications still queued after a while (a lost message,
+    a mail server that was down). Once per period each."""
+    now = db_now(DB)
+    stale = list(
+        Notification.objects.using(DB)
+        .filter(state=Notification.State.QUEUED, last_attempt_at__lte=now - REDELIVER_AFTER)
+        .values_list("id", "deliver_message_id")[:500]
+    )
+    if not stale:
+        return 0
+    Notification.objects.using(DB).filter(id__in=[n for n, _ in stale]).update(last_attempt_at=now)
+    return outbox.republish(using=DB, ids=[m for _, m in stale if m])

@@ -13,3 +13,8 @@ def execute(message: dict) -> None:
 @shared_task(name="notifications.deliver", ignore_result=True)
 def deliver(message: dict) -> None:
     services.notification_deliver(notification_id=message["notification_id"])
+
+
+@shared_task(name="notifications.redeliver_queued", ignore_result=True)
+def redeliver_queued() -> int:
+    return services.notification_redeliver_queued()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from django.conf import settings
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -50,8 +52,15 @@ class StepSpec:
     # Keys of the saga context the service receives (least privilege: only the payments
     # service sees the payment token).
     inputs: tuple[str, ...] = ("order_id",)
+    # Start-to-close timeout of one attempt: past it with no reply, the attempt counts as a
+    # transient failure (the barrier makes a late reply harmless).
     timeout: float = 30.0
+    # The point of no return: once it has succeeded the saga only goes forward.
     pivot: bool = False
+
+    def effective_timeout(self) -> float:
+        override = settings.SAGA_STEP_TIMEOUT_OVERRIDE
+        return min(self.timeout, override) if override else self.timeout
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,9 @@ class SagaDefinition:
     steps: tuple[StepSpec, ...]
     on_failure: tuple[StepSpec, ...] = ()
     description: str = ""
+    # Global deadline in seconds from the start: before the pivot the saga is compensated,
+    # after it the deadline no longer applies.
+    deadline: float = 600.0
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +89,9 @@ class SagaDefinition:
         if len(set(all_names)) != len(all_names):
             raise ValueError(f"{self.name}: a failure step shares a name with a step")
         self._index.update({s.name: s for s in (*self.steps, *self.on_failure)})
+
+    def effective_deadline(self) -> float:
+        return settings.SAGA_DEADLINE_OVERRIDE or self.deadline
 
     def step(self, name: str) -> StepSpec:
         return self._index[name]
@@ -106,6 +121,7 @@ PLACE_ORDER = SagaDefinition(
             "cancel",
             depends_on=("approve_order",),
             inputs=("order_id", "shipping_address"),
+            pivot=True,
         ),
         StepSpec(
             "notify_customer",

@@ -3,30 +3,36 @@
 Every entry point runs in one transaction on the orchestrator's database with the saga row
 locked: it applies the news to the steps, records an event per transition, and writes the next
 commands to the outbox, which publishes them after commit. What to do next is decided from the
-stored state alone (`_advance`), so a redelivered reply, a restarted worker or a sweep can call
-it again and get the same answer.
+stored state alone (`_advance`), so a redelivered reply, a restarted worker, the sweeper or an
+operator can call it again and get the same answer.
+
+Time comes from the database clock (`db_now`): leases, retry times and the saga deadline are
+stored as absolute database times, and the sweeper compares them with the same clock.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 
 from sagaplatform.kernel import outbox
-from sagaplatform.kernel.commands import ACTION, BUSINESS_FAILURE, COMPENSATE, SUCCEEDED, Command
+from sagaplatform.kernel.clock import db_now
+from sagaplatform.kernel.commands import ACTION, BUSINESS_FAILURE, COMPENSATE, SUCCEEDED, TRANSIENT_ERROR, Command
 
 from .definitions import SagaDefinition, StepSpec, get_definition
-from .models import Saga, SagaEvent, SagaStep
+from .exceptions import OperationNotAllowed
+from .models import Alert, Saga, SagaEvent, SagaStep
 
 logger = logging.getLogger(__name__)
 
 DB = "default"
 State = SagaStep.State
+IN_FLIGHT = (State.RUNNING, State.RETRYING, State.COMPENSATING)
 
 
 @dataclass
@@ -36,9 +42,11 @@ class _Run:
     saga: Saga
     definition: SagaDefinition
     steps: dict[str, SagaStep]
+    now: datetime
     actor: str = "engine"
     events: list[SagaEvent] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
+    alerts: list[Alert] = field(default_factory=list)
 
     def record(self, kind: str, *, step: SagaStep | None = None, from_state: str = "", data: dict | None = None):
         self.saga.version += 1
@@ -69,12 +77,16 @@ class _Run:
         for name in self.dirty:
             self.steps[name].save(using=DB)
         SagaEvent.objects.using(DB).bulk_create(self.events)
+        Alert.objects.using(DB).bulk_create(self.alerts)
 
     def action_steps(self) -> list[tuple[StepSpec, SagaStep]]:
         return [(spec, self.steps[spec.name]) for spec in self.definition.steps]
 
     def failure_steps(self) -> list[tuple[StepSpec, SagaStep]]:
         return [(spec, self.steps[spec.name]) for spec in self.definition.on_failure]
+
+    def past_pivot(self) -> bool:
+        return any(spec.pivot and step.state == State.SUCCEEDED for spec, step in self.action_steps())
 
 
 # --- Entry points ------------------------------------------------------------------------------
@@ -87,7 +99,13 @@ def saga_start(*, saga_id: uuid.UUID | str, definition: str, context: dict) -> b
             if Saga.objects.using(DB).filter(id=saga_id).exists():
                 return False
             spec = get_definition(definition)
-            saga = Saga.objects.using(DB).create(id=saga_id, definition=definition, context=context)
+            now = db_now(DB)
+            saga = Saga.objects.using(DB).create(
+                id=saga_id,
+                definition=definition,
+                context=context,
+                deadline_at=now + timedelta(seconds=spec.effective_deadline()),
+            )
             steps = SagaStep.objects.using(DB).bulk_create(
                 [
                     SagaStep(saga=saga, name=s.name, kind=kind, position=i, service=s.service)
@@ -95,7 +113,7 @@ def saga_start(*, saga_id: uuid.UUID | str, definition: str, context: dict) -> b
                     for i, s in enumerate(group)
                 ]
             )
-            run = _Run(saga=saga, definition=spec, steps={s.name: s for s in steps})
+            run = _Run(saga=saga, definition=spec, steps={s.name: s for s in steps}, now=now)
             run.record("saga_created", data={"definition": definition})
             saga.start()
             run.record("saga_started", from_state=Saga.State.PENDING)
@@ -109,34 +127,192 @@ def saga_start(*, saga_id: uuid.UUID | str, definition: str, context: dict) -> b
         raise
 
 
-def reply_handle(*, reply: dict) -> None:
-    """Apply one service reply to its saga. Stale or duplicate replies change nothing."""
+def _locked(saga_id, apply: Callable[[_Run], bool], *, actor: str = "engine", skip_locked: bool = False) -> bool:
+    """Run `apply` on the locked saga; if it changed anything, advance and save. Returns that."""
     with transaction.atomic(using=DB):
-        saga = Saga.objects.using(DB).select_for_update().filter(id=reply["saga_id"]).first()
+        rows = Saga.objects.using(DB).select_for_update(skip_locked=skip_locked).filter(id=saga_id)
+        saga = rows.first()
         if saga is None:
-            logger.warning("reply for unknown saga %s", reply.get("saga_id"))
-            return
-        run = _Run(saga=saga, definition=get_definition(saga.definition), steps=_steps(saga))
-        step = run.steps.get(reply["step"])
-        if step is None:
-            logger.warning("reply for unknown step %s of saga %s", reply.get("step"), saga.id)
-            return
-        applied = (_apply_action_reply if reply["op"] == ACTION else _apply_compensation_reply)(run, step, reply)
-        if not applied:
-            logger.info(
-                "stale reply ignored",
-                extra={"saga_id": str(saga.id), "step": step.name, "attempt": reply.get("attempt")},
-            )
-            return
+            return False
+        steps = {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
+        run = _Run(saga=saga, definition=get_definition(saga.definition), steps=steps, now=db_now(DB), actor=actor)
+        if not apply(run):
+            return False
         _advance(run)
         run.flush()
+        return True
 
 
-def _steps(saga: Saga) -> dict[str, SagaStep]:
-    return {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
+def reply_handle(*, reply: dict) -> bool:
+    """Apply one service reply to its saga. Stale or duplicate replies change nothing."""
+
+    def apply(run: _Run) -> bool:
+        step = run.steps.get(reply["step"])
+        if step is None:
+            logger.warning("reply for unknown step %s of saga %s", reply.get("step"), run.saga.id)
+            return False
+        handler = _apply_action_reply if reply["op"] == ACTION else _apply_compensation_reply
+        if not handler(run, step, reply):
+            logger.info("stale reply ignored", extra={"saga_id": str(run.saga.id), "step": step.name})
+            return False
+        return True
+
+    return _locked(reply["saga_id"], apply)
+
+
+def step_lease_expire(*, saga_id, step_name: str) -> bool:
+    """The sweeper's verdict on an attempt that outlived its lease: a transient failure."""
+
+    def apply(run: _Run) -> bool:
+        step = run.steps.get(step_name)
+        if step is None or step.state not in IN_FLIGHT or not step.deadline_at or step.deadline_at > run.now:
+            return False  # it moved on since the sweeper looked
+        compensating = step.state == State.COMPENSATING
+        op = COMPENSATE if compensating else ACTION
+        attempt = step.compensation_attempts if compensating else step.attempts
+        timeout = run.definition.step(step.name).effective_timeout()
+        error = {"code": "step_timeout", "message": f"No reply within {timeout:g} s (attempt {attempt})"}
+        run.record("step_timed_out", step=step, from_state=step.state, data={"attempt": attempt, "op": op})
+        reply = {"op": op, "attempt": attempt, "status": TRANSIENT_ERROR, "error": error}
+        handler = _apply_compensation_reply if compensating else _apply_action_reply
+        return handler(run, step, reply)
+
+    return _locked(saga_id, apply, skip_locked=True)
+
+
+def saga_deadline_expire(*, saga_id) -> bool:
+    """Past its global deadline: compensate before the pivot; after it, only go forward."""
+
+    def apply(run: _Run) -> bool:
+        saga = run.saga
+        if saga.state != Saga.State.RUNNING or not saga.deadline_at or saga.deadline_at > run.now:
+            return False
+        saga.deadline_at = None
+        if run.past_pivot():
+            run.record("deadline_passed_after_pivot", data={"policy": "forward"})
+            return True
+        saga.begin_compensation(failure={"code": "deadline_exceeded", "message": "The order took too long to complete"})
+        run.record("saga_compensating", from_state=Saga.State.RUNNING, data={"failure": saga.failure})
+        # Nothing more is worth waiting for: expire the leases of attempts still in flight.
+        for _, step in run.action_steps():
+            if step.state in (State.RUNNING, State.RETRYING):
+                step.deadline_at = run.now
+                run.dirty.add(step.name)
+        return True
+
+    return _locked(saga_id, apply, skip_locked=True)
+
+
+# --- Operator actions -------------------------------------------------------------------------
+
+
+def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
+    """Resume a parked or stuck saga from where it stopped. Safe to call twice at once: the
+    second caller finds the saga no longer parked (or its steps no longer stuck) and is refused."""
+    outcome: dict = {}
+
+    def apply(run: _Run) -> bool:
+        saga = run.saga
+        outcome["saga"] = saga
+        if saga.state == Saga.State.PARKED:
+            given_up = [s for _, s in run.action_steps() if s.state == State.COMPENSATION_FAILED]
+            if given_up:
+                saga.resume_compensation()
+                run.record("operator_retry", from_state=Saga.State.PARKED, data={"reason": reason})
+                for step in given_up:
+                    step.retry_compensation()
+                    _lease(run, step, run.definition.step(step.name))
+                    run.record(
+                        "compensation_started",
+                        step=step,
+                        from_state=State.COMPENSATION_FAILED,
+                        data={"attempt": step.compensation_attempts},
+                    )
+                    _send(run, step, run.definition.step(step.name), COMPENSATE, attempt=step.compensation_attempts)
+            else:
+                saga.resume_forward()
+                run.record("operator_retry", from_state=Saga.State.PARKED, data={"reason": reason})
+                for spec, step in run.action_steps():
+                    if step.state == State.FAILED:
+                        _retry_now(run, spec, step)
+            _resolve_alerts(run)
+            return True
+        if saga.state in (Saga.State.RUNNING, Saga.State.COMPENSATING):
+            # Steps waiting out a backoff get their next attempt now. (An attempt in flight is
+            # left alone: its lease decides.) Once retried a step waits for nothing, so a second
+            # operator clicking at the same moment finds nothing to retry.
+            stuck = [
+                (spec, s)
+                for spec, s in run.action_steps()
+                if s.state == State.RETRYING or (s.state == State.COMPENSATING and s.next_attempt_at)
+            ]
+            if not stuck:
+                raise OperationNotAllowed("saga_not_stuck", f"Saga is {saga.state} with no step waiting to retry")
+            run.record("operator_retry", data={"reason": reason, "steps": [s.name for _, s in stuck]})
+            for spec, step in stuck:
+                if step.state == State.COMPENSATING:
+                    step.schedule_compensation_retry(error=step.error or {}, next_attempt_at=None)
+                    _lease(run, step, spec)
+                    _send(run, step, spec, COMPENSATE, attempt=step.compensation_attempts)
+                else:
+                    _retry_now(run, spec, step)
+            return True
+        raise OperationNotAllowed("saga_not_retryable", f"A {saga.state} saga cannot be retried")
+
+    _locked(saga_id, apply, actor=actor)
+    if "saga" not in outcome:
+        raise OperationNotAllowed("saga_not_found", "No such saga", status=404)
+    return outcome["saga"]
+
+
+def saga_skip(*, saga_id, step_name: str, actor: str, reason: str) -> Saga:
+    """Settle a parked compensation by hand (the operator fixed it outside the platform)."""
+    if not reason.strip():
+        raise OperationNotAllowed("reason_required", "Skipping a compensation needs a reason", status=400)
+    outcome: dict = {}
+
+    def apply(run: _Run) -> bool:
+        outcome["saga"] = run.saga
+        step = run.steps.get(step_name)
+        if run.saga.state != Saga.State.PARKED or step is None or step.state != State.COMPENSATION_FAILED:
+            raise OperationNotAllowed(
+                "nothing_to_skip", f"Step {step_name!r} is not a parked compensation of this saga"
+            )
+        step.skip_compensation()
+        run.record("compensation_skipped", step=step, from_state=State.COMPENSATION_FAILED, data={"reason": reason})
+        if not any(s.state == State.COMPENSATION_FAILED for _, s in run.action_steps()):
+            run.saga.resume_compensation()
+            run.record("saga_resumed", from_state=Saga.State.PARKED, data={"reason": reason})
+            _resolve_alerts(run)
+        return True
+
+    _locked(saga_id, apply, actor=actor)
+    if "saga" not in outcome:
+        raise OperationNotAllowed("saga_not_found", "No such saga", status=404)
+    return outcome["saga"]
+
+
+def _retry_now(run: _Run, spec: StepSpec, step: SagaStep) -> None:
+    before = step.state
+    step.retry_now()
+    step.finished_at = None
+    _lease(run, step, spec)
+    run.record("step_started", step=step, from_state=before, data={"attempt": step.attempts, "by": "operator"})
+    _send(run, step, spec, ACTION, attempt=step.attempts)
+
+
+def _resolve_alerts(run: _Run) -> None:
+    Alert.objects.using(DB).filter(saga=run.saga, resolved_at__isnull=True).update(
+        resolved_at=run.now, resolved_by=run.actor
+    )
 
 
 # --- Applying replies -------------------------------------------------------------------------
+
+
+def _lease(run: _Run, step: SagaStep, spec: StepSpec, *, delay: float = 0.0) -> None:
+    step.deadline_at = run.now + timedelta(seconds=delay + spec.effective_timeout())
+    run.dirty.add(step.name)
 
 
 def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
@@ -146,11 +322,12 @@ def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
     status = reply["status"]
     before = step.state
     data = {"attempt": step.attempts, "replayed": bool(reply.get("replayed"))}
-    now = timezone.now()
     if status == SUCCEEDED:
         step.succeed(result=reply.get("result") or {})
-        step.finished_at = now
+        step.finished_at, step.deadline_at = run.now, None
         run.record("step_succeeded", step=step, from_state=before, data=data)
+        if spec.pivot and run.saga.deadline_at:
+            run.saga.deadline_at = None  # past the point of no return, the deadline is moot
         return True
 
     error = reply.get("error") or {"code": "unknown", "message": "no error given"}
@@ -158,7 +335,7 @@ def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
         # Definitive: the barrier stored the failure with none of its effects, so there is
         # nothing of this step to compensate.
         step.fail(error={**error, "definitive": True})
-        step.finished_at = now
+        step.finished_at, step.deadline_at = run.now, None
         run.record("step_failed", step=step, from_state=before, data={**data, "error": error})
         return True
 
@@ -166,7 +343,8 @@ def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
     unwinding = run.saga.state != Saga.State.RUNNING and step.kind == SagaStep.Kind.ACTION
     if not unwinding and spec.retry.allows_another(step.attempts):
         delay = spec.retry.delay(step.attempts)
-        step.schedule_retry(error=error, next_attempt_at=now + timedelta(seconds=delay))
+        step.schedule_retry(error=error, next_attempt_at=run.now + timedelta(seconds=delay))
+        _lease(run, step, spec, delay=delay)
         run.record(
             "retry_scheduled",
             step=step,
@@ -179,7 +357,12 @@ def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
     # Out of attempts (or the saga is already unwinding). The last attempt may still have
     # committed somewhere, so the step is compensated like a success: the barrier makes that a
     # no-op if it never ran, and refuses the action should it arrive later.
-    reason = "abandoned" if unwinding else "retries_exhausted"
+    _abandon(run, step, error, reason="abandoned" if unwinding else "retries_exhausted")
+    return True
+
+
+def _abandon(run: _Run, step: SagaStep, error: dict, *, reason: str) -> None:
+    before = step.state
     step.fail(
         error={
             "code": reason,
@@ -187,9 +370,10 @@ def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
             "details": {"last_error": error},
         }
     )
-    step.finished_at = now
-    run.record("step_failed", step=step, from_state=before, data={**data, "error": error, "reason": reason})
-    return True
+    step.finished_at, step.deadline_at = run.now, None
+    run.record(
+        "step_failed", step=step, from_state=before, data={"attempt": step.attempts, "error": error, "reason": reason}
+    )
 
 
 def _apply_compensation_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
@@ -199,20 +383,21 @@ def _apply_compensation_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
     data = {"attempt": step.compensation_attempts, "replayed": bool(reply.get("replayed"))}
     if reply["status"] == SUCCEEDED:
         step.finish_compensation()
-        step.finished_at = timezone.now()
-        result = reply.get("result") or {}
+        step.finished_at, step.deadline_at = run.now, None
         run.record(
             "step_compensated",
             step=step,
             from_state=State.COMPENSATING,
-            data={**data, "null_compensation": reply.get("barrier") == "null_compensation", "result": result},
+            data={**data, "null_compensation": reply.get("barrier") == "null_compensation"},
         )
         return True
-    # A compensation must eventually succeed: whatever the error, retry it on its own policy.
+    # A compensation must eventually succeed: whatever the error, retry it on its own policy;
+    # past it, park the saga for a person rather than loop forever.
     error = reply.get("error") or {"code": "unknown", "message": "no error given"}
     if spec.compensation_retry.allows_another(step.compensation_attempts):
         delay = spec.compensation_retry.delay(step.compensation_attempts)
-        step.schedule_compensation_retry(error=error, next_attempt_at=timezone.now() + timedelta(seconds=delay))
+        step.schedule_compensation_retry(error=error, next_attempt_at=run.now + timedelta(seconds=delay))
+        _lease(run, step, spec, delay=delay)
         run.record(
             "compensation_retry_scheduled",
             step=step,
@@ -222,6 +407,7 @@ def _apply_compensation_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
         _send(run, step, spec, COMPENSATE, attempt=step.compensation_attempts, delay=delay)
         return True
     step.give_up_compensation(error=error)
+    step.deadline_at = None
     run.record("compensation_failed", step=step, from_state=State.COMPENSATING, data={**data, "error": error})
     return True
 
@@ -239,7 +425,7 @@ def _needs_compensation(spec: StepSpec, step: SagaStep) -> bool:
 
 def _settled(spec: StepSpec, step: SagaStep) -> bool:
     """Nothing of this step is in flight or left to undo."""
-    if step.state in (State.PENDING, State.COMPENSATED):
+    if step.state in (State.PENDING, State.COMPENSATED, State.SKIPPED):
         return True
     if step.state in (State.SUCCEEDED, State.FAILED):
         return not _needs_compensation(spec, step)
@@ -250,7 +436,9 @@ def _advance(run: _Run) -> None:
     saga = run.saga
     if saga.state == Saga.State.RUNNING:
         failed = [step for _, step in run.action_steps() if step.state == State.FAILED]
-        if failed:
+        if failed and run.past_pivot():
+            _park(run, f"{failed[0].name} failed after the point of no return; retry it once fixed")
+        elif failed:
             error = failed[0].error or {}
             saga.begin_compensation(
                 failure={"step": failed[0].name, "code": error.get("code"), "message": error.get("message")}
@@ -260,24 +448,39 @@ def _advance(run: _Run) -> None:
             _dispatch_ready(run, run.action_steps())
             if all(step.state == State.SUCCEEDED for _, step in run.action_steps()):
                 saga.complete()
-                saga.finished_at = timezone.now()
+                saga.finished_at, saga.deadline_at = run.now, None
                 run.record("saga_completed", from_state=Saga.State.RUNNING)
             return
     if saga.state == Saga.State.COMPENSATING:
         _advance_compensation(run)
 
 
+def _park(run: _Run, message: str) -> None:
+    before = run.saga.state
+    run.saga.park()
+    run.saga.deadline_at = None
+    run.record("saga_parked", from_state=before, data={"message": message})
+    run.alerts.append(Alert(saga=run.saga, kind=Alert.Kind.SAGA_PARKED, message=message[:500]))
+    logger.error("saga %s parked: %s", run.saga.id, message, extra={"saga_id": str(run.saga.id)})
+
+
 def _dispatch_ready(run: _Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
     for spec, step in steps:
         if step.state == State.PENDING and all(run.steps[d].state == State.SUCCEEDED for d in spec.depends_on):
             step.dispatch()
-            step.started_at = timezone.now()
+            step.started_at = run.now
+            _lease(run, step, spec)
             run.record("step_started", step=step, from_state=State.PENDING, data={"attempt": 1})
             _send(run, step, spec, ACTION, attempt=1)
 
 
 def _advance_compensation(run: _Run) -> None:
     saga = run.saga
+    # A forward step waiting for its next attempt will not get it: give it up now, so that it
+    # is compensated (a no-op if its retry never ran, and the barrier refuses the retry later).
+    for _, step in run.action_steps():
+        if step.state == State.RETRYING:
+            _abandon(run, step, step.error or {}, reason="abandoned")
     # Reverse dependency order: a step is undone only once everything that depended on it is.
     for spec, step in reversed(run.action_steps()):
         if not _needs_compensation(spec, step):
@@ -285,12 +488,13 @@ def _advance_compensation(run: _Run) -> None:
         if all(_settled(dep, run.steps[dep.name]) for dep in run.definition.dependents(spec.name)):
             before = step.state
             step.begin_compensation()
+            _lease(run, step, spec)
             run.record("compensation_started", step=step, from_state=before, data={"attempt": 1})
             _send(run, step, spec, COMPENSATE, attempt=1)
 
-    if any(step.state == State.COMPENSATION_FAILED for _, step in run.action_steps()):
-        saga.park()
-        run.record("saga_parked", from_state=Saga.State.COMPENSATING)
+    given_up = [step.name for _, step in run.action_steps() if step.state == State.COMPENSATION_FAILED]
+    if given_up:
+        _park(run, f"Compensation of {', '.join(given_up)} keeps failing; retry it or skip it with a reason")
         return
     if not all(_settled(spec, step) for spec, step in run.action_steps()):
         return
@@ -301,11 +505,11 @@ def _advance_compensation(run: _Run) -> None:
     gave_up = [step for _, step in finalizers if step.state == State.FAILED]
     if gave_up:
         saga.fail(failure={**(saga.failure or {}), "finalizer": gave_up[0].name})
-        saga.finished_at = timezone.now()
+        saga.finished_at = run.now
         run.record("saga_failed", from_state=Saga.State.COMPENSATING, data={"step": gave_up[0].name})
     elif all(step.state == State.SUCCEEDED for _, step in finalizers):
         saga.finish_compensation()
-        saga.finished_at = timezone.now()
+        saga.finished_at = run.now
         run.record("saga_compensated", from_state=Saga.State.COMPENSATING)
 
 
@@ -322,5 +526,10 @@ def _send(run: _Run, step: SagaStep, spec: StepSpec, op: str, *, attempt: int, d
         payload=payload,
     )
     outbox.enqueue(
-        using=DB, task=f"{spec.service}.execute", queue=spec.service, payload=command.to_message(), delay=delay
+        using=DB,
+        task=f"{spec.service}.execute",
+        queue=spec.service,
+        payload=command.to_message(),
+        delay=delay,
+        now=run.now,
     )

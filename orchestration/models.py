@@ -30,12 +30,22 @@ class Saga(FSMModelMixin, models.Model):
     # Bumped on every recorded event: the event sequence number, and the guard against two
     # writers (every engine write holds the row lock and bumps it).
     version = models.PositiveIntegerField(default=0)
+    # The global deadline (database clock). Cleared once it no longer applies: after the pivot
+    # a saga only goes forward, and a finished saga has none.
+    deadline_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [
+            # Serves the sweeper's "which running sagas are past their deadline".
+            models.Index(
+                fields=["deadline_at"], name="saga_deadline_open", condition=models.Q(deadline_at__isnull=False)
+            ),
+        ]
+        permissions = [("operate_saga", "Can retry, skip and cancel sagas")]
 
     def __str__(self) -> str:
         return f"{self.definition} {self.id} ({self.state})"
@@ -60,8 +70,16 @@ class Saga(FSMModelMixin, models.Model):
     def finish_compensation(self) -> None:
         pass
 
-    @transition(field=state, source=State.COMPENSATING, target=State.PARKED)
+    @transition(field=state, source=[State.RUNNING, State.COMPENSATING], target=State.PARKED)
     def park(self) -> None:
+        """Stop and wait for an operator: a compensation gave up, or a step failed after the pivot."""
+
+    @transition(field=state, source=State.PARKED, target=State.RUNNING)
+    def resume_forward(self) -> None:
+        pass
+
+    @transition(field=state, source=State.PARKED, target=State.COMPENSATING)
+    def resume_compensation(self) -> None:
         pass
 
     @transition(field=state, source=[State.PENDING, State.RUNNING, State.COMPENSATING], target=State.FAILED)
@@ -83,6 +101,7 @@ class SagaStep(FSMModelMixin, models.Model):
         COMPENSATING = "compensating"
         COMPENSATED = "compensated"
         COMPENSATION_FAILED = "compensation_failed"
+        SKIPPED = "skipped"
 
     saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
     name = models.CharField(max_length=64)
@@ -93,6 +112,9 @@ class SagaStep(FSMModelMixin, models.Model):
     attempts = models.PositiveIntegerField(default=0)
     compensation_attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
+    # The lease on the attempt in flight (database clock): past it without a reply, the attempt
+    # counts as timed out. Set while running, retrying or compensating; cleared otherwise.
+    deadline_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     result = models.JSONField(null=True, blank=True)
@@ -101,6 +123,12 @@ class SagaStep(FSMModelMixin, models.Model):
     class Meta:
         ordering = ["saga", "kind", "position"]
         constraints = [models.UniqueConstraint(fields=["saga", "name"], name="saga_step_unique_name")]
+        indexes = [
+            # Serves the sweeper's "which leases have expired".
+            models.Index(
+                fields=["deadline_at"], name="saga_step_lease_open", condition=models.Q(deadline_at__isnull=False)
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.state})"
@@ -146,6 +174,23 @@ class SagaStep(FSMModelMixin, models.Model):
         self.error = error
         self.next_attempt_at = None
 
+    # Operator actions (audited by the engine with who, when and why).
+
+    @transition(field=state, source=[State.RUNNING, State.RETRYING, State.FAILED], target=State.RUNNING)
+    def retry_now(self) -> None:
+        """A new attempt at once: a stuck step, or a step that failed after the pivot."""
+        self.attempts += 1
+        self.next_attempt_at = None
+
+    @transition(field=state, source=State.COMPENSATION_FAILED, target=State.COMPENSATING)
+    def retry_compensation(self) -> None:
+        self.compensation_attempts += 1
+        self.next_attempt_at = None
+
+    @transition(field=state, source=State.COMPENSATION_FAILED, target=State.SKIPPED)
+    def skip_compensation(self) -> None:
+        """An operator settled this step by hand; the saga goes on compensating the rest."""
+
 
 class SagaEvent(models.Model):
     """Append-only timeline of a saga: every transition, retry and failure, in order (`seq`)."""
@@ -166,3 +211,24 @@ class SagaEvent(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.kind} {self.step}"
+
+
+class Alert(models.Model):
+    """Something a person must look at: a parked saga. Resolved by an operator's action."""
+
+    class Kind(models.TextChoices):
+        SAGA_PARKED = "saga_parked"
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="alerts")
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    message = models.CharField(max_length=500)
+    created_at = models.DateTimeField(auto_now_add=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["resolved_at", "created_at"], name="alert_open")]
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"

@@ -1,28 +1,50 @@
-"""The periodic safety net: publish what the after-commit fast path could not.
+"""The orchestrator's periodic safety net (Celery beat in production, a thread when embedded).
 
-Run by Celery beat in production (`orchestration.sweep` every SAGA_SWEEP_INTERVAL seconds) and by
-a thread in the embedded mode. Every database's outbox is relayed, so a reply a service wrote
-just before its worker died still reaches the orchestrator.
+Each sweep:
+1. publishes what the orchestrator's outbox still holds (each service relays its own outbox
+   from its own periodic task, `kernel.relay_outbox`);
+2. times out attempts whose lease expired: a lost command, a lost reply, a dead worker and a
+   hung step all end here, as a transient failure of that attempt (retry, or compensate);
+3. applies the global deadline of sagas that outlived it.
+
+Every comparison uses the database clock (`Now()`), so workers whose clocks disagree still agree
+on what is due. Each saga is handled in its own transaction with `skip_locked`, so two sweepers
+(or a sweeper and a reply) never wait on each other.
 """
 
 from __future__ import annotations
 
 import logging
 
-from django.conf import settings
+from django.db.models.functions import Now
 
 from sagaplatform.kernel import outbox
 
+from . import engine
+from .models import Saga, SagaStep
+
 logger = logging.getLogger(__name__)
+
+BATCH = 500
 
 
 def sweep_once() -> dict:
-    published = {}
-    for alias in settings.DATABASE_ALIASES:
-        try:
-            published[alias] = outbox.relay_due(using=alias)
-        except Exception:
-            logger.exception("outbox relay failed for %s", alias)
-    if any(published.values()):
-        logger.info("sweep published %s", published)
-    return published
+    published = outbox.relay_due(using=engine.DB)
+    expired = (
+        SagaStep.objects.using(engine.DB)
+        .filter(deadline_at__lte=Now(), state__in=engine.IN_FLIGHT)
+        .order_by("deadline_at")
+        .values_list("saga_id", "name")[:BATCH]
+    )
+    timed_out = sum(engine.step_lease_expire(saga_id=saga_id, step_name=name) for saga_id, name in expired)
+    overdue = (
+        Saga.objects.using(engine.DB)
+        .filter(state=Saga.State.RUNNING, deadline_at__lte=Now())
+        .order_by("deadline_at")
+        .values_list("id", flat=True)[:BATCH]
+    )
+    deadlines = sum(engine.saga_deadline_expire(saga_id=saga_id) for saga_id in overdue)
+    result = {"published": published, "timed_out": timed_out, "deadlines": deadlines}
+    if any(result.values()):
+        logger.info("sweep: %s", result)
+    return result

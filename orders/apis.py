@@ -9,7 +9,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sagaplatform.api import ApiError
+from sagaplatform.api import ApiError, ErrorSerializer, SagaStepSerializer
 from sagaplatform.kernel import ports
 
 from . import selectors, services
@@ -25,12 +25,6 @@ class StrictIntegerField(serializers.IntegerField):
         if type(data) is not int:
             self.fail("invalid")
         return super().to_internal_value(data)
-
-
-class ErrorSerializer(serializers.Serializer):
-    code = serializers.CharField()
-    message = serializers.CharField()
-    details = serializers.JSONField()
 
 
 class OrderListSerializer(serializers.Serializer):
@@ -134,19 +128,6 @@ class OrderLineSerializer(serializers.Serializer):
     sku = serializers.CharField()
     quantity = serializers.IntegerField()
     unit_price = serializers.DecimalField(max_digits=10, decimal_places=2)
-
-
-class SagaStepSerializer(serializers.Serializer):
-    name = serializers.CharField()
-    kind = serializers.CharField()
-    service = serializers.CharField()
-    state = serializers.CharField()
-    attempts = serializers.IntegerField()
-    compensation_attempts = serializers.IntegerField()
-    next_attempt_at = serializers.DateTimeField(allow_null=True)
-    started_at = serializers.DateTimeField(allow_null=True)
-    finished_at = serializers.DateTimeField(allow_null=True)
-    error = serializers.JSONField(allow_null=True)
 
 
 class OrderDetailApi(APIView):

@@ -37,6 +37,10 @@ class Order(FSMModelMixin, models.Model):
     currency = models.CharField(max_length=3, default="EUR")
     shipping_address = models.JSONField()
     saga_id = models.UUIDField(unique=True, default=uuid.uuid4)
+    # The outbox message that starts the saga, and when it was last (re)published: a pending
+    # order is announced again until its saga decides it (see `order_reannounce_pending`).
+    start_message_id = models.UUIDField(null=True, blank=True)
+    announced_at = models.DateTimeField(null=True, blank=True)
     failure_code = models.CharField(max_length=64, blank=True)
     failure_message = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -44,6 +48,10 @@ class Order(FSMModelMixin, models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [
+            # Serves the re-announcement of pending orders.
+            models.Index(fields=["announced_at"], name="order_pending_announced", condition=models.Q(status="pending")),
+        ]
 
     def __str__(self) -> str:
         return f"Order {self.id} ({self.status})"

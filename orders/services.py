@@ -6,11 +6,13 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 from django.db import IntegrityError, transaction
 
 from sagaplatform.kernel import outbox
+from sagaplatform.kernel.clock import db_now
 
 from .exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused, OrderNotInState, UnknownProduct
 from .models import IdempotencyKey, Order, OrderLine, OrderStatusChange, Product
@@ -131,7 +133,7 @@ def _create(
         ]
     )
     OrderStatusChange.objects.using(DB).create(order=order, from_status="", to_status=order.status, reason="accepted")
-    outbox.enqueue(
+    message = outbox.enqueue(
         using=DB,
         task=START_SAGA_TASK,
         queue=ORCHESTRATOR_QUEUE,
@@ -150,6 +152,7 @@ def _create(
             },
         },
     )
+    Order.objects.using(DB).filter(id=order.id).update(start_message_id=message.id, announced_at=message.available_at)
     return order
 
 
@@ -185,3 +188,31 @@ def order_reject(*, order_id: uuid.UUID | str, code: str, message: str) -> Order
             order.reject(code=code, message=message)
             _record(order, Order.Status.PENDING, message)
     return order
+
+
+REANNOUNCE_AFTER = timedelta(seconds=30)
+REANNOUNCE_FOR = timedelta(hours=1)
+
+
+def order_reannounce_pending() -> int:
+    """Publish the start message of orders still pending after a while, once per period.
+
+    A broker restart can lose a start message after it was published; nothing else would notice,
+    since the orchestrator never heard of the saga. Starting a saga twice is a no-op, so the cost
+    of announcing an order whose saga is merely slow is one cheap message.
+    """
+    now = db_now(DB)
+    stale = list(
+        Order.objects.using(DB)
+        .filter(
+            status=Order.Status.PENDING,
+            announced_at__lte=now - REANNOUNCE_AFTER,
+            created_at__gte=now - REANNOUNCE_FOR,
+            start_message_id__isnull=False,
+        )
+        .values_list("id", "start_message_id")[:500]
+    )
+    if not stale:
+        return 0
+    Order.objects.using(DB).filter(id__in=[order_id for order_id, _ in stale]).update(announced_at=now)
+    return outbox.republish(using=DB, ids=[message_id for _, message_id in stale])

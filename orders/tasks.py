@@ -2,7 +2,14 @@ from celery import shared_task
 
 from sagaplatform.kernel import commands
 
+from . import services
+
 
 @shared_task(name="orders.execute", ignore_result=True)
 def execute(message: dict) -> None:
     commands.execute(service="orders", message=message)
+
+
+@shared_task(name="orders.reannounce_pending", ignore_result=True)
+def reannounce_pending() -> int:
+    return services.order_reannounce_pending()

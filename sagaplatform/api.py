@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404
-from rest_framework import exceptions, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -19,6 +19,27 @@ class ApiError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details or {}
+
+
+class ErrorSerializer(serializers.Serializer):
+    """The body of every error response."""
+
+    code = serializers.CharField()
+    message = serializers.CharField()
+    details = serializers.JSONField()
+
+
+class SagaStepSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    kind = serializers.CharField()
+    service = serializers.CharField()
+    state = serializers.CharField()
+    attempts = serializers.IntegerField()
+    compensation_attempts = serializers.IntegerField()
+    next_attempt_at = serializers.DateTimeField(allow_null=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    error = serializers.JSONField(allow_null=True)
 
 
 def error_response(*, status_code: int, code: str, message: str, details=None, headers=None) -> Response:

@@ -229,12 +229,27 @@ SAGA_QUEUES = ("orchestrator", *SERVICE_ALIASES)
 # The benchmark's bare-chain tasks, so `make bench` can compare against the same workers.
 CELERY_IMPORTS = ("sagaplatform.bench",)
 SAGA_SWEEP_INTERVAL = env_float("SAGA_SWEEP_INTERVAL", 2.0)
+# Shorten every step timeout / saga deadline (seconds), for tests and demos of timeouts.
+SAGA_STEP_TIMEOUT_OVERRIDE = env_float("SAGA_STEP_TIMEOUT_OVERRIDE", 0.0)
+SAGA_DEADLINE_OVERRIDE = env_float("SAGA_DEADLINE_OVERRIDE", 0.0)
+SAGA_ANTI_ENTROPY_INTERVAL = env_float("SAGA_ANTI_ENTROPY_INTERVAL", 10.0)
+
+
+def _periodic(task: str, queue: str, every: float, *args) -> dict:
+    # `expires`: while no worker listens, sweeps do not pile up in the queue.
+    return {"task": task, "schedule": every, "args": args, "options": {"queue": queue, "expires": every * 5}}
+
+
 CELERY_BEAT_SCHEDULE = {
-    "saga-sweeper": {
-        "task": "orchestration.sweep",
-        "schedule": SAGA_SWEEP_INTERVAL,
-        "options": {"queue": "orchestrator", "expires": SAGA_SWEEP_INTERVAL * 5},
+    "orchestrator-sweep": _periodic("orchestration.sweep", "orchestrator", SAGA_SWEEP_INTERVAL),
+    # Each service relays its own outbox, on its own queue, from its own database.
+    **{
+        f"{alias}-relay": _periodic("kernel.relay_outbox", alias, SAGA_SWEEP_INTERVAL, alias)
+        for alias in SERVICE_ALIASES
     },
+    # Messages a broker restart can lose after they were published, with no lease to notice:
+    "orders-reannounce": _periodic("orders.reannounce_pending", "orders", SAGA_ANTI_ENTROPY_INTERVAL),
+    "notifications-redeliver": _periodic("notifications.redeliver_queued", "notifications", SAGA_ANTI_ENTROPY_INTERVAL),
 }
 
 # --- Channels -------------------------------------------------------------------------------

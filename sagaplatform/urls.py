@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from . import views
+from .kernel.apis import FaultDetailApi, FaultsApi
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -10,6 +11,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/orders/", include("orders.urls")),
     path("api/inventory/", include("inventory.urls")),
+    path("api/sagas/", include("orchestration.urls")),
+    path("api/faults/", FaultsApi.as_view(), name="faults"),
+    path("api/faults/<str:service>/<int:rule_id>/", FaultDetailApi.as_view(), name="fault-detail"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
 ]

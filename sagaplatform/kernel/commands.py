@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 from django.db import transaction
 
-from . import barrier, outbox
+from . import barrier, faults, outbox
 from .errors import TransientError
+from .models import FaultRule
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,12 @@ def execute(*, service: str, message: dict) -> dict:
             outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
         return outcome
     try:
+        faults.before(service, command.operation, command.attempt)
         with transaction.atomic(using=service):
+            faults.arm_after_commit(service, command.operation)
             outcome = barrier.call(using=service, command=command, fn=fn)
             outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+            faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)
     except Exception as exc:  # unknown errors count as transient, bounded by the step's policy
         error = (
             exc.as_dict()
@@ -120,6 +124,7 @@ def execute(*, service: str, message: dict) -> dict:
         outcome = {"status": TRANSIENT_ERROR, "error": error}
         with transaction.atomic(using=service):
             outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+    faults.crash_if(FaultRule.CrashPoint.AFTER_REPLY, service, command.operation)
     return outcome
 
 

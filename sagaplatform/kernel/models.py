@@ -61,3 +61,34 @@ class OutboxMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task} -> {self.queue} ({self.id})"
+
+
+class FaultRule(models.Model):
+    """A fault to inject into a service operation (tests, demos, simulations).
+
+    Lives in the service's own database, so a running worker picks it up within a second.
+    """
+
+    class CrashPoint(models.TextChoices):
+        NONE = "", "no crash"
+        BEFORE_COMMIT = "before_commit", "after the work, before the local commit"
+        AFTER_COMMIT = "after_commit", "after the local commit, before the reply is published"
+        AFTER_REPLY = "after_reply", "after the reply is published, before the message is acknowledged"
+
+    service = models.CharField(max_length=32)
+    operation = models.CharField(max_length=64, default="*", help_text="an operation name, or * for all")
+    failure_rate = models.FloatField(default=0.0, help_text="share of attempts failing transiently, 0 to 1")
+    fail_first = models.PositiveIntegerField(default=0, help_text="attempts 1..N fail transiently")
+    latency_ms = models.PositiveIntegerField(default=0, help_text="added before the work")
+    hang_seconds = models.FloatField(default=0.0, help_text="block this long before the work")
+    crash_point = models.CharField(max_length=16, choices=CrashPoint.choices, blank=True, default="")
+    # How many more times to crash (a crash loop would never let anything finish); 0 = spent.
+    crashes_left = models.PositiveIntegerField(default=1)
+    is_enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["service", "operation"]
+
+    def __str__(self) -> str:
+        return f"{self.service}.{self.operation}"

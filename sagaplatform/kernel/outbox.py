@@ -9,13 +9,14 @@ published more than once, never zero times: consumers are idempotent (barrier, s
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from celery import current_app
 from django.db import connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from .clock import db_now
 from .models import OutboxMessage
 
 logger = logging.getLogger(__name__)
@@ -28,21 +29,31 @@ SWEEP_GRACE = timedelta(seconds=5)
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
-def enqueue(*, using: str, task: str, queue: str, payload: dict, delay: float = 0.0) -> OutboxMessage:
+def enqueue(
+    *, using: str, task: str, queue: str, payload: dict, delay: float = 0.0, now: datetime | None = None
+) -> OutboxMessage:
+    """Write a message to `using`'s outbox; it is published once the transaction commits.
+
+    `now` is the caller's database-clock reading, when it has one: a delayed message is then
+    due at a time every sweeper agrees on, whatever the workers' clocks say.
+    """
     if not connections[using].in_atomic_block:
         raise RuntimeError(f"outbox.enqueue({task!r}) must run inside transaction.atomic(using={using!r})")
     message = OutboxMessage.objects.using(using).create(
         task=task,
         queue=queue,
         payload=payload,
-        available_at=timezone.now() + timedelta(seconds=delay),
+        available_at=(now or timezone.now()) + timedelta(seconds=delay),
     )
+    message.delay = delay
     transaction.on_commit(lambda: publish(using=using, messages=[message]), using=using, robust=True)
     return message
 
 
 def _send(message: OutboxMessage) -> None:
-    countdown = (message.available_at - timezone.now()).total_seconds()
+    # Relative, so the fast path does not depend on this process's clock agreeing with the
+    # database's; a message the sweep relays is already due.
+    countdown = getattr(message, "delay", 0.0)
     current_app.send_task(
         message.task,
         args=[message.payload],
@@ -73,7 +84,7 @@ def publish(*, using: str, messages: list[OutboxMessage]) -> int:
 
 def relay_due(*, using: str, limit: int = 500) -> int:
     """Publish what the fast path did not: rows unpublished past the grace period."""
-    cutoff = timezone.now() - SWEEP_GRACE
+    cutoff = db_now(using) - SWEEP_GRACE
     with transaction.atomic(using=using):
         rows = OutboxMessage.objects.using(using).filter(published_at__isnull=True, available_at__lte=cutoff)
         if connections[using].features.has_select_for_update_skip_locked:
@@ -82,6 +93,12 @@ def relay_due(*, using: str, limit: int = 500) -> int:
         # Published inside the transaction so a second sweeper skips these locked rows; a crash
         # after sending and before commit only means they are sent again.
         return publish(using=using, messages=messages)
+
+
+def republish(*, using: str, ids: list) -> int:
+    """Publish these messages again, published or not: for a consumer that evidently never got
+    one (a broker restart loses queued messages after they were published)."""
+    return publish(using=using, messages=list(OutboxMessage.objects.using(using).filter(id__in=ids)))
 
 
 def pending_count(*, using: str) -> int:

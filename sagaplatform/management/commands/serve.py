@@ -20,7 +20,7 @@ class Command(BaseCommand):
             from sagaplatform import embedded
 
             embedded.start(concurrency=concurrency)
-            self.stdout.write(f"Embedded Celery worker ({concurrency} threads) and sweeper started.")
+            self.stdout.write(f"Embedded Celery worker ({concurrency} threads) and beat started.")
         self.stdout.write(f"Serving on http://{host}:{port}/")
         CommandLineInterface().run(
             [
