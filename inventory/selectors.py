@@ -22,3 +22,26 @@ def reservations_for_saga(*, saga_id) -> QuerySet[Reservation]:
 def lock_conflicts_by_sku() -> dict[str, int]:
     rows = Reservation.objects.using(DB).values("sku").annotate(conflicts=Sum("lock_conflicts"))
     return {row["sku"]: row["conflicts"] or 0 for row in rows}
+
+
+def audit_stock() -> list[dict]:
+    """Per SKU: the counters, and the held quantity the reservations account for."""
+    held = dict(
+        Reservation.objects.using(DB)
+        .filter(state=Reservation.State.HELD)
+        .values("sku")
+        .annotate(total=Sum("quantity"))
+        .values_list("sku", "total")
+    )
+    return [
+        {"sku": i.sku, "on_hand": i.on_hand, "reserved": i.reserved, "held": held.get(i.sku, 0)}
+        for i in StockItem.objects.using(DB).all()
+    ]
+
+
+def audit_reservations() -> dict[str, set[str]]:
+    """Saga id -> the states of its reservations."""
+    states: dict[str, set[str]] = {}
+    for saga_id, state in Reservation.objects.using(DB).values_list("saga_id", "state"):
+        states.setdefault(str(saga_id), set()).add(state)
+    return states

@@ -21,3 +21,11 @@ def order_get(*, order_id) -> Order | None:
 
 def product_list() -> QuerySet[Product]:
     return Product.objects.using(DB).filter(is_active=True)
+
+
+def audit_orders() -> dict[str, dict]:
+    """Saga id -> the order's status and total."""
+    return {
+        str(saga_id): {"order_id": str(order_id), "status": status, "total": total}
+        for saga_id, order_id, status, total in Order.objects.using(DB).values_list("saga_id", "id", "status", "total")
+    }

@@ -1,0 +1,17 @@
+from django.core.management.base import BaseCommand
+
+from orchestration.audit import run_audit
+
+
+class Command(BaseCommand):
+    help = "Check the cross-service invariants; exit 1 and name every violation found."
+
+    def handle(self, *args, **options):
+        violations = run_audit()
+        for violation in violations:
+            self.stdout.write(self.style.ERROR(str(violation)))
+        if violations:
+            rules = sorted({v.rule for v in violations})
+            self.stdout.write(self.style.ERROR(f"{len(violations)} violation(s): {', '.join(rules)}"))
+            raise SystemExit(1)
+        self.stdout.write(self.style.SUCCESS("audit: no violations"))
