@@ -8,7 +8,7 @@ CONCURRENCY ?= 4
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test lint format bench web worker workers beat setup migrations clean
+.PHONY: help install install-dev run test lint format bench simulate audit web worker workers beat setup migrations clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,12 @@ BENCH_REDIS_URL ?= redis://127.0.0.1:6379/14
 bench: install-dev ## Benchmark orders/s and latency against a bare Celery chain (PostgreSQL + Redis; BENCH_ARGS="-n 500 -c 32")
 	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
 	  $(BIN)/python manage.py setup_databases >/dev/null && $(BIN)/python manage.py bench $(BENCH_ARGS)
+
+simulate: install ## Simulate orders under faults, then audit (SIM_ARGS="-n 1000 --failure-rate 0.2")
+	$(BIN)/python manage.py simulate $(SIM_ARGS)
+
+audit: install ## Check the cross-service invariants (exit 1 on any violation)
+	$(BIN)/python manage.py audit
 
 web: install ## Production: serve HTTP/websockets only (needs DATABASE_URL and REDIS_URL)
 	$(BIN)/python manage.py serve --host $${HOST:-127.0.0.1} --port $(PORT)

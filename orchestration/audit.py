@@ -54,7 +54,9 @@ def run_audit() -> list[Violation]:
     # and no counter is below zero or above what is on hand.
     for row in inventory.audit_stock():
         if row["reserved"] != row["held"]:
-            flag("stock_reserved_mismatch", row["sku"], f"reserved={row['reserved']} but held reservations={row['held']}")
+            flag(
+                "stock_reserved_mismatch", row["sku"], f"reserved={row['reserved']} but held reservations={row['held']}"
+            )
         if row["on_hand"] < 0 or row["reserved"] < 0 or row["reserved"] > row["on_hand"]:
             flag("stock_negative", row["sku"], f"on_hand={row['on_hand']} reserved={row['reserved']}")
 
@@ -72,7 +74,11 @@ def run_audit() -> list[Violation]:
         expected = {"captured": (["charge"], charge["amount"]), "refunded": (["charge", "refund"], Decimal("0.00"))}
         entries, net = expected.get(charge["state"], ([], None))
         if charge["entries"] != entries or charge["net"] != net:
-            flag("ledger_mismatch", saga_id, f"charge {charge['state']} with entries {charge['entries']} net {charge['net']}")
+            flag(
+                "ledger_mismatch",
+                saga_id,
+                f"charge {charge['state']} with entries {charge['entries']} net {charge['net']}",
+            )
     for saga_id, saga in sagas.items():
         charge = charges.get(saga_id)
         order = order_by_saga.get(saga_id)
@@ -87,7 +93,9 @@ def run_audit() -> list[Violation]:
             if charge is not None and charge["net"] != 0:
                 flag("money_kept", saga_id, f"{saga.state} saga keeps {charge['net']}")
             if reservations.get(saga_id, set()) - {"released"}:
-                flag("reservation_mismatch", saga_id, f"{saga.state} saga, reservations {sorted(reservations[saga_id])}")
+                flag(
+                    "reservation_mismatch", saga_id, f"{saga.state} saga, reservations {sorted(reservations[saga_id])}"
+                )
             if order and order["status"] == "approved":
                 flag("status_mismatch", saga_id, f"{saga.state} saga, order approved")
             definition = get_definition(saga.definition)
@@ -117,9 +125,15 @@ def run_audit() -> list[Violation]:
                 continue
             action = ops.get("action")
             if action is None or (action[0] or {}).get("status") != "succeeded":
-                flag("compensation_without_action", f"{alias}:{saga_id}:{step}", "a compensation took effect with no successful action")
+                flag(
+                    "compensation_without_action",
+                    f"{alias}:{saga_id}:{step}",
+                    "a compensation took effect with no successful action",
+                )
             elif action[1] > compensation[1]:
-                flag("compensation_before_action", f"{alias}:{saga_id}:{step}", "the compensation ran before its action")
+                flag(
+                    "compensation_before_action", f"{alias}:{saga_id}:{step}", "the compensation ran before its action"
+                )
 
     # At rest, nothing is left unpublished.
     for alias in settings.DATABASE_ALIASES:

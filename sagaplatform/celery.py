@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.signals import task_postrun, task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaplatform.settings")
 
@@ -12,3 +13,19 @@ app = Celery("sagaplatform")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["sagaplatform.kernel"])
 app.autodiscover_tasks()
+
+
+@task_prerun.connect
+@task_postrun.connect
+def recycle_database_connections(**kwargs) -> None:
+    """Treat each task like Django treats each request.
+
+    Connections are kept across tasks (CELERY_DB_REUSE_MAX stops Celery closing them all after
+    every task, which cost a new PostgreSQL session per task), so they must be checked the way
+    Django checks them around a request: drop one that broke or outlived CONN_MAX_AGE, and
+    health-check the next use (CONN_HEALTH_CHECKS). Without this a worker keeps a connection to
+    a restarted PostgreSQL server forever.
+    """
+    from django.db import close_old_connections
+
+    close_old_connections()

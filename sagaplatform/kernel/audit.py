@@ -18,4 +18,8 @@ def barrier_rows(*, using: str) -> list[tuple[str, str, str, dict | None, object
 
 
 def stale_outbox(*, using: str, older_than: timedelta = timedelta(seconds=30)) -> int:
-    return OutboxMessage.objects.using(using).filter(published_at__isnull=True, available_at__lte=db_now(using) - older_than).count()
+    return (
+        OutboxMessage.objects.using(using)
+        .filter(published_at__isnull=True, available_at__lte=db_now(using) - older_than)
+        .count()
+    )

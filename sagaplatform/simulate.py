@@ -1,0 +1,232 @@
+"""`manage.py simulate`: many concurrent orders under a fault plan, then the audit.
+
+The fault plan is written as fault rules into the service databases (every worker picks them
+up within a second): a transient failure rate and added latency on every service operation, a
+share of declined cards, and optionally worker processes killed with SIGKILL mid-run. It waits
+until every saga is at rest, prints outcomes, throughput and latency, and runs the audit.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import connections
+
+from inventory.services import stock_set
+from orchestration.audit import run_audit
+from orchestration.models import Saga, SagaEvent
+from orders.models import Order, Product
+from orders.services import order_place
+from sagaplatform.kernel import faults
+from sagaplatform.kernel.models import FaultRule
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESS = {"name": "Sim", "line1": "1 Chaos Rd", "city": "Lyon", "postal_code": "69001", "country": "FR"}
+# A few SKUs, one of them scarce, so some orders meet an empty shelf (a business failure).
+SKUS = {"SIM-COMMON-1": 10**6, "SIM-COMMON-2": 10**6, "SIM-COMMON-3": 10**6, "SIM-SCARCE": 25}
+REST = (*Saga.TERMINAL_STATES, Saga.State.PARKED)
+
+
+@dataclass
+class Plan:
+    orders: int = 200
+    concurrency: int = 16
+    failure_rate: float = 0.2
+    decline_rate: float = 0.05
+    latency_ms: int = 0
+    spawn_workers: int = 0
+    kill_workers: int = 0
+    step_timeout: float = 10.0
+    timeout: float = 600.0
+    seed: int = 1
+
+
+class WorkerPool:
+    """Worker processes (and one beat) this simulation starts, kills and restarts itself."""
+
+    def __init__(self, count: int, step_timeout: float, log_dir: Path) -> None:
+        self.count, self.log_dir = count, log_dir
+        self.env = {**os.environ, "SAGA_STEP_TIMEOUT_OVERRIDE": str(step_timeout), "SAGA_SWEEP_INTERVAL": "1"}
+        self.workers: list[subprocess.Popen] = []
+        self.beat: subprocess.Popen | None = None
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+        log = (self.log_dir / f"simulate-{name}.log").open("a")
+        # Its own session, so a kill takes the main process and its pool children together.
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "sagaplatform", *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        queues = ",".join(settings.SAGA_QUEUES)
+        for i in range(self.count):
+            self.workers.append(
+                self._spawn(
+                    ["worker", "-Q", queues, "-c", "2", "-n", f"sim{i}@%h", "--loglevel", "WARNING"], f"worker{i}"
+                )
+            )
+        schedule = self.log_dir / "simulate-beat-schedule"
+        self.beat = self._spawn(["beat", "-s", str(schedule), "--loglevel", "WARNING"], "beat")
+
+    def kill_and_restart(self, index: int) -> None:
+        victim = self.workers[index]
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        queues = ",".join(settings.SAGA_QUEUES)
+        self.workers[index] = self._spawn(
+            ["worker", "-Q", queues, "-c", "2", "-n", f"sim{index}b@%h", "--loglevel", "WARNING"], f"worker{index}"
+        )
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.beat]:
+            if process and process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in [*self.workers, self.beat]:
+            if process:
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def _install_faults(plan: Plan) -> None:
+    for alias in settings.SERVICE_ALIASES:
+        FaultRule.objects.using(alias).filter(operation="*").delete()
+        if plan.failure_rate or plan.latency_ms:
+            FaultRule.objects.using(alias).create(
+                service=alias, operation="*", failure_rate=plan.failure_rate, latency_ms=plan.latency_ms
+            )
+    faults.clear_cache()
+
+
+def _clear_faults() -> None:
+    for alias in settings.SERVICE_ALIASES:
+        FaultRule.objects.using(alias).filter(operation="*").delete()
+    faults.clear_cache()
+
+
+def _seed() -> int:
+    for sku, stock in SKUS.items():
+        Product.objects.using("orders").update_or_create(sku=sku, defaults={"name": sku.title(), "unit_price": "9.99"})
+        stock_set(sku=sku, on_hand=stock)
+    user, _ = get_user_model().objects.get_or_create(username="simulator", defaults={"email": "sim@example.com"})
+    return user.id
+
+
+def run_simulation(plan: Plan, out) -> int:
+    """Returns the number of audit violations."""
+    rng = random.Random(plan.seed)
+    customer_id = _seed()
+    _install_faults(plan)
+    pool = None
+    if plan.spawn_workers:
+        pool = WorkerPool(plan.spawn_workers, plan.step_timeout, ROOT / "var")
+        pool.start()
+    elif settings.SAGA_EMBEDDED_WORKER:
+        from sagaplatform import embedded
+
+        embedded.start()
+    out.write(
+        f"simulate: {plan.orders} orders, {plan.concurrency} concurrent, transient failure rate {plan.failure_rate:.0%}, "
+        f"declines {plan.decline_rate:.0%}, latency {plan.latency_ms} ms, kills {plan.kill_workers}\n"
+    )
+    placed: list[str] = []
+    lock = threading.Lock()
+    tokens = ["tok_declined" if rng.random() < plan.decline_rate else "tok_visa" for _ in range(plan.orders)]
+    baskets = [
+        [{"sku": sku, "quantity": rng.randint(1, 3)} for sku in rng.sample(sorted(SKUS), rng.randint(1, 2))]
+        for _ in range(plan.orders)
+    ]
+    kill_at = {plan.orders * (k + 1) // (plan.kill_workers + 1) for k in range(plan.kill_workers)} if pool else set()
+
+    def place(i: int) -> None:
+        try:
+            placement = order_place(
+                customer_id=customer_id,
+                customer_email="sim@example.com",
+                items=baskets[i],
+                payment_token=tokens[i],
+                shipping_address=ADDRESS,
+            )
+            with lock:
+                placed.append(str(placement.order.saga_id))
+                if len(placed) in kill_at:
+                    victim = len(placed) % len(pool.workers)
+                    out.write(f"  SIGKILL worker {victim} after {len(placed)} orders\n")
+                    pool.kill_and_restart(victim)
+        finally:
+            connections.close_all()
+
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=plan.concurrency) as executor:
+            list(executor.map(place, range(plan.orders)))
+        submitted = time.monotonic() - started
+        deadline = started + plan.timeout
+        while True:
+            at_rest = Saga.objects.filter(id__in=placed, state__in=REST).count()
+            if (
+                at_rest == len(placed)
+                and not Order.objects.using("orders").filter(saga_id__in=placed, status="pending").exists()
+            ):
+                break
+            if time.monotonic() > deadline:
+                out.write(f"  timed out: {at_rest}/{len(placed)} sagas at rest after {plan.timeout:.0f} s\n")
+                break
+            time.sleep(0.5)
+        elapsed = time.monotonic() - started
+        time.sleep(2 * settings.SAGA_SWEEP_INTERVAL)  # let the last deliveries and relays land
+    finally:
+        if pool:
+            pool.stop()
+        _clear_faults()
+
+    _report(placed, submitted, elapsed, out)
+    violations = run_audit()
+    for violation in violations:
+        out.write(f"  VIOLATION {violation}\n")
+    out.write(f"audit: {len(violations)} violation(s)\n")
+    return len(violations)
+
+
+def _report(placed: list[str], submitted: float, elapsed: float, out) -> None:
+    sagas = list(Saga.objects.filter(id__in=placed))
+    outcomes = Counter(
+        s.state if s.state != "compensated" else f"compensated ({(s.failure or {}).get('code')})" for s in sagas
+    )
+    created = dict(Order.objects.using("orders").filter(saga_id__in=placed).values_list("saga_id", "created_at"))
+    latencies = sorted(
+        (s.finished_at - created[s.id]).total_seconds() for s in sagas if s.finished_at and s.id in created
+    )
+    events = Counter(SagaEvent.objects.filter(saga_id__in=placed).values_list("kind", flat=True))
+
+    def pct(p: float) -> str:
+        return f"{1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))]:.0f} ms" if latencies else "-"
+
+    out.write(f"  outcomes: {dict(sorted(outcomes.items()))}\n")
+    out.write(
+        f"  submitted in {submitted:.1f} s; all at rest after {elapsed:.1f} s: {len(sagas) / elapsed:.1f} sagas/s\n"
+    )
+    out.write(f"  end-to-end latency p50 {pct(0.5)}  p95 {pct(0.95)}  p99 {pct(0.99)}\n")
+    out.write(
+        f"  retries {events['retry_scheduled']}, timeouts {events['step_timed_out']}, compensations "
+        f"{events['step_compensated']}, compensation retries {events['compensation_retry_scheduled']}, parked {events['saga_parked']}\n"
+    )

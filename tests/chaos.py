@@ -1,0 +1,154 @@
+"""A whole production stack in subprocesses, to break on purpose: a private Redis on its own port,
+Celery worker(s), beat and the web server, all on the test databases. Orders go in over HTTP;
+the test reads the service databases directly and kills, stops and restarts things."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from django.conf import settings
+
+from tests.processes import ARTIFACTS, ROOT, database_urls, free_port, wait_for
+
+PASSWORD = "chaos-pass"
+
+
+class Stack:
+    def __init__(self, name: str, *, step_timeout: float = 3.0, workers: int = 1, concurrency: int = 4) -> None:
+        self.name = name
+        self.redis_port = free_port()
+        self.web_port = free_port()
+        self.workers = workers
+        self.concurrency = concurrency
+        self.dir = ARTIFACTS / f"chaos-{name}"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL"))},
+            **database_urls(),
+            "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "DJANGO_SETTINGS_MODULE": "sagaplatform.settings",
+            "SAGA_STEP_TIMEOUT_OVERRIDE": str(step_timeout),
+            "SAGA_SWEEP_INTERVAL": "0.5",
+            "SAGA_ANTI_ENTROPY_INTERVAL": "2",
+            "PAYMENT_GATEWAY_HANG_SECONDS": "5",
+        }
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    # --- processes --------------------------------------------------------------------------
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.dir / f"{name}.log").open("a")
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.processes[name] = process
+        return process
+
+    def start_redis(self) -> None:
+        self._spawn(
+            "redis",
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        )
+        wait_for(lambda: self.redis_ping(), timeout=10, message="redis to answer")
+
+    def stop_redis(self) -> None:
+        self.kill("redis", signal.SIGKILL)  # no persistence: everything queued is lost
+
+    def redis_ping(self) -> bool:
+        import redis
+
+        try:
+            return redis.Redis(port=self.redis_port, socket_connect_timeout=0.5).ping()
+        except redis.RedisError:
+            return False
+
+    def start_worker(self, index: int = 0) -> None:
+        name = f"worker{index}"
+        command = [sys.executable, "-m", "celery", "-A", "sagaplatform", "worker", "-Q", ",".join(settings.SAGA_QUEUES)]
+        command += [
+            "-c",
+            str(self.concurrency),
+            "-n",
+            f"{self.name}-{index}-{os.urandom(2).hex()}@%h",
+            "--loglevel",
+            "INFO",
+        ]
+        self._spawn(name, command)
+        wait_for(lambda: " ready." in (self.dir / f"{name}.log").read_text(), timeout=60, message=f"{name} ready")
+
+    def start_beat(self) -> None:
+        schedule = self.dir / "beat-schedule"
+        self._spawn("beat", [sys.executable, "-m", "celery", "-A", "sagaplatform", "beat", "-s", str(schedule)])
+
+    def start_web(self) -> None:
+        self._spawn("web", [sys.executable, "manage.py", "serve", "--port", str(self.web_port)])
+
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/healthz", timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(up, timeout=30, message="web server")
+
+    def start(self) -> Stack:
+        self.start_redis()
+        for index in range(self.workers):
+            self.start_worker(index)
+        self.start_beat()
+        self.start_web()
+        return self
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        process = self.processes.get(name)
+        if process and process.poll() is None:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=30)
+
+    def worker_children(self, index: int = 0) -> list[int]:
+        main = self.processes[f"worker{index}"].pid
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(main)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def stop(self) -> None:
+        for name in ("web", "beat", *[n for n in self.processes if n.startswith("worker")], "redis"):
+            try:
+                self.kill(name, signal.SIGTERM if name != "redis" else signal.SIGKILL)
+            except subprocess.TimeoutExpired:
+                self.kill(name, signal.SIGKILL)
+
+    def log(self, name: str) -> str:
+        path = self.dir / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    def call(self, username: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        token = base64.b64encode(f"{username}:{PASSWORD}".encode()).decode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.web_port}{path}",
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
