@@ -12,6 +12,7 @@ import logging
 from datetime import datetime, timedelta
 
 from celery import current_app
+from django.conf import settings
 from django.db import connections, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -54,14 +55,15 @@ def _send(message: OutboxMessage) -> None:
     # Relative, so the fast path does not depend on this process's clock agreeing with the
     # database's; a message the sweep relays is already due.
     countdown = getattr(message, "delay", 0.0)
-    current_app.send_task(
-        message.task,
-        args=[message.payload],
-        queue=message.queue,
-        task_id=str(message.id),
-        countdown=countdown if countdown > 0 else None,
-        retry_policy=PUBLISH_RETRY_POLICY,
-    )
+    for _ in range(2 if settings.SAGA_FAULT_DUPLICATE_DELIVERY else 1):
+        current_app.send_task(
+            message.task,
+            args=[message.payload],
+            queue=message.queue,
+            task_id=str(message.id),
+            countdown=countdown if countdown > 0 else None,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
 
 
 def publish(*, using: str, messages: list[OutboxMessage]) -> int:
