@@ -210,7 +210,9 @@ def test_a_compensation_that_keeps_failing_parks_the_saga_and_alerts(alice_api, 
     assert StockItem.objects.using("inventory").get(sku="SKU-MUG").reserved == 2
 
 
-def test_operator_retry_of_a_parked_compensation_completes_it(alice_api, catalogue, broker, refund_always_fails, admin_api):
+def test_operator_retry_of_a_parked_compensation_completes_it(
+    alice_api, catalogue, broker, refund_always_fails, admin_api
+):
     saga_id = park_by_failing_refund(alice_api, broker)
     refund_always_fails.delete()
     _clear_fault_cache()
@@ -227,7 +229,9 @@ def test_operator_retry_of_a_parked_compensation_completes_it(alice_api, catalog
     assert Alert.objects.get(saga_id=saga_id).resolved_by == "user:admin"
 
 
-def test_operator_skip_records_the_reason_and_finishes_compensating(alice_api, catalogue, broker, refund_always_fails, admin_api):
+def test_operator_skip_records_the_reason_and_finishes_compensating(
+    alice_api, catalogue, broker, refund_always_fails, admin_api
+):
     saga_id = park_by_failing_refund(alice_api, broker)
 
     refused = admin_api.post(f"/api/sagas/{saga_id}/skip/", {"step": "charge_payment", "reason": ""}, format="json")
@@ -237,7 +241,9 @@ def test_operator_skip_records_the_reason_and_finishes_compensating(alice_api, c
     assert wrong.json()["code"] == "nothing_to_skip"
 
     response = admin_api.post(
-        f"/api/sagas/{saga_id}/skip/", {"step": "charge_payment", "reason": "refunded by hand, ticket 42"}, format="json"
+        f"/api/sagas/{saga_id}/skip/",
+        {"step": "charge_payment", "reason": "refunded by hand, ticket 42"},
+        format="json",
     )
     assert response.status_code == 202, response.content
     broker.deliver()
@@ -255,7 +261,9 @@ def test_retry_of_a_saga_that_is_not_stuck_is_refused(alice_api, catalogue, brok
     response = admin_api.post(f"/api/sagas/{saga_id}/retry/", {}, format="json")
     assert response.status_code == 409
     assert response.json()["code"] == "saga_not_retryable"
-    assert admin_api.post("/api/sagas/00000000-0000-0000-0000-000000000000/retry/", {}, format="json").status_code == 404
+    assert (
+        admin_api.post("/api/sagas/00000000-0000-0000-0000-000000000000/retry/", {}, format="json").status_code == 404
+    )
 
 
 def test_saga_operations_are_for_staff_only(alice_api, catalogue, broker):
@@ -304,3 +312,39 @@ def admin_api(admin_user):
     client.force_authenticate(admin_user)
     return client
 
+
+def test_admin_retry_asks_for_a_reason_and_records_it(alice_api, catalogue, broker, refund_always_fails, admin_client):
+    saga_id = park_by_failing_refund(alice_api, broker)
+    refund_always_fails.delete()
+    faults.clear_cache()
+    url = "/admin/orchestration/saga/"
+    form = {"action": "retry_sagas", "_selected_action": [saga_id]}
+
+    asked = admin_client.post(url, form)
+    assert asked.status_code == 200
+    assert b"reason" in asked.content
+    assert Saga.objects.get(id=saga_id).state == "parked"  # nothing happens without a reason
+
+    done = admin_client.post(url, {**form, "apply": "1", "reason": "refund gateway repaired"})
+    assert done.status_code == 302
+    broker.deliver()
+
+    assert Saga.objects.get(id=saga_id).state == "compensated"
+    retry = SagaEvent.objects.get(saga_id=saga_id, kind="operator_retry")
+    assert (retry.actor, retry.data["reason"]) == ("user:admin", "refund gateway repaired")
+
+
+def test_admin_skip_settles_the_parked_compensation(alice_api, catalogue, broker, refund_always_fails, admin_client):
+    saga_id = park_by_failing_refund(alice_api, broker)
+    form = {
+        "action": "skip_parked_compensations",
+        "_selected_action": [saga_id],
+        "apply": "1",
+        "reason": "manual refund",
+    }
+
+    assert admin_client.post("/admin/orchestration/saga/", form).status_code == 302
+    broker.deliver()
+
+    assert Saga.objects.get(id=saga_id).state == "compensated"
+    assert SagaEvent.objects.get(saga_id=saga_id, kind="compensation_skipped").data["reason"] == "manual refund"
