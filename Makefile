@@ -29,11 +29,11 @@ install: $(VENV)/.run-deps ## Create the virtualenv and install the pinned runti
 
 install-dev: $(VENV)/.dev-deps ## Install the runtime and development dependencies
 
-setup: install ## Create (PostgreSQL) and migrate every service database, load demo data
+setup: install ## Create (PostgreSQL) and migrate every service database
 	$(BIN)/python manage.py setup_databases
-	$(BIN)/python manage.py seed_demo
 
 run: setup ## Set up and serve the platform with demo data on http://127.0.0.1:$(PORT) (embedded by default)
+	$(BIN)/python manage.py seed_demo
 	$(BIN)/python manage.py serve --port $(PORT)
 
 test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers when reachable)
@@ -61,6 +61,7 @@ audit: install ## Check the cross-service invariants (exit 1 on any violation)
 	$(BIN)/python manage.py audit
 
 web: install ## Production: serve HTTP/websockets only (needs DATABASE_URL and REDIS_URL)
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/python manage.py serve --host $${HOST:-127.0.0.1} --port $(PORT)
 
 worker: install ## Production: a Celery worker for QUEUES (default: all queues)

@@ -9,6 +9,7 @@ from django.shortcuts import render
 from . import engine
 from .exceptions import OperationNotAllowed
 from .models import Alert, Saga, SagaEvent, SagaStep
+from .permissions import OPERATE
 
 
 class ReasonForm(forms.Form):
@@ -38,7 +39,7 @@ def _with_reason(modeladmin, request, queryset, *, title: str, apply):
     return render(request, "admin/orchestration/saga/reason.html", context)
 
 
-@admin.action(description="Retry the selected parked or stuck sagas")
+@admin.action(description="Retry the selected parked or stuck sagas", permissions=["operate"])
 def retry_sagas(modeladmin, request, queryset):
     return _with_reason(
         modeladmin,
@@ -49,7 +50,7 @@ def retry_sagas(modeladmin, request, queryset):
     )
 
 
-@admin.action(description="Skip the parked compensations of the selected sagas")
+@admin.action(description="Skip the parked compensations of the selected sagas", permissions=["operate"])
 def skip_parked_compensations(modeladmin, request, queryset):
     def skip(saga, actor, reason):
         parked = saga.steps.filter(state=SagaStep.State.COMPENSATION_FAILED).values_list("name", flat=True)
@@ -107,6 +108,9 @@ class SagaAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         return False  # sagas start from orders, never by hand
+
+    def has_operate_permission(self, request) -> bool:
+        return request.user.has_perm(OPERATE)
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False

@@ -1,11 +1,10 @@
-"""Saga endpoints for operators (staff only): list, detail, retry, skip."""
+"""Saga endpoints for operators (staff with `operate_saga`): list, detail, retry, skip."""
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
-from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -13,6 +12,7 @@ from sagaplatform.api import ErrorSerializer, SagaStepSerializer
 
 from . import engine, selectors
 from .models import Saga
+from .permissions import IsOperator
 
 
 def actor_of(request) -> str:
@@ -41,7 +41,7 @@ class SagaEventSerializer(serializers.Serializer):
 
 
 class SagaListApi(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsOperator]
 
     @extend_schema(
         operation_id="sagas_list",
@@ -59,8 +59,9 @@ class SagaListApi(APIView):
 
 
 class SagaDetailApi(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsOperator]
 
+    @extend_schema_serializer(component_name="SagaDetail")
     class OutputSerializer(SagaSummarySerializer):
         context = serializers.JSONField()
         deadline_at = serializers.DateTimeField(allow_null=True)
@@ -84,8 +85,9 @@ class SagaDetailApi(APIView):
 
 
 class SagaRetryApi(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsOperator]
 
+    @extend_schema_serializer(component_name="SagaRetryRequest")
     class InputSerializer(serializers.Serializer):
         reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
 
@@ -102,8 +104,9 @@ class SagaRetryApi(APIView):
 
 
 class SagaSkipApi(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsOperator]
 
+    @extend_schema_serializer(component_name="SagaSkipRequest")
     class InputSerializer(serializers.Serializer):
         step = serializers.CharField(max_length=64)
         reason = serializers.CharField(max_length=500)

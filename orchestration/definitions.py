@@ -30,7 +30,10 @@ class RetryPolicy:
             raise ValueError(f"invalid retry policy {self}")
 
     def ceiling(self, failed_attempt: int) -> float:
-        return min(self.max_interval, self.initial_interval * self.coefficient ** (failed_attempt - 1))
+        try:
+            return min(self.max_interval, self.initial_interval * self.coefficient ** (failed_attempt - 1))
+        except OverflowError:  # a policy that retries for a long time is past its cap anyway
+            return self.max_interval
 
     def delay(self, failed_attempt: int) -> float:
         bound = self.ceiling(failed_attempt)

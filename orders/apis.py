@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.core.validators import RegexValidator
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
@@ -38,6 +38,7 @@ class OrderListSerializer(serializers.Serializer):
 class OrdersApi(APIView):
     """`GET` lists the caller's orders; `POST` places one."""
 
+    @extend_schema_serializer(component_name="OrderCreateRequest")
     class InputSerializer(serializers.Serializer):
         class ItemSerializer(serializers.Serializer):
             sku = serializers.CharField(max_length=64, trim_whitespace=False)
@@ -68,6 +69,7 @@ class OrdersApi(APIView):
                 raise serializers.ValidationError(f"Each SKU may appear once; repeated: {', '.join(duplicates)}.")
             return items
 
+    @extend_schema_serializer(component_name="OrderAccepted")
     class OutputSerializer(serializers.Serializer):
         class SagaRefSerializer(serializers.Serializer):
             id = serializers.UUIDField()
@@ -131,6 +133,7 @@ class OrderLineSerializer(serializers.Serializer):
 
 
 class OrderDetailApi(APIView):
+    @extend_schema_serializer(component_name="OrderDetail")
     class OutputSerializer(serializers.Serializer):
         class FailureSerializer(serializers.Serializer):
             code = serializers.CharField()

@@ -13,6 +13,10 @@ class UnknownProduct(OrderError):
     code = "unknown_sku"
 
 
+class OrderTooLarge(OrderError):
+    code = "order_total_too_large"
+
+
 class IdempotencyKeyReused(OrderError):
     status = 422
     code = "idempotency_key_reused"

@@ -14,13 +14,15 @@ from django.db import IntegrityError, transaction
 from sagaplatform.kernel import outbox
 from sagaplatform.kernel.clock import db_now
 
-from .exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused, OrderNotInState, UnknownProduct
+from .exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused, OrderNotInState, OrderTooLarge, UnknownProduct
 from .models import IdempotencyKey, Order, OrderLine, OrderStatusChange, Product
 
 DB = "orders"
 START_SAGA_TASK = "orchestration.start_saga"
 ORCHESTRATOR_QUEUE = "orchestrator"
 DEFAULT_SAGA = "place_order"
+# What Order.total (12 digits, 2 decimals) can hold.
+MAX_ORDER_TOTAL = Decimal("9999999999.99")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ def _create(
     if unknown:
         raise UnknownProduct(f"Unknown SKU: {', '.join(unknown)}", details={"unknown_skus": unknown})
     total = sum((products[i["sku"]].unit_price * i["quantity"] for i in items), Decimal("0.00"))
+    if total > MAX_ORDER_TOTAL:
+        raise OrderTooLarge(f"The order total {total} exceeds {MAX_ORDER_TOTAL}", details={"total": str(total)})
     order = Order.objects.using(DB).create(
         customer_id=customer_id,
         customer_email=customer_email,

@@ -42,6 +42,7 @@ def charge_refund(*, saga_id: uuid.UUID) -> Charge | None:
             .filter(id=charge.id, state=Charge.State.CAPTURED)
             .update(state=Charge.State.REFUNDED)
         ):
+            charge.refresh_from_db(using=DB, fields=["state"])  # a concurrent refund won
             return charge
         gateway.refund(reference=charge.gateway_reference, amount=charge.amount)
         LedgerEntry.objects.using(DB).create(charge=charge, kind=LedgerEntry.Kind.REFUND, amount=-charge.amount)

@@ -9,4 +9,7 @@ def shipment_for_saga(*, saga_id) -> Shipment | None:
 
 def audit_live_shipments() -> set[str]:
     """Saga ids with a shipment still booked (not cancelled)."""
-    return {str(s) for s in Shipment.objects.using(DB).filter(state=Shipment.State.SCHEDULED).values_list("saga_id", flat=True)}
+    return {
+        str(s)
+        for s in Shipment.objects.using(DB).filter(state=Shipment.State.SCHEDULED).values_list("saga_id", flat=True)
+    }

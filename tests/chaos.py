@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -43,6 +44,12 @@ class Stack:
             "PAYMENT_GATEWAY_HANG_SECONDS": "5",
         }
         self.processes: dict[str, subprocess.Popen] = {}
+        # Workers run under supervision, as in production (systemd Restart=always): a worker that
+        # exits on its own is started again. One the test kills on purpose is not.
+        self.supervised: set[str] = set()
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True)
 
     # --- processes --------------------------------------------------------------------------
 
@@ -72,7 +79,14 @@ class Stack:
         except redis.RedisError:
             return False
 
-    def start_worker(self, index: int = 0) -> None:
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            for name in list(self.supervised):
+                if self.processes[name].poll() is not None and not self._stopping.is_set():
+                    self.restarts += 1
+                    self.start_worker(int(name.removeprefix("worker")), wait=False)
+
+    def start_worker(self, index: int = 0, *, wait: bool = True) -> None:
         name = f"worker{index}"
         command = [sys.executable, "-m", "celery", "-A", "sagaplatform", "worker", "-Q", ",".join(settings.SAGA_QUEUES)]
         command += [
@@ -83,8 +97,12 @@ class Stack:
             "--loglevel",
             "INFO",
         ]
+        log = self.dir / f"{name}.log"
+        ready_before = log.read_text().count(" ready.") if log.exists() else 0
         self._spawn(name, command)
-        wait_for(lambda: " ready." in (self.dir / f"{name}.log").read_text(), timeout=60, message=f"{name} ready")
+        self.supervised.add(name)
+        if wait:
+            wait_for(lambda: log.read_text().count(" ready.") > ready_before, timeout=60, message=f"{name} ready")
 
     def start_beat(self) -> None:
         schedule = self.dir / "beat-schedule"
@@ -108,9 +126,11 @@ class Stack:
             self.start_worker(index)
         self.start_beat()
         self.start_web()
+        self._supervisor.start()
         return self
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.supervised.discard(name)
         process = self.processes.get(name)
         if process and process.poll() is None:
             os.killpg(process.pid, sig)
@@ -122,6 +142,7 @@ class Stack:
         return [int(pid) for pid in out.split()]
 
     def stop(self) -> None:
+        self._stopping.set()
         for name in ("web", "beat", *[n for n in self.processes if n.startswith("worker")], "redis"):
             try:
                 self.kill(name, signal.SIGTERM if name != "redis" else signal.SIGKILL)

@@ -38,6 +38,11 @@ def order_body(*, token: str = "tok_visa", items: list[dict] | None = None) -> d
     }
 
 
+def pytest_configure(config):
+    # The SQLite test databases are files under var/ (WAL needs files); a fresh clone has none.
+    settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL; `make test` does when it answers)")
     skip_prod = pytest.mark.skip(reason="needs PostgreSQL and Redis (DATABASE_URL, REDIS_URL)")

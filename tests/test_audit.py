@@ -95,11 +95,15 @@ def plant_uncompensated_step(world):
 
 
 def plant_shipment_for_a_failed_order(world):
-    Shipment.objects.using("shipping").create(saga_id=world["declined"], order_id=uuid.uuid4(), address={}, tracking_number="SPX")
+    Shipment.objects.using("shipping").create(
+        saga_id=world["declined"], order_id=uuid.uuid4(), address={}, tracking_number="SPX"
+    )
 
 
 def plant_incomplete_barrier(world):
-    Barrier.objects.using("shipping").create(saga_id=world["ok"], step="schedule_shipment", op="compensate", outcome=None)
+    Barrier.objects.using("shipping").create(
+        saga_id=world["ok"], step="schedule_shipment", op="compensate", outcome=None
+    )
 
 
 def plant_compensation_without_action(world):
@@ -124,7 +128,10 @@ def plant_compensation_before_action(world):
 def plant_outbox_backlog(world):
     with transaction.atomic(using="inventory"):
         OutboxMessage.objects.using("inventory").create(
-            task="orchestration.handle_reply", queue="orchestrator", payload={}, available_at=timezone.now() - timedelta(minutes=2)
+            task="orchestration.handle_reply",
+            queue="orchestrator",
+            payload={},
+            available_at=timezone.now() - timedelta(minutes=2),
         )
 
 

@@ -43,20 +43,26 @@ NULL_COMPENSATION = {"status": "succeeded", "result": {}, "barrier": "null_compe
 def _insert(using: str, saga_id, step: str, op: str, outcome: dict | None) -> bool:
     connection = connections[using]
     fields = {f.name: f for f in Barrier._meta.concrete_fields}
-    values = {
-        "saga_id": fields["saga_id"].get_db_prep_save(saga_id, connection),
-        "step": step,
-        "op": op,
-        "outcome": fields["outcome"].get_db_prep_save(outcome, connection),
-        "created_at": fields["created_at"].get_db_prep_save(timezone.now(), connection),
-    }
+    values = [
+        fields["saga_id"].get_db_prep_save(saga_id, connection),
+        step,
+        op,
+        fields["outcome"].get_db_prep_save(outcome, connection),
+    ]
+    # The row's time comes from the database clock (the audit compares rows written by
+    # different workers); SQLite shares the process clock.
+    if connection.vendor == "postgresql":
+        now_sql = "clock_timestamp()"
+    else:
+        now_sql = "%s"
+        values.append(fields["created_at"].get_db_prep_save(timezone.now(), connection))
     quote = connection.ops.quote_name
     # Only quoted identifiers from the model are interpolated; every value is a parameter.
-    table, columns = quote(Barrier._meta.db_table), ", ".join(quote(c) for c in values)
-    placeholders = ", ".join(["%s"] * len(values))
-    sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING"  # noqa: S608
+    table = quote(Barrier._meta.db_table)
+    columns = ", ".join(quote(c) for c in ("saga_id", "step", "op", "outcome", "created_at"))
+    sql = f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, {now_sql}) ON CONFLICT DO NOTHING"  # noqa: S608
     with connection.cursor() as cursor:
-        cursor.execute(sql, list(values.values()))
+        cursor.execute(sql, values)
         return cursor.rowcount == 1
 
 

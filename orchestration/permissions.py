@@ -1,0 +1,11 @@
+from rest_framework.permissions import BasePermission
+
+OPERATE = "orchestration.operate_saga"
+
+
+class IsOperator(BasePermission):
+    """Staff with the permission to operate sagas (retry, skip, cancel); superusers have it."""
+
+    def has_permission(self, request, view) -> bool:
+        user = request.user
+        return bool(user and user.is_authenticated and user.is_staff and user.has_perm(OPERATE))

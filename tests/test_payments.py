@@ -1,0 +1,354 @@
+"""Charges, refunds and the append-only ledger, against the simulated card gateway."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import pytest
+from django.db import IntegrityError, connections, transaction
+from django.db.models.query import QuerySet
+
+from payments import gateway, selectors
+from payments.exceptions import CardDeclined, GatewayUnavailable
+from payments.models import Charge, LedgerEntry
+from payments.services import charge_create, charge_refund
+from sagaplatform.kernel import commands
+from sagaplatform.kernel.models import Barrier
+
+pytestmark = pytest.mark.django_db(databases="__all__")
+
+DB = "payments"
+
+
+def money() -> dict:
+    """Every charge and ledger entry, to show that a failure left nothing behind."""
+    return {
+        "charges": sorted(Charge.objects.using(DB).values_list("saga_id", "amount", "state")),
+        "ledger": sorted(LedgerEntry.objects.using(DB).values_list("charge__saga_id", "kind", "amount")),
+    }
+
+
+NOTHING = {"charges": [], "ledger": []}
+
+
+def charge(*, token: str = "tok_visa", amount: str = "25.00", saga_id=None, order_id=None, attempt: int = 1):
+    return charge_create(
+        saga_id=saga_id or uuid.uuid4(),
+        order_id=order_id or uuid.uuid4(),
+        amount=Decimal(amount),
+        currency="EUR",
+        token=token,
+        attempt=attempt,
+    )
+
+
+def command(operation: str, *, saga_id, op: str = "action", attempt: int = 1, **payload) -> dict:
+    return commands.Command(
+        saga_id=saga_id, step="charge_payment", op=op, operation=operation, attempt=attempt, payload=payload
+    ).to_message()
+
+
+def charge_command(*, saga_id, token: str = "tok_visa", amount: str = "25.00", attempt: int = 1, order_id=None):
+    return command(
+        "charge",
+        saga_id=saga_id,
+        attempt=attempt,
+        order_id=str(order_id or uuid.uuid4()),
+        amount=amount,
+        currency="EUR",
+        payment_token=token,
+    )
+
+
+# --- charge ------------------------------------------------------------------------------------
+
+
+def test_a_good_card_is_charged_and_the_ledger_records_it():
+    saga_id, order_id = uuid.uuid4(), uuid.uuid4()
+
+    result = charge(saga_id=saga_id, order_id=order_id, amount="19.99")
+
+    stored = Charge.objects.using(DB).get(saga_id=saga_id)
+    assert stored.id == result.id
+    assert (stored.order_id, stored.amount, stored.currency, stored.state) == (
+        order_id,
+        Decimal("19.99"),
+        "EUR",
+        "captured",
+    )
+    assert stored.gateway_reference == gateway.reference_for(f"{saga_id}:charge")
+    assert list(LedgerEntry.objects.using(DB).filter(charge=stored).values_list("kind", "amount")) == [
+        ("charge", Decimal("19.99"))
+    ]
+    assert selectors.net_for_order(order_id=order_id) == Decimal("19.99")
+
+
+def test_amounts_stay_exact_decimals_end_to_end():
+    """0.1 + 0.2 is 0.30 in money, not 0.30000000000000004."""
+    saga_id, order_id = uuid.uuid4(), uuid.uuid4()
+
+    outcome = commands.run(service=DB, message=charge_command(saga_id=saga_id, amount="0.30", order_id=order_id))
+    other = charge(amount="0.10", order_id=order_id)
+
+    assert outcome["result"]["amount"] == "0.30"
+    stored = Charge.objects.using(DB).get(saga_id=saga_id)
+    assert isinstance(stored.amount, Decimal)
+    assert stored.amount == Decimal("0.10") + Decimal("0.20")
+    assert isinstance(other.amount, Decimal)
+    total = selectors.net_for_order(order_id=order_id)
+    assert isinstance(total, Decimal)
+    assert total == Decimal("0.40")
+
+
+def test_the_charge_operation_answers_with_the_charge():
+    saga_id = uuid.uuid4()
+
+    outcome = commands.run(service=DB, message=charge_command(saga_id=saga_id, amount="42.50"))
+
+    stored = Charge.objects.using(DB).get(saga_id=saga_id)
+    assert outcome == {
+        "status": "succeeded",
+        "result": {"charge_id": str(stored.id), "amount": "42.50", "reference": stored.gateway_reference},
+    }
+
+
+def test_a_saga_cannot_be_charged_twice_even_bypassing_the_barrier():
+    saga_id = uuid.uuid4()
+    charge(saga_id=saga_id)
+    before = money()
+
+    with pytest.raises(IntegrityError), transaction.atomic(using=DB):
+        charge(saga_id=saga_id)
+
+    assert money() == before
+    assert LedgerEntry.objects.using(DB).count() == 1
+
+
+def test_any_other_well_formed_token_behaves_like_a_good_card():
+    saga_id = uuid.uuid4()
+
+    charge(saga_id=saga_id, token="tok_mastercard")
+
+    assert Charge.objects.using(DB).get(saga_id=saga_id).state == Charge.State.CAPTURED
+
+
+# --- the gateway's test cards ------------------------------------------------------------------
+
+
+def test_a_declined_card_is_a_business_failure_and_takes_no_money():
+    with pytest.raises(CardDeclined) as declined:
+        charge(token="tok_declined")
+
+    assert declined.value.code == "card_declined"
+    assert declined.value.details == {"decline_code": "generic_decline"}
+    assert money() == NOTHING
+
+
+def test_a_declined_card_through_the_operation_is_stored_as_a_failure_with_no_charge():
+    saga_id = uuid.uuid4()
+
+    outcome = commands.run(service=DB, message=charge_command(saga_id=saga_id, token="tok_declined"))
+
+    assert outcome["status"] == "business_failure"
+    assert outcome["error"]["code"] == "card_declined"
+    assert money() == NOTHING
+    assert Barrier.objects.using(DB).get(saga_id=saga_id).outcome == outcome
+
+
+@pytest.mark.parametrize(
+    ("token", "failures"), [("tok_flaky", 2), ("tok_flaky_1", 1), ("tok_flaky_3", 3), ("tok_flaky_0", 0)]
+)
+def test_a_flaky_card_fails_transiently_n_times_then_succeeds(token, failures):
+    saga_id = uuid.uuid4()
+
+    for attempt in range(1, failures + 1):
+        with pytest.raises(GatewayUnavailable) as unavailable:
+            charge(saga_id=saga_id, token=token, attempt=attempt)
+        assert unavailable.value.code == "gateway_unavailable"
+        assert money() == NOTHING
+
+    result = charge(saga_id=saga_id, token=token, attempt=failures + 1)
+
+    assert result.state == Charge.State.CAPTURED
+    assert Charge.objects.using(DB).filter(saga_id=saga_id).count() == 1
+    assert LedgerEntry.objects.using(DB).count() == 1
+
+
+def test_a_flaky_card_through_the_operation_leaves_no_barrier_row_until_it_succeeds():
+    saga_id = uuid.uuid4()
+
+    with pytest.raises(GatewayUnavailable):
+        commands.run(service=DB, message=charge_command(saga_id=saga_id, token="tok_flaky_1", attempt=1))
+    assert not Barrier.objects.using(DB).exists()
+    assert money() == NOTHING
+
+    outcome = commands.run(service=DB, message=charge_command(saga_id=saga_id, token="tok_flaky_1", attempt=2))
+
+    assert outcome["status"] == "succeeded"
+    assert Charge.objects.using(DB).filter(saga_id=saga_id).count() == 1
+
+
+def test_a_hanging_card_blocks_for_the_configured_time_then_succeeds(settings):
+    settings.PAYMENT_GATEWAY_HANG_SECONDS = 0.3
+    saga_id = uuid.uuid4()
+
+    started = time.monotonic()
+    result = charge(saga_id=saga_id, token="tok_hang")
+    elapsed = time.monotonic() - started
+
+    assert 0.3 <= elapsed < 5
+    assert result.state == Charge.State.CAPTURED
+    assert Charge.objects.using(DB).filter(saga_id=saga_id).count() == 1
+
+
+def test_the_gateway_reference_is_derived_from_the_idempotency_key():
+    """A retry after a crash between the gateway's answer and our commit gets the same reference."""
+    first = gateway.charge(token="tok_visa", amount=Decimal("5.00"), idempotency_key="saga-1:charge", attempt=1)
+    again = gateway.charge(token="tok_visa", amount=Decimal("5.00"), idempotency_key="saga-1:charge", attempt=2)
+    other = gateway.charge(token="tok_visa", amount=Decimal("5.00"), idempotency_key="saga-2:charge", attempt=1)
+
+    assert first.reference == again.reference
+    assert first.reference != other.reference
+    assert first.reference.startswith("ch_")
+
+
+# --- refund and the ledger ---------------------------------------------------------------------
+
+
+def test_a_refund_appends_a_reverse_entry_and_nets_to_zero():
+    saga_id, order_id = uuid.uuid4(), uuid.uuid4()
+    original = charge(saga_id=saga_id, order_id=order_id, amount="30.00")
+    charge_entry = LedgerEntry.objects.using(DB).values().get(charge=original, kind="charge")
+
+    refunded = charge_refund(saga_id=saga_id)
+
+    assert refunded.id == original.id
+    assert refunded.state == Charge.State.REFUNDED
+    assert Charge.objects.using(DB).get(id=original.id).state == Charge.State.REFUNDED
+    entries = list(LedgerEntry.objects.using(DB).filter(charge=original).order_by("id").values_list("kind", "amount"))
+    assert entries == [("charge", Decimal("30.00")), ("refund", Decimal("-30.00"))]
+    assert selectors.net_for_order(order_id=order_id) == Decimal("0.00")
+    # Append-only: the charge entry is exactly as it was.
+    assert LedgerEntry.objects.using(DB).values().get(charge=original, kind="charge") == charge_entry
+
+
+def test_refunding_twice_refunds_once():
+    saga_id, order_id = uuid.uuid4(), uuid.uuid4()
+    charge(saga_id=saga_id, order_id=order_id, amount="30.00")
+    charge_refund(saga_id=saga_id)
+    before = money()
+
+    again = charge_refund(saga_id=saga_id)
+
+    assert again.state == Charge.State.REFUNDED
+    assert money() == before
+    assert LedgerEntry.objects.using(DB).filter(kind="refund").count() == 1
+    assert selectors.net_for_order(order_id=order_id) == Decimal("0.00")
+
+
+def test_the_refund_operation_twice_without_the_barrier_refunds_once():
+    """Two different steps (say a compensation and an operator's refund), so the barrier does not
+    dedupe them: the conditional update on the charge's state does."""
+    saga_id = uuid.uuid4()
+    charge(saga_id=saga_id, amount="12.00")
+
+    first = commands.run(service=DB, message={**command("refund", saga_id=saga_id), "step": "refund_a"})
+    second = commands.run(service=DB, message={**command("refund", saga_id=saga_id), "step": "refund_b"})
+
+    assert first == {"status": "succeeded", "result": {"refunded": "12.00"}}
+    assert second["status"] == "succeeded"
+    assert "replayed" not in second
+    assert sorted(LedgerEntry.objects.using(DB).values_list("kind", "amount")) == [
+        ("charge", Decimal("12.00")),
+        ("refund", Decimal("-12.00")),
+    ]
+
+
+def test_refunding_a_saga_that_was_never_charged_does_nothing():
+    charge(amount="9.00")  # someone else's charge
+    before = money()
+
+    assert charge_refund(saga_id=uuid.uuid4()) is None
+    # As an action of its own step (not a compensation, which the barrier would null first).
+    outcome = commands.run(service=DB, message={**command("refund", saga_id=uuid.uuid4()), "step": "refund_payment"})
+
+    assert outcome["result"] == {"refunded": "0.00"}
+    assert money() == before
+
+
+def test_the_ledger_refuses_a_second_entry_of_the_same_kind():
+    original = charge(amount="10.00")
+    charge_refund(saga_id=original.saga_id)
+
+    with pytest.raises(IntegrityError), transaction.atomic(using=DB):
+        LedgerEntry.objects.using(DB).create(charge=original, kind=LedgerEntry.Kind.REFUND, amount=Decimal("-10.00"))
+
+    assert LedgerEntry.objects.using(DB).filter(charge=original).count() == 2
+
+
+def test_net_for_order_sums_only_that_order():
+    order, other = uuid.uuid4(), uuid.uuid4()
+    kept = charge(order_id=order, amount="10.00")
+    refunded = charge(order_id=order, amount="2.50")
+    charge(order_id=other, amount="99.99")
+
+    charge_refund(saga_id=refunded.saga_id)
+
+    assert selectors.net_for_order(order_id=order) == kept.amount == Decimal("10.00")
+    assert selectors.net_for_order(order_id=other) == Decimal("99.99")
+    assert selectors.net_for_order(order_id=uuid.uuid4()) == Decimal("0.00")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_concurrent_refunds_of_one_charge_refund_once():
+    """Without the barrier (two different steps, say): the conditional state update decides."""
+    saga_id, order_id = uuid.uuid4(), uuid.uuid4()
+    charge(saga_id=saga_id, order_id=order_id, amount="30.00")
+    count = 8
+    start = threading.Barrier(count, timeout=30)
+
+    def refund(_):
+        try:
+            start.wait()
+            charge_refund(saga_id=saga_id)
+            return "ok"
+        except Exception as exc:
+            return repr(exc)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        results = list(pool.map(refund, range(count)))
+
+    assert results == ["ok"] * count
+    assert LedgerEntry.objects.using(DB).filter(kind="refund").count() == 1
+    assert Charge.objects.using(DB).get(saga_id=saga_id).state == Charge.State.REFUNDED
+    assert selectors.net_for_order(order_id=order_id) == Decimal("0.00")
+
+
+def test_a_refund_that_lost_the_race_reports_the_charge_as_refunded(monkeypatch):
+    saga_id = uuid.uuid4()
+    original = charge(saga_id=saga_id, amount="30.00")
+    real_first = QuerySet.first
+    raced = []
+
+    def first_then_a_rival_refunds(self):
+        row = real_first(self)
+        if self.model is Charge and row is not None and not raced:
+            raced.append(row.id)  # another worker refunds between our read and our update
+            Charge.objects.using(DB).filter(id=row.id).update(state=Charge.State.REFUNDED)
+            LedgerEntry.objects.using(DB).create(charge=row, kind=LedgerEntry.Kind.REFUND, amount=-row.amount)
+        return row
+
+    monkeypatch.setattr(QuerySet, "first", first_then_a_rival_refunds)
+
+    result = charge_refund(saga_id=saga_id)
+
+    assert raced == [original.id]
+    assert LedgerEntry.objects.using(DB).filter(kind="refund").count() == 1  # refunded once: no harm done
+    assert result.state == Charge.State.REFUNDED  # ...but the answer says it is still captured
