@@ -52,7 +52,7 @@ BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/sagabench
 BENCH_REDIS_URL ?= redis://127.0.0.1:6379/14
 bench: install-dev ## Benchmark orders/s and latency against a bare Celery chain (PostgreSQL + Redis; BENCH_ARGS="-n 500 -c 32")
 	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
-	  $(BIN)/python manage.py setup_databases >/dev/null && $(BIN)/python manage.py bench $(BENCH_ARGS)
+	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench $(BENCH_ARGS)
 
 simulate: install ## Simulate orders under faults, then audit (SIM_ARGS="-n 1000 --failure-rate 0.2")
 	$(BIN)/python manage.py simulate $(SIM_ARGS)

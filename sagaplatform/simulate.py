@@ -16,19 +16,19 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connections
 
+from inventory.models import StockItem
 from inventory.services import stock_set
 from orchestration.audit import run_audit
 from orchestration.models import Saga, SagaEvent
-from orders.models import Order, Product
+from orders.models import Product
 from orders.services import order_place
+from sagaplatform.bench import Run, drive
 from sagaplatform.kernel import faults
 from sagaplatform.kernel.models import FaultRule
 
@@ -49,7 +49,7 @@ class Plan:
     spawn_workers: int = 0
     kill_workers: int = 0
     step_timeout: float = 10.0
-    timeout: float = 600.0
+    timeout: float = 600.0  # the longest one order may take to come to rest
     seed: int = 1
 
 
@@ -126,7 +126,8 @@ def _clear_faults() -> None:
 def _seed() -> int:
     for sku, stock in SKUS.items():
         Product.objects.using("orders").update_or_create(sku=sku, defaults={"name": sku.title(), "unit_price": "9.99"})
-        stock_set(sku=sku, on_hand=stock)
+        held = StockItem.objects.using("inventory").filter(sku=sku).values_list("reserved", flat=True).first() or 0
+        stock_set(sku=sku, on_hand=held + stock)  # `stock` units free for this run
     user, _ = get_user_model().objects.get_or_create(username="simulator", defaults={"email": "sim@example.com"})
     return user.id
 
@@ -148,58 +149,52 @@ def run_simulation(plan: Plan, out) -> int:
         f"simulate: {plan.orders} orders, {plan.concurrency} concurrent, transient failure rate {plan.failure_rate:.0%}, "
         f"declines {plan.decline_rate:.0%}, latency {plan.latency_ms} ms, kills {plan.kill_workers}\n"
     )
-    placed: list[str] = []
-    lock = threading.Lock()
     tokens = ["tok_declined" if rng.random() < plan.decline_rate else "tok_visa" for _ in range(plan.orders)]
     baskets = [
         [{"sku": sku, "quantity": rng.randint(1, 3)} for sku in rng.sample(sorted(SKUS), rng.randint(1, 2))]
         for _ in range(plan.orders)
     ]
     kill_at = {plan.orders * (k + 1) // (plan.kill_workers + 1) for k in range(plan.kill_workers)} if pool else set()
+    placed: list[str] = []
+    lock = threading.Lock()
 
-    def place(i: int) -> None:
-        try:
-            placement = order_place(
-                customer_id=customer_id,
-                customer_email="sim@example.com",
-                items=baskets[i],
-                payment_token=tokens[i],
-                shipping_address=ADDRESS,
-            )
-            with lock:
-                placed.append(str(placement.order.saga_id))
-                if len(placed) in kill_at:
-                    victim = len(placed) % len(pool.workers)
-                    out.write(f"  SIGKILL worker {victim} after {len(placed)} orders\n")
-                    pool.kill_and_restart(victim)
-        finally:
-            connections.close_all()
+    def place(i: int) -> tuple[str, str]:
+        placement = order_place(
+            customer_id=customer_id,
+            customer_email="sim@example.com",
+            items=baskets[i],
+            payment_token=tokens[i],
+            shipping_address=ADDRESS,
+        )
+        with lock:
+            placed.append(str(placement.order.saga_id))
+            if len(placed) in kill_at:
+                victim = len(placed) % len(pool.workers)
+                out.write(f"  SIGKILL worker {victim} after {len(placed)} orders\n")
+                pool.kill_and_restart(victim)
+        return str(placement.order.id), str(placement.order.saga_id)
 
-    started = time.monotonic()
+    def at_rest(saga_ids: list[str]) -> list[str]:
+        return [str(i) for i in Saga.objects.filter(id__in=saga_ids, state__in=REST).values_list("id", flat=True)]
+
+    run = Run("simulation")
     try:
-        with ThreadPoolExecutor(max_workers=plan.concurrency) as executor:
-            list(executor.map(place, range(plan.orders)))
-        submitted = time.monotonic() - started
-        deadline = started + plan.timeout
-        while True:
-            at_rest = Saga.objects.filter(id__in=placed, state__in=REST).count()
-            if (
-                at_rest == len(placed)
-                and not Order.objects.using("orders").filter(saga_id__in=placed, status="pending").exists()
-            ):
-                break
-            if time.monotonic() > deadline:
-                out.write(f"  timed out: {at_rest}/{len(placed)} sagas at rest after {plan.timeout:.0f} s\n")
-                break
-            time.sleep(0.5)
-        elapsed = time.monotonic() - started
-        time.sleep(2 * settings.SAGA_SWEEP_INTERVAL)  # let the last deliveries and relays land
+        drive(
+            run,
+            n=plan.orders,
+            concurrency=plan.concurrency,
+            place=place,
+            finished_ids=at_rest,
+            out=out,
+            order_timeout=plan.timeout,
+        )
+        time.sleep(2 * settings.SAGA_SWEEP_INTERVAL + 1)  # let the last deliveries and relays land
     finally:
         if pool:
             pool.stop()
         _clear_faults()
 
-    _report(placed, submitted, elapsed, out)
+    _report(placed, run.figures(), out)
     violations = run_audit()
     for violation in violations:
         out.write(f"  VIOLATION {violation}\n")
@@ -207,25 +202,15 @@ def run_simulation(plan: Plan, out) -> int:
     return len(violations)
 
 
-def _report(placed: list[str], submitted: float, elapsed: float, out) -> None:
+def _report(placed: list[str], figures: dict, out) -> None:
     sagas = list(Saga.objects.filter(id__in=placed))
-    outcomes = Counter(
-        s.state if s.state != "compensated" else f"compensated ({(s.failure or {}).get('code')})" for s in sagas
-    )
-    created = dict(Order.objects.using("orders").filter(saga_id__in=placed).values_list("saga_id", "created_at"))
-    latencies = sorted(
-        (s.finished_at - created[s.id]).total_seconds() for s in sagas if s.finished_at and s.id in created
-    )
+    outcomes = Counter(s.state if s.state != "compensated" else f"compensated ({(s.failure or {}).get('code')})" for s in sagas)
     events = Counter(SagaEvent.objects.filter(saga_id__in=placed).values_list("kind", flat=True))
-
-    def pct(p: float) -> str:
-        return f"{1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))]:.0f} ms" if latencies else "-"
-
     out.write(f"  outcomes: {dict(sorted(outcomes.items()))}\n")
     out.write(
-        f"  submitted in {submitted:.1f} s; all at rest after {elapsed:.1f} s: {len(sagas) / elapsed:.1f} sagas/s\n"
+        f"  {figures['throughput_per_s']} sagas/s; end-to-end latency p50 {figures['p50_ms']:.0f} ms  "
+        f"p95 {figures['p95_ms']:.0f} ms  p99 {figures['p99_ms']:.0f} ms\n"
     )
-    out.write(f"  end-to-end latency p50 {pct(0.5)}  p95 {pct(0.95)}  p99 {pct(0.99)}\n")
     out.write(
         f"  retries {events['retry_scheduled']}, timeouts {events['step_timed_out']}, compensations "
         f"{events['step_compensated']}, compensation retries {events['compensation_retry_scheduled']}, parked {events['saga_parked']}\n"

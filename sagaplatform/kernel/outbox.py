@@ -77,11 +77,24 @@ def publish(*, using: str, messages: list[OutboxMessage]) -> int:
             break
         sent.append(message.id)
     if sent:
-        OutboxMessage.objects.using(using).filter(id__in=sent).update(published_at=timezone.now())
+        _mark_published(using, sent)
     if len(sent) < len(messages):
         failed = messages[len(sent)].id
         OutboxMessage.objects.using(using).filter(id=failed).update(publish_attempts=F("publish_attempts") + 1)
     return len(sent)
+
+
+def _mark_published(using: str, ids: list) -> None:
+    connection = connections[using]
+    own_transaction = not connection.in_atomic_block
+    with transaction.atomic(using=using):
+        if connection.vendor == "postgresql" and own_transaction:
+            # Losing this mark in a server crash only means the sweep publishes the message
+            # again (consumers are idempotent), so it need not wait for its WAL flush: one fsync
+            # saved per message on the hot path.
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        OutboxMessage.objects.using(using).filter(id__in=ids).update(published_at=timezone.now())
 
 
 def relay_due(*, using: str, limit: int = 500) -> int:

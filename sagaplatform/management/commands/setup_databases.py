@@ -12,19 +12,24 @@ from psycopg import sql
 class Command(BaseCommand):
     help = "Create the PostgreSQL databases that do not exist yet, then migrate every alias."
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument("--recreate", action="store_true", help="drop the PostgreSQL databases first (benchmarks)")
+
+    def handle(self, *args, recreate: bool, **options):
         settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
         for alias, db in settings.DATABASES.items():
             if db["ENGINE"].endswith("postgresql"):
-                self._create_postgres(alias, db)
+                self._create_postgres(alias, db, recreate=recreate)
         for alias in settings.DATABASE_ALIASES:
             call_command("migrate", database=alias, interactive=False, verbosity=0)
             self.stdout.write(f"migrated {alias}")
 
-    def _create_postgres(self, alias: str, db: dict) -> None:
+    def _create_postgres(self, alias: str, db: dict, *, recreate: bool) -> None:
         params = {"dbname": "postgres", "user": db["USER"] or None, "password": db["PASSWORD"] or None}
         params |= {"host": db["HOST"] or None, "port": db["PORT"] or None}
         with psycopg.connect(**{k: v for k, v in params.items() if v}, autocommit=True) as conn:
+            if recreate:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db["NAME"])))
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]]).fetchone()
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db["NAME"])))
