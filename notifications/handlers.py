@@ -27,4 +27,5 @@ def send_confirmation(*, command: Command) -> dict:
 @operation("notifications", "send_failure")
 def send_failure(*, command: Command) -> dict:
     failure = command.payload.get("failure") or {}
-    return _queue(command, Notification.Kind.ORDER_FAILED, reason=failure.get("message", ""))
+    kind = Notification.Kind.ORDER_CANCELLED if failure.get("code") == "cancelled" else Notification.Kind.ORDER_FAILED
+    return _queue(command, kind, reason=failure.get("message", ""))

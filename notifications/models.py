@@ -15,6 +15,7 @@ class Notification(models.Model):
     class Kind(models.TextChoices):
         ORDER_CONFIRMED = "order_confirmed"
         ORDER_FAILED = "order_failed"
+        ORDER_CANCELLED = "order_cancelled"
 
     class State(models.TextChoices):
         QUEUED = "queued"

@@ -20,8 +20,12 @@ DELIVER_TASK = "notifications.deliver"
 
 TEMPLATES = {
     Notification.Kind.ORDER_CONFIRMED: (
-        "Your order is confirmed",
-        "Good news: order {order_id} is confirmed and will ship soon.",
+        "Your order is on its way",
+        "Good news: order {order_id} is confirmed and has left our warehouse.",
+    ),
+    Notification.Kind.ORDER_CANCELLED: (
+        "Your order is cancelled",
+        "Order {order_id} is cancelled as you asked. Anything you paid is refunded.",
     ),
     Notification.Kind.ORDER_FAILED: (
         "Your order could not be completed",

@@ -85,10 +85,12 @@ def run_audit() -> list[Violation]:
         if saga.state == Saga.State.COMPLETED:
             if charge is None or charge["state"] != "captured" or (order and charge["amount"] != order["total"]):
                 flag("money_not_captured", saga_id, f"completed saga with charge {charge}")
-            if order and order["status"] != "approved":
+            if order and order["status"] != "shipped":
                 flag("status_mismatch", saga_id, f"completed saga, order {order['status']}")
-            if reservations.get(saga_id, set()) - {"held", "committed"}:
+            if reservations.get(saga_id, set()) - {"committed"}:
                 flag("reservation_mismatch", saga_id, f"completed saga, reservations {sorted(reservations[saga_id])}")
+            if live_shipments.get(saga_id) != "dispatched":
+                flag("shipment_not_dispatched", saga_id, f"completed saga, shipment {live_shipments.get(saga_id)}")
         elif saga.state in FAILED_OUTCOMES:
             if charge is not None and charge["net"] != 0:
                 flag("money_kept", saga_id, f"{saga.state} saga keeps {charge['net']}")
@@ -96,19 +98,18 @@ def run_audit() -> list[Violation]:
                 flag(
                     "reservation_mismatch", saga_id, f"{saga.state} saga, reservations {sorted(reservations[saga_id])}"
                 )
-            if order and order["status"] == "approved":
-                flag("status_mismatch", saga_id, f"{saga.state} saga, order approved")
+            if order and order["status"] not in ("rejected", "cancelled"):
+                flag("status_mismatch", saga_id, f"{saga.state} saga, order {order['status']}")
             definition = get_definition(saga.definition)
             for spec in definition.steps:
                 step = steps[saga_id].get(spec.name)
                 if spec.compensation and step and step.state not in UNDONE and not _definitive(step):
                     flag("step_not_compensated", saga_id, f"{spec.name} is {step.state}")
 
-    # No shipment for an order that did not complete.
+    # No shipment for an order that did not complete, and none dispatched for a cancelled one.
     for saga_id in live_shipments:
         saga = sagas.get(saga_id)
-        order = order_by_saga.get(saga_id)
-        if saga is None or saga.state != Saga.State.COMPLETED or not order or order["status"] != "approved":
+        if saga is None or saga.state in FAILED_OUTCOMES:
             flag("shipment_for_unfulfilled_order", saga_id, f"saga {saga.state if saga else 'missing'}")
 
     # Every compensation applied at most once (unique barrier rows) and only after its action.

@@ -60,6 +60,12 @@ class StepSpec:
     timeout: float = 30.0
     # The point of no return: once it has succeeded the saga only goes forward.
     pivot: bool = False
+    # Wait this long (seconds, or the name of a setting) after the step is ready before starting
+    # it; meanwhile it is cancellable like any step not yet started (a handling window).
+    start_after: float | str = 0.0
+
+    def start_delay(self) -> float:
+        return float(getattr(settings, self.start_after)) if isinstance(self.start_after, str) else self.start_after
 
     def effective_timeout(self) -> float:
         override = settings.SAGA_STEP_TIMEOUT_OVERRIDE
@@ -103,20 +109,26 @@ class SagaDefinition:
         return [s for s in self.steps if name in s.depends_on]
 
 
-PLACE_ORDER = SagaDefinition(
-    name="place_order",
-    description="Reserve stock, take payment, approve the order, book shipping, tell the customer.",
-    steps=(
+def _order_steps(*, parallel: bool) -> tuple[StepSpec, ...]:
+    """The order flow. Sequential: stock, then payment. Parallel: both at once (they do not
+    depend on each other), approval once both are done."""
+    return (
         StepSpec("reserve_stock", "inventory", "reserve", "release", inputs=("order_id", "items")),
         StepSpec(
             "charge_payment",
             "payments",
             "charge",
             "refund",
-            depends_on=("reserve_stock",),
+            depends_on=() if parallel else ("reserve_stock",),
             inputs=("order_id", "amount", "currency", "payment_token"),
         ),
-        StepSpec("approve_order", "orders", "approve", "revoke", depends_on=("charge_payment",)),
+        StepSpec(
+            "approve_order",
+            "orders",
+            "approve",
+            "revoke",
+            depends_on=("reserve_stock", "charge_payment") if parallel else ("charge_payment",),
+        ),
         StepSpec(
             "schedule_shipment",
             "shipping",
@@ -124,31 +136,61 @@ PLACE_ORDER = SagaDefinition(
             "cancel",
             depends_on=("approve_order",),
             inputs=("order_id", "shipping_address"),
-            pivot=True,
         ),
+        # The point of no return: the parcel leaves the warehouse after a handling window in
+        # which the customer may still cancel. No compensation: goods in transit stay shipped.
+        StepSpec(
+            "dispatch_shipment",
+            "shipping",
+            "dispatch",
+            depends_on=("schedule_shipment",),
+            pivot=True,
+            start_after="SHIPPING_HANDLING_SECONDS",
+            retry=RetryPolicy(max_attempts=10, max_interval=60.0),
+        ),
+        StepSpec("commit_stock", "inventory", "commit", depends_on=("dispatch_shipment",), retry=FOREVER_ISH),
+        StepSpec("mark_shipped", "orders", "ship", depends_on=("dispatch_shipment",), retry=FOREVER_ISH),
         StepSpec(
             "notify_customer",
             "notifications",
             "send_confirmation",
-            depends_on=("schedule_shipment",),
+            depends_on=("dispatch_shipment",),
             inputs=("order_id", "customer_email", "shipping_address"),
             retry=RetryPolicy(max_attempts=10, max_interval=60.0),
         ),
-    ),
-    on_failure=(
-        StepSpec("reject_order", "orders", "reject", retry=RetryPolicy(max_attempts=20, max_interval=60.0)),
-        StepSpec(
-            "notify_failure",
-            "notifications",
-            "send_failure",
-            depends_on=("reject_order",),
-            inputs=("order_id", "customer_email", "shipping_address"),
-            retry=RetryPolicy(max_attempts=20, max_interval=60.0),
-        ),
+    )
+
+
+# After the pivot a step must eventually succeed; past this policy the saga is parked.
+FOREVER_ISH = RetryPolicy(max_attempts=30, max_interval=60.0)
+
+ON_ORDER_FAILURE = (
+    StepSpec("reject_order", "orders", "reject", retry=RetryPolicy(max_attempts=20, max_interval=60.0)),
+    StepSpec(
+        "notify_failure",
+        "notifications",
+        "send_failure",
+        depends_on=("reject_order",),
+        inputs=("order_id", "customer_email", "shipping_address"),
+        retry=RetryPolicy(max_attempts=20, max_interval=60.0),
     ),
 )
 
-DEFINITIONS: dict[str, SagaDefinition] = {d.name: d for d in (PLACE_ORDER,)}
+PLACE_ORDER = SagaDefinition(
+    name="place_order",
+    description="Reserve stock, then take payment; approve, book and dispatch; commit stock, mark shipped, tell the customer.",
+    steps=_order_steps(parallel=False),
+    on_failure=ON_ORDER_FAILURE,
+)
+
+PLACE_ORDER_PARALLEL = SagaDefinition(
+    name="place_order_parallel",
+    description="As place_order, with stock reservation and payment side by side.",
+    steps=_order_steps(parallel=True),
+    on_failure=ON_ORDER_FAILURE,
+)
+
+DEFINITIONS: dict[str, SagaDefinition] = {d.name: d for d in (PLACE_ORDER, PLACE_ORDER_PARALLEL)}
 
 
 def get_definition(name: str) -> SagaDefinition:

@@ -93,8 +93,13 @@ class _Run:
 # --- Entry points ------------------------------------------------------------------------------
 
 
-def saga_start(*, saga_id: uuid.UUID | str, definition: str, context: dict) -> bool:
-    """Create and start a saga. Idempotent on `saga_id`: a repeated start message does nothing."""
+DEFAULT_DEFINITION = "place_order"
+
+
+def saga_start(*, saga_id: uuid.UUID | str, definition: str, context: dict, cancel: dict | None = None) -> bool:
+    """Create and start a saga. Idempotent on `saga_id`: a repeated start message does nothing.
+
+    With `cancel`, the saga is created already cancelled (a cancel that overtook the start)."""
     try:
         with transaction.atomic(using=DB):
             if Saga.objects.using(DB).filter(id=saga_id).exists():
@@ -118,6 +123,9 @@ def saga_start(*, saga_id: uuid.UUID | str, definition: str, context: dict) -> b
             run.record("saga_created", data={"definition": definition})
             saga.start()
             run.record("saga_started", from_state=Saga.State.PENDING)
+            if cancel:
+                saga.begin_compensation(failure=cancel)
+                run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": cancel["message"]})
             _advance(run)
             run.flush()
             return True
@@ -203,6 +211,54 @@ def saga_deadline_expire(*, saga_id) -> bool:
         return True
 
     return _locked(saga_id, apply, skip_locked=True)
+
+
+def saga_advance(*, saga_id) -> bool:
+    """Re-decide from the stored state (the sweeper, for steps whose start time has come)."""
+    return _locked(saga_id, lambda run: True, skip_locked=True)
+
+
+# --- Cancellation -----------------------------------------------------------------------------
+
+CANCELLED = "cancelled"
+
+
+def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = "") -> Saga:
+    """Cancel an order's saga: stop dispatching, let steps in flight finish (or time out), and
+    compensate what succeeded. Refused (409) once the point of no return is passed or being
+    passed, and for a saga that already ended. Decided under the saga's row lock, so a cancel
+    racing a step's reply, or another cancel, sees a consistent state."""
+    failure = {"code": CANCELLED, "message": reason or "Cancelled at the customer's request", "by": actor}
+    outcome: dict = {}
+
+    def apply(run: _Run) -> bool:
+        saga = outcome["saga"] = run.saga
+        if saga.state == Saga.State.CANCELLED or (saga.failure or {}).get("code") == CANCELLED:
+            raise OperationNotAllowed("already_cancelled", "This order is already cancelled")
+        if saga.state != Saga.State.RUNNING and saga.state != Saga.State.PENDING:
+            raise OperationNotAllowed(
+                "not_cancellable",
+                f"This order can no longer be cancelled (it is {saga.state})",
+                details={"state": saga.state},
+            )
+        for spec, step in run.action_steps():
+            if spec.pivot and step.state == State.SUCCEEDED:
+                raise OperationNotAllowed("already_shipped", "The order has shipped; it can no longer be cancelled")
+            if spec.pivot and step.state in (State.RUNNING, State.RETRYING):
+                raise OperationNotAllowed(
+                    "shipment_in_progress",
+                    "The parcel is leaving the warehouse right now; it can no longer be cancelled",
+                )
+        saga.begin_compensation(failure=failure)
+        run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": failure["message"]})
+        return True
+
+    if not _locked(saga_id, apply, actor=actor) and "saga" not in outcome:
+        # The saga has not started yet (its start message is on its way): start it cancelled,
+        # so the late start message finds it and does nothing, and the order is closed.
+        saga_start(saga_id=saga_id, definition=DEFAULT_DEFINITION, context=context, cancel=failure)
+        outcome["saga"] = Saga.objects.using(DB).get(id=saga_id)
+    return outcome["saga"]
 
 
 # --- Operator actions -------------------------------------------------------------------------
@@ -437,13 +493,15 @@ def _settled(spec: StepSpec, step: SagaStep) -> bool:
 def _advance(run: _Run) -> None:
     saga = run.saga
     if saga.state == Saga.State.RUNNING:
-        failed = [step for _, step in run.action_steps() if step.state == State.FAILED]
-        if failed and run.past_pivot():
-            _park(run, f"{failed[0].name} failed after the point of no return; retry it once fixed")
+        failed = [(spec, step) for spec, step in run.action_steps() if step.state == State.FAILED]
+        unknown_pivot = [s for spec, s in failed if spec.pivot and not (s.error or {}).get("definitive")]
+        if failed and (run.past_pivot() or unknown_pivot):
+            # Forward only: past the point of no return, or not knowing whether we passed it.
+            _park(run, f"{failed[0][1].name} failed at or after the point of no return; retry it once fixed")
         elif failed:
-            error = failed[0].error or {}
+            error = failed[0][1].error or {}
             saga.begin_compensation(
-                failure={"step": failed[0].name, "code": error.get("code"), "message": error.get("message")}
+                failure={"step": failed[0][1].name, "code": error.get("code"), "message": error.get("message")}
             )
             run.record("saga_compensating", from_state=Saga.State.RUNNING, data={"failure": saga.failure})
         else:
@@ -469,6 +527,15 @@ def _park(run: _Run, message: str) -> None:
 def _dispatch_ready(run: _Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
     for spec, step in steps:
         if step.state == State.PENDING and all(run.steps[d].state == State.SUCCEEDED for d in spec.depends_on):
+            wait = spec.start_delay()
+            if wait and step.next_attempt_at is None:
+                # Ready, but starts after a window (the sweeper starts it when due). Until then it
+                # is as cancellable as a step that never started.
+                step.next_attempt_at = run.now + timedelta(seconds=wait)
+                run.record("step_scheduled", step=step, from_state=State.PENDING, data={"starts_in": wait})
+                continue
+            if step.next_attempt_at and step.next_attempt_at > run.now:
+                continue
             step.dispatch()
             step.started_at = run.now
             _lease(run, step, spec)
@@ -510,9 +577,13 @@ def _advance_compensation(run: _Run) -> None:
         saga.finished_at = run.now
         run.record("saga_failed", from_state=Saga.State.COMPENSATING, data={"step": gave_up[0].name})
     elif all(step.state == State.SUCCEEDED for _, step in finalizers):
-        saga.finish_compensation()
+        if (saga.failure or {}).get("code") == CANCELLED:
+            saga.finish_cancellation()
+            run.record("saga_cancelled", from_state=Saga.State.COMPENSATING)
+        else:
+            saga.finish_compensation()
+            run.record("saga_compensated", from_state=Saga.State.COMPENSATING)
         saga.finished_at = run.now
-        run.record("saga_compensated", from_state=Saga.State.COMPENSATING)
 
 
 def _send(run: _Run, step: SagaStep, spec: StepSpec, op: str, *, attempt: int, delay: float = 0.0) -> None:

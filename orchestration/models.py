@@ -70,6 +70,10 @@ class Saga(FSMModelMixin, models.Model):
     def finish_compensation(self) -> None:
         pass
 
+    @transition(field=state, source=State.COMPENSATING, target=State.CANCELLED)
+    def finish_cancellation(self) -> None:
+        """Compensated because a person cancelled it, not because a step failed."""
+
     @transition(field=state, source=[State.RUNNING, State.COMPENSATING], target=State.PARKED)
     def park(self) -> None:
         """Stop and wait for an operator: a compensation gave up, or a step failed after the pivot."""
@@ -136,6 +140,7 @@ class SagaStep(FSMModelMixin, models.Model):
     @transition(field=state, source=State.PENDING, target=State.RUNNING)
     def dispatch(self) -> None:
         self.attempts = 1
+        self.next_attempt_at = None
 
     @transition(field=state, source=[State.RUNNING, State.RETRYING], target=State.RETRYING)
     def schedule_retry(self, *, error: dict, next_attempt_at) -> None:

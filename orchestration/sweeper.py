@@ -5,7 +5,8 @@ Each sweep:
    from its own periodic task, `kernel.relay_outbox`);
 2. times out attempts whose lease expired: a lost command, a lost reply, a dead worker and a
    hung step all end here, as a transient failure of that attempt (retry, or compensate);
-3. applies the global deadline of sagas that outlived it.
+3. applies the global deadline of sagas that outlived it;
+4. starts steps whose start window has passed (`StepSpec.start_after`).
 
 Every comparison uses the database clock (`Now()`), so workers whose clocks disagree still agree
 on what is due. Each saga is handled in its own transaction with `skip_locked`, so two sweepers
@@ -44,7 +45,14 @@ def sweep_once() -> dict:
         .values_list("id", flat=True)[:BATCH]
     )
     deadlines = sum(engine.saga_deadline_expire(saga_id=saga_id) for saga_id in overdue)
-    result = {"published": published, "timed_out": timed_out, "deadlines": deadlines}
+    due = (
+        SagaStep.objects.using(engine.DB)
+        .filter(state=SagaStep.State.PENDING, next_attempt_at__lte=Now(), saga__state=Saga.State.RUNNING)
+        .values_list("saga_id", flat=True)
+        .distinct()[:BATCH]
+    )
+    started = sum(engine.saga_advance(saga_id=saga_id) for saga_id in due)
+    result = {"published": published, "timed_out": timed_out, "deadlines": deadlines, "started": started}
     if any(result.values()):
         logger.info("sweep: %s", result)
     return result

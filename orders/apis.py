@@ -176,3 +176,48 @@ class OrderDetailApi(APIView):
             "updated_at": order.updated_at,
         }
         return Response(self.OutputSerializer(data).data)
+
+
+class OrderCancelApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+    @extend_schema_serializer(component_name="OrderCancelled")
+    class OutputSerializer(serializers.Serializer):
+        class SagaRefSerializer(serializers.Serializer):
+            id = serializers.UUIDField()
+            state = serializers.CharField()
+
+        id = serializers.UUIDField()
+        status = serializers.CharField()
+        saga = SagaRefSerializer()
+
+    @extend_schema(
+        operation_id="orders_cancel",
+        request=InputSerializer,
+        responses={202: OutputSerializer, 401: ErrorSerializer, 404: ErrorSerializer, 409: ErrorSerializer},
+        description=(
+            "Cancel the order: nothing more is started, steps in flight finish, and what succeeded is "
+            "undone (stock released, payment refunded, booking cancelled). Refused with 409 once the "
+            "parcel has left the warehouse (`already_shipped`), while it is leaving "
+            "(`shipment_in_progress`), or when the order already ended (`already_cancelled`, `not_cancellable`)."
+        ),
+    )
+    def post(self, request, order_id):
+        order = selectors.order_get_for_customer(order_id=order_id, customer_id=request.user.id)
+        if order is None:
+            raise NotFound("No such order.")
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        saga = ports.saga_cancel(
+            saga_id=order.saga_id,
+            context={
+                "order_id": str(order.id),
+                "customer_email": order.customer_email,
+                "shipping_address": order.shipping_address,
+            },
+            actor=f"customer:{request.user.get_username()}",
+            reason=serializer.validated_data["reason"],
+        )
+        data = {"id": order.id, "status": order.status, "saga": {"id": saga.id, "state": saga.state}}
+        return Response(self.OutputSerializer(data).data, status=status.HTTP_202_ACCEPTED)

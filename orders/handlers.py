@@ -15,6 +15,11 @@ def revoke(*, command: Command) -> dict:
     return {"status": services.order_revoke(order_id=command.payload["order_id"]).status}
 
 
+@operation("orders", "ship")
+def ship(*, command: Command) -> dict:
+    return {"status": services.order_ship(order_id=command.payload["order_id"]).status}
+
+
 @operation("orders", "reject")
 def reject(*, command: Command) -> dict:
     failure = command.payload.get("failure") or {}

@@ -5,6 +5,9 @@ import uuid
 from django.db import models
 from django_fsm import FSMField, FSMModelMixin, transition
 
+# The failure code a saga carries when a person cancelled it.
+CANCELLED_CODE = "cancelled"
+
 
 class Product(models.Model):
     """What the shop sells and at what price. Stock levels belong to the inventory service."""
@@ -27,7 +30,9 @@ class Order(FSMModelMixin, models.Model):
     class Status(models.TextChoices):
         PENDING = "pending"
         APPROVED = "approved"
+        SHIPPED = "shipped"
         REJECTED = "rejected"
+        CANCELLED = "cancelled"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     customer_id = models.BigIntegerField(db_index=True)
@@ -67,9 +72,18 @@ class Order(FSMModelMixin, models.Model):
     def revoke(self) -> None:
         """Undo an approval while the saga compensates; the order then ends rejected."""
 
+    @transition(field=status, source=Status.APPROVED, target=Status.SHIPPED)
+    def ship(self) -> None:
+        """The parcel left the warehouse (the saga's point of no return)."""
+
     @transition(field=status, source=Status.PENDING, target=Status.REJECTED)
     def reject(self, *, code: str, message: str) -> None:
         self.failure_code = code[:64]
+        self.failure_message = message[:500]
+
+    @transition(field=status, source=Status.PENDING, target=Status.CANCELLED)
+    def cancel(self, *, message: str) -> None:
+        self.failure_code = CANCELLED_CODE
         self.failure_message = message[:500]
 
 

@@ -15,7 +15,7 @@ from sagaplatform.kernel import outbox
 from sagaplatform.kernel.clock import db_now
 
 from .exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused, OrderNotInState, OrderTooLarge, UnknownProduct
-from .models import IdempotencyKey, Order, OrderLine, OrderStatusChange, Product
+from .models import CANCELLED_CODE, IdempotencyKey, Order, OrderLine, OrderStatusChange, Product
 
 DB = "orders"
 START_SAGA_TASK = "orchestration.start_saga"
@@ -186,11 +186,27 @@ def order_revoke(*, order_id: uuid.UUID | str, reason: str = "") -> Order:
 
 
 def order_reject(*, order_id: uuid.UUID | str, code: str, message: str) -> Order:
+    """End a pending order that will not be fulfilled: cancelled if a person asked for it,
+    rejected otherwise. Idempotent."""
     with transaction.atomic(using=DB):
         order = _locked(order_id)
         if order.status == Order.Status.PENDING:
-            order.reject(code=code, message=message)
+            if code == CANCELLED_CODE:
+                order.cancel(message=message)
+            else:
+                order.reject(code=code, message=message)
             _record(order, Order.Status.PENDING, message)
+    return order
+
+
+def order_ship(*, order_id: uuid.UUID | str) -> Order:
+    with transaction.atomic(using=DB):
+        order = _locked(order_id)
+        if order.status == Order.Status.APPROVED:
+            order.ship()
+            _record(order, Order.Status.APPROVED, "the parcel left the warehouse")
+        elif order.status != Order.Status.SHIPPED:
+            raise OrderNotInState(f"Order is {order.status}, cannot ship", details={"status": order.status})
     return order
 
 

@@ -1,6 +1,6 @@
 """Benchmark: the place_order saga against a bare Celery chain of the same service calls.
 
-The chain calls the same five service functions on the same queues and databases, but with no
+The chain calls the same eight service functions on the same queues and databases, but with no
 saga bookkeeping: no saga/step/event rows, no barrier, no outbox, no replies, no compensation.
 The ratio of the two is the price of the guarantees.
 """
@@ -85,12 +85,36 @@ def chain_notify(ctx: dict) -> None:
         )
 
 
+@shared_task(name="bench.dispatch", ignore_result=True)
+def chain_dispatch(ctx: dict) -> None:
+    from shipping.services import shipment_dispatch
+
+    shipment_dispatch(saga_id=ctx["saga_id"])
+
+
+@shared_task(name="bench.commit", ignore_result=True)
+def chain_commit(ctx: dict) -> None:
+    from inventory.services import reservation_commit
+
+    reservation_commit(saga_id=ctx["saga_id"])
+
+
+@shared_task(name="bench.ship", ignore_result=True)
+def chain_ship(ctx: dict) -> None:
+    from orders.services import order_ship
+
+    order_ship(order_id=ctx["order_id"])
+
+
 def _chain_for(ctx: dict):
     steps = [
         (chain_reserve, "inventory"),
         (chain_charge, "payments"),
         (chain_approve, "orders"),
         (chain_schedule, "shipping"),
+        (chain_dispatch, "shipping"),
+        (chain_commit, "inventory"),
+        (chain_ship, "orders"),
         (chain_notify, "notifications"),
     ]
     return chain(*(task.si(ctx).set(queue=queue) for task, queue in steps))
@@ -250,6 +274,7 @@ def start_worker(concurrency: int, log_path: Path) -> subprocess.Popen:
         "LOG_LEVEL": "WARNING",
         # The saga's notification step sends its e-mail; measure the platform, not the console.
         "EMAIL_BACKEND": "django.core.mail.backends.dummy.EmailBackend",
+        "SHIPPING_HANDLING_SECONDS": "0",
     }
     command = [sys.executable, "-m", "celery", "-A", "sagaplatform", "worker", "-Q", ",".join(settings.SAGA_QUEUES)]
     command += ["-c", str(concurrency), "-n", "bench@%h", "--loglevel", "WARNING"]

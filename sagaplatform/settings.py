@@ -305,6 +305,9 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "orders@sagaplatform.local")
 SMS_BACKEND = env_str("SMS_BACKEND", "notifications.sms.LoggingSmsBackend")
 # Simulated card network: how long the "hang" test card blocks a charge.
 PAYMENT_GATEWAY_HANG_SECONDS = env_float("PAYMENT_GATEWAY_HANG_SECONDS", 30.0)
+# How long a booked parcel waits before it is dispatched (the point of no return); customers can
+# cancel until then.
+SHIPPING_HANDLING_SECONDS = env_float("SHIPPING_HANDLING_SECONDS", 10.0)
 # Optimistic locking on stock: attempts before a reservation gives up as a transient error.
 INVENTORY_MAX_LOCK_ATTEMPTS = env_int("INVENTORY_MAX_LOCK_ATTEMPTS", 25)
 
@@ -328,3 +331,4 @@ LOGGING = {
 # --- Composition ----------------------------------------------------------------------------
 # How services read the orchestrator's view of their saga without importing it.
 SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"
+SAGA_CANCELLER = "orchestration.engine.saga_cancel"

@@ -49,6 +49,7 @@ class Plan:
     spawn_workers: int = 0
     kill_workers: int = 0
     step_timeout: float = 10.0
+    handling_seconds: float = 0.0
     timeout: float = 600.0  # the longest one order may take to come to rest
     seed: int = 1
 
@@ -56,9 +57,10 @@ class Plan:
 class WorkerPool:
     """Worker processes (and one beat) this simulation starts, kills and restarts itself."""
 
-    def __init__(self, count: int, step_timeout: float, log_dir: Path) -> None:
+    def __init__(self, count: int, step_timeout: float, handling_seconds: float, log_dir: Path) -> None:
         self.count, self.log_dir = count, log_dir
         self.env = {**os.environ, "SAGA_STEP_TIMEOUT_OVERRIDE": str(step_timeout), "SAGA_SWEEP_INTERVAL": "1"}
+        self.env["SHIPPING_HANDLING_SECONDS"] = str(handling_seconds)
         self.workers: list[subprocess.Popen] = []
         self.beat: subprocess.Popen | None = None
 
@@ -139,11 +141,12 @@ def run_simulation(plan: Plan, out) -> int:
     _install_faults(plan)
     pool = None
     if plan.spawn_workers:
-        pool = WorkerPool(plan.spawn_workers, plan.step_timeout, ROOT / "var")
+        pool = WorkerPool(plan.spawn_workers, plan.step_timeout, plan.handling_seconds, ROOT / "var")
         pool.start()
     elif settings.SAGA_EMBEDDED_WORKER:
         from sagaplatform import embedded
 
+        settings.SHIPPING_HANDLING_SECONDS = plan.handling_seconds
         embedded.start()
     out.write(
         f"simulate: {plan.orders} orders, {plan.concurrency} concurrent, transient failure rate {plan.failure_rate:.0%}, "
@@ -204,7 +207,9 @@ def run_simulation(plan: Plan, out) -> int:
 
 def _report(placed: list[str], figures: dict, out) -> None:
     sagas = list(Saga.objects.filter(id__in=placed))
-    outcomes = Counter(s.state if s.state != "compensated" else f"compensated ({(s.failure or {}).get('code')})" for s in sagas)
+    outcomes = Counter(
+        s.state if s.state != "compensated" else f"compensated ({(s.failure or {}).get('code')})" for s in sagas
+    )
     events = Counter(SagaEvent.objects.filter(saga_id__in=placed).values_list("kind", flat=True))
     out.write(f"  outcomes: {dict(sorted(outcomes.items()))}\n")
     out.write(

@@ -15,6 +15,12 @@ def schedule(*, command: Command) -> dict:
     return {"shipment_id": str(shipment.id), "tracking_number": shipment.tracking_number}
 
 
+@operation("shipping", "dispatch")
+def dispatch(*, command: Command) -> dict:
+    shipment = services.shipment_dispatch(saga_id=command.saga_id)
+    return {"tracking_number": shipment.tracking_number, "state": shipment.state}
+
+
 @operation("shipping", "cancel")
 def cancel(*, command: Command) -> dict:
     return {"cancelled": services.shipment_cancel(saga_id=command.saga_id)}

@@ -10,6 +10,7 @@ class Shipment(models.Model):
 
     class State(models.TextChoices):
         SCHEDULED = "scheduled"
+        DISPATCHED = "dispatched"
         CANCELLED = "cancelled"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -19,6 +20,7 @@ class Shipment(models.Model):
     address = models.JSONField()
     carrier = models.CharField(max_length=32, default="sagapost")
     tracking_number = models.CharField(max_length=32, unique=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -7,9 +7,10 @@ def shipment_for_saga(*, saga_id) -> Shipment | None:
     return Shipment.objects.using(DB).filter(saga_id=saga_id).first()
 
 
-def audit_live_shipments() -> set[str]:
-    """Saga ids with a shipment still booked (not cancelled)."""
+def audit_live_shipments() -> dict[str, str]:
+    """Saga id -> state, for shipments still booked or on their way (not cancelled)."""
+    live = (Shipment.State.SCHEDULED, Shipment.State.DISPATCHED)
     return {
-        str(s)
-        for s in Shipment.objects.using(DB).filter(state=Shipment.State.SCHEDULED).values_list("saga_id", flat=True)
+        str(saga_id): state
+        for saga_id, state in Shipment.objects.using(DB).filter(state__in=live).values_list("saga_id", "state")
     }

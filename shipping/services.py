@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 
 from django.db import transaction
+from django.utils import timezone
 
+from .exceptions import ShipmentNotDispatchable
 from .models import Shipment
 
 DB = "shipping"
@@ -19,6 +21,20 @@ def shipment_schedule(*, saga_id: uuid.UUID, order_id: uuid.UUID, address: dict)
             address=address,
             tracking_number="SP" + uuid.UUID(str(saga_id)).hex[:16].upper(),
         )
+
+
+def shipment_dispatch(*, saga_id: uuid.UUID) -> Shipment:
+    """The parcel leaves the warehouse: from here on it cannot be cancelled. Idempotent."""
+    with transaction.atomic(using=DB):
+        shipment = Shipment.objects.using(DB).select_for_update().filter(saga_id=saga_id).first()
+        if shipment is None or shipment.state == Shipment.State.CANCELLED:
+            raise ShipmentNotDispatchable(
+                "The shipment was cancelled or never booked", details={"saga_id": str(saga_id)}
+            )
+        if shipment.state == Shipment.State.SCHEDULED:
+            shipment.state, shipment.dispatched_at = Shipment.State.DISPATCHED, timezone.now()
+            shipment.save(using=DB, update_fields=["state", "dispatched_at", "updated_at"])
+    return shipment
 
 
 def shipment_cancel(*, saga_id: uuid.UUID) -> int:

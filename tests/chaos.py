@@ -42,6 +42,7 @@ class Stack:
             "SAGA_SWEEP_INTERVAL": "0.5",
             "SAGA_ANTI_ENTROPY_INTERVAL": "2",
             "PAYMENT_GATEWAY_HANG_SECONDS": "5",
+            "SHIPPING_HANDLING_SECONDS": "0",
         }
         self.processes: dict[str, subprocess.Popen] = {}
         # Workers run under supervision, as in production (systemd Restart=always): a worker that

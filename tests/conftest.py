@@ -134,9 +134,11 @@ def bob_api(bob) -> APIClient:
 
 
 @pytest.fixture(autouse=True)
-def _email_in_memory(settings):
+def _test_settings(settings):
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     settings.SMS_BACKEND = "notifications.sms.MemorySmsBackend"
+    # The parcel leaves at once unless a test opens the handling window itself.
+    settings.SHIPPING_HANDLING_SECONDS = 0
 
 
 def make_user(username: str, *, staff: bool = False):

@@ -62,6 +62,7 @@ class Worker:
             **database_urls(),
             "REDIS_URL": settings.REDIS_URL,
             "SAGA_SWEEP_INTERVAL": "1",
+            "SHIPPING_HANDLING_SECONDS": "0",
             "DJANGO_SETTINGS_MODULE": "sagaplatform.settings",
             **self.extra_env,
         }

@@ -83,7 +83,10 @@ def plant_charge_kept_on_failure(world):
 
 def plant_released_stock_of_a_completed_order(world):
     Reservation.objects.using("inventory").filter(saga_id=world["ok"]).update(state="released")
-    StockItem.objects.using("inventory").filter(sku="SKU-MUG").update(reserved=0)
+
+
+def plant_undispatched_shipment_of_a_completed_order(world):
+    Shipment.objects.using("shipping").filter(saga_id=world["ok"]).update(state="scheduled")
 
 
 def plant_order_status_drift(world):
@@ -145,7 +148,8 @@ def plant_outbox_backlog(world):
         (plant_refund_of_a_completed_order, {"money_not_captured"}),
         (plant_charge_kept_on_failure, {"money_kept"}),
         (plant_released_stock_of_a_completed_order, {"reservation_mismatch"}),
-        (plant_order_status_drift, {"status_mismatch", "shipment_for_unfulfilled_order"}),
+        (plant_undispatched_shipment_of_a_completed_order, {"shipment_not_dispatched"}),
+        (plant_order_status_drift, {"status_mismatch"}),
         (plant_uncompensated_step, {"step_not_compensated"}),
         (plant_shipment_for_a_failed_order, {"shipment_for_unfulfilled_order"}),
         (plant_incomplete_barrier, {"barrier_incomplete"}),

@@ -119,6 +119,8 @@ OPERATIONS = {
     "reject": Operation("orders", "reject", "reject_order"),
     "schedule": Operation("shipping", "schedule", "schedule_shipment"),
     "cancel": Operation("shipping", "cancel", "schedule_shipment", COMPENSATE, requires=("schedule",)),
+    "dispatch": Operation("shipping", "dispatch", "dispatch_shipment", requires=("schedule",)),
+    "ship": Operation("orders", "ship", "mark_shipped", requires=("approve",)),
     "send_confirmation": Operation("notifications", "send_confirmation", "notify_customer"),
     "send_failure": Operation("notifications", "send_failure", "notify_failure"),
 }
@@ -191,6 +193,8 @@ EFFECTS = {
     "reject": {"orders", "order_history"},
     "schedule": {"shipments"},
     "cancel": {"shipments"},
+    "dispatch": {"shipments"},
+    "ship": {"orders", "order_history"},
     "send_confirmation": {"notifications", "outbox"},
     "send_failure": {"notifications", "outbox"},
 }
@@ -231,6 +235,11 @@ def check_effect(name: str, saga: SagaContext, before: dict, after: dict) -> Non
             assert after["shipments"] == [(saga.id, "scheduled")]
         case "cancel":
             assert after["shipments"] == [(saga.id, "cancelled")]
+        case "dispatch":
+            assert after["shipments"] == [(saga.id, "dispatched")]
+        case "ship":
+            assert after["orders"] == [(order_id, "shipped", "")]
+            assert set(after["order_history"]) - set(before["order_history"]) == {(order_id, "approved", "shipped")}
         case "send_confirmation" | "send_failure":
             kind = "order_confirmed" if name == "send_confirmation" else "order_failed"
             assert after["notifications"] == sorted(

@@ -7,7 +7,14 @@ import dataclasses
 import pytest
 
 from orchestration import definitions
-from orchestration.definitions import PLACE_ORDER, RetryPolicy, SagaDefinition, StepSpec, get_definition
+from orchestration.definitions import (
+    PLACE_ORDER,
+    PLACE_ORDER_PARALLEL,
+    RetryPolicy,
+    SagaDefinition,
+    StepSpec,
+    get_definition,
+)
 from sagaplatform.kernel.commands import registered_operations
 
 # --- RetryPolicy -------------------------------------------------------------------------------
@@ -190,11 +197,40 @@ def test_definitions_do_not_share_their_step_index():
 # --- place_order -------------------------------------------------------------------------------
 
 
-def test_place_order_runs_its_steps_in_order_each_after_the_previous():
+def test_place_order_runs_its_steps_in_order_then_finishes_in_parallel():
     names = [s.name for s in PLACE_ORDER.steps]
 
-    assert names == ["reserve_stock", "charge_payment", "approve_order", "schedule_shipment", "notify_customer"]
-    assert [s.depends_on for s in PLACE_ORDER.steps] == [(), *((name,) for name in names[:-1])]
+    assert names == [
+        "reserve_stock",
+        "charge_payment",
+        "approve_order",
+        "schedule_shipment",
+        "dispatch_shipment",
+        "commit_stock",
+        "mark_shipped",
+        "notify_customer",
+    ]
+    # A chain up to the dispatch, then three steps side by side after it.
+    assert [s.depends_on for s in PLACE_ORDER.steps] == [
+        (),
+        ("reserve_stock",),
+        ("charge_payment",),
+        ("approve_order",),
+        ("schedule_shipment",),
+        ("dispatch_shipment",),
+        ("dispatch_shipment",),
+        ("dispatch_shipment",),
+    ]
+
+
+def test_the_parallel_definition_reserves_and_charges_side_by_side():
+    steps = {s.name: s.depends_on for s in PLACE_ORDER_PARALLEL.steps}
+
+    assert steps["reserve_stock"] == ()
+    assert steps["charge_payment"] == ()
+    assert steps["approve_order"] == ("reserve_stock", "charge_payment")
+    assert [s.name for s in PLACE_ORDER_PARALLEL.dependents("charge_payment")] == ["approve_order"]
+    assert PLACE_ORDER_PARALLEL.steps[3:] == PLACE_ORDER.steps[3:]
 
 
 def test_place_order_names_each_steps_service_action_and_compensation():
@@ -203,6 +239,9 @@ def test_place_order_names_each_steps_service_action_and_compensation():
         ("payments", "charge", "refund"),
         ("orders", "approve", "revoke"),
         ("shipping", "schedule", "cancel"),
+        ("shipping", "dispatch", None),  # goods in transit stay shipped
+        ("inventory", "commit", None),
+        ("orders", "ship", None),
         ("notifications", "send_confirmation", None),  # a message sent cannot be unsent
     ]
 
@@ -223,8 +262,11 @@ def test_every_operation_place_order_names_is_registered_by_its_service():
             assert spec.compensation in operations, spec
 
 
-def test_booking_the_shipment_is_the_point_of_no_return():
-    assert [s.name for s in (*PLACE_ORDER.steps, *PLACE_ORDER.on_failure) if s.pivot] == ["schedule_shipment"]
+def test_dispatching_the_parcel_is_the_point_of_no_return_after_a_handling_window(settings):
+    assert [s.name for s in (*PLACE_ORDER.steps, *PLACE_ORDER.on_failure) if s.pivot] == ["dispatch_shipment"]
+    settings.SHIPPING_HANDLING_SECONDS = 42
+    assert PLACE_ORDER.step("dispatch_shipment").start_delay() == 42.0
+    assert PLACE_ORDER.step("schedule_shipment").start_delay() == 0.0
 
 
 def test_timeouts_can_only_be_shortened_by_the_override(settings):

@@ -22,7 +22,13 @@ CUSTOMER = ("alice", "alice-demo-password")
 
 def embedded_env(var_dir) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL", "CELERY_BROKER"))}
-    return {**env, "SAGA_VAR_DIR": str(var_dir), "DJANGO_SETTINGS_MODULE": "sagaplatform.settings"}
+    # A short handling window: long enough to cancel in, short enough to wait for.
+    return {
+        **env,
+        "SAGA_VAR_DIR": str(var_dir),
+        "DJANGO_SETTINGS_MODULE": "sagaplatform.settings",
+        "SHIPPING_HANDLING_SECONDS": "3",
+    }
 
 
 def call(base: str, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
@@ -73,27 +79,47 @@ def embedded_server(tmp_path):
         log.close()
 
 
+def finished(base: str, receipt: dict) -> dict:
+    def done():
+        _, detail = call(base, "GET", receipt["url"])
+        return detail if detail["saga"]["state"] in {"completed", "compensated", "cancelled", "failed"} else None
+
+    return wait_for(done, timeout=30, message="the embedded saga to finish")
+
+
 def test_embedded_happy_path_over_http(embedded_server):
     status, receipt = call(embedded_server, "POST", "/api/orders/", order_body(), {"Idempotency-Key": "demo-1"})
     assert status == 202, receipt
 
-    def finished():
-        _, detail = call(embedded_server, "GET", receipt["url"])
-        return detail if detail["saga"]["state"] in {"completed", "compensated", "failed"} else None
-
-    detail = wait_for(finished, timeout=30, message="the embedded saga to finish")
+    detail = finished(embedded_server, receipt)
 
     assert detail["saga"]["state"] == "completed"
-    assert detail["status"] == "approved"
-    assert {s["name"]: s["state"] for s in detail["saga"]["steps"] if s["kind"] == "action"} == {
-        "reserve_stock": "succeeded",
-        "charge_payment": "succeeded",
-        "approve_order": "succeeded",
-        "schedule_shipment": "succeeded",
-        "notify_customer": "succeeded",
-    }
+    assert detail["status"] == "shipped"
+    assert {s["state"] for s in detail["saga"]["steps"] if s["kind"] == "action"} == {"succeeded"}
     status, stock = call(embedded_server, "GET", "/api/inventory/SKU-MUG/")
-    assert (status, stock["reserved"], stock["available"]) == (200, 2, stock["on_hand"] - 2)
+    assert (status, stock["on_hand"], stock["reserved"]) == (200, 48, 0)  # 50 in the demo, 2 shipped
     # The same request again is the same order.
     status, again = call(embedded_server, "POST", "/api/orders/", order_body(), {"Idempotency-Key": "demo-1"})
     assert (status, again["id"]) == (202, receipt["id"])
+
+
+def test_embedded_cancel_in_the_handling_window(embedded_server):
+    status, receipt = call(embedded_server, "POST", "/api/orders/", order_body())
+    assert status == 202
+
+    def waiting_to_ship():
+        _, detail = call(embedded_server, "GET", receipt["url"])
+        steps = {s["name"]: s for s in detail["saga"]["steps"]}
+        return steps["schedule_shipment"]["state"] == "succeeded"
+
+    wait_for(waiting_to_ship, timeout=20, message="the parcel to be booked")
+    status, body = call(embedded_server, "POST", f"{receipt['url']}cancel/", {"reason": "ordered by mistake"})
+    assert status == 202, body
+
+    detail = finished(embedded_server, receipt)
+    assert (detail["saga"]["state"], detail["status"]) == ("cancelled", "cancelled")
+    assert detail["failure"] == {"code": "cancelled", "message": "ordered by mistake"}
+    status, stock = call(embedded_server, "GET", "/api/inventory/SKU-MUG/")
+    assert (stock["on_hand"], stock["reserved"]) == (50, 0)
+    status, refused = call(embedded_server, "POST", f"{receipt['url']}cancel/", {})
+    assert (status, refused["code"]) == (409, "already_cancelled")

@@ -55,17 +55,18 @@ def test_happy_path_completes_in_every_service_database(worker, alice_api, catal
     detail = settle(alice_api, receipt)
 
     assert detail["saga"]["state"] == "completed"
-    assert detail["status"] == "approved"
+    assert detail["status"] == "shipped"
     saga_id = receipt["saga"]["id"]
-    assert Order.objects.using("orders").get(id=receipt["id"]).status == "approved"
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "shipped"
     assert set(Reservation.objects.using("inventory").filter(saga_id=saga_id).values_list("sku", "state")) == {
-        ("SKU-MUG", "held"),
-        ("SKU-BOOK", "held"),
+        ("SKU-MUG", "committed"),
+        ("SKU-BOOK", "committed"),
     }
-    assert StockItem.objects.using("inventory").get(sku="SKU-MUG").reserved == 2
+    mug = StockItem.objects.using("inventory").get(sku="SKU-MUG")
+    assert (mug.on_hand, mug.reserved) == (48, 0)
     charge = Charge.objects.using("payments").get(saga_id=saga_id)
     assert (charge.amount, charge.state) == (Decimal("69.00"), "captured")
-    assert Shipment.objects.using("shipping").get(saga_id=saga_id).state == "scheduled"
+    assert Shipment.objects.using("shipping").get(saga_id=saga_id).state == "dispatched"
     wait_for(
         lambda: Notification.objects.using("notifications").filter(order_id=receipt["id"], state="sent").exists(),
         timeout=10,
@@ -129,11 +130,12 @@ def test_fifty_concurrent_orders_for_ten_units_sell_exactly_ten(worker, django_u
     states = list(
         Order.objects.using("orders").filter(id__in=[r["id"] for r in receipts]).values_list("status", flat=True)
     )
-    assert states.count("approved") == 10
+    assert states.count("shipped") == 10
     assert states.count("rejected") == 40
     item = StockItem.objects.using("inventory").get(sku="SKU-HOT")
-    assert (item.on_hand, item.reserved) == (10, 10)
-    # Each of the 10 reservations bumped the version once; the refused orders changed nothing.
-    assert item.version == 10
-    assert Reservation.objects.using("inventory").filter(sku="SKU-HOT", state="held").count() == 10
+    assert (item.on_hand, item.reserved) == (0, 0)  # sold out, nothing oversold
+    # Each of the 10 winners reserved (one version each) and committed (one more); the refused
+    # orders changed nothing.
+    assert item.version == 20
+    assert Reservation.objects.using("inventory").filter(sku="SKU-HOT", state="committed").count() == 10
     assert Charge.objects.using("payments").count() == 10

@@ -82,7 +82,8 @@ def test_a_lost_command_times_out_and_is_sent_again(alice_api, catalogue, broker
 
     assert Saga.objects.get(id=saga_id).state == "completed"
     assert step_of(saga_id, "reserve_stock").attempts == 2
-    assert StockItem.objects.using("inventory").get(sku="SKU-MUG").reserved == 2
+    item = StockItem.objects.using("inventory").get(sku="SKU-MUG")
+    assert (item.on_hand, item.reserved) == (48, 0)
 
 
 def test_the_sweeper_ignores_a_lease_that_has_not_expired(alice_api, catalogue, broker):
@@ -137,7 +138,7 @@ def test_saga_deadline_before_the_pivot_compensates(alice_api, catalogue, broker
 
 def test_saga_deadline_after_the_pivot_goes_forward(alice_api, catalogue, broker):
     saga_id = place(alice_api)["saga"]["id"]
-    deliver_until(broker, "notifications.execute")  # shipment booked: past the pivot
+    deliver_until(broker, "notifications.execute")  # parcel dispatched: past the pivot
     assert Saga.objects.get(id=saga_id).deadline_at is None  # the pivot cleared it
     Saga.objects.filter(id=saga_id).update(deadline_at=timezone.now() - timedelta(seconds=1))
 
@@ -146,7 +147,7 @@ def test_saga_deadline_after_the_pivot_goes_forward(alice_api, catalogue, broker
 
     assert Saga.objects.get(id=saga_id).state == "completed"
     assert "deadline_passed_after_pivot" in kinds(saga_id)
-    assert Shipment.objects.using("shipping").get().state == "scheduled"
+    assert Shipment.objects.using("shipping").get().state == "dispatched"
 
 
 def test_a_failure_after_the_pivot_parks_instead_of_compensating(alice_api, catalogue, broker, admin_user):
@@ -157,7 +158,7 @@ def test_a_failure_after_the_pivot_parks_instead_of_compensating(alice_api, cata
     saga = Saga.objects.get(id=saga_id)
     assert saga.state == "parked"
     assert step_of(saga_id, "notify_customer").state == "failed"
-    assert Shipment.objects.using("shipping").get().state == "scheduled"  # nothing undone
+    assert Shipment.objects.using("shipping").get().state == "dispatched"  # nothing undone
     assert Alert.objects.get(saga=saga).resolved_at is None
 
     FaultRule.objects.using("notifications").all().delete()

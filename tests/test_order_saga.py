@@ -44,18 +44,19 @@ def test_happy_path_completes_in_every_service(alice_api, catalogue, broker):
     assert saga.state == Saga.State.COMPLETED
     assert set(saga.steps.filter(kind="action").values_list("state", flat=True)) == {"succeeded"}
     order = Order.objects.using("orders").get(id=receipt["id"])
-    assert order.status == Order.Status.APPROVED
+    assert order.status == Order.Status.SHIPPED
     assert order.total == Decimal("69.00")
-    assert stock("SKU-MUG").reserved == 2
-    assert stock("SKU-BOOK").reserved == 1
-    assert Reservation.objects.using("inventory").filter(saga_id=saga.id, state="held").count() == 2
+    # Dispatched: the held units left the warehouse for good.
+    assert (stock("SKU-MUG").on_hand, stock("SKU-MUG").reserved) == (48, 0)
+    assert (stock("SKU-BOOK").on_hand, stock("SKU-BOOK").reserved) == (19, 0)
+    assert Reservation.objects.using("inventory").filter(saga_id=saga.id, state="committed").count() == 2
     charge = Charge.objects.using("payments").get(saga_id=saga.id)
     assert charge.amount == Decimal("69.00")
     assert charge.state == Charge.State.CAPTURED
     assert list(LedgerEntry.objects.using("payments").values_list("kind", "amount")) == [("charge", Decimal("69.00"))]
-    assert Shipment.objects.using("shipping").get(saga_id=saga.id).state == Shipment.State.SCHEDULED
+    assert Shipment.objects.using("shipping").get(saga_id=saga.id).state == Shipment.State.DISPATCHED
     assert Notification.objects.using("notifications").get(order_id=order.id).state == Notification.State.SENT
-    assert [m.subject for m in mail.outbox] == ["Your order is confirmed"]
+    assert [m.subject for m in mail.outbox] == ["Your order is on its way"]
     assert [kind for kind, _ in event_kinds(saga.id)][-1] == "saga_completed"
 
 
@@ -68,7 +69,7 @@ def test_order_detail_shows_saga_progress(alice_api, catalogue, broker):
     broker.deliver()
 
     detail = alice_api.get(receipt["url"]).json()
-    assert detail["status"] == "approved"
+    assert detail["status"] == "shipped"
     assert detail["failure"] is None
     assert detail["saga"]["state"] == "completed"
     assert [s["name"] for s in detail["saga"]["steps"] if s["kind"] == "action"] == [
@@ -76,6 +77,9 @@ def test_order_detail_shows_saga_progress(alice_api, catalogue, broker):
         "charge_payment",
         "approve_order",
         "schedule_shipment",
+        "dispatch_shipment",
+        "commit_stock",
+        "mark_shipped",
         "notify_customer",
     ]
     assert all(s["attempts"] == 1 for s in detail["saga"]["steps"] if s["kind"] == "action")
@@ -106,6 +110,9 @@ def test_declined_payment_compensates_the_reservation(alice_api, catalogue, brok
         "charge_payment": "failed",
         "approve_order": "pending",
         "schedule_shipment": "pending",
+        "dispatch_shipment": "pending",
+        "commit_stock": "pending",
+        "mark_shipped": "pending",
         "notify_customer": "pending",
         "reject_order": "succeeded",
         "notify_failure": "succeeded",
@@ -209,12 +216,12 @@ def test_every_message_delivered_twice_changes_nothing_more(alice_api, catalogue
 
     saga = Saga.objects.get(id=receipt["saga"]["id"])
     assert saga.state == Saga.State.COMPLETED
-    assert stock("SKU-MUG").reserved == 2
+    assert (stock("SKU-MUG").on_hand, stock("SKU-MUG").reserved) == (48, 0)
     assert Charge.objects.using("payments").count() == 1
     assert LedgerEntry.objects.using("payments").count() == 1
     assert Shipment.objects.using("shipping").count() == 1
     assert Notification.objects.using("notifications").count() == 1
-    assert SagaEvent.objects.filter(saga=saga, kind="step_succeeded").count() == 5
+    assert SagaEvent.objects.filter(saga=saga, kind="step_succeeded").count() == 8
     assert Saga.objects.count() == 1
 
 
@@ -225,5 +232,14 @@ def test_every_saga_event_is_recorded_in_order(alice_api, catalogue, broker):
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert events[0].kind == "saga_created"
     started = [e.step for e in events if e.kind == "step_started"]
-    assert started == ["reserve_stock", "charge_payment", "approve_order", "schedule_shipment", "notify_customer"]
+    assert started == [
+        "reserve_stock",
+        "charge_payment",
+        "approve_order",
+        "schedule_shipment",
+        "dispatch_shipment",
+        "commit_stock",
+        "mark_shipped",
+        "notify_customer",
+    ]
     assert Saga.objects.get(id=receipt["saga"]["id"]).version == len(events)

@@ -55,7 +55,7 @@ SAGA_TRANSITIONS = {
     # state: transitions allowed from it
     "pending": {"start", "fail"},
     "running": {"complete", "begin_compensation", "park", "fail"},
-    "compensating": {"finish_compensation", "park", "fail"},
+    "compensating": {"finish_compensation", "finish_cancellation", "park", "fail"},
     "parked": {"resume_forward", "resume_compensation"},  # an operator decides
     "completed": set(),
     "compensated": set(),
@@ -394,15 +394,25 @@ def new_order() -> Order:
 
 def order_in(state: str) -> Order:
     order = new_order()
-    if state == "approved":
+    if state in ("approved", "shipped"):
         order.approve()
+    if state == "shipped":
+        order.ship()
     elif state == "rejected":
         order.reject(code="card_declined", message="The card was declined")
+    elif state == "cancelled":
+        order.cancel(message="changed my mind")
     order.save()
     return order
 
 
-ORDER_TRANSITIONS = {"pending": {"approve", "reject"}, "approved": {"revoke"}, "rejected": set()}
+ORDER_TRANSITIONS = {
+    "pending": {"approve", "reject", "cancel"},
+    "approved": {"revoke", "ship"},
+    "shipped": set(),
+    "rejected": set(),
+    "cancelled": set(),
+}
 
 
 @pytest.mark.parametrize("state", ORDER_TRANSITIONS)
@@ -472,7 +482,7 @@ def test_the_order_status_cannot_be_assigned_directly_but_can_be_refreshed():
     order.refresh_from_db()
 
     assert order.status == Order.Status.APPROVED
-    assert available(order, "status") == {"revoke"}
+    assert available(order, "status") == {"revoke", "ship"}
 
 
 # --- the order services drive the machine and keep its history ------------------------------------

@@ -1,4 +1,4 @@
-"""Read ports: how a service reads what another part of the platform owns without importing it.
+"""Ports: how a service reaches what another part of the platform owns without importing it.
 
 The implementation is named in settings (the composition root), so `orders` can show its saga's
 progress without `import orchestration`.
@@ -12,3 +12,11 @@ from django.utils.module_loading import import_string
 
 def saga_summary(saga_id) -> dict | None:
     return import_string(settings.SAGA_SUMMARY_READER)(saga_id)
+
+
+def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = ""):
+    """Ask the engine to cancel a saga; raises an ApiError (409) when it cannot be cancelled.
+
+    `context` is what the caller knows of the saga's context (order id, customer e-mail), used
+    if the cancel overtakes the saga's start."""
+    return import_string(settings.SAGA_CANCELLER)(saga_id=saga_id, context=context, actor=actor, reason=reason)

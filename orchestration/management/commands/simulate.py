@@ -15,7 +15,10 @@ class Command(BaseCommand):
         parser.add_argument("--spawn-workers", type=int, default=0, help="start N worker processes (production mode)")
         parser.add_argument("--kill-workers", type=int, default=0, help="SIGKILL and restart a spawned worker K times")
         parser.add_argument("--step-timeout", type=float, default=Plan.step_timeout, help="for spawned workers")
-        parser.add_argument("--timeout", type=float, default=Plan.timeout, help="seconds one order may take to come to rest")
+        parser.add_argument("--handling-seconds", type=float, default=Plan.handling_seconds, help="before dispatch")
+        parser.add_argument(
+            "--timeout", type=float, default=Plan.timeout, help="seconds one order may take to come to rest"
+        )
         parser.add_argument("--seed", type=int, default=Plan.seed)
 
     def handle(self, *args, **options):

@@ -1,0 +1,5 @@
+from sagaplatform.kernel.errors import BusinessError
+
+
+class ShipmentNotDispatchable(BusinessError):
+    code = "shipment_not_dispatchable"
