@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from sagaplatform.kernel import commands
+from sagaplatform.kernel import choreography, commands
 
 from . import services
 
@@ -18,3 +18,8 @@ def deliver(message: dict) -> None:
 @shared_task(name="notifications.redeliver_queued", ignore_result=True)
 def redeliver_queued() -> int:
     return services.notification_redeliver_queued()
+
+
+@shared_task(name="notifications.react", ignore_result=True)
+def react(message: dict) -> None:
+    choreography.react(service="notifications", message=message)

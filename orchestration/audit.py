@@ -71,7 +71,12 @@ def run_audit() -> list[Violation]:
     # Money is conserved: the ledger matches the charge, a completed order is paid in full, a
     # failed one costs nothing.
     for saga_id, charge in charges.items():
-        expected = {"captured": (["charge"], charge["amount"]), "refunded": (["charge", "refund"], Decimal("0.00"))}
+        expected = {
+            "authorized": ([], Decimal("0.00")),
+            "captured": (["charge"], charge["amount"]),
+            "voided": ([], Decimal("0.00")),
+            "refunded": (["charge", "refund"], Decimal("0.00")),
+        }
         entries, net = expected.get(charge["state"], ([], None))
         if charge["entries"] != entries or charge["net"] != net:
             flag(
@@ -83,17 +88,20 @@ def run_audit() -> list[Violation]:
         charge = charges.get(saga_id)
         order = order_by_saga.get(saga_id)
         if saga.state == Saga.State.COMPLETED:
+            expected = get_definition(saga.definition).outcome
             if charge is None or charge["state"] != "captured" or (order and charge["amount"] != order["total"]):
                 flag("money_not_captured", saga_id, f"completed saga with charge {charge}")
-            if order and order["status"] != "shipped":
+            if order and order["status"] != expected["order"]:
                 flag("status_mismatch", saga_id, f"completed saga, order {order['status']}")
             if reservations.get(saga_id, set()) - {"committed"}:
                 flag("reservation_mismatch", saga_id, f"completed saga, reservations {sorted(reservations[saga_id])}")
-            if live_shipments.get(saga_id) != "dispatched":
+            if live_shipments.get(saga_id) != expected["shipment"]:
                 flag("shipment_not_dispatched", saga_id, f"completed saga, shipment {live_shipments.get(saga_id)}")
         elif saga.state in FAILED_OUTCOMES:
             if charge is not None and charge["net"] != 0:
                 flag("money_kept", saga_id, f"{saga.state} saga keeps {charge['net']}")
+            if charge is not None and charge["state"] == "authorized":
+                flag("authorization_leaked", saga_id, f"{saga.state} saga left a hold on the card")
             if reservations.get(saga_id, set()) - {"released"}:
                 flag(
                     "reservation_mismatch", saga_id, f"{saga.state} saga, reservations {sorted(reservations[saga_id])}"

@@ -60,6 +60,9 @@ class StepSpec:
     timeout: float = 30.0
     # The point of no return: once it has succeeded the saga only goes forward.
     pivot: bool = False
+    # TCC: the operation that confirms the try (`action`); `compensation` cancels it.
+    confirm: str | None = None
+    confirm_retry: RetryPolicy = RetryPolicy(max_attempts=30, max_interval=60.0)
     # Wait this long (seconds, or the name of a setting) after the step is ready before starting
     # it; meanwhile it is cancellable like any step not yet started (a handling window).
     start_after: float | str = 0.0
@@ -78,6 +81,13 @@ class SagaDefinition:
     steps: tuple[StepSpec, ...]
     on_failure: tuple[StepSpec, ...] = ()
     description: str = ""
+    # orchestrated: the engine runs the DAG and compensates in reverse dependency order.
+    # tcc: try every participant (steps with `confirm`) at once, then confirm all or cancel all;
+    #      the other steps run after the confirms.
+    # choreography: no coordinator; the engine only tracks what the services report.
+    style: str = "orchestrated"
+    # What a completed saga leaves behind, for the audit.
+    outcome: dict = field(default_factory=lambda: {"order": "shipped", "shipment": "dispatched"})
     # Global deadline in seconds from the start: before the pivot the saga is compensated,
     # after it the deadline no longer applies.
     deadline: float = 600.0
@@ -98,6 +108,9 @@ class SagaDefinition:
         if len(set(all_names)) != len(all_names):
             raise ValueError(f"{self.name}: a failure step shares a name with a step")
         self._index.update({s.name: s for s in (*self.steps, *self.on_failure)})
+
+    def participants(self) -> list[StepSpec]:
+        return [s for s in self.steps if s.confirm]
 
     def effective_deadline(self) -> float:
         return settings.SAGA_DEADLINE_OVERRIDE or self.deadline
@@ -190,7 +203,72 @@ PLACE_ORDER_PARALLEL = SagaDefinition(
     on_failure=ON_ORDER_FAILURE,
 )
 
-DEFINITIONS: dict[str, SagaDefinition] = {d.name: d for d in (PLACE_ORDER, PLACE_ORDER_PARALLEL)}
+PLACE_ORDER_TCC = SagaDefinition(
+    name="place_order_tcc",
+    style="tcc",
+    description="Hold stock, authorise the card, book tentatively and check the order, all at once; "
+    "then confirm all (commit, capture, confirm, approve) or cancel all (release, void, cancel).",
+    steps=(
+        StepSpec("reserve_stock", "inventory", "reserve", "release", confirm="commit", inputs=("order_id", "items")),
+        StepSpec(
+            "charge_payment",
+            "payments",
+            "authorize",
+            "void",
+            confirm="capture",
+            inputs=("order_id", "amount", "currency", "payment_token"),
+        ),
+        StepSpec(
+            "schedule_shipment",
+            "shipping",
+            "book_tentative",
+            "cancel",
+            confirm="confirm_booking",
+            inputs=("order_id", "shipping_address"),
+        ),
+        StepSpec("approve_order", "orders", "check_pending", "release_check", confirm="approve"),
+        StepSpec(
+            "notify_customer",
+            "notifications",
+            "send_confirmation",
+            depends_on=("reserve_stock", "charge_payment", "schedule_shipment", "approve_order"),
+            inputs=("order_id", "customer_email", "shipping_address"),
+            retry=RetryPolicy(max_attempts=10, max_interval=60.0),
+        ),
+    ),
+    on_failure=ON_ORDER_FAILURE,
+    outcome={"order": "approved", "shipment": "scheduled"},
+)
+
+
+# The same flow with no coordinator: each service's `choreography.py` says what it reacts to.
+# These steps are what the tracker rebuilds from the events (names, services, compensations),
+# so a choreographed order looks like an orchestrated one; the engine never sends them.
+PLACE_ORDER_CHOREOGRAPHY = SagaDefinition(
+    name="place_order_choreography",
+    style="choreography",
+    description="The order flow with no coordinator: services react to each other's events.",
+    steps=_order_steps(parallel=False),
+    on_failure=ON_ORDER_FAILURE,
+)
+
+# The order's `mode` (chosen per order through the API) and the definition that runs it.
+MODES = {
+    "orchestrated": PLACE_ORDER,
+    "parallel": PLACE_ORDER_PARALLEL,
+    "tcc": PLACE_ORDER_TCC,
+    "choreography": PLACE_ORDER_CHOREOGRAPHY,
+}
+
+
+DEFINITIONS: dict[str, SagaDefinition] = {d.name: d for d in MODES.values()}
+
+
+def for_mode(mode: str) -> SagaDefinition:
+    try:
+        return MODES[mode]
+    except KeyError:
+        raise LookupError(f"no saga definition for mode {mode!r}") from None
 
 
 def get_definition(name: str) -> SagaDefinition:

@@ -23,9 +23,17 @@ from django.db.models.functions import Now
 
 from sagaplatform.kernel import outbox
 from sagaplatform.kernel.clock import db_now
-from sagaplatform.kernel.commands import ACTION, BUSINESS_FAILURE, COMPENSATE, SUCCEEDED, TRANSIENT_ERROR, Command
+from sagaplatform.kernel.commands import (
+    ACTION,
+    BUSINESS_FAILURE,
+    COMPENSATE,
+    CONFIRM,
+    SUCCEEDED,
+    TRANSIENT_ERROR,
+    Command,
+)
 
-from .definitions import SagaDefinition, StepSpec, get_definition
+from .definitions import SagaDefinition, StepSpec, for_mode, get_definition
 from .exceptions import OperationNotAllowed
 from .models import Alert, Saga, SagaEvent, SagaStep
 
@@ -33,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 DB = "default"
 State = SagaStep.State
-IN_FLIGHT = (State.RUNNING, State.RETRYING, State.COMPENSATING)
+IN_FLIGHT = (State.RUNNING, State.RETRYING, State.COMPENSATING, State.CONFIRMING)
+DONE = (State.SUCCEEDED, State.CONFIRMED)
 
 
 @dataclass
@@ -91,9 +100,6 @@ class _Run:
 
 
 # --- Entry points ------------------------------------------------------------------------------
-
-
-DEFAULT_DEFINITION = "place_order"
 
 
 def saga_start(*, saga_id: uuid.UUID | str, definition: str, context: dict, cancel: dict | None = None) -> bool:
@@ -161,8 +167,8 @@ def reply_handle(*, reply: dict) -> bool:
         if step is None:
             logger.warning("reply for unknown step %s of saga %s", reply.get("step"), run.saga.id)
             return False
-        handler = _apply_action_reply if reply["op"] == ACTION else _apply_compensation_reply
-        if not handler(run, step, reply):
+        handler = {ACTION: _apply_action_reply, COMPENSATE: _apply_compensation_reply, CONFIRM: _apply_confirm_reply}
+        if not handler[reply["op"]](run, step, reply):
             logger.info("stale reply ignored", extra={"saga_id": str(run.saga.id), "step": step.name})
             return False
         return True
@@ -175,16 +181,22 @@ def step_lease_expire(*, saga_id, step_name: str) -> bool:
 
     def apply(run: _Run) -> bool:
         step = run.steps.get(step_name)
-        if step is None or step.state not in IN_FLIGHT or not step.deadline_at or step.deadline_at > run.now:
+        if step is None or not step.deadline_at or step.deadline_at > run.now:
             return False  # it moved on since the sweeper looked
-        compensating = step.state == State.COMPENSATING
-        op = COMPENSATE if compensating else ACTION
-        attempt = step.compensation_attempts if compensating else step.attempts
+        if run.definition.style == "choreography":
+            from . import tracker
+
+            return tracker.nudge(run, step)
+        if step.state not in IN_FLIGHT:
+            return False
+        op, attempt, handler = {
+            State.COMPENSATING: (COMPENSATE, step.compensation_attempts, _apply_compensation_reply),
+            State.CONFIRMING: (CONFIRM, step.confirm_attempts, _apply_confirm_reply),
+        }.get(step.state, (ACTION, step.attempts, _apply_action_reply))
         timeout = run.definition.step(step.name).effective_timeout()
         error = {"code": "step_timeout", "message": f"No reply within {timeout:g} s (attempt {attempt})"}
         run.record("step_timed_out", step=step, from_state=step.state, data={"attempt": attempt, "op": op})
         reply = {"op": op, "attempt": attempt, "status": TRANSIENT_ERROR, "error": error}
-        handler = _apply_compensation_reply if compensating else _apply_action_reply
         return handler(run, step, reply)
 
     return _locked(saga_id, apply, skip_locked=True)
@@ -249,6 +261,11 @@ def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = "") -> Saga
                     "shipment_in_progress",
                     "The parcel is leaving the warehouse right now; it can no longer be cancelled",
                 )
+        if run.definition.style == "choreography":
+            from . import tracker
+
+            tracker.cancel(run, failure)
+            return True
         saga.begin_compensation(failure=failure)
         run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": failure["message"]})
         return True
@@ -256,7 +273,14 @@ def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = "") -> Saga
     if not _locked(saga_id, apply, actor=actor) and "saga" not in outcome:
         # The saga has not started yet (its start message is on its way): start it cancelled,
         # so the late start message finds it and does nothing, and the order is closed.
-        saga_start(saga_id=saga_id, definition=DEFAULT_DEFINITION, context=context, cancel=failure)
+        definition = for_mode(context.get("mode", "orchestrated"))
+        if definition.style == "choreography":
+            from . import tracker
+
+            tracker.ensure_saga(saga_id=saga_id, context=context)
+            _locked(saga_id, apply, actor=actor)
+        else:
+            saga_start(saga_id=saga_id, definition=definition.name, context=context, cancel=failure)
         outcome["saga"] = Saga.objects.using(DB).get(id=saga_id)
     return outcome["saga"]
 
@@ -272,9 +296,31 @@ def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
     def apply(run: _Run) -> bool:
         saga = run.saga
         outcome["saga"] = saga
+        if saga.state == Saga.State.PARKED and run.definition.style == "choreography":
+            from . import tracker
+
+            run.record("operator_retry", from_state=Saga.State.PARKED, data={"reason": reason})
+            tracker.operator_retry(run)
+            _resolve_alerts(run)
+            return True
         if saga.state == Saga.State.PARKED:
             given_up = [s for _, s in run.action_steps() if s.state == State.COMPENSATION_FAILED]
-            if given_up:
+            unconfirmed = [s for _, s in run.action_steps() if s.state == State.CONFIRM_FAILED]
+            if unconfirmed:
+                saga.resume_confirm()
+                run.record("operator_retry", from_state=Saga.State.PARKED, data={"reason": reason})
+                for step in unconfirmed:
+                    spec = run.definition.step(step.name)
+                    step.retry_confirm()
+                    _lease(run, step, spec)
+                    run.record(
+                        "confirm_started",
+                        step=step,
+                        from_state=State.CONFIRM_FAILED,
+                        data={"attempt": step.confirm_attempts},
+                    )
+                    _send(run, step, spec, CONFIRM, attempt=step.confirm_attempts)
+            elif given_up:
                 saga.resume_compensation()
                 run.record("operator_retry", from_state=Saga.State.PARKED, data={"reason": reason})
                 for step in given_up:
@@ -295,14 +341,15 @@ def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
                         _retry_now(run, spec, step)
             _resolve_alerts(run)
             return True
-        if saga.state in (Saga.State.RUNNING, Saga.State.COMPENSATING):
+        if saga.state in (Saga.State.RUNNING, Saga.State.COMPENSATING, Saga.State.CONFIRMING):
             # Steps waiting out a backoff get their next attempt now. (An attempt in flight is
             # left alone: its lease decides.) Once retried a step waits for nothing, so a second
             # operator clicking at the same moment finds nothing to retry.
             stuck = [
                 (spec, s)
                 for spec, s in run.action_steps()
-                if s.state == State.RETRYING or (s.state == State.COMPENSATING and s.next_attempt_at)
+                if s.state == State.RETRYING
+                or (s.state in (State.COMPENSATING, State.CONFIRMING) and s.next_attempt_at)
             ]
             if not stuck:
                 raise OperationNotAllowed("saga_not_stuck", f"Saga is {saga.state} with no step waiting to retry")
@@ -312,6 +359,10 @@ def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
                     step.schedule_compensation_retry(error=step.error or {}, next_attempt_at=None)
                     _lease(run, step, spec)
                     _send(run, step, spec, COMPENSATE, attempt=step.compensation_attempts)
+                elif step.state == State.CONFIRMING:
+                    step.schedule_confirm_retry(error=step.error or {}, next_attempt_at=None)
+                    _lease(run, step, spec)
+                    _send(run, step, spec, CONFIRM, attempt=step.confirm_attempts)
                 else:
                     _retry_now(run, spec, step)
             return True
@@ -470,6 +521,37 @@ def _apply_compensation_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
     return True
 
 
+def _apply_confirm_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
+    """TCC: a confirm must eventually succeed (the decision is taken); retried on its policy,
+    past it the saga is parked for a person."""
+    if step.state != State.CONFIRMING or reply.get("attempt") != step.confirm_attempts:
+        return False
+    spec = run.definition.step(step.name)
+    data = {"attempt": step.confirm_attempts, "replayed": bool(reply.get("replayed"))}
+    if reply["status"] == SUCCEEDED:
+        step.finish_confirm()
+        step.finished_at, step.deadline_at = run.now, None
+        run.record("step_confirmed", step=step, from_state=State.CONFIRMING, data=data)
+        return True
+    error = reply.get("error") or {"code": "unknown", "message": "no error given"}
+    if spec.confirm_retry.allows_another(step.confirm_attempts):
+        delay = spec.confirm_retry.delay(step.confirm_attempts)
+        step.schedule_confirm_retry(error=error, next_attempt_at=run.now + timedelta(seconds=delay))
+        _lease(run, step, spec, delay=delay)
+        run.record(
+            "confirm_retry_scheduled",
+            step=step,
+            from_state=State.CONFIRMING,
+            data={**data, "error": error, "delay": round(delay, 3)},
+        )
+        _send(run, step, spec, CONFIRM, attempt=step.confirm_attempts, delay=delay)
+        return True
+    step.give_up_confirm(error=error)
+    step.deadline_at = None
+    run.record("confirm_failed", step=step, from_state=State.CONFIRMING, data={**data, "error": error})
+    return True
+
+
 # --- Deciding what comes next -----------------------------------------------------------------
 
 
@@ -491,6 +573,11 @@ def _settled(spec: StepSpec, step: SagaStep) -> bool:
 
 
 def _advance(run: _Run) -> None:
+    if run.definition.style == "choreography":
+        return  # no coordinator: the services decide, the tracker records (orchestration/tracker.py)
+    if run.definition.style == "tcc":
+        _advance_tcc(run)
+        return
     saga = run.saga
     if saga.state == Saga.State.RUNNING:
         failed = [(spec, step) for spec, step in run.action_steps() if step.state == State.FAILED]
@@ -515,6 +602,64 @@ def _advance(run: _Run) -> None:
         _advance_compensation(run)
 
 
+def _advance_tcc(run: _Run) -> None:
+    """Try every participant at once; if all tried, confirm all (no way back); if any try
+    failed, cancel all, including tries still in flight (the barrier refuses a try that arrives
+    after its cancel). The other steps run once every participant is confirmed."""
+    saga = run.saga
+    participants = [(spec, step) for spec, step in run.action_steps() if spec.confirm]
+    followers = [(spec, step) for spec, step in run.action_steps() if not spec.confirm]
+    if saga.state == Saga.State.RUNNING:
+        failed = [step for _, step in participants if step.state == State.FAILED]
+        if failed:
+            error = failed[0].error or {}
+            saga.begin_compensation(
+                failure={"step": failed[0].name, "code": error.get("code"), "message": error.get("message")}
+            )
+            run.record("saga_compensating", from_state=Saga.State.RUNNING, data={"failure": saga.failure})
+        else:
+            _dispatch_ready(run, participants)
+            if all(step.state == State.SUCCEEDED for _, step in participants):
+                saga.begin_confirm()
+                saga.deadline_at = None  # decided: from here only forward
+                run.record("saga_confirming", from_state=Saga.State.RUNNING)
+                for spec, step in participants:
+                    step.begin_confirm()
+                    _lease(run, step, spec)
+                    run.record("confirm_started", step=step, from_state=State.SUCCEEDED, data={"attempt": 1})
+                    _send(run, step, spec, CONFIRM, attempt=1)
+            return
+    if saga.state == Saga.State.CONFIRMING:
+        if any(step.state == State.CONFIRM_FAILED for _, step in participants):
+            _park(run, "A confirm keeps failing; the transaction is decided, retry it once fixed")
+            return
+        if not all(step.state == State.CONFIRMED for _, step in participants):
+            return
+        _dispatch_ready(run, followers)
+        if any(step.state == State.FAILED for _, step in followers):
+            _park(run, "A step after the confirms failed; retry it once fixed")
+        elif all(step.state == State.SUCCEEDED for _, step in followers):
+            saga.complete()
+            saga.finished_at = run.now
+            run.record("saga_completed", from_state=Saga.State.CONFIRMING)
+        return
+    if saga.state == Saga.State.COMPENSATING:
+        for spec, step in participants:
+            in_flight = step.state in (State.RUNNING, State.RETRYING)
+            if in_flight or _needs_compensation(spec, step):
+                before = step.state
+                step.begin_compensation()
+                _lease(run, step, spec)
+                run.record(
+                    "compensation_started",
+                    step=step,
+                    from_state=before,
+                    data={"attempt": 1, "cancel_in_flight": in_flight},
+                )
+                _send(run, step, spec, COMPENSATE, attempt=1)
+        _advance_compensation(run)
+
+
 def _park(run: _Run, message: str) -> None:
     before = run.saga.state
     run.saga.park()
@@ -526,7 +671,7 @@ def _park(run: _Run, message: str) -> None:
 
 def _dispatch_ready(run: _Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
     for spec, step in steps:
-        if step.state == State.PENDING and all(run.steps[d].state == State.SUCCEEDED for d in spec.depends_on):
+        if step.state == State.PENDING and all(run.steps[d].state in DONE for d in spec.depends_on):
             wait = spec.start_delay()
             if wait and step.next_attempt_at is None:
                 # Ready, but starts after a window (the sweeper starts it when due). Until then it
@@ -594,7 +739,7 @@ def _send(run: _Run, step: SagaStep, spec: StepSpec, op: str, *, attempt: int, d
         saga_id=run.saga.id,
         step=step.name,
         op=op,
-        operation=spec.action if op == ACTION else spec.compensation,
+        operation={ACTION: spec.action, COMPENSATE: spec.compensation, CONFIRM: spec.confirm}[op],
         attempt=attempt,
         payload=payload,
     )

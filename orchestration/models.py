@@ -13,6 +13,7 @@ class Saga(FSMModelMixin, models.Model):
     class State(models.TextChoices):
         PENDING = "pending"
         RUNNING = "running"
+        CONFIRMING = "confirming"  # TCC: every try succeeded, confirms under way (no way back)
         COMPENSATING = "compensating"
         COMPLETED = "completed"
         COMPENSATED = "compensated"
@@ -58,7 +59,11 @@ class Saga(FSMModelMixin, models.Model):
     def start(self) -> None:
         pass
 
-    @transition(field=state, source=State.RUNNING, target=State.COMPLETED)
+    @transition(field=state, source=State.RUNNING, target=State.CONFIRMING)
+    def begin_confirm(self) -> None:
+        """TCC: the decision to commit. From here the saga only goes forward."""
+
+    @transition(field=state, source=[State.RUNNING, State.CONFIRMING], target=State.COMPLETED)
     def complete(self) -> None:
         pass
 
@@ -74,7 +79,7 @@ class Saga(FSMModelMixin, models.Model):
     def finish_cancellation(self) -> None:
         """Compensated because a person cancelled it, not because a step failed."""
 
-    @transition(field=state, source=[State.RUNNING, State.COMPENSATING], target=State.PARKED)
+    @transition(field=state, source=[State.RUNNING, State.CONFIRMING, State.COMPENSATING], target=State.PARKED)
     def park(self) -> None:
         """Stop and wait for an operator: a compensation gave up, or a step failed after the pivot."""
 
@@ -84,6 +89,14 @@ class Saga(FSMModelMixin, models.Model):
 
     @transition(field=state, source=State.PARKED, target=State.COMPENSATING)
     def resume_compensation(self) -> None:
+        pass
+
+    @transition(field=state, source=State.COMPENSATING, target=State.RUNNING)
+    def abort_cancellation(self) -> None:
+        """Choreography: a cancellation the services refused (the parcel had left)."""
+
+    @transition(field=state, source=State.PARKED, target=State.CONFIRMING)
+    def resume_confirm(self) -> None:
         pass
 
     @transition(field=state, source=[State.PENDING, State.RUNNING, State.COMPENSATING], target=State.FAILED)
@@ -106,6 +119,9 @@ class SagaStep(FSMModelMixin, models.Model):
         COMPENSATED = "compensated"
         COMPENSATION_FAILED = "compensation_failed"
         SKIPPED = "skipped"
+        CONFIRMING = "confirming"  # TCC
+        CONFIRMED = "confirmed"
+        CONFIRM_FAILED = "confirm_failed"
 
     saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
     name = models.CharField(max_length=64)
@@ -115,6 +131,7 @@ class SagaStep(FSMModelMixin, models.Model):
     state = FSMField(default=State.PENDING, choices=State.choices, protected=True)
     attempts = models.PositiveIntegerField(default=0)
     compensation_attempts = models.PositiveIntegerField(default=0)
+    confirm_attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     # The lease on the attempt in flight (database clock): past it without a reply, the attempt
     # counts as timed out. Set while running, retrying or compensating; cleared otherwise.
@@ -123,6 +140,9 @@ class SagaStep(FSMModelMixin, models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     result = models.JSONField(null=True, blank=True)
     error = models.JSONField(null=True, blank=True)
+    # Choreography: the event that started this step, which the tracker publishes again if the
+    # expected outcome does not come.
+    trigger = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["saga", "kind", "position"]
@@ -159,10 +179,14 @@ class SagaStep(FSMModelMixin, models.Model):
         self.next_attempt_at = None
 
     # A failed step is compensated too when its last attempt's fate is unknown (retries
-    # exhausted): the barrier makes that a no-op if the action never committed.
-    @transition(field=state, source=[State.SUCCEEDED, State.FAILED], target=State.COMPENSATING)
+    # exhausted): the barrier makes that a no-op if the action never committed. A TCC try still
+    # in flight is cancelled at once: the barrier refuses it if the cancel arrives first.
+    @transition(
+        field=state, source=[State.SUCCEEDED, State.FAILED, State.RUNNING, State.RETRYING], target=State.COMPENSATING
+    )
     def begin_compensation(self) -> None:
         self.compensation_attempts = 1
+        self.next_attempt_at = None
 
     @transition(field=state, source=State.COMPENSATING, target=State.COMPENSATING)
     def schedule_compensation_retry(self, *, error: dict, next_attempt_at) -> None:
@@ -178,6 +202,31 @@ class SagaStep(FSMModelMixin, models.Model):
     def give_up_compensation(self, *, error: dict) -> None:
         self.error = error
         self.next_attempt_at = None
+
+    # TCC's confirm phase.
+
+    @transition(field=state, source=State.SUCCEEDED, target=State.CONFIRMING)
+    def begin_confirm(self) -> None:
+        self.confirm_attempts = 1
+
+    @transition(field=state, source=State.CONFIRMING, target=State.CONFIRMING)
+    def schedule_confirm_retry(self, *, error: dict, next_attempt_at) -> None:
+        self.error = error
+        self.confirm_attempts += 1
+        self.next_attempt_at = next_attempt_at
+
+    @transition(field=state, source=State.CONFIRMING, target=State.CONFIRMED)
+    def finish_confirm(self) -> None:
+        self.next_attempt_at = None
+
+    @transition(field=state, source=State.CONFIRMING, target=State.CONFIRM_FAILED)
+    def give_up_confirm(self, *, error: dict) -> None:
+        self.error = error
+        self.next_attempt_at = None
+
+    @transition(field=state, source=State.CONFIRM_FAILED, target=State.CONFIRMING)
+    def retry_confirm(self) -> None:
+        self.confirm_attempts += 1
 
     # Operator actions (audited by the engine with who, when and why).
 

@@ -22,7 +22,10 @@ from django.db.models.functions import Now
 from sagaplatform.kernel import outbox
 
 from . import engine
+from .definitions import DEFINITIONS
 from .models import Saga, SagaStep
+
+CHOREOGRAPHED = [name for name, d in DEFINITIONS.items() if d.style == "choreography"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ def sweep_once() -> dict:
     due = (
         SagaStep.objects.using(engine.DB)
         .filter(state=SagaStep.State.PENDING, next_attempt_at__lte=Now(), saga__state=Saga.State.RUNNING)
+        .exclude(saga__definition__in=CHOREOGRAPHED)  # their services start their own steps
         .values_list("saga_id", flat=True)
         .distinct()[:BATCH]
     )

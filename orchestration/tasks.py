@@ -1,16 +1,23 @@
 from celery import shared_task
 
-from . import engine, sweeper
+from . import engine, sweeper, tracker
+from .definitions import for_mode
 
 
 @shared_task(name="orchestration.start_saga", ignore_result=True)
 def start_saga(message: dict) -> None:
-    engine.saga_start(saga_id=message["saga_id"], definition=message["definition"], context=message["context"])
+    definition = message.get("definition") or for_mode(message.get("mode", "orchestrated")).name
+    engine.saga_start(saga_id=message["saga_id"], definition=definition, context=message["context"])
 
 
 @shared_task(name="orchestration.handle_reply", ignore_result=True)
 def handle_reply(message: dict) -> None:
     engine.reply_handle(reply=message)
+
+
+@shared_task(name="orchestration.track_event", ignore_result=True)
+def track_event(message: dict) -> None:
+    tracker.track(message=message)
 
 
 @shared_task(name="orchestration.sweep", ignore_result=True)

@@ -13,6 +13,7 @@ from sagaplatform.api import ApiError, ErrorSerializer, SagaStepSerializer
 from sagaplatform.kernel import ports
 
 from . import selectors, services
+from .models import Order
 
 MAX_LINES = 50
 MAX_QUANTITY = 1000
@@ -61,6 +62,12 @@ class OrdersApi(APIView):
         items = ItemSerializer(many=True, min_length=1, max_length=MAX_LINES)
         payment = PaymentSerializer()
         shipping_address = AddressSerializer()
+        mode = serializers.ChoiceField(
+            choices=Order.Mode.choices,
+            default=Order.Mode.ORCHESTRATED,
+            help_text="How the distributed transaction runs: "
+            + "; ".join(f"`{v}`: {label}" for v, label in Order.Mode.choices),
+        )
 
         def validate_items(self, items):
             skus = [item["sku"] for item in items]
@@ -117,6 +124,7 @@ class OrdersApi(APIView):
             items=[dict(item) for item in data["items"]],
             payment_token=data["payment"]["token"],
             shipping_address=dict(data["shipping_address"]),
+            mode=data["mode"],
             idempotency_key=idempotency_key,
             request_body=serializer.validated_data,
         )
@@ -215,6 +223,7 @@ class OrderCancelApi(APIView):
                 "order_id": str(order.id),
                 "customer_email": order.customer_email,
                 "shipping_address": order.shipping_address,
+                "mode": order.mode,
             },
             actor=f"customer:{request.user.get_username()}",
             reason=serializer.validated_data["reason"],

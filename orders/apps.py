@@ -5,4 +5,4 @@ class OrdersConfig(AppConfig):
     name = "orders"
 
     def ready(self) -> None:
-        from . import handlers  # noqa: F401  registers the service's operations
+        from . import choreography, handlers  # noqa: F401  registers its operations and reactions

@@ -29,3 +29,17 @@ def reject(*, command: Command) -> dict:
         message=failure.get("message", "The order could not be completed"),
     )
     return {"status": order.status}
+
+
+# TCC: the order is checked (try), approved (confirm), and left pending on cancel, for the
+# saga's failure steps to reject.
+
+
+@operation("orders", "check_pending")
+def check_pending(*, command: Command) -> dict:
+    return {"status": services.order_check_pending(order_id=command.payload["order_id"]).status}
+
+
+@operation("orders", "release_check")
+def release_check(*, command: Command) -> dict:
+    return {}

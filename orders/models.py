@@ -27,6 +27,14 @@ class Product(models.Model):
 class Order(FSMModelMixin, models.Model):
     """The customer's view of a purchase, visible from the moment the API accepts it."""
 
+    class Mode(models.TextChoices):
+        """How the order's distributed transaction runs (see docs/ARCHITECTURE.md, "Styles")."""
+
+        ORCHESTRATED = "orchestrated", "orchestrated saga, one step after another"
+        PARALLEL = "parallel", "orchestrated saga, stock and payment side by side"
+        TCC = "tcc", "try-confirm-cancel: hold everything, then confirm all or cancel all"
+        CHOREOGRAPHY = "choreography", "choreography: services react to each other's events"
+
     class Status(models.TextChoices):
         PENDING = "pending"
         APPROVED = "approved"
@@ -40,6 +48,7 @@ class Order(FSMModelMixin, models.Model):
     status = FSMField(default=Status.PENDING, choices=Status.choices, protected=True)
     total = models.DecimalField(max_digits=12, decimal_places=2)
     currency = models.CharField(max_length=3, default="EUR")
+    mode = models.CharField(max_length=16, choices=Mode.choices, default=Mode.ORCHESTRATED)
     shipping_address = models.JSONField()
     saga_id = models.UUIDField(unique=True, default=uuid.uuid4)
     # The outbox message that starts the saga, and when it was last (re)published: a pending

@@ -11,7 +11,7 @@ from decimal import Decimal
 
 from django.db import IntegrityError, transaction
 
-from sagaplatform.kernel import outbox
+from sagaplatform.kernel import choreography, outbox
 from sagaplatform.kernel.clock import db_now
 
 from .exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused, OrderNotInState, OrderTooLarge, UnknownProduct
@@ -20,7 +20,7 @@ from .models import CANCELLED_CODE, IdempotencyKey, Order, OrderLine, OrderStatu
 DB = "orders"
 START_SAGA_TASK = "orchestration.start_saga"
 ORCHESTRATOR_QUEUE = "orchestrator"
-DEFAULT_SAGA = "place_order"
+ORDER_PLACED = "order.placed"
 # What Order.total (12 digits, 2 decimals) can hold.
 MAX_ORDER_TOTAL = Decimal("9999999999.99")
 
@@ -60,6 +60,7 @@ def order_place(
     items: list[dict],
     payment_token: str,
     shipping_address: dict,
+    mode: str = Order.Mode.ORCHESTRATED,
     idempotency_key: str | None = None,
     request_body: dict | None = None,
 ) -> Placement:
@@ -80,6 +81,7 @@ def order_place(
                 items=items,
                 payment_token=payment_token,
                 shipping_address=shipping_address,
+                mode=mode,
             )
             receipt = order_receipt(order)
             if idempotency_key:
@@ -114,7 +116,7 @@ def _replay(*, customer_id: int, key: str, body_fingerprint: str) -> Placement |
 
 
 def _create(
-    *, customer_id: int, customer_email: str, items: list[dict], payment_token: str, shipping_address: dict
+    *, customer_id: int, customer_email: str, items: list[dict], payment_token: str, shipping_address: dict, mode: str
 ) -> Order:
     skus = [item["sku"] for item in items]
     products = {p.sku: p for p in Product.objects.using(DB).filter(sku__in=skus, is_active=True)}
@@ -128,6 +130,7 @@ def _create(
         customer_id=customer_id,
         customer_email=customer_email,
         total=total,
+        mode=mode,
         shipping_address=shipping_address,
     )
     OrderLine.objects.using(DB).bulk_create(
@@ -137,25 +140,28 @@ def _create(
         ]
     )
     OrderStatusChange.objects.using(DB).create(order=order, from_status="", to_status=order.status, reason="accepted")
-    message = outbox.enqueue(
-        using=DB,
-        task=START_SAGA_TASK,
-        queue=ORCHESTRATOR_QUEUE,
-        payload={
-            "saga_id": str(order.saga_id),
-            "definition": DEFAULT_SAGA,
-            "context": {
-                "order_id": str(order.id),
-                "customer_id": customer_id,
-                "customer_email": customer_email,
-                "items": [{"sku": i["sku"], "quantity": i["quantity"]} for i in items],
-                "amount": str(total),
-                "currency": order.currency,
-                "payment_token": payment_token,
-                "shipping_address": shipping_address,
-            },
-        },
-    )
+    context = {
+        "order_id": str(order.id),
+        "customer_id": customer_id,
+        "customer_email": customer_email,
+        "items": [{"sku": i["sku"], "quantity": i["quantity"]} for i in items],
+        "amount": str(total),
+        "currency": order.currency,
+        "payment_token": payment_token,
+        "shipping_address": shipping_address,
+        "mode": mode,
+    }
+    if mode == Order.Mode.CHOREOGRAPHY:
+        # No coordinator to start: announce the order; the services take it from there.
+        event = choreography.event_message(event=ORDER_PLACED, saga_id=order.saga_id, context=context)
+        message = choreography.publish(using=DB, message=event)[0]
+    else:
+        message = outbox.enqueue(
+            using=DB,
+            task=START_SAGA_TASK,
+            queue=ORCHESTRATOR_QUEUE,
+            payload={"saga_id": str(order.saga_id), "mode": mode, "context": context},
+        )
     Order.objects.using(DB).filter(id=order.id).update(start_message_id=message.id, announced_at=message.available_at)
     return order
 
@@ -236,3 +242,11 @@ def order_reannounce_pending() -> int:
         return 0
     Order.objects.using(DB).filter(id__in=[order_id for order_id, _ in stale]).update(announced_at=now)
     return outbox.republish(using=DB, ids=[message_id for _, message_id in stale])
+
+
+def order_check_pending(*, order_id: uuid.UUID | str) -> Order:
+    """TCC's try for the order: it must still be pending (nothing to hold: the order is ours)."""
+    order = Order.objects.using(DB).get(id=order_id)
+    if order.status != Order.Status.PENDING:
+        raise OrderNotInState(f"Order is {order.status}", details={"status": order.status})
+    return order

@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from sagaplatform.kernel import commands
+from sagaplatform.kernel import choreography, commands
 
 from . import services
 
@@ -13,3 +13,8 @@ def execute(message: dict) -> None:
 @shared_task(name="orders.reannounce_pending", ignore_result=True)
 def reannounce_pending() -> int:
     return services.order_reannounce_pending()
+
+
+@shared_task(name="orders.react", ignore_result=True)
+def react(message: dict) -> None:
+    choreography.react(service="orders", message=message)

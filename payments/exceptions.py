@@ -5,5 +5,9 @@ class CardDeclined(BusinessError):
     code = "card_declined"
 
 
+class PaymentNotCapturable(BusinessError):
+    code = "payment_not_capturable"
+
+
 class GatewayUnavailable(TransientError):
     code = "gateway_unavailable"

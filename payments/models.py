@@ -6,10 +6,14 @@ from django.db import models
 
 
 class Charge(models.Model):
-    """Money taken from a customer for one saga. Refunded by a reverse ledger entry, never deleted."""
+    """Money held or taken from a customer for one saga. A capture writes the ledger entry; a
+    refund writes the reverse entry; a void releases a hold that never reached the ledger.
+    Never deleted."""
 
     class State(models.TextChoices):
+        AUTHORIZED = "authorized"  # funds held on the card, not taken (TCC's try)
         CAPTURED = "captured"
+        VOIDED = "voided"  # the hold released, nothing taken
         REFUNDED = "refunded"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)

@@ -9,6 +9,7 @@ class Shipment(models.Model):
     """A parcel booked with a carrier for one saga. Cancelled, never deleted."""
 
     class State(models.TextChoices):
+        TENTATIVE = "tentative"  # held with the carrier, not yet confirmed (TCC's try)
         SCHEDULED = "scheduled"
         DISPATCHED = "dispatched"
         CANCELLED = "cancelled"

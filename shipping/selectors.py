@@ -9,7 +9,7 @@ def shipment_for_saga(*, saga_id) -> Shipment | None:
 
 def audit_live_shipments() -> dict[str, str]:
     """Saga id -> state, for shipments still booked or on their way (not cancelled)."""
-    live = (Shipment.State.SCHEDULED, Shipment.State.DISPATCHED)
+    live = (Shipment.State.TENTATIVE, Shipment.State.SCHEDULED, Shipment.State.DISPATCHED)
     return {
         str(saga_id): state
         for saga_id, state in Shipment.objects.using(DB).filter(state__in=live).values_list("saga_id", "state")

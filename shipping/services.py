@@ -7,20 +7,34 @@ import uuid
 from django.db import transaction
 from django.utils import timezone
 
-from .exceptions import ShipmentNotDispatchable
+from .exceptions import AlreadyDispatched, ShipmentNotDispatchable
 from .models import Shipment
 
 DB = "shipping"
 
 
-def shipment_schedule(*, saga_id: uuid.UUID, order_id: uuid.UUID, address: dict) -> Shipment:
+def shipment_schedule(*, saga_id: uuid.UUID, order_id: uuid.UUID, address: dict, tentative: bool = False) -> Shipment:
+    """Book a parcel with the carrier (with `tentative`, only hold the slot: TCC's try)."""
     with transaction.atomic(using=DB):
         return Shipment.objects.using(DB).create(
             saga_id=saga_id,
             order_id=order_id,
             address=address,
             tracking_number="SP" + uuid.UUID(str(saga_id)).hex[:16].upper(),
+            state=Shipment.State.TENTATIVE if tentative else Shipment.State.SCHEDULED,
         )
+
+
+def shipment_confirm(*, saga_id: uuid.UUID) -> Shipment:
+    """Confirm a tentative booking (TCC's confirm). Idempotent."""
+    with transaction.atomic(using=DB):
+        shipment = Shipment.objects.using(DB).select_for_update().filter(saga_id=saga_id).first()
+        if shipment is None or shipment.state == Shipment.State.CANCELLED:
+            raise ShipmentNotDispatchable("Nothing booked to confirm", details={"saga_id": str(saga_id)})
+        if shipment.state == Shipment.State.TENTATIVE:
+            shipment.state = Shipment.State.SCHEDULED
+            shipment.save(using=DB, update_fields=["state", "updated_at"])
+    return shipment
 
 
 def shipment_dispatch(*, saga_id: uuid.UUID) -> Shipment:
@@ -41,6 +55,14 @@ def shipment_cancel(*, saga_id: uuid.UUID) -> int:
     """Cancel the saga's shipment (the compensation of schedule). Idempotent."""
     return (
         Shipment.objects.using(DB)
-        .filter(saga_id=saga_id, state=Shipment.State.SCHEDULED)
+        .filter(saga_id=saga_id, state__in=(Shipment.State.TENTATIVE, Shipment.State.SCHEDULED))
         .update(state=Shipment.State.CANCELLED)
     )
+
+
+def shipment_refuse_hold(*, saga_id: uuid.UUID) -> None:
+    shipment = Shipment.objects.using(DB).filter(saga_id=saga_id).first()
+    if shipment is not None and shipment.state == Shipment.State.DISPATCHED:
+        raise AlreadyDispatched(
+            "The parcel has left the warehouse", details={"tracking_number": shipment.tracking_number}
+        )

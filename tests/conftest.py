@@ -17,7 +17,7 @@ from rest_framework.test import APIClient
 from inventory.services import stock_set
 from orders.models import Product
 from sagaplatform.celery import app as celery_app
-from sagaplatform.kernel import outbox
+from sagaplatform.kernel import faults, outbox
 
 ON_POSTGRES = not settings.EMBEDDED_DATABASES
 
@@ -139,6 +139,8 @@ def _test_settings(settings):
     settings.SMS_BACKEND = "notifications.sms.MemorySmsBackend"
     # The parcel leaves at once unless a test opens the handling window itself.
     settings.SHIPPING_HANDLING_SECONDS = 0
+    # Fault rules are cached for a second per process: forget the last test's.
+    faults.clear_cache()
 
 
 def make_user(username: str, *, staff: bool = False):

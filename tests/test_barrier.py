@@ -23,7 +23,7 @@ from notifications.models import Notification
 from orders.models import Order, OrderStatusChange
 from payments.models import Charge, LedgerEntry
 from sagaplatform.kernel import barrier, commands
-from sagaplatform.kernel.commands import ACTION, COMPENSATE, REPLY_TASK
+from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, REPLY_TASK
 from sagaplatform.kernel.models import Barrier, OutboxMessage
 from shipping.models import Shipment
 from tests.conftest import ADDRESS
@@ -121,6 +121,18 @@ OPERATIONS = {
     "cancel": Operation("shipping", "cancel", "schedule_shipment", COMPENSATE, requires=("schedule",)),
     "dispatch": Operation("shipping", "dispatch", "dispatch_shipment", requires=("schedule",)),
     "ship": Operation("orders", "ship", "mark_shipped", requires=("approve",)),
+    # TCC participants: try (action), confirm, cancel (compensate).
+    "authorize": Operation("payments", "authorize", "charge_payment"),
+    "capture": Operation("payments", "capture", "charge_payment", CONFIRM, requires=("authorize",)),
+    "void": Operation("payments", "void", "charge_payment", COMPENSATE, requires=("authorize",)),
+    "book_tentative": Operation("shipping", "book_tentative", "schedule_shipment"),
+    "confirm_booking": Operation(
+        "shipping", "confirm_booking", "schedule_shipment", CONFIRM, requires=("book_tentative",)
+    ),
+    "check_pending": Operation("orders", "check_pending", "approve_order"),
+    "release_check": Operation("orders", "release_check", "approve_order", COMPENSATE, requires=("check_pending",)),
+    # Choreography's cancellation: hold a dispatch that never ran (a no-op that blocks it).
+    "hold_dispatch": Operation("shipping", "hold_dispatch", "dispatch_shipment", COMPENSATE, requires=("schedule",)),
     "send_confirmation": Operation("notifications", "send_confirmation", "notify_customer"),
     "send_failure": Operation("notifications", "send_failure", "notify_failure"),
 }
@@ -195,6 +207,14 @@ EFFECTS = {
     "cancel": {"shipments"},
     "dispatch": {"shipments"},
     "ship": {"orders", "order_history"},
+    "authorize": {"charges"},
+    "capture": {"charges", "ledger"},
+    "void": {"charges"},
+    "book_tentative": {"shipments"},
+    "confirm_booking": {"shipments"},
+    "check_pending": set(),
+    "release_check": set(),
+    "hold_dispatch": set(),
     "send_confirmation": {"notifications", "outbox"},
     "send_failure": {"notifications", "outbox"},
 }
@@ -240,6 +260,21 @@ def check_effect(name: str, saga: SagaContext, before: dict, after: dict) -> Non
         case "ship":
             assert after["orders"] == [(order_id, "shipped", "")]
             assert set(after["order_history"]) - set(before["order_history"]) == {(order_id, "approved", "shipped")}
+        case "authorize":
+            assert after["charges"] == [(saga.id, Decimal("25.00"), "authorized")]
+            assert after["ledger"] == []  # a hold is not money taken
+        case "capture":
+            assert after["charges"] == [(saga.id, Decimal("25.00"), "captured")]
+            assert after["ledger"] == [(saga.id, "charge", Decimal("25.00"))]
+        case "void":
+            assert after["charges"] == [(saga.id, Decimal("25.00"), "voided")]
+            assert after["ledger"] == []
+        case "book_tentative":
+            assert after["shipments"] == [(saga.id, "tentative")]
+        case "confirm_booking":
+            assert after["shipments"] == [(saga.id, "scheduled")]
+        case "check_pending" | "release_check" | "hold_dispatch":
+            pass  # nothing to change: the barrier row is the whole effect
         case "send_confirmation" | "send_failure":
             kind = "order_confirmed" if name == "send_confirmation" else "order_failed"
             assert after["notifications"] == sorted(

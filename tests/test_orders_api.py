@@ -439,3 +439,28 @@ def test_an_unknown_sku_is_404(alice_api, catalogue):
 def test_the_stock_api_needs_a_login(catalogue):
     assert_error(APIClient().get("/api/inventory/"), 401, "not_authenticated")
     assert_error(APIClient().get("/api/inventory/SKU-MUG/"), 401, "not_authenticated")
+
+
+# --- transaction style per order ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["orchestrated", "parallel", "tcc", "choreography"])
+def test_each_transaction_style_can_be_chosen_per_order(alice_api, catalogue, broker, mode):
+    response = post_json(alice_api, {**order_body(), "mode": mode})
+
+    assert response.status_code == 202
+    assert Order.objects.using("orders").get(id=response.json()["id"]).mode == mode
+
+
+def test_the_default_style_is_the_orchestrated_saga(alice_api, catalogue, broker):
+    response = post_json(alice_api, order_body())
+
+    assert Order.objects.using("orders").get(id=response.json()["id"]).mode == "orchestrated"
+
+
+def test_an_unknown_style_is_refused(alice_api, catalogue, broker):
+    response = post_json(alice_api, {**order_body(), "mode": "two_phase_commit"})
+
+    assert_error(response, 400, "invalid_request")
+    assert "mode" in response.json()["details"]
+    assert rows() == NOTHING

@@ -54,9 +54,9 @@ def saga_in(state: str) -> Saga:
 SAGA_TRANSITIONS = {
     # state: transitions allowed from it
     "pending": {"start", "fail"},
-    "running": {"complete", "begin_compensation", "park", "fail"},
-    "compensating": {"finish_compensation", "finish_cancellation", "park", "fail"},
-    "parked": {"resume_forward", "resume_compensation"},  # an operator decides
+    "running": {"complete", "begin_compensation", "begin_confirm", "park", "fail"},
+    "compensating": {"finish_compensation", "finish_cancellation", "abort_cancellation", "park", "fail"},
+    "parked": {"resume_forward", "resume_compensation", "resume_confirm"},  # an operator decides
     "completed": set(),
     "compensated": set(),
     "failed": set(),
@@ -248,9 +248,10 @@ def new_step(state: str = "pending") -> SagaStep:
 
 STEP_TRANSITIONS = {
     "pending": {"dispatch"},
-    "running": {"schedule_retry", "succeed", "fail", "retry_now"},
-    "retrying": {"schedule_retry", "succeed", "fail", "retry_now"},
-    "succeeded": {"begin_compensation"},
+    # A TCC try still in flight can be cancelled at once (begin_compensation).
+    "running": {"schedule_retry", "succeed", "fail", "retry_now", "begin_compensation"},
+    "retrying": {"schedule_retry", "succeed", "fail", "retry_now", "begin_compensation"},
+    "succeeded": {"begin_compensation", "begin_confirm"},
     "failed": {"begin_compensation", "retry_now"},
     "compensating": {"schedule_compensation_retry", "finish_compensation", "give_up_compensation"},
     "compensated": set(),
@@ -349,7 +350,6 @@ def test_an_operator_skips_a_given_up_compensation():
         ("pending", "fail", {"error": ERROR}),
         ("pending", "begin_compensation", {}),
         ("running", "dispatch", {}),
-        ("running", "begin_compensation", {}),
         ("running", "finish_compensation", {}),
         ("succeeded", "dispatch", {}),
         ("succeeded", "succeed", {"result": {}}),
@@ -382,7 +382,7 @@ def test_the_step_state_cannot_be_assigned_directly_but_can_be_refreshed():
     step.refresh_from_db()
 
     assert step.state == SagaStep.State.SUCCEEDED
-    assert available(step) == {"begin_compensation"}
+    assert available(step) == {"begin_compensation", "begin_confirm"}
 
 
 # --- Order -------------------------------------------------------------------------------------
@@ -528,3 +528,24 @@ def test_revoke_and_reject_only_act_from_their_source_state():
     assert pending.status == "pending"
     assert history(approved) == [("pending", "approved")]
     assert history(pending) == []
+
+
+def test_a_tcc_step_confirms_retrying_until_it_succeeds():
+    step = new_step("succeeded")
+
+    step.begin_confirm()
+    step.schedule_confirm_retry(error=ERROR, next_attempt_at=timezone.now())
+    step.finish_confirm()
+
+    assert (step.state, step.confirm_attempts) == (SagaStep.State.CONFIRMED, 2)
+    assert available(step) == set()
+
+
+def test_a_tcc_confirm_that_gives_up_waits_for_an_operator():
+    step = new_step("succeeded")
+    step.begin_confirm()
+    step.give_up_confirm(error=ERROR)
+
+    assert available(step) == {"retry_confirm"}
+    step.retry_confirm()
+    assert (step.state, step.confirm_attempts) == (SagaStep.State.CONFIRMING, 2)

@@ -29,6 +29,7 @@ TRANSIENT_ERROR = "transient_error"
 
 ACTION = "action"
 COMPENSATE = "compensate"
+CONFIRM = "confirm"
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ def operation(service: str, name: str) -> Callable[[Operation], Operation]:
         return fn
 
     return register
+
+
+def get_operation(service: str, name: str) -> Operation:
+    return _OPERATIONS[(service, name)]
 
 
 def registered_operations(service: str) -> list[str]:

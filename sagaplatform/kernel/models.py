@@ -15,8 +15,9 @@ class Barrier(models.Model):
     """
 
     class Op(models.TextChoices):
-        ACTION = "action"
-        COMPENSATE = "compensate"
+        ACTION = "action"  # a saga step, or TCC's try
+        COMPENSATE = "compensate"  # its compensation, or TCC's cancel
+        CONFIRM = "confirm"  # TCC's confirm
 
     saga_id = models.UUIDField()
     step = models.CharField(max_length=64)

@@ -1,0 +1,297 @@
+"""The passive tracker of choreographed sagas.
+
+In a choreography no one is in charge: each service reacts to events and publishes its own.
+Every published event also reaches the tracker, which rebuilds the same Saga, SagaStep and
+SagaEvent rows an orchestrated saga has, so the API, the admin and the dashboard show both alike.
+It decides nothing about the business flow; it only:
+
+* records what happened (events can arrive in any order: each observation moves a step along
+  its state machine as far as it needs to go);
+* watches for an expected event that does not come: each started step gets a lease, and when it
+  expires the tracker publishes the step's trigger again ("nudges" the service; the barrier makes
+  that harmless), up to a few times, then parks the saga for a person;
+* answers a cancellation: refused once the parcel is leaving, otherwise announced as the event
+  `order.cancel_requested`, to which the services react.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.db import IntegrityError, transaction
+from django.db.models.functions import Now
+
+from sagaplatform.kernel import choreography, outbox
+from sagaplatform.kernel.commands import ACTION, COMPENSATE, SUCCEEDED
+
+from . import engine
+from .definitions import PLACE_ORDER_CHOREOGRAPHY, get_definition
+from .models import Saga, SagaStep
+
+logger = logging.getLogger(__name__)
+
+State = SagaStep.State
+CANCEL_EVENT = "order.cancel_requested"
+MAX_NUDGES = 3
+# A cancel this close to the dispatch could lose the race with it: refuse it outright.
+DISPATCH_SAFETY_MARGIN = timedelta(seconds=1)
+
+
+def track(*, message: dict) -> None:
+    """Record one published event (the tracker's task calls this)."""
+    ensure_saga(saga_id=message["saga_id"], context=message["context"])
+    _track(message)
+
+
+def _track(message: dict) -> None:
+    with transaction.atomic(using=engine.DB):
+        saga = Saga.objects.using(engine.DB).select_for_update().annotate(db_now=Now()).get(id=message["saga_id"])
+        steps = {s.name: s for s in SagaStep.objects.using(engine.DB).filter(saga=saga)}
+        run = engine._Run(
+            saga=saga, definition=get_definition(saga.definition), steps=steps, now=saga.db_now, actor="tracker"
+        )
+        run.record("event_observed", data={"event": message["event"], "emitter": message.get("emitter")})
+        emitter = message.get("emitter")
+        if emitter and emitter.get("step") in steps:
+            _observe_outcome(run, emitter, message)
+        for reaction in choreography.subscribers(message["event"]):
+            if reaction.step in steps:
+                _observe_start(run, reaction, message)
+        _decide(run, message)
+        run.flush()
+
+
+def ensure_saga(*, saga_id, context: dict) -> None:
+    """Create the tracked saga on the first news of it (whichever event that is)."""
+    if Saga.objects.using(engine.DB).filter(id=saga_id).exists():
+        return
+    try:
+        with transaction.atomic(using=engine.DB):
+            _create(saga_id=saga_id, context=context)
+    except IntegrityError:
+        pass  # created by a concurrent first event
+
+
+def _create(*, saga_id, context: dict) -> None:
+    definition = PLACE_ORDER_CHOREOGRAPHY
+    saga = Saga.objects.using(engine.DB).create(
+        id=saga_id,
+        definition=definition.name,
+        context=context,
+        deadline_at=None,  # no one could act on a deadline: leases watch each step instead
+    )
+    SagaStep.objects.using(engine.DB).bulk_create(
+        [
+            SagaStep(saga=saga, name=s.name, kind=kind, position=i, service=s.service)
+            for kind, group in (
+                (SagaStep.Kind.ACTION, definition.steps),
+                (SagaStep.Kind.ON_FAILURE, definition.on_failure),
+            )
+            for i, s in enumerate(group)
+        ]
+    )
+    saga.start()
+    saga.save(using=engine.DB)
+
+
+def _walk(
+    run: engine._Run,
+    step: SagaStep,
+    target: str,
+    *,
+    error: dict | None = None,
+    result: dict | None = None,
+    data: dict | None = None,
+) -> bool:
+    """Move a step to `target` along its state machine, through whatever the events skipped."""
+    before = step.state
+    if target in (State.SUCCEEDED, State.FAILED):
+        if step.state == State.PENDING:
+            step.dispatch()
+            step.started_at = step.started_at or run.now
+        if step.state not in (State.RUNNING, State.RETRYING):
+            return False
+        if target == State.SUCCEEDED:
+            step.succeed(result=result or {})
+        else:
+            step.fail(error=error or {})
+    elif target in (State.COMPENSATED, State.COMPENSATION_FAILED):
+        if step.state == State.PENDING:
+            return False  # it never ran: its compensation was the barrier's no-op
+        if step.state in (State.SUCCEEDED, State.FAILED, State.RUNNING, State.RETRYING):
+            step.begin_compensation()
+        if step.state != State.COMPENSATING:
+            return False
+        if target == State.COMPENSATED:
+            step.finish_compensation()
+        else:
+            step.give_up_compensation(error=error or {})
+    step.finished_at, step.deadline_at, step.next_attempt_at = run.now, None, None
+    run.record(f"step_{target}", step=step, from_state=before, data=data)
+    return True
+
+
+def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
+    step = run.steps[emitter["step"]]
+    status = emitter["status"]
+    if status == "refused":
+        # Its compensation came first: it never took effect and never will (the barrier).
+        refusal = {"code": "compensated_before_action", "message": "refused: its compensation came first"}
+        _walk(run, step, State.FAILED, error={**refusal, "definitive": True})
+        return
+    failure = message.get("failure") or {}
+    if emitter["op"] == ACTION:
+        if status == SUCCEEDED:
+            _walk(run, step, State.SUCCEEDED)
+        else:
+            _walk(run, step, State.FAILED, error={**failure, "definitive": bool(emitter.get("definitive"))})
+            if emitter.get("undone"):  # the service gave up and undid its own step at once
+                _walk(
+                    run, step, State.COMPENSATED, data={"null_compensation": emitter["undone"] == "null_compensation"}
+                )
+    elif emitter["op"] == COMPENSATE:
+        if status == SUCCEEDED:
+            _walk(run, step, State.COMPENSATED, data={"null_compensation": bool(emitter.get("null_compensation"))})
+        elif emitter["step"] == "dispatch_shipment":
+            run.record("cancellation_refused", step=step, data={"error": failure})
+        else:
+            _walk(run, step, State.COMPENSATION_FAILED, error=failure)
+
+
+def _observe_start(run: engine._Run, reaction, message: dict) -> None:
+    step = run.steps[reaction.step]
+    spec = run.definition.step(step.name)
+    trigger = {
+        "task": f"{reaction.service}.react",
+        "queue": reaction.service,
+        "payload": {**message, "reaction": reaction.key},
+    }
+    if reaction.op == ACTION and step.state == State.PENDING:
+        delay = reaction.start_delay()
+        step.started_at = run.now
+        if delay:
+            step.next_attempt_at = run.now + timedelta(seconds=delay)
+            run.record("step_scheduled", step=step, from_state=State.PENDING, data={"starts_in": delay})
+        else:
+            step.dispatch()
+            run.record("step_started", step=step, from_state=State.PENDING, data={"event": message["event"]})
+        _watch(run, step, spec, trigger, delay=delay)
+    elif reaction.op == COMPENSATE and step.state in (State.SUCCEEDED, State.FAILED, State.RUNNING, State.RETRYING):
+        before = step.state
+        step.begin_compensation()
+        run.record("compensation_started", step=step, from_state=before, data={"event": message["event"]})
+        _watch(run, step, spec, trigger)
+
+
+def _watch(run: engine._Run, step: SagaStep, spec, trigger: dict, *, delay: float = 0.0) -> None:
+    step.trigger = trigger
+    step.deadline_at = run.now + timedelta(seconds=delay + spec.effective_timeout())
+    run.dirty.add(step.name)
+
+
+def _decide(run: engine._Run, message: dict) -> None:
+    saga = run.saga
+    actions = run.action_steps()
+    finalizers = run.failure_steps()
+    # The point of no return failed and we cannot tell whether the parcel left: a person decides.
+    pivot_failed = any(
+        spec.pivot and step.state == State.FAILED and not (step.error or {}).get("definitive") for spec, step in actions
+    )
+    if any(step.state == State.COMPENSATION_FAILED for _, step in actions) or pivot_failed:
+        if saga.state in (Saga.State.RUNNING, Saga.State.COMPENSATING):
+            engine._park(run, "A choreographed step failed where no service undoes it; look at its events")
+        return
+    if message["event"] == "cancellation.refused" and saga.state == Saga.State.COMPENSATING:
+        saga.abort_cancellation()
+        run.record("saga_cancel_refused", from_state=Saga.State.COMPENSATING, data={"reason": "the parcel had left"})
+        return
+    if saga.state == Saga.State.RUNNING:
+        # A step that failed, or is already being (or was) undone: the flow is unwinding.
+        unwinding = (State.FAILED, State.COMPENSATING, State.COMPENSATED, State.COMPENSATION_FAILED)
+        failed = [step for _, step in actions if step.state in unwinding]
+        if failed:
+            failure = message.get("failure") or failed[0].error or {}
+            saga.begin_compensation(
+                failure={"step": failed[0].name, "code": failure.get("code"), "message": failure.get("message")}
+            )
+            run.record("saga_compensating", from_state=Saga.State.RUNNING, data={"failure": saga.failure})
+        elif all(step.state == State.SUCCEEDED for _, step in actions):
+            saga.complete()
+            saga.finished_at = run.now
+            run.record("saga_completed", from_state=Saga.State.RUNNING)
+    if saga.state == Saga.State.COMPENSATING and all(step.state == State.SUCCEEDED for _, step in finalizers):
+        if (saga.failure or {}).get("code") == engine.CANCELLED:
+            saga.finish_cancellation()
+            run.record("saga_cancelled", from_state=Saga.State.COMPENSATING)
+        else:
+            saga.finish_compensation()
+            run.record("saga_compensated", from_state=Saga.State.COMPENSATING)
+        saga.finished_at = run.now
+
+
+# --- What the engine asks of the tracker ----------------------------------------------------------
+
+
+def nudge(run: engine._Run, step: SagaStep) -> bool:
+    """An expected event did not come in time: publish the step's trigger again, or give up."""
+    if run.saga.state == Saga.State.PARKED:
+        return False
+    if step.attempts - 1 >= MAX_NUDGES or not step.trigger:  # attempts: the first send, then nudges
+        step.deadline_at = None
+        run.record("event_missing", step=step, data={"nudges": step.attempts})
+        engine._park(run, f"No news from {step.name} after {step.attempts} nudge(s); the expected event is missing")
+        return True
+    step.attempts += 1
+    spec = run.definition.step(step.name)
+    step.deadline_at = run.now + timedelta(seconds=spec.effective_timeout())
+    trigger = step.trigger
+    outbox.enqueue(
+        using=engine.DB,
+        task=trigger["task"],
+        queue=trigger["queue"],
+        payload={**trigger["payload"], "attempt": 1, "nudge": True},
+        now=run.now,
+    )
+    run.record("event_nudged", step=step, data={"nudge": step.attempts})
+    return True
+
+
+def cancel(run: engine._Run, failure: dict) -> None:
+    """Announce a cancellation to the services, unless the parcel is leaving or gone."""
+    dispatch = run.steps["dispatch_shipment"]
+    if dispatch.state == State.SUCCEEDED:
+        raise engine.OperationNotAllowed("already_shipped", "The order has shipped; it can no longer be cancelled")
+    leaving = dispatch.state in (State.RUNNING, State.RETRYING) or (
+        dispatch.next_attempt_at and dispatch.next_attempt_at - run.now < DISPATCH_SAFETY_MARGIN
+    )
+    if leaving:
+        raise engine.OperationNotAllowed(
+            "shipment_in_progress", "The parcel is leaving the warehouse right now; it can no longer be cancelled"
+        )
+    run.saga.begin_compensation(failure=failure)
+    run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": failure["message"]})
+    choreography.publish(
+        using=engine.DB,
+        message=choreography.event_message(
+            event=CANCEL_EVENT, saga_id=run.saga.id, context=run.saga.context, failure=failure
+        ),
+    )
+
+
+def operator_retry(run: engine._Run) -> None:
+    """Resume a parked choreographed saga: nudge again every step that stopped."""
+    compensating = any(step.state == State.COMPENSATION_FAILED for _, step in run.action_steps())
+    if compensating:
+        run.saga.resume_compensation()
+    else:
+        run.saga.resume_forward()
+    for _, step in run.action_steps():
+        if step.state == State.COMPENSATION_FAILED:
+            step.retry_compensation()
+        if step.state in IN_FLIGHT_STATES and step.trigger:
+            step.attempts = 0
+            nudge(run, step)
+
+
+IN_FLIGHT_STATES = (State.RUNNING, State.RETRYING, State.COMPENSATING)

@@ -1,0 +1,237 @@
+"""Choreography: services react to each other's events, with no coordinator.
+
+Each service declares its *reactions* (in its own `choreography.py`): on event E, run one of its
+operations for a step, then publish event S on success or F on failure. Publishing an event is
+writing one outbox row per subscriber (point-to-point queues emulate pub/sub), plus one for the
+passive tracker, in the same local transaction as the effect; the outbox delivers them after
+commit. Every reaction runs through the barrier, so a redelivered event is a replay, a
+compensation that overtakes its action is a null compensation, and the overtaken action is refused
+(and publishes nothing: the chain stops there).
+
+Retries live with the service that failed: a transient error re-sends the event to the same
+reaction after a backoff (a delayed outbox row); past its attempts, the reaction undoes its own
+step (a no-op if nothing committed) and publishes its failure event, which makes the earlier
+services compensate.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+
+from . import barrier, faults, outbox
+from .commands import ACTION, BUSINESS_FAILURE, COMPENSATE, SUCCEEDED, Command, get_operation
+from .errors import TransientError
+
+logger = logging.getLogger(__name__)
+
+TRACK_TASK = "orchestration.track_event"
+TRACK_QUEUE = "orchestrator"
+
+
+@dataclass(frozen=True)
+class Reaction:
+    service: str
+    on: tuple[str, ...]  # the events it subscribes to
+    step: str  # the step it performs (the names of the orchestrated saga, for the tracker)
+    op: str  # ACTION, or COMPENSATE for an undo
+    operation: str  # the service operation it runs
+    emits: str | None  # published on success
+    emits_on_failure: str | None = None  # published on a business failure, or when it gives up
+    max_attempts: int = 5
+    # Seconds, or the name of a setting: how long after the event the reaction starts.
+    start_after: float | str = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.step}:{self.op}"
+
+    def start_delay(self) -> float:
+        return float(getattr(settings, self.start_after)) if isinstance(self.start_after, str) else self.start_after
+
+    def backoff(self, failed_attempt: int) -> float:
+        return random.uniform(0, min(30.0, 0.5 * 2 ** (failed_attempt - 1)))
+
+
+_REACTIONS: list[Reaction] = []
+
+
+def reaction(**fields) -> Reaction:
+    declared = Reaction(**fields)
+    if any(r.service == declared.service and r.key == declared.key for r in _REACTIONS):
+        raise RuntimeError(f"reaction {declared.service}:{declared.key} declared twice")
+    _REACTIONS.append(declared)
+    return declared
+
+
+def reactions() -> list[Reaction]:
+    return list(_REACTIONS)
+
+
+def subscribers(event: str) -> list[Reaction]:
+    return [r for r in _REACTIONS if event in r.on]
+
+
+def _find(service: str, key: str) -> Reaction:
+    return next(r for r in _REACTIONS if r.service == service and r.key == key)
+
+
+def event_message(
+    *, event: str, saga_id, context: dict, failure: dict | None = None, emitter: dict | None = None
+) -> dict:
+    return {
+        "event": event,
+        "event_id": str(uuid.uuid4()),
+        "saga_id": str(saga_id),
+        "context": context,
+        "failure": failure,
+        "emitter": emitter,
+    }
+
+
+def publish(*, using: str, message: dict) -> list:
+    """Fan an event out to its subscribers and the tracker, in the caller's transaction.
+    Returns the outbox rows written, subscribers first."""
+    written = []
+    for subscriber in subscribers(message["event"]):
+        written.append(
+            outbox.enqueue(
+                using=using,
+                task=f"{subscriber.service}.react",
+                queue=subscriber.service,
+                payload={**message, "reaction": subscriber.key, "attempt": 1},
+                delay=subscriber.start_delay(),
+            )
+        )
+    written.append(outbox.enqueue(using=using, task=TRACK_TASK, queue=TRACK_QUEUE, payload=message))
+    return written
+
+
+def react(*, service: str, message: dict) -> dict:
+    """Run one reaction to one event (a service's `react` task calls this)."""
+    rule = _find(service, message["reaction"])
+    attempt = int(message.get("attempt", 1))
+    command = Command(
+        saga_id=uuid.UUID(message["saga_id"]),
+        step=rule.step,
+        op=rule.op,
+        operation=rule.operation,
+        attempt=attempt,
+        payload={**message["context"], "failure": message.get("failure")},
+    )
+    try:
+        faults.before(service, rule.operation, attempt)
+        with transaction.atomic(using=service):
+            outcome = barrier.call(using=service, command=command, fn=get_operation(service, rule.operation))
+            _announce(service, rule, message, outcome)
+        return outcome
+    except Exception as exc:  # transient, like every unknown error
+        error = exc.as_dict() if isinstance(exc, TransientError) else {"code": "unexpected_error", "message": str(exc)}
+        logger.warning("%s reaction %s failed (attempt %d): %s", service, rule.key, attempt, error["message"])
+        with transaction.atomic(using=service):
+            if attempt < rule.max_attempts:
+                outbox.enqueue(
+                    using=service,
+                    task=f"{service}.react",
+                    queue=service,
+                    payload={**message, "attempt": attempt + 1},
+                    delay=rule.backoff(attempt),
+                )
+            else:
+                _give_up(service, rule, message, command, error)
+        return {"status": "transient_error", "error": error}
+
+
+def _announce(service: str, rule: Reaction, message: dict, outcome: dict) -> None:
+    emitter = {
+        "service": service,
+        "step": rule.step,
+        "op": rule.op,
+        "status": outcome["status"],
+        "event": message["event"],
+    }
+    emitter["null_compensation"] = outcome.get("barrier") == "null_compensation"
+    if (outcome.get("error") or {}).get("code") == barrier.REFUSED_AFTER_COMPENSATION["error"]["code"]:
+        # Overtaken by its compensation: it did nothing, and nothing follows from it.
+        _track(service, message, emitter={**emitter, "status": "refused"})
+        return
+    if outcome.get("replayed") and not message.get("nudge"):
+        # A redelivered event: what this reaction published the first time committed with its
+        # effect, and the outbox delivers it. (A nudge from the tracker, which suspects the
+        # event was lost after it was published, publishes it again.)
+        return
+    failure = message.get("failure")
+    if outcome["status"] == SUCCEEDED:
+        event = rule.emits
+    else:
+        event = rule.emits_on_failure
+        failure = {**(outcome.get("error") or {}), "step": rule.step}
+        emitter["definitive"] = outcome["status"] == BUSINESS_FAILURE
+    if event:
+        publish(
+            using=service,
+            message=event_message(
+                event=event, saga_id=message["saga_id"], context=message["context"], failure=failure, emitter=emitter
+            ),
+        )
+    else:
+        _track(service, message, emitter=emitter)
+
+
+def _give_up(service: str, rule: Reaction, message: dict, command: Command, error: dict) -> None:
+    """Out of attempts. The last one may have committed after all: undo this step too (the
+    barrier makes that a no-op if it never ran, and refuses it should it run later)."""
+    undo = next((r for r in _REACTIONS if r.service == service and r.step == rule.step and r.op == COMPENSATE), None)
+    undone = None
+    if rule.op == ACTION and undo is not None:
+        undo_command = Command(
+            saga_id=command.saga_id,
+            step=rule.step,
+            op=COMPENSATE,
+            operation=undo.operation,
+            attempt=1,
+            payload=command.payload,
+        )
+        result = barrier.call(using=service, command=undo_command, fn=get_operation(service, undo.operation))
+        undone = "null_compensation" if result.get("barrier") == "null_compensation" else "compensated"
+    failure = {
+        "code": "retries_exhausted",
+        "message": f"{rule.step} failed after {command.attempt} attempt(s): {error['message']}",
+        "step": rule.step,
+    }
+    emitter = {"service": service, "step": rule.step, "op": rule.op, "status": "gave_up", "event": message["event"]}
+    emitter["undone"] = undone
+    if rule.emits_on_failure:
+        publish(
+            using=service,
+            message=event_message(
+                event=rule.emits_on_failure,
+                saga_id=message["saga_id"],
+                context=message["context"],
+                failure=failure,
+                emitter=emitter,
+            ),
+        )
+    else:
+        _track(service, message, emitter={**emitter, "error": error})
+
+
+def _track(service: str, message: dict, *, emitter: dict) -> None:
+    """Tell the tracker what happened when no event carries the news."""
+    outbox.enqueue(
+        using=service,
+        task=TRACK_TASK,
+        queue=TRACK_QUEUE,
+        payload=event_message(
+            event=f"{emitter['step']}.{emitter['status']}",
+            saga_id=message["saga_id"],
+            context=message["context"],
+            failure=message.get("failure"),
+            emitter=emitter,
+        ),
+    )

@@ -1,0 +1,242 @@
+"""Choreography: the order flow with no coordinator, and the tracker that rebuilds the saga."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.core import mail
+from django.utils import timezone
+
+from inventory.models import StockItem
+from orchestration import sweeper
+from orchestration.audit import run_audit
+from orchestration.models import Alert, Saga, SagaEvent, SagaStep
+from orders.models import Order
+from payments.models import Charge, LedgerEntry
+from sagaplatform.kernel import faults
+from sagaplatform.kernel.models import FaultRule
+from shipping.models import Shipment
+from tests.conftest import order_body
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+def place(api, **kwargs) -> dict:
+    response = api.post("/api/orders/", {**order_body(**kwargs), "mode": "choreography"}, format="json")
+    assert response.status_code == 202, response.content
+    return response.json()
+
+
+def mug() -> tuple[int, int]:
+    item = StockItem.objects.using("inventory").get(sku="SKU-MUG")
+    return item.on_hand, item.reserved
+
+
+def steps(saga_id) -> dict[str, str]:
+    return dict(SagaStep.objects.filter(saga_id=saga_id).values_list("name", "state"))
+
+
+def take_reaction(broker, step: str) -> list[dict]:
+    taken = [
+        m for m in broker.queue if m["task"].endswith(".react") and m["payload"]["reaction"].startswith(f"{step}:")
+    ]
+    broker.queue = [m for m in broker.queue if m not in taken]
+    return taken
+
+
+def test_the_happy_path_needs_no_coordinator(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+
+    broker.deliver()
+
+    tasks = {m["task"] for m in broker.delivered}
+    assert not any(task.endswith(".execute") or task == "orchestration.start_saga" for task in tasks)
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert (saga.definition, saga.state) == ("place_order_choreography", "completed")
+    assert set(steps(saga.id).values()) == {"succeeded", "pending"}  # the failure steps never ran
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "shipped"
+    assert mug() == (48, 0)
+    assert Charge.objects.using("payments").get().state == "captured"
+    assert Shipment.objects.using("shipping").get().state == "dispatched"
+    assert [m.subject for m in mail.outbox] == ["Your order is on its way"]
+    observed = SagaEvent.objects.filter(saga=saga, kind="event_observed").values_list("data__event", flat=True)
+    assert {"order.placed", "stock.reserved", "payment.captured", "order.approved", "shipment.scheduled"} <= set(
+        observed
+    )
+    assert run_audit() == []
+
+
+def test_a_declined_card_makes_inventory_release_and_the_order_reject(alice_api, catalogue, broker):
+    receipt = place(alice_api, token="tok_declined")
+
+    broker.deliver()
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "compensated"
+    assert saga.failure["code"] == "card_declined"
+    assert steps(saga.id)["reserve_stock"] == "compensated"
+    assert mug() == (50, 0)
+    order = Order.objects.using("orders").get(id=receipt["id"])
+    assert (order.status, order.failure_code) == ("rejected", "card_declined")
+    assert [m.subject for m in mail.outbox] == ["Your order could not be completed"]
+    assert run_audit() == []
+
+
+def test_a_service_that_gives_up_undoes_itself_and_the_earlier_ones_compensate(alice_api, catalogue, broker):
+    FaultRule.objects.using("shipping").create(service="shipping", operation="schedule", fail_first=99)
+    faults.clear_cache()
+    receipt = place(alice_api)
+
+    broker.deliver()
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "compensated"
+    assert saga.failure["code"] == "retries_exhausted"
+    state = steps(saga.id)
+    assert (state["approve_order"], state["charge_payment"], state["reserve_stock"]) == ("compensated",) * 3
+    assert Charge.objects.using("payments").get().state == "refunded"
+    assert sum(LedgerEntry.objects.using("payments").values_list("amount", flat=True), Decimal(0)) == 0
+    assert mug() == (50, 0)
+    assert not Shipment.objects.using("shipping").exists()
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"
+    assert run_audit() == []
+
+
+def test_every_event_delivered_twice_changes_nothing_more(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+    while broker.queue:
+        message = broker.queue.pop(0)
+        broker.run(message)
+        broker.run(message)
+
+    assert Saga.objects.get(id=receipt["saga"]["id"]).state == "completed"
+    assert mug() == (48, 0)
+    assert LedgerEntry.objects.using("payments").count() == 1
+    assert Shipment.objects.using("shipping").count() == 1
+    assert run_audit() == []
+
+
+def test_the_tracker_rebuilds_the_same_saga_whatever_order_the_events_arrive_in(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+    held = []
+    while broker.queue:
+        message = broker.queue.pop(0)
+        if message["task"] == "orchestration.track_event":
+            held.append(message)
+        else:
+            broker.run(message)
+    assert not Saga.objects.filter(id=receipt["saga"]["id"]).exists()  # it has heard nothing yet
+
+    for message in reversed(held):  # the last news first
+        broker.run(message)
+    broker.deliver()
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "completed"
+    assert {
+        name: state for name, state in steps(saga.id).items() if name not in ("reject_order", "notify_failure")
+    } == {name: "succeeded" for name in steps(saga.id) if name not in ("reject_order", "notify_failure")}
+    assert run_audit() == []
+
+
+def test_a_missing_event_is_detected_by_its_lease_and_the_service_nudged(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+    while broker.queue:
+        message = broker.queue.pop(0)
+        if message["task"] == "orders.react" and message["payload"]["reaction"] == "approve_order:action":
+            continue  # the order service never hears of the payment
+        broker.run(message)
+    saga_id = receipt["saga"]["id"]
+    assert steps(saga_id)["approve_order"] == "running"
+
+    SagaStep.objects.filter(saga_id=saga_id, name="approve_order").update(
+        deadline_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert sweeper.sweep_once()["timed_out"] == 1
+    broker.deliver()
+
+    assert Saga.objects.get(id=saga_id).state == "completed"
+    assert SagaEvent.objects.filter(saga_id=saga_id, kind="event_nudged", step="approve_order").count() == 1
+
+
+def test_an_event_that_never_comes_parks_the_saga(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+    saga_id = receipt["saga"]["id"]
+    for _ in range(5):
+        while broker.queue:
+            message = broker.queue.pop(0)
+            if message["task"] == "orders.react" and message["payload"]["reaction"] == "approve_order:action":
+                continue  # lost, every time
+            broker.run(message)
+        SagaStep.objects.filter(saga_id=saga_id, name="approve_order").update(
+            deadline_at=timezone.now() - timedelta(seconds=1)
+        )
+        sweeper.sweep_once()
+
+    assert Saga.objects.get(id=saga_id).state == "parked"
+    assert SagaEvent.objects.filter(saga_id=saga_id, kind="event_nudged").count() == 3
+    assert "approve_order" in Alert.objects.get(saga_id=saga_id).message
+
+
+def test_cancel_before_anything_happened(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+
+    assert alice_api.post(f"{receipt['url']}cancel/", {}, format="json").status_code == 202
+    broker.deliver()
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "cancelled"
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "cancelled"
+    assert mug() == (50, 0)
+    assert not Charge.objects.using("payments").filter(state="captured").exists()
+    assert run_audit() == []
+
+
+def test_cancel_after_payment_refunds_and_releases(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+    while broker.queue and broker.queue[0]["task"] != "orders.react":
+        broker.run(broker.queue.pop(0))  # reserved and charged
+
+    assert alice_api.post(f"{receipt['url']}cancel/", {}, format="json").status_code == 202
+    broker.deliver()
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "cancelled"
+    assert Charge.objects.using("payments").get().state == "refunded"
+    assert mug() == (50, 0)
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "cancelled"
+    assert [m.subject for m in mail.outbox] == ["Your order is cancelled"]
+    assert run_audit() == []
+
+
+def test_cancel_in_the_handling_window_holds_the_dispatch(alice_api, catalogue, broker, settings):
+    settings.SHIPPING_HANDLING_SECONDS = 3600
+    receipt = place(alice_api)
+    while broker.queue:
+        message = broker.queue.pop(0)
+        if message["task"] == "shipping.react" and message["payload"]["reaction"] == "dispatch_shipment:action":
+            dispatch = message  # waiting out the handling window
+            continue
+        broker.run(message)
+
+    assert alice_api.post(f"{receipt['url']}cancel/", {}, format="json").status_code == 202
+    broker.deliver()
+    broker.run(dispatch)  # the window ends: the dispatch arrives after its hold
+    broker.deliver()
+
+    assert Saga.objects.get(id=receipt["saga"]["id"]).state == "cancelled"
+    assert Shipment.objects.using("shipping").get().state == "cancelled"
+    assert Charge.objects.using("payments").get().state == "refunded"
+    assert run_audit() == []
+
+
+def test_cancel_after_dispatch_is_refused(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+    broker.deliver()
+
+    response = alice_api.post(f"{receipt['url']}cancel/", {}, format="json")
+
+    assert response.status_code == 409
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "shipped"
