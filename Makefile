@@ -8,7 +8,7 @@ CONCURRENCY ?= 4
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test lint format bench simulate audit web worker workers beat setup migrations clean
+.PHONY: help install install-dev run test lint format bench bench-styles simulate audit web worker workers beat setup migrations clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -50,9 +50,15 @@ format: install-dev ## Fix lint findings and format the code
 
 BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/sagabench
 BENCH_REDIS_URL ?= redis://127.0.0.1:6379/14
+# One order at a time: the latency of each style's shape, not of queueing.
+STYLES_ARGS ?= -n 20 -c 1 --latency-ms 50
 bench: install-dev ## Benchmark orders/s and latency against a bare Celery chain (PostgreSQL + Redis; BENCH_ARGS="-n 500 -c 32")
 	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
 	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench $(BENCH_ARGS)
+
+bench-styles: install-dev ## Latency of the four transaction styles, 50 ms added per service (STYLES_ARGS)
+	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
+	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench --styles $(STYLES_ARGS)
 
 simulate: install ## Simulate orders under faults, then audit (SIM_ARGS="-n 1000 --failure-rate 0.2")
 	$(BIN)/python manage.py simulate $(SIM_ARGS)

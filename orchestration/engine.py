@@ -270,18 +270,19 @@ def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = "") -> Saga
         run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": failure["message"]})
         return True
 
-    if not _locked(saga_id, apply, actor=actor) and "saga" not in outcome:
-        # The saga has not started yet (its start message is on its way): start it cancelled,
-        # so the late start message finds it and does nothing, and the order is closed.
-        definition = for_mode(context.get("mode", "orchestrated"))
-        if definition.style == "choreography":
-            from . import tracker
+    if _locked(saga_id, apply, actor=actor):
+        return outcome["saga"]
+    # The saga has not started yet (its start message is on its way): start it cancelled, so
+    # the late start message finds it and does nothing, and the order is closed.
+    definition = for_mode(context.get("mode", "orchestrated"))
+    if definition.style == "choreography":
+        from . import tracker
 
-            tracker.ensure_saga(saga_id=saga_id, context=context)
-            _locked(saga_id, apply, actor=actor)
-        else:
-            saga_start(saga_id=saga_id, definition=definition.name, context=context, cancel=failure)
-        outcome["saga"] = Saga.objects.using(DB).get(id=saga_id)
+        tracker.ensure_saga(saga_id=saga_id, context=context)
+    elif saga_start(saga_id=saga_id, definition=definition.name, context=context, cancel=failure):
+        return Saga.objects.using(DB).get(id=saga_id)
+    # The start message won the race and the saga now runs: decide on it like any other.
+    _locked(saga_id, apply, actor=actor)
     return outcome["saga"]
 
 
@@ -448,8 +449,9 @@ def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
         run.record("step_failed", step=step, from_state=before, data={**data, "error": error})
         return True
 
-    # Once the saga unwinds, a forward step stops retrying; its failure steps keep going.
-    unwinding = run.saga.state != Saga.State.RUNNING and step.kind == SagaStep.Kind.ACTION
+    # Once the saga unwinds, a forward step stops retrying; its failure steps keep going (and
+    # so do the steps after TCC's confirms: the saga is not unwinding then).
+    unwinding = run.saga.state == Saga.State.COMPENSATING and step.kind == SagaStep.Kind.ACTION
     if not unwinding and spec.retry.allows_another(step.attempts):
         delay = spec.retry.delay(step.attempts)
         step.schedule_retry(error=error, next_attempt_at=run.now + timedelta(seconds=delay))

@@ -28,6 +28,11 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class SagaRefSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    state = serializers.CharField()
+
+
 class OrderListSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     status = serializers.CharField()
@@ -78,10 +83,6 @@ class OrdersApi(APIView):
 
     @extend_schema_serializer(component_name="OrderAccepted")
     class OutputSerializer(serializers.Serializer):
-        class SagaRefSerializer(serializers.Serializer):
-            id = serializers.UUIDField()
-            state = serializers.CharField()
-
         id = serializers.UUIDField()
         status = serializers.CharField()
         saga = SagaRefSerializer()
@@ -192,10 +193,6 @@ class OrderCancelApi(APIView):
 
     @extend_schema_serializer(component_name="OrderCancelled")
     class OutputSerializer(serializers.Serializer):
-        class SagaRefSerializer(serializers.Serializer):
-            id = serializers.UUIDField()
-            state = serializers.CharField()
-
         id = serializers.UUIDField()
         status = serializers.CharField()
         saga = SagaRefSerializer()

@@ -163,10 +163,11 @@ def _seed(n: int) -> None:
     stock_set(sku=BENCH_SKU, on_hand=10 * n + 10_000)
 
 
-def _place_saga_order(index: int) -> tuple[str, str]:
+def _place_saga_order(index: int, mode: str = "orchestrated") -> tuple[str, str]:
     from orders.services import order_place
 
     placement = order_place(
+        mode=mode,
         customer_id=1,
         customer_email="bench@example.com",
         items=[{"sku": BENCH_SKU, "quantity": 1}],
@@ -340,5 +341,50 @@ def run_benchmark(*, n: int, concurrency: int, worker_concurrency: int, warmup: 
         f"p99 {bare['p99_ms']} ms  new PG sessions {bare['new_pg_sessions']}\n"
         f"ratio : throughput saga/chain {summary['throughput_ratio']}  p50 saga/chain {summary['p50_ratio']}\n"
     )
+    out.write(json.dumps(summary) + "\n")
+    return summary
+
+
+def run_styles_benchmark(*, n: int, concurrency: int, worker_concurrency: int, latency_ms: int, out) -> dict:
+    """End-to-end latency of each transaction style, with `latency_ms` added to every service
+    operation (so the shape of the flow, sequential or parallel, is what the numbers show)."""
+    from sagaplatform.kernel.models import FaultRule
+
+    if settings.EMBEDDED_DATABASES or settings.EMBEDDED_BROKER:
+        raise RuntimeError("the benchmark measures the production stack: set DATABASE_URL and REDIS_URL")
+    _seed(4 * n + 100)
+    for alias in settings.SERVICE_ALIASES:
+        FaultRule.objects.using(alias).filter(operation="*").delete()
+        if latency_ms:
+            FaultRule.objects.using(alias).create(service=alias, operation="*", latency_ms=latency_ms)
+    log_path = ROOT / "var" / "bench-worker.log"
+    log_path.parent.mkdir(exist_ok=True)
+    worker = start_worker(worker_concurrency, log_path)
+    results = {}
+    try:
+        out.write(f"{n} orders per style, {concurrency} concurrent, {latency_ms} ms added to every service operation\n")
+        for mode in ("orchestrated", "parallel", "tcc", "choreography"):
+            run = Run(mode)
+            drive(
+                run,
+                n=n,
+                concurrency=concurrency,
+                place=lambda i, mode=mode: _place_saga_order(i, mode),
+                finished_ids=_finished_sagas,
+                out=out,
+            )
+            results[mode] = run.figures()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        for alias in settings.SERVICE_ALIASES:
+            FaultRule.objects.using(alias).filter(operation="*").delete()
+    base = results["orchestrated"]["p50_ms"]
+    for mode, figures in results.items():
+        out.write(
+            f"{mode:13}: p50 {figures['p50_ms']:7.1f} ms  p95 {figures['p95_ms']:7.1f} ms  "
+            f"{figures['throughput_per_s']:5.1f} orders/s  p50 vs orchestrated {figures['p50_ms'] / base:.2f}\n"
+        )
+    summary = {"orders": n, "concurrency": concurrency, "latency_ms": latency_ms, "styles": results}
     out.write(json.dumps(summary) + "\n")
     return summary

@@ -37,6 +37,7 @@ ADDRESS = {"name": "Sim", "line1": "1 Chaos Rd", "city": "Lyon", "postal_code": 
 # A few SKUs, one of them scarce, so some orders meet an empty shelf (a business failure).
 SKUS = {"SIM-COMMON-1": 10**6, "SIM-COMMON-2": 10**6, "SIM-COMMON-3": 10**6, "SIM-SCARCE": 25}
 REST = (*Saga.TERMINAL_STATES, Saga.State.PARKED)
+MODES = ["orchestrated", "parallel", "tcc", "choreography"]
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Plan:
     kill_workers: int = 0
     step_timeout: float = 10.0
     handling_seconds: float = 0.0
+    mode: str = "orchestrated"  # or parallel, tcc, choreography; "mixed" picks one per order
     timeout: float = 600.0  # the longest one order may take to come to rest
     seed: int = 1
 
@@ -149,10 +151,11 @@ def run_simulation(plan: Plan, out) -> int:
         settings.SHIPPING_HANDLING_SECONDS = plan.handling_seconds
         embedded.start()
     out.write(
-        f"simulate: {plan.orders} orders, {plan.concurrency} concurrent, transient failure rate {plan.failure_rate:.0%}, "
+        f"simulate: {plan.orders} {plan.mode} orders, {plan.concurrency} concurrent, transient failure rate {plan.failure_rate:.0%}, "
         f"declines {plan.decline_rate:.0%}, latency {plan.latency_ms} ms, kills {plan.kill_workers}\n"
     )
     tokens = ["tok_declined" if rng.random() < plan.decline_rate else "tok_visa" for _ in range(plan.orders)]
+    modes = [rng.choice(MODES) if plan.mode == "mixed" else plan.mode for _ in range(plan.orders)]
     baskets = [
         [{"sku": sku, "quantity": rng.randint(1, 3)} for sku in rng.sample(sorted(SKUS), rng.randint(1, 2))]
         for _ in range(plan.orders)
@@ -168,6 +171,7 @@ def run_simulation(plan: Plan, out) -> int:
             items=baskets[i],
             payment_token=tokens[i],
             shipping_address=ADDRESS,
+            mode=modes[i],
         )
         with lock:
             placed.append(str(placement.order.saga_id))

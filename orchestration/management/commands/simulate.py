@@ -20,6 +20,9 @@ class Command(BaseCommand):
             "--timeout", type=float, default=Plan.timeout, help="seconds one order may take to come to rest"
         )
         parser.add_argument("--seed", type=int, default=Plan.seed)
+        parser.add_argument(
+            "--mode", default=Plan.mode, choices=["orchestrated", "parallel", "tcc", "choreography", "mixed"]
+        )
 
     def handle(self, *args, **options):
         plan = Plan(**{key: options[key] for key in Plan.__dataclass_fields__})
