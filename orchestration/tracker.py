@@ -151,10 +151,11 @@ def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
                     run, step, State.COMPENSATED, data={"null_compensation": emitter["undone"] == "null_compensation"}
                 )
     elif emitter["op"] == COMPENSATE:
-        if status == SUCCEEDED:
+        if run.definition.step(step.name).pivot:
+            kind = "dispatch_held" if status == SUCCEEDED else "cancellation_refused"
+            run.record(kind, step=step, data={"error": failure} if status != SUCCEEDED else {})
+        elif status == SUCCEEDED:
             _walk(run, step, State.COMPENSATED, data={"null_compensation": bool(emitter.get("null_compensation"))})
-        elif emitter["step"] == "dispatch_shipment":
-            run.record("cancellation_refused", step=step, data={"error": failure})
         else:
             _walk(run, step, State.COMPENSATION_FAILED, error=failure)
 
@@ -177,6 +178,11 @@ def _observe_start(run: engine._Run, reaction, message: dict) -> None:
             step.dispatch()
             run.record("step_started", step=step, from_state=State.PENDING, data={"event": message["event"]})
         _watch(run, step, spec, trigger, delay=delay)
+    elif reaction.op == COMPENSATE and spec.pivot:
+        # Holding the point of no return is a guard, not an undo: the dispatch either never
+        # happens (the barrier refuses it, and we hear "refused") or already did (and the
+        # services refuse the cancellation).
+        run.record("dispatch_hold_requested", step=step, data={"event": message["event"]})
     elif reaction.op == COMPENSATE and step.state in (State.SUCCEEDED, State.FAILED, State.RUNNING, State.RETRYING):
         before = step.state
         step.begin_compensation()
@@ -204,8 +210,9 @@ def _decide(run: engine._Run, message: dict) -> None:
         return
     if message["event"] == "cancellation.refused" and saga.state == Saga.State.COMPENSATING:
         saga.abort_cancellation()
+        saga.failure = None
         run.record("saga_cancel_refused", from_state=Saga.State.COMPENSATING, data={"reason": "the parcel had left"})
-        return
+        # Fall through: the rest of the flow may already have been heard while it was unwinding.
     if saga.state == Saga.State.RUNNING:
         # A step that failed, or is already being (or was) undone: the flow is unwinding.
         unwinding = (State.FAILED, State.COMPENSATING, State.COMPENSATED, State.COMPENSATION_FAILED)
