@@ -335,7 +335,14 @@ def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
                     )
                     _send(run, step, run.definition.step(step.name), COMPENSATE, attempt=step.compensation_attempts)
             else:
-                saga.resume_forward()
+                confirmed = run.definition.style == "tcc" and all(
+                    step.state == State.CONFIRMED for spec, step in run.action_steps() if spec.confirm
+                )
+                # After TCC's confirms the saga is in its confirm phase, not trying any more.
+                if confirmed:
+                    saga.resume_confirm()
+                else:
+                    saga.resume_forward()
                 run.record("operator_retry", from_state=Saga.State.PARKED, data={"reason": reason})
                 for spec, step in run.action_steps():
                     if step.state == State.FAILED:
@@ -390,6 +397,10 @@ def saga_skip(*, saga_id, step_name: str, actor: str, reason: str) -> Saga:
             )
         step.skip_compensation()
         run.record("compensation_skipped", step=step, from_state=State.COMPENSATION_FAILED, data={"reason": reason})
+        if run.definition.style == "choreography":
+            from . import tracker
+
+            tracker.announce_skip(run, step)
         if not any(s.state == State.COMPENSATION_FAILED for _, s in run.action_steps()):
             run.saga.resume_compensation()
             run.record("saga_resumed", from_state=Saga.State.PARKED, data={"reason": reason})

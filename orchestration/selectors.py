@@ -24,6 +24,7 @@ def step_view(step: SagaStep) -> dict:
         "state": step.state,
         "attempts": step.attempts,
         "compensation_attempts": step.compensation_attempts,
+        "confirm_attempts": step.confirm_attempts,
         "next_attempt_at": step.next_attempt_at,
         "started_at": step.started_at,
         "finished_at": step.finished_at,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from django.db.models import Q
 from django.db.models.functions import Now
 
 from sagaplatform.kernel import outbox
@@ -36,7 +37,9 @@ def sweep_once() -> dict:
     published = outbox.relay_due(using=engine.DB)
     expired = (
         SagaStep.objects.using(engine.DB)
-        .filter(deadline_at__lte=Now(), state__in=engine.IN_FLIGHT)
+        .filter(deadline_at__lte=Now())
+        # In flight, or (choreography) scheduled to start and watched for its start.
+        .filter(Q(state__in=engine.IN_FLIGHT) | Q(state=SagaStep.State.PENDING))
         .order_by("deadline_at")
         .values_list("saga_id", "name")[:BATCH]
     )

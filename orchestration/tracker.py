@@ -145,11 +145,13 @@ def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
         if status == SUCCEEDED:
             _walk(run, step, State.SUCCEEDED)
         else:
-            _walk(run, step, State.FAILED, error={**failure, "definitive": bool(emitter.get("definitive"))})
-            if emitter.get("undone"):  # the service gave up and undid its own step at once
-                _walk(
-                    run, step, State.COMPENSATED, data={"null_compensation": emitter["undone"] == "null_compensation"}
-                )
+            undone = emitter.get("undone")
+            # Definitive: a business failure, or a give-up whose undo proved it never ran.
+            definitive = bool(emitter.get("definitive")) or undone == "null_compensation"
+            _walk(run, step, State.FAILED, error={**failure, "definitive": definitive})
+            if undone in ("null_compensation", "compensated") and not run.definition.step(step.name).pivot:
+                # The service gave up and undid its own step at once.
+                _walk(run, step, State.COMPENSATED, data={"null_compensation": undone == "null_compensation"})
     elif emitter["op"] == COMPENSATE:
         if run.definition.step(step.name).pivot:
             kind = "dispatch_held" if status == SUCCEEDED else "cancellation_refused"
@@ -200,11 +202,14 @@ def _decide(run: engine._Run, message: dict) -> None:
     saga = run.saga
     actions = run.action_steps()
     finalizers = run.failure_steps()
-    # The point of no return failed and we cannot tell whether the parcel left: a person decides.
+    # The point of no return failed and we cannot tell whether the parcel left, or a step after
+    # it failed (nothing can be undone there): a person decides.
     pivot_failed = any(
         spec.pivot and step.state == State.FAILED and not (step.error or {}).get("definitive") for spec, step in actions
     )
-    if any(step.state == State.COMPENSATION_FAILED for _, step in actions) or pivot_failed:
+    past_pivot = any(spec.pivot and step.state == State.SUCCEEDED for spec, step in actions)
+    failed_after_pivot = past_pivot and any(step.state == State.FAILED for _, step in actions)
+    if any(step.state == State.COMPENSATION_FAILED for _, step in actions) or pivot_failed or failed_after_pivot:
         if saga.state in (Saga.State.RUNNING, Saga.State.COMPENSATING):
             engine._park(run, "A choreographed step failed where no service undoes it; look at its events")
         return
@@ -302,3 +307,18 @@ def operator_retry(run: engine._Run) -> None:
 
 
 IN_FLIGHT_STATES = (State.RUNNING, State.RETRYING, State.COMPENSATING)
+
+
+def announce_skip(run: engine._Run, step: SagaStep) -> None:
+    """An operator settled a compensation by hand: publish what its reaction would have, so the
+    rest of the choreographed undo goes on."""
+    undo = next((r for r in choreography.reactions() if r.step == step.name and r.op == COMPENSATE and r.emits), None)
+    if undo is None:
+        return
+    emitter = {"service": undo.service, "step": step.name, "op": COMPENSATE, "status": SUCCEEDED, "skipped": True}
+    choreography.publish(
+        using=engine.DB,
+        message=choreography.event_message(
+            event=undo.emits, saga_id=run.saga.id, context=run.saga.context, failure=run.saga.failure, emitter=emitter
+        ),
+    )

@@ -36,6 +36,7 @@ class SagaStepSerializer(serializers.Serializer):
     state = serializers.CharField()
     attempts = serializers.IntegerField()
     compensation_attempts = serializers.IntegerField()
+    confirm_attempts = serializers.IntegerField()
     next_attempt_at = serializers.DateTimeField(allow_null=True)
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)

@@ -24,6 +24,7 @@ reaction(
     op=ACTION,
     operation="dispatch",
     emits="shipment.dispatched",
+    emits_on_failure="shipment.dispatch_failed",
     max_attempts=10,
     start_after="SHIPPING_HANDLING_SECONDS",
 )
@@ -38,7 +39,7 @@ reaction(
 )
 reaction(
     service="shipping",
-    on=("shipment.held",),
+    on=("shipment.held", "shipment.dispatch_failed"),
     step="schedule_shipment",
     op=COMPENSATE,
     operation="cancel",

@@ -240,3 +240,54 @@ def test_cancel_after_dispatch_is_refused(alice_api, catalogue, broker):
 
     assert response.status_code == 409
     assert Order.objects.using("orders").get(id=receipt["id"]).status == "shipped"
+
+
+def test_a_step_after_the_dispatch_that_fails_for_good_parks(alice_api, catalogue, broker):
+    FaultRule.objects.using("inventory").create(service="inventory", operation="commit", fail_first=1000)
+    faults.clear_cache()
+    receipt = place(alice_api)
+
+    broker.deliver()
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "parked"  # the parcel left: nothing is undone, a person decides
+    assert steps(saga.id)["commit_stock"] == "failed"
+    assert Shipment.objects.using("shipping").get().state == "dispatched"
+    assert Charge.objects.using("payments").get().state == "captured"
+    assert Alert.objects.filter(saga=saga).exists()
+
+
+def test_a_dispatch_that_never_happens_compensates_everything(alice_api, catalogue, broker):
+    FaultRule.objects.using("shipping").create(service="shipping", operation="dispatch", fail_first=1000)
+    faults.clear_cache()
+    receipt = place(alice_api)
+
+    broker.deliver()
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "compensated", steps(saga.id)
+    assert steps(saga.id)["dispatch_shipment"] == "failed"
+    assert Shipment.objects.using("shipping").get().state == "cancelled"
+    assert Charge.objects.using("payments").get().state == "refunded"
+    assert mug() == (50, 0)
+    assert run_audit() == []
+
+
+def test_an_operator_skip_lets_the_choreographed_undo_go_on(alice_api, catalogue, broker):
+    from orchestration import engine
+
+    FaultRule.objects.using("payments").create(service="payments", operation="refund", failure_rate=1.0)
+    FaultRule.objects.using("shipping").create(service="shipping", operation="schedule", fail_first=1000)
+    faults.clear_cache()
+    receipt = place(alice_api)
+    broker.deliver()
+    saga_id = receipt["saga"]["id"]
+    assert Saga.objects.get(id=saga_id).state == "parked"
+    assert steps(saga_id)["charge_payment"] == "compensation_failed"
+
+    engine.saga_skip(saga_id=saga_id, step_name="charge_payment", actor="user:op", reason="refunded by hand")
+    broker.deliver()
+
+    assert Saga.objects.get(id=saga_id).state == "compensated"
+    assert mug() == (50, 0)  # the rest of the undo ran
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"

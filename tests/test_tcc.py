@@ -167,3 +167,48 @@ def test_cancel_once_confirming_is_refused(alice_api, catalogue, broker):
     assert response.json()["code"] == "not_cancellable"
     broker.deliver()
     assert Saga.objects.get(id=receipt["saga"]["id"]).state == "completed"
+
+
+def test_a_step_after_the_confirms_that_fails_for_good_parks_and_an_operator_resumes_it(alice_api, catalogue, broker):
+    from orchestration import engine
+
+    FaultRule.objects.using("notifications").create(
+        service="notifications", operation="send_confirmation", fail_first=10
+    )
+    faults.clear_cache()
+    receipt = place(alice_api)
+    broker.deliver()
+    saga_id = receipt["saga"]["id"]
+    assert Saga.objects.get(id=saga_id).state == "parked"
+    assert LedgerEntry.objects.using("payments").count() == 1  # decided and confirmed: nothing undone
+
+    FaultRule.objects.using("notifications").all().delete()
+    faults.clear_cache()
+    engine.saga_retry(saga_id=saga_id, actor="user:op", reason="mail relay back")
+    broker.deliver()
+
+    assert Saga.objects.get(id=saga_id).state == "completed"
+    assert run_audit() == []
+
+
+def test_a_confirm_refused_for_now_is_retried_not_replayed(alice_api, catalogue, broker, monkeypatch):
+    from payments import services
+    from payments.exceptions import PaymentNotCapturable
+
+    real_capture = services.charge_capture
+    refusals = []
+
+    def capture(**kwargs):
+        if len(refusals) < 2:
+            refusals.append(1)
+            raise PaymentNotCapturable("The acquirer is reconciling; try again")
+        return real_capture(**kwargs)
+
+    monkeypatch.setattr(services, "charge_capture", capture)
+    receipt = place(alice_api)
+    broker.deliver()
+
+    saga_id = receipt["saga"]["id"]
+    assert Saga.objects.get(id=saga_id).state == "completed"
+    assert SagaStep.objects.get(saga_id=saga_id, name="charge_payment").confirm_attempts == 3
+    assert Charge.objects.using("payments").get().state == "captured"

@@ -22,13 +22,14 @@ from collections.abc import Callable
 from django.db import connections, transaction
 from django.utils import timezone
 
-from .errors import BusinessError
+from .errors import BusinessError, TransientError
 from .models import Barrier
 
 logger = logging.getLogger(__name__)
 
 ACTION = Barrier.Op.ACTION.value
 COMPENSATE = Barrier.Op.COMPENSATE.value
+CONFIRM = Barrier.Op.CONFIRM.value
 
 REFUSED_AFTER_COMPENSATION = {
     "status": "business_failure",
@@ -90,6 +91,10 @@ def call(*, using: str, command, fn: Callable[..., dict | None]) -> dict:
             result = fn(command=command) or {}
         outcome = {"status": "succeeded", "result": result}
     except BusinessError as exc:
+        if op == CONFIRM:
+            # TCC's confirm must eventually succeed: a refusal now is worth another try later,
+            # so it is not stored (a stored failure would be replayed to every retry).
+            raise TransientError(exc.message, code=exc.code, details=exc.details) from exc
         outcome = {"status": "business_failure", "error": exc.as_dict()}
     _store(using, saga_id, step, op, outcome)
     return outcome

@@ -198,7 +198,10 @@ def _give_up(service: str, rule: Reaction, message: dict, command: Command, erro
             payload=command.payload,
         )
         result = barrier.call(using=service, command=undo_command, fn=get_operation(service, undo.operation))
-        undone = "null_compensation" if result.get("barrier") == "null_compensation" else "compensated"
+        if result.get("barrier") == "null_compensation":
+            undone = "null_compensation"  # it never ran, and never will
+        else:
+            undone = "compensated" if result["status"] == SUCCEEDED else "refused"
     failure = {
         "code": "retries_exhausted",
         "message": f"{rule.step} failed after {command.attempt} attempt(s): {error['message']}",
