@@ -498,70 +498,70 @@ def _abandon(run: _Run, step: SagaStep, error: dict, *, reason: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class _Settling:
+    """A phase whose every step must eventually succeed: compensations, and TCC's confirms.
+    Whatever the error, it is retried on its own policy; past it, the saga is parked."""
+
+    state: str
+    attempts: str  # the SagaStep counter
+    policy: str  # the StepSpec retry policy
+    op: str
+    finish: str  # the SagaStep transitions
+    retry: str
+    give_up: str
+    done: str  # the event kinds
+    retrying: str
+    failed: str
+
+
+COMPENSATION = _Settling(
+    State.COMPENSATING, "compensation_attempts", "compensation_retry", COMPENSATE,
+    "finish_compensation", "schedule_compensation_retry", "give_up_compensation",
+    "step_compensated", "compensation_retry_scheduled", "compensation_failed",
+)  # fmt: skip
+CONFIRMATION = _Settling(
+    State.CONFIRMING, "confirm_attempts", "confirm_retry", CONFIRM,
+    "finish_confirm", "schedule_confirm_retry", "give_up_confirm",
+    "step_confirmed", "confirm_retry_scheduled", "confirm_failed",
+)  # fmt: skip
+
+
 def _apply_compensation_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
-    if step.state != State.COMPENSATING or reply.get("attempt") != step.compensation_attempts:
-        return False
-    spec = run.definition.step(step.name)
-    data = {"attempt": step.compensation_attempts, "replayed": bool(reply.get("replayed"))}
-    if reply["status"] == SUCCEEDED:
-        step.finish_compensation()
-        step.finished_at, step.deadline_at = run.now, None
-        run.record(
-            "step_compensated",
-            step=step,
-            from_state=State.COMPENSATING,
-            data={**data, "null_compensation": reply.get("barrier") == "null_compensation"},
-        )
-        return True
-    # A compensation must eventually succeed: whatever the error, retry it on its own policy;
-    # past it, park the saga for a person rather than loop forever.
-    error = reply.get("error") or {"code": "unknown", "message": "no error given"}
-    if spec.compensation_retry.allows_another(step.compensation_attempts):
-        delay = spec.compensation_retry.delay(step.compensation_attempts)
-        step.schedule_compensation_retry(error=error, next_attempt_at=run.now + timedelta(seconds=delay))
-        _lease(run, step, spec, delay=delay)
-        run.record(
-            "compensation_retry_scheduled",
-            step=step,
-            from_state=State.COMPENSATING,
-            data={**data, "error": error, "delay": round(delay, 3)},
-        )
-        _send(run, step, spec, COMPENSATE, attempt=step.compensation_attempts, delay=delay)
-        return True
-    step.give_up_compensation(error=error)
-    step.deadline_at = None
-    run.record("compensation_failed", step=step, from_state=State.COMPENSATING, data={**data, "error": error})
-    return True
+    return _apply_settling_reply(run, step, reply, COMPENSATION)
 
 
 def _apply_confirm_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
-    """TCC: a confirm must eventually succeed (the decision is taken); retried on its policy,
-    past it the saga is parked for a person."""
-    if step.state != State.CONFIRMING or reply.get("attempt") != step.confirm_attempts:
+    return _apply_settling_reply(run, step, reply, CONFIRMATION)
+
+
+def _apply_settling_reply(run: _Run, step: SagaStep, reply: dict, phase: _Settling) -> bool:
+    attempt = getattr(step, phase.attempts)
+    if step.state != phase.state or reply.get("attempt") != attempt:
         return False
     spec = run.definition.step(step.name)
-    data = {"attempt": step.confirm_attempts, "replayed": bool(reply.get("replayed"))}
+    data = {"attempt": attempt, "replayed": bool(reply.get("replayed"))}
     if reply["status"] == SUCCEEDED:
-        step.finish_confirm()
+        getattr(step, phase.finish)()
         step.finished_at, step.deadline_at = run.now, None
-        run.record("step_confirmed", step=step, from_state=State.CONFIRMING, data=data)
+        if phase is COMPENSATION:
+            data["null_compensation"] = reply.get("barrier") == "null_compensation"
+        run.record(phase.done, step=step, from_state=phase.state, data=data)
         return True
     error = reply.get("error") or {"code": "unknown", "message": "no error given"}
-    if spec.confirm_retry.allows_another(step.confirm_attempts):
-        delay = spec.confirm_retry.delay(step.confirm_attempts)
-        step.schedule_confirm_retry(error=error, next_attempt_at=run.now + timedelta(seconds=delay))
+    policy = getattr(spec, phase.policy)
+    if policy.allows_another(attempt):
+        delay = policy.delay(attempt)
+        getattr(step, phase.retry)(error=error, next_attempt_at=run.now + timedelta(seconds=delay))
         _lease(run, step, spec, delay=delay)
         run.record(
-            "confirm_retry_scheduled",
-            step=step,
-            from_state=State.CONFIRMING,
-            data={**data, "error": error, "delay": round(delay, 3)},
+            phase.retrying, step=step, from_state=phase.state, data={**data, "error": error, "delay": round(delay, 3)}
         )
-        _send(run, step, spec, CONFIRM, attempt=step.confirm_attempts, delay=delay)
+        _send(run, step, spec, phase.op, attempt=getattr(step, phase.attempts), delay=delay)
         return True
-    step.give_up_confirm(error=error)
+    getattr(step, phase.give_up)(error=error)
     step.deadline_at = None
-    run.record("confirm_failed", step=step, from_state=State.CONFIRMING, data={**data, "error": error})
+    run.record(phase.failed, step=step, from_state=phase.state, data={**data, "error": error})
     return True
 
 
