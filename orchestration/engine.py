@@ -72,6 +72,7 @@ class _Run:
                 to_state=step.state if step else self.saga.state,
                 data=data or {},
                 actor=self.actor,
+                created_at=self.now,
             )
         )
         logger.info(

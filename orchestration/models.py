@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 
 from django.db import models
+from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
 
 
@@ -257,7 +258,8 @@ class SagaEvent(models.Model):
     to_state = models.CharField(max_length=24, blank=True)
     data = models.JSONField(default=dict, blank=True)
     actor = models.CharField(max_length=150, default="engine")
-    created_at = models.DateTimeField(auto_now_add=True)
+    # Database time, set by the engine (workers' clocks may disagree); now() only as a fallback.
+    created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["saga", "seq"]
