@@ -248,7 +248,7 @@ def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = "") -> Saga
         saga = outcome["saga"] = run.saga
         if saga.state == Saga.State.CANCELLED or (saga.failure or {}).get("code") == CANCELLED:
             raise OperationNotAllowed("already_cancelled", "This order is already cancelled")
-        if saga.state != Saga.State.RUNNING and saga.state != Saga.State.PENDING:
+        if saga.state != Saga.State.RUNNING:  # (a saga is started in the transaction that creates it)
             raise OperationNotAllowed(
                 "not_cancellable",
                 f"This order can no longer be cancelled (it is {saga.state})",
