@@ -4,7 +4,8 @@
 
 1. for a compensation, insert the *action* row first: if that insert succeeds the action never
    ran, so this is a null compensation (do nothing, succeed) and the row, stored as refused,
-   blocks the action should it arrive later (hanging);
+   blocks the action should it arrive later (hanging); if the action ran and failed, its failure
+   was stored without effects, so this is a null compensation too;
 2. insert the row for the current op: if it already exists this is a duplicate (or the hanging
    action), so replay the stored outcome and change nothing;
 3. otherwise run the business operation in a savepoint and store its outcome. A business failure
@@ -67,6 +68,16 @@ def _insert(using: str, saga_id, step: str, op: str, outcome: dict | None) -> bo
         return cursor.rowcount == 1
 
 
+def _action_failed(using: str, saga_id, step: str) -> bool:
+    outcome = (
+        Barrier.objects.using(using)
+        .filter(saga_id=saga_id, step=step, op=ACTION)
+        .values_list("outcome", flat=True)
+        .first()
+    )
+    return bool(outcome) and outcome.get("status") == "business_failure"
+
+
 def _store(using: str, saga_id, step: str, op: str, outcome: dict) -> None:
     Barrier.objects.using(using).filter(saga_id=saga_id, step=step, op=op).update(outcome=outcome)
 
@@ -79,6 +90,14 @@ def call(*, using: str, command, fn: Callable[..., dict | None]) -> dict:
     if op == COMPENSATE and _insert(using, saga_id, step, ACTION, REFUSED_AFTER_COMPENSATION):
         _insert(using, saga_id, step, COMPENSATE, NULL_COMPENSATION)
         logger.info("null compensation for %s/%s", saga_id, step)
+        return NULL_COMPENSATION
+    # The action failed, and a failure is stored without its effects: nothing to undo. (A TCC
+    # cancel sent to a try still in flight that then failed ends here.)
+    if (
+        op == COMPENSATE
+        and _action_failed(using, saga_id, step)
+        and _insert(using, saga_id, step, COMPENSATE, NULL_COMPENSATION)
+    ):
         return NULL_COMPENSATION
 
     if not _insert(using, saga_id, step, op, None):

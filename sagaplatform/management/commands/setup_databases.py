@@ -20,6 +20,12 @@ class Command(BaseCommand):
         for alias, db in settings.DATABASES.items():
             if db["ENGINE"].endswith("postgresql"):
                 self._create_postgres(alias, db, recreate=recreate)
+        if recreate and settings.REDIS_URL:
+            # Messages still queued for the dropped databases would land in the new ones.
+            import redis
+
+            redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+            self.stdout.write("emptied the broker's Redis database")
         for alias in settings.DATABASE_ALIASES:
             call_command("migrate", database=alias, interactive=False, verbosity=0)
             self.stdout.write(f"migrated {alias}")
