@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True, da
 
 
 @pytest.fixture(autouse=True)
-def clean_slate(django_db_blocker):
+def empty_start(django_db_blocker):
     """The audit is global: start from empty databases and an empty broker, whatever a worker
     of an earlier test module wrote after that module's last flush."""
     for alias in settings.DATABASE_ALIASES:
