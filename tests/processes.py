@@ -3,6 +3,7 @@ embedded platform served by `manage.py serve`."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -97,3 +98,31 @@ def flush_broker() -> None:
     import redis
 
     redis.Redis.from_url(settings.REDIS_URL).flushdb()
+
+
+def wait_until_quiet(*, timeout: float = 30) -> bool:
+    """Wait until no saga message is queued or held by a worker (beat's periodic sweeps do not
+    count). Before a test's databases are flushed, this keeps a late message of that test from
+    landing in the next one's (the choreography tracker rebuilds a saga from any event)."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    periodic = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+
+    def task_of(raw: bytes) -> str:
+        message = json.loads(raw)
+        message = message[0] if isinstance(message, list) else message  # unacked: [message, ...]
+        return message.get("headers", {}).get("task", "")
+
+    def quiet() -> bool:
+        pending = [raw for queue in settings.SAGA_QUEUES for raw in client.lrange(queue, 0, -1)]
+        pending += client.hvals("unacked")
+        return all(task_of(raw) in periodic for raw in pending)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if quiet():
+            time.sleep(0.5)  # a task just acknowledged may still be committing
+            return True
+        time.sleep(0.2)
+    return False

@@ -9,7 +9,7 @@ from orchestration.audit import run_audit
 from orders.models import Order
 from payments.models import Charge
 from tests.conftest import order_body
-from tests.processes import Worker, flush_broker, wait_for
+from tests.processes import Worker, flush_broker, wait_for, wait_until_quiet
 
 pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True, databases="__all__")]
 
@@ -24,6 +24,12 @@ def worker(django_db_setup, django_db_blocker):
     process = Worker(name="styles", concurrency=3, extra_env={"SHIPPING_HANDLING_SECONDS": "2"}).start()
     yield process
     process.stop()
+
+
+@pytest.fixture(autouse=True)
+def settle_before_flush(worker):
+    yield
+    wait_until_quiet()
 
 
 def place(api, mode: str, **kwargs) -> dict:
