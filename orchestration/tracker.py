@@ -301,12 +301,9 @@ def operator_retry(run: engine._Run) -> None:
     for _, step in run.action_steps():
         if step.state == State.COMPENSATION_FAILED:
             step.retry_compensation()
-        if step.state in IN_FLIGHT_STATES and step.trigger:
+        if step.state in engine.IN_FLIGHT and step.trigger:
             step.attempts = 0
             nudge(run, step)
-
-
-IN_FLIGHT_STATES = (State.RUNNING, State.RETRYING, State.COMPENSATING)
 
 
 def announce_skip(run: engine._Run, step: SagaStep) -> None:

@@ -13,13 +13,13 @@ from django.db import IntegrityError, transaction
 
 from sagaplatform.kernel import choreography, outbox
 from sagaplatform.kernel.clock import db_now
+from sagaplatform.kernel.commands import ORCHESTRATOR_QUEUE
 
 from .exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused, OrderNotInState, OrderTooLarge, UnknownProduct
 from .models import CANCELLED_CODE, IdempotencyKey, Order, OrderLine, OrderStatusChange, Product
 
 DB = "orders"
 START_SAGA_TASK = "orchestration.start_saga"
-ORCHESTRATOR_QUEUE = "orchestrator"
 ORDER_PLACED = "order.placed"
 # What Order.total (12 digits, 2 decimals) can hold.
 MAX_ORDER_TOTAL = Decimal("9999999999.99")

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from inventory.models import StockItem
 from inventory.services import stock_set
 from orders.models import Product
 from sagaplatform.celery import app as celery_app
@@ -36,6 +37,18 @@ def order_body(*, token: str = "tok_visa", items: list[dict] | None = None) -> d
         "payment": {"token": token},
         "shipping_address": dict(ADDRESS),
     }
+
+
+def mug() -> tuple[int, int]:
+    """SKU-MUG's (on hand, reserved)."""
+    item = StockItem.objects.using("inventory").get(sku="SKU-MUG")
+    return item.on_hand, item.reserved
+
+
+def deliver_until(broker: InTestBroker, task: str) -> None:
+    """Deliver messages until the next one would be `task` (which stays queued)."""
+    while broker.queue and broker.queue[0]["task"] != task:
+        broker.run(broker.queue.pop(0))
 
 
 def pytest_configure(config):

@@ -9,14 +9,13 @@ import pytest
 from django.core import mail
 from django.db import connections
 
-from inventory.models import StockItem
 from orchestration import sweeper
 from orchestration.audit import run_audit
 from orchestration.models import Saga, SagaEvent
 from orders.models import Order
 from payments.models import Charge, LedgerEntry
 from shipping.models import Shipment
-from tests.conftest import order_body
+from tests.conftest import deliver_until, mug, order_body
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -29,16 +28,6 @@ def place(api) -> dict:
 
 def cancel(api, receipt, reason: str = "changed my mind"):
     return api.post(f"{receipt['url']}cancel/", {"reason": reason}, format="json")
-
-
-def deliver_until(broker, task: str) -> None:
-    while broker.queue and broker.queue[0]["task"] != task:
-        broker.run(broker.queue.pop(0))
-
-
-def mug() -> tuple[int, int]:
-    item = StockItem.objects.using("inventory").get(sku="SKU-MUG")
-    return item.on_hand, item.reserved
 
 
 def assert_cancelled_and_undone(receipt) -> None:

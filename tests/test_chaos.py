@@ -20,7 +20,7 @@ from payments.models import Charge, LedgerEntry
 from sagaplatform.kernel.models import Barrier, FaultRule
 from shipping.models import Shipment
 from tests.chaos import PASSWORD, Stack
-from tests.conftest import order_body
+from tests.conftest import mug, order_body
 from tests.processes import wait_for
 
 pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True, databases="__all__")]
@@ -53,11 +53,6 @@ def settled(saga_ids: list[str], *, timeout: float = 60) -> list[Saga]:
         return sagas if len(sagas) == len(saga_ids) else None
 
     return wait_for(done, timeout=timeout, interval=0.25, message=f"{len(saga_ids)} saga(s) to come to rest")
-
-
-def mug() -> tuple[int, int]:
-    item = StockItem.objects.using("inventory").get(sku="SKU-MUG")
-    return item.on_hand, item.reserved
 
 
 def inject(service: str, **rule) -> FaultRule:

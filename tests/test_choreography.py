@@ -9,7 +9,6 @@ import pytest
 from django.core import mail
 from django.utils import timezone
 
-from inventory.models import StockItem
 from orchestration import sweeper
 from orchestration.audit import run_audit
 from orchestration.models import Alert, Saga, SagaEvent, SagaStep
@@ -18,7 +17,7 @@ from payments.models import Charge, LedgerEntry
 from sagaplatform.kernel import faults
 from sagaplatform.kernel.models import FaultRule
 from shipping.models import Shipment
-from tests.conftest import order_body
+from tests.conftest import mug, order_body
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -27,11 +26,6 @@ def place(api, **kwargs) -> dict:
     response = api.post("/api/orders/", {**order_body(**kwargs), "mode": "choreography"}, format="json")
     assert response.status_code == 202, response.content
     return response.json()
-
-
-def mug() -> tuple[int, int]:
-    item = StockItem.objects.using("inventory").get(sku="SKU-MUG")
-    return item.on_hand, item.reserved
 
 
 def steps(saga_id) -> dict[str, str]:

@@ -20,7 +20,7 @@ from payments.models import Charge, LedgerEntry
 from sagaplatform.kernel import faults
 from sagaplatform.kernel.models import FaultRule
 from shipping.models import Shipment
-from tests.conftest import order_body
+from tests.conftest import deliver_until, order_body
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -41,12 +41,6 @@ def step_of(saga_id, name: str) -> SagaStep:
 
 def kinds(saga_id) -> list[str]:
     return list(SagaEvent.objects.filter(saga_id=saga_id).order_by("seq").values_list("kind", flat=True))
-
-
-def deliver_until(broker, task: str) -> None:
-    """Deliver messages until the next one would be `task` (which stays queued)."""
-    while broker.queue and broker.queue[0]["task"] != task:
-        broker.run(broker.queue.pop(0))
 
 
 def test_a_lost_reply_times_out_and_the_retry_replays_the_stored_outcome(alice_api, catalogue, broker):

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from inventory.models import Reservation, StockItem
+from inventory.models import Reservation
 from orchestration.audit import run_audit
 from orchestration.models import Saga, SagaEvent, SagaStep
 from orders.models import Order
@@ -14,7 +14,7 @@ from payments.models import Charge, LedgerEntry
 from sagaplatform.kernel import faults
 from sagaplatform.kernel.models import Barrier, FaultRule
 from shipping.models import Shipment
-from tests.conftest import order_body
+from tests.conftest import mug, order_body
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -29,11 +29,6 @@ def place(api, **kwargs) -> dict:
 
 def events(saga_id, kind: str) -> list[str]:
     return list(SagaEvent.objects.filter(saga_id=saga_id, kind=kind).order_by("seq").values_list("step", flat=True))
-
-
-def mug() -> tuple[int, int]:
-    item = StockItem.objects.using("inventory").get(sku="SKU-MUG")
-    return item.on_hand, item.reserved
 
 
 def test_all_tries_succeed_then_all_confirm(alice_api, catalogue, broker):
