@@ -8,7 +8,7 @@ CONCURRENCY ?= 4
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test lint format bench bench-styles simulate audit web worker workers beat setup migrations clean
+.PHONY: help install install-dev run test lint format bench bench-styles bench-feed simulate audit web worker workers beat setup migrations clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -59,6 +59,11 @@ bench: install-dev ## Benchmark orders/s and latency against a bare Celery chain
 bench-styles: install-dev ## Latency of the four transaction styles, 50 ms added per service (STYLES_ARGS)
 	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
 	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench --styles $(STYLES_ARGS)
+
+FEED_ARGS ?= --rates 100,1000,10000 --seconds 5
+bench-feed: install-dev ## The live feed: events/s from commit to a painted dashboard, delay p50/p95 (headless Chromium)
+	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
+	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench_feed $(FEED_ARGS)
 
 simulate: install ## Simulate orders under faults, then audit (SIM_ARGS="-n 1000 --failure-rate 0.2")
 	$(BIN)/python manage.py simulate $(SIM_ARGS)

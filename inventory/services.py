@@ -122,3 +122,34 @@ def stock_set(*, sku: str, on_hand: int) -> StockItem:
             StockItem.objects.using(DB).filter(id=item.id).update(on_hand=on_hand, version=F("version") + 1)
             item.refresh_from_db(using=DB)
     return item
+
+
+def stock_adjust(*, sku: str, on_hand: int, expected_version: int) -> StockItem:
+    """Set `on_hand` as an operator saw the row at `expected_version` (the admin's stock form).
+
+    One conditional UPDATE: it matches only if nobody (a saga's reservation, another operator)
+    changed the row since it was read, and only if the units reserved for orders in flight still
+    fit. A read before the write would race; the read after a refusal only says why.
+    """
+    with transaction.atomic(using=DB):
+        updated = (
+            StockItem.objects.using(DB)
+            .filter(sku=sku, version=expected_version, reserved__lte=on_hand)
+            .update(on_hand=on_hand, version=F("version") + 1)
+        )
+        item = StockItem.objects.using(DB).filter(sku=sku).first()
+    if item is None:
+        raise UnknownSku(f"Unknown SKU {sku!r}", details={"sku": sku})
+    if updated:
+        return item
+    if item.version != expected_version:
+        raise StockContention(
+            f"{sku} changed since it was read (version {expected_version}, now {item.version})",
+            code="stock_version_conflict",
+            details={"sku": sku, "expected_version": expected_version, "version": item.version},
+        )
+    raise InsufficientStock(
+        f"{item.reserved} units of {sku} are reserved for orders in flight; on hand cannot go below that",
+        code="stock_below_reserved",
+        details={"sku": sku, "on_hand": on_hand, "reserved": item.reserved},
+    )

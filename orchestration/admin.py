@@ -1,81 +1,210 @@
-"""Admin for sagas: read-only history, and the operator actions (retry, skip) with a reason."""
+"""Admin for sagas: read-only history, and the operator actions (retry, skip, cancel) with a reason.
+
+Every action goes through the engine (`saga_retry`, `saga_skip`, `saga_cancel`), which decides
+again under the saga's row lock and records the operator's name and reason as a `SagaEvent`.
+Before that, the saga's state machine screens the selection: a row whose transition the machine
+does not allow is left alone and reported, never sent to the engine. Nothing here writes a saga
+or a step directly, so the invariants `manage.py audit` checks hold whatever an operator clicks.
+"""
 
 from __future__ import annotations
 
-from django import forms
 from django.contrib import admin, messages
-from django.shortcuts import render
+from django.db.models import Exists, OuterRef
+from django.utils.html import format_html
+from django_fsm import can_proceed
 
-from . import engine
+from sagaplatform.kernel.admin import (
+    ActionRefused,
+    ReadOnlyAdminMixin,
+    ReadOnlyInline,
+    action_with_reason,
+    actor_of,
+    age_filter,
+    order_link,
+    saga_link,
+    short_id,
+)
+from sagaplatform.kernel.clock import db_now
+
+from . import engine, live, selectors
+from .definitions import DEFINITIONS, MODES
 from .exceptions import OperationNotAllowed
 from .models import Alert, Saga, SagaEvent, SagaStep
 from .permissions import OPERATE
 
-
-class ReasonForm(forms.Form):
-    reason = forms.CharField(max_length=500, widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+DB = "default"
 
 
-def _with_reason(modeladmin, request, queryset, *, title: str, apply):
-    """Ask for a reason on an intermediate page, then apply the action to each saga."""
-    form = ReasonForm(request.POST if "apply" in request.POST else None)
-    if form.is_valid():
-        actor = f"user:{request.user.get_username()}"
-        for saga in queryset:
-            try:
-                apply(saga, actor, form.cleaned_data["reason"])
-                modeladmin.message_user(request, f"{saga.id}: done", messages.SUCCESS)
-            except OperationNotAllowed as exc:
-                modeladmin.message_user(request, f"{saga.id}: {exc.message}", messages.ERROR)
+# The order's style (`mode`) each definition runs: orchestrated, parallel, tcc, choreography.
+STYLE_OF_DEFINITION = {definition.name: style for style, definition in MODES.items()}
+
+
+def style_of(saga: Saga) -> str:
+    return STYLE_OF_DEFINITION.get(saga.definition, "?")
+
+
+# --- The state machine's guards ----------------------------------------------------------------
+
+
+def retry_refusal(saga: Saga) -> str | None:
+    # Parked: the machine resumes it forward, back to compensating or to confirming.
+    if any(can_proceed(t) for t in (saga.resume_forward, saga.resume_compensation, saga.resume_confirm)):
         return None
-    context = {
-        **modeladmin.admin_site.each_context(request),
-        "title": title,
-        "queryset": queryset,
-        "form": form,
-        "action": request.POST["action"],
-        "opts": modeladmin.model._meta,
-    }
-    return render(request, "admin/orchestration/saga/reason.html", context)
+    if saga.is_terminal:
+        return f"a {saga.state} saga cannot be retried"
+    if not saga.retrying:
+        return f"the saga is {saga.state} with no step waiting to retry"
+    return None
+
+
+def skip_refusal(saga: Saga) -> str | None:
+    if not can_proceed(saga.resume_compensation):
+        return f"only a parked saga has compensations to skip; it is {saga.state}"
+    if not any(can_proceed(step.skip_compensation) for step in saga.steps.all()):
+        return "no compensation is parked"
+    return None
+
+
+def cancel_refusal(saga: Saga) -> str | None:
+    if (saga.failure or {}).get("code") == engine.CANCELLED:
+        return "already cancelled"
+    if not can_proceed(saga.begin_compensation):
+        return f"only a running saga can be cancelled; it is {saga.state}"
+    definition = DEFINITIONS.get(saga.definition)
+    if definition is None or not live.cancellable(saga, saga.steps.all(), definition):
+        return "the parcel has left, or is leaving, the warehouse"
+    return None  # the engine decides again under the saga's row lock
+
+
+def _engine(call):
+    try:
+        return call()
+    except OperationNotAllowed as exc:
+        raise ActionRefused(exc.message) from exc
+
+
+# --- Actions ---------------------------------------------------------------------------------
 
 
 @admin.action(description="Retry the selected parked or stuck sagas", permissions=["operate"])
 def retry_sagas(modeladmin, request, queryset):
-    return _with_reason(
+    return action_with_reason(
         modeladmin,
         request,
         queryset,
         title="Retry sagas",
-        apply=lambda saga, actor, reason: engine.saga_retry(saga_id=saga.id, actor=actor, reason=reason),
+        guard=retry_refusal,
+        apply=lambda saga, actor, reason: _engine(
+            lambda: engine.saga_retry(saga_id=saga.id, actor=actor, reason=reason)
+        ),
+        done="retried",
     )
 
 
 @admin.action(description="Skip the parked compensations of the selected sagas", permissions=["operate"])
 def skip_parked_compensations(modeladmin, request, queryset):
     def skip(saga, actor, reason):
-        parked = saga.steps.filter(state=SagaStep.State.COMPENSATION_FAILED).values_list("name", flat=True)
+        parked = [s for s in saga.steps.using(DB).all() if can_proceed(s.skip_compensation)]
         if not parked:
-            raise OperationNotAllowed("nothing_to_skip", "no parked compensation")
-        for name in parked:
-            engine.saga_skip(saga_id=saga.id, step_name=name, actor=actor, reason=reason)
+            raise ActionRefused("no compensation is parked")
+        for step in parked:
+            _engine(
+                lambda step=step: engine.saga_skip(saga_id=saga.id, step_name=step.name, actor=actor, reason=reason)
+            )
 
-    return _with_reason(modeladmin, request, queryset, title="Skip parked compensations", apply=skip)
+    return action_with_reason(
+        modeladmin,
+        request,
+        queryset,
+        title="Skip parked compensations",
+        guard=skip_refusal,
+        apply=skip,
+        done="settled by hand",
+    )
 
 
-class ReadOnlyInline(admin.TabularInline):
-    extra = 0
-    can_delete = False
+@admin.action(description="Cancel the selected sagas (compensate what succeeded)", permissions=["operate"])
+def cancel_sagas(modeladmin, request, queryset):
+    return action_with_reason(
+        modeladmin,
+        request,
+        queryset,
+        title="Cancel sagas",
+        guard=cancel_refusal,
+        apply=lambda saga, actor, reason: _engine(
+            lambda: engine.saga_cancel(saga_id=saga.id, context=saga.context, actor=actor, reason=reason)
+        ),
+        done="cancelled",
+    )
 
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
 
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
+# --- List filters -----------------------------------------------------------------------------
+
+
+class StyleFilter(admin.SimpleListFilter):
+    """The order's transaction style, from the saga's definition."""
+
+    title = "style"
+    parameter_name = "style"
+
+    def lookups(self, request, model_admin):
+        return [(style, style) for style in MODES]
+
+    def queryset(self, request, queryset):
+        if self.value() is None:
+            return queryset
+        return queryset.filter(
+            definition__in=[name for name, style in STYLE_OF_DEFINITION.items() if style == self.value()]
+        )
+
+
+class AttentionFilter(admin.SimpleListFilter):
+    """What needs a person: the same "stuck" as the dashboard (docs/LIVE_FEED.md)."""
+
+    title = "needs attention"
+    parameter_name = "attention"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("stuck", "stuck (a lease expired, or parked)"),
+            ("parked", "parked"),
+            ("retrying", "waiting to retry"),
+            ("alert", "open alert"),
+        ]
+
+    def queryset(self, request, queryset):
+        # `stuck` and `retrying` are `selectors.saga_list`'s annotations: the dashboard's and
+        # the operator API's definitions, on the database clock.
+        value = self.value()
+        if value == "stuck":
+            return queryset.filter(stuck=True)
+        if value == "parked":
+            return queryset.filter(state=Saga.State.PARKED)
+        if value == "retrying":
+            return queryset.filter(retrying=True)
+        if value == "alert":
+            return queryset.filter(Exists(Alert.objects.filter(saga=OuterRef("pk"), resolved_at__isnull=True)))
+        return queryset
+
+
+# --- Admins -----------------------------------------------------------------------------------
 
 
 class SagaStepInline(ReadOnlyInline):
     model = SagaStep
-    fields = ["name", "kind", "service", "state", "attempts", "compensation_attempts", "deadline_at", "error"]
+    fields = [
+        "name",
+        "kind",
+        "service",
+        "state",
+        "attempts",
+        "compensation_attempts",
+        "confirm_attempts",
+        "next_attempt_at",
+        "deadline_at",
+        "error",
+    ]
     readonly_fields = fields
 
 
@@ -88,39 +217,160 @@ class SagaEventInline(ReadOnlyInline):
 
 @admin.register(Saga)
 class SagaAdmin(admin.ModelAdmin):
-    list_display = ["id", "definition", "state", "created_at", "finished_at", "version"]
-    list_filter = ["state", "definition", "created_at"]
+    """View-only: a saga changes through the engine alone (a saved form would write a stale row
+    over the engine's), so the only way to act on one is an action."""
+
+    list_display = ["short", "order", "style", "state", "created_at", "finished_at", "failure_code", "operator_actions"]
+    list_display_links = ["short"]
+    list_filter = ["state", StyleFilter, age_filter(), AttentionFilter, "definition"]
     search_fields = ["id", "context__order_id"]
     readonly_fields = [
         "id",
+        "order",
         "definition",
+        "style",
         "state",
+        "operator_actions",
         "context",
         "failure",
         "version",
         "deadline_at",
         "created_at",
+        "updated_at",
         "finished_at",
     ]
+    fields = readonly_fields
     inlines = [SagaStepInline, SagaEventInline]
-    actions = [retry_sagas, skip_parked_compensations]
+    actions = [retry_sagas, skip_parked_compensations, cancel_sagas]
     date_hierarchy = "created_at"
+
+    def get_queryset(self, request):
+        # The steps come along for the operator-actions column and the guards (one query).
+        return selectors.saga_list().prefetch_related("steps")
 
     def has_add_permission(self, request) -> bool:
         return False  # sagas start from orders, never by hand
 
-    def has_operate_permission(self, request) -> bool:
-        return request.user.has_perm(OPERATE)
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
 
+    def has_operate_permission(self, request) -> bool:
+        return request.user.has_perm(OPERATE)
+
+    @admin.display(description="saga", ordering="id")
+    def short(self, saga: Saga) -> str:
+        return short_id(saga.id)
+
+    @admin.display(description="failure")
+    def failure_code(self, saga: Saga) -> str:
+        return (saga.failure or {}).get("code", "-")
+
+    @admin.display(description="order")
+    def order(self, saga: Saga) -> str:
+        return order_link((saga.context or {}).get("order_id"))
+
+    @admin.display(description="style")
+    def style(self, saga: Saga) -> str:
+        return style_of(saga)
+
+    @admin.display(description="operator actions")
+    def operator_actions(self, saga: Saga) -> str:
+        """What the state machine allows an operator to do with this saga now."""
+        allowed = [
+            name
+            for name, refusal in (("retry", retry_refusal), ("skip", skip_refusal), ("cancel", cancel_refusal))
+            if refusal(saga) is None
+        ]
+        return ", ".join(allowed) or "-"
+
+
+@admin.register(SagaStep)
+class SagaStepAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Steps across sagas: which ones are retrying, parked or past their lease, per service."""
+
+    list_display = [
+        "name",
+        "saga_ref",
+        "service",
+        "state",
+        "attempts",
+        "compensation_attempts",
+        "next_attempt_at",
+        "deadline_at",
+    ]
+    list_filter = ["state", "service", "name", "kind", age_filter("started_at", "started")]
+    search_fields = ["saga__id", "name", "saga__context__order_id"]
+    list_select_related = ["saga"]
+
+    @admin.display(description="saga", ordering="saga_id")
+    def saga_ref(self, step: SagaStep) -> str:
+        return saga_link(step.saga_id)
+
+
+@admin.register(SagaEvent)
+class SagaEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["created_at", "saga_ref", "seq", "kind", "step", "from_state", "to_state", "actor", "reason"]
+    list_filter = ["kind", "actor", age_filter()]
+    search_fields = ["saga__id", "step", "actor", "saga__context__order_id"]
+    list_select_related = ["saga"]
+    ordering = ["-created_at", "-seq"]
+
+    @admin.display(description="saga", ordering="saga_id")
+    def saga_ref(self, event: SagaEvent) -> str:
+        return saga_link(event.saga_id)
+
+    @admin.display(description="reason")
+    def reason(self, event: SagaEvent) -> str:
+        return (event.data or {}).get("reason", "")
+
+
+class AlertOpenFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "open"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "open"), ("no", "resolved")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("yes", "no"):
+            return queryset.filter(resolved_at__isnull=self.value() == "yes")
+        return queryset
+
+
+@admin.action(description="Resolve the selected alerts", permissions=["operate"])
+def resolve_alerts(modeladmin, request, queryset):
+    """Mark alerts seen and handled. The saga itself is untouched: retry, skip or cancel it for
+    that. Conditional on still being open, so two operators never both resolve one alert."""
+    open_ids = list(queryset.filter(resolved_at__isnull=True).values_list("id", flat=True))
+    for alert_id in queryset.exclude(id__in=open_ids).values_list("id", flat=True):
+        modeladmin.message_user(request, f"Alert {alert_id}: already resolved", messages.WARNING)
+    resolved = (
+        Alert.objects.using(DB)
+        .filter(id__in=open_ids, resolved_at__isnull=True)
+        .update(resolved_at=db_now(DB), resolved_by=actor_of(request))
+    )
+    if resolved:
+        modeladmin.message_user(request, f"{resolved} alert(s) resolved.", messages.SUCCESS)
+
 
 @admin.register(Alert)
-class AlertAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "kind", "saga", "message", "resolved_at", "resolved_by"]
-    list_filter = ["kind", ("resolved_at", admin.EmptyFieldListFilter)]
-    readonly_fields = ["saga", "kind", "message", "created_at", "resolved_at", "resolved_by"]
+class AlertAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["created_at", "kind", "saga_ref", "saga_state", "message", "resolved_at", "resolved_by"]
+    list_filter = [AlertOpenFilter, "kind", age_filter()]
+    search_fields = ["saga__id", "message", "saga__context__order_id"]
+    list_select_related = ["saga"]
+    actions = [resolve_alerts]
 
-    def has_add_permission(self, request) -> bool:
-        return False
+    def has_operate_permission(self, request) -> bool:
+        return request.user.has_perm(OPERATE)
+
+    @admin.display(description="saga", ordering="saga_id")
+    def saga_ref(self, alert: Alert) -> str:
+        return saga_link(alert.saga_id)
+
+    @admin.display(description="saga state")
+    def saga_state(self, alert: Alert) -> str:
+        return format_html("<b>{}</b>", alert.saga.state) if alert.saga.state == Saga.State.PARKED else alert.saga.state

@@ -33,6 +33,7 @@ from sagaplatform.kernel.commands import (
     Command,
 )
 
+from . import live
 from .definitions import SagaDefinition, StepSpec, for_mode, get_definition
 from .exceptions import OperationNotAllowed
 from .models import Alert, Saga, SagaEvent, SagaStep
@@ -89,6 +90,7 @@ class _Run:
             self.steps[name].save(using=DB)
         SagaEvent.objects.using(DB).bulk_create(self.events)
         Alert.objects.using(DB).bulk_create(self.alerts)
+        live.publish(self)
 
     def action_steps(self) -> list[tuple[StepSpec, SagaStep]]:
         return [(spec, self.steps[spec.name]) for spec in self.definition.steps]

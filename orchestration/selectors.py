@@ -1,15 +1,55 @@
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.db.models import BooleanField, Case, Exists, OuterRef, Q, QuerySet, Value, When
+from django.db.models.functions import Now
 
+from . import live
 from .definitions import get_definition
 from .models import Saga, SagaStep
 
 DB = "default"
 
 
+# Steps with an attempt in flight (their lease, `deadline_at`, decides when it has timed out).
+STEP_IN_FLIGHT = (
+    SagaStep.State.RUNNING,
+    SagaStep.State.RETRYING,
+    SagaStep.State.COMPENSATING,
+    SagaStep.State.CONFIRMING,
+)
+
+
 def saga_list() -> QuerySet[Saga]:
-    return Saga.objects.using(DB).all()
+    """Every saga, newest first, annotated with what an operator looks for:
+
+    - `stuck`: not ended, and parked or with an attempt whose lease has passed (the sweeper
+      should have timed it out: a sign that no sweeper or worker is running);
+    - `retrying`: not ended, with a step waiting out a backoff before its next attempt.
+
+    Leases are compared with the database clock (`Now()`), as the sweeper does.
+    """
+    steps = SagaStep.objects.using(DB).filter(saga=OuterRef("pk"))
+    lease_passed = Exists(steps.filter(state__in=STEP_IN_FLIGHT, deadline_at__lt=Now()))
+    backing_off = Exists(
+        steps.filter(
+            Q(state=SagaStep.State.RETRYING)
+            | Q(state__in=(SagaStep.State.COMPENSATING, SagaStep.State.CONFIRMING), next_attempt_at__isnull=False)
+        )
+    )
+    ended = Q(state__in=Saga.TERMINAL_STATES)
+    return (
+        Saga.objects.using(DB)
+        .annotate(
+            stuck=Case(
+                When(ended, then=Value(False)),
+                When(state=Saga.State.PARKED, then=Value(True)),
+                default=lease_passed,
+                output_field=BooleanField(),
+            ),
+            retrying=Case(When(ended, then=Value(False)), default=backing_off, output_field=BooleanField()),
+        )
+        .order_by("-created_at", "-id")
+    )
 
 
 def saga_get(*, saga_id) -> Saga | None:
@@ -44,8 +84,10 @@ def saga_summary(saga_id) -> dict | None:
         "id": str(saga.id),
         "definition": saga.definition,
         "state": saga.state,
+        "version": saga.version,
         "failure": saga.failure,
         "created_at": saga.created_at,
         "finished_at": saga.finished_at,
         "steps": [step_view(step) for step in ordered],
+        "cancellable": live.cancellable(saga, ordered, definition),
     }

@@ -127,14 +127,20 @@ class OrderStatusChange(models.Model):
 
 
 class IdempotencyKey(models.Model):
-    """A client's `Idempotency-Key`, created in the same transaction as the order it produced."""
+    """A client's `Idempotency-Key`, created in the same transaction as the order it produced.
+
+    Remembered for `IDEMPOTENCY_KEY_TTL` seconds: an expired key is replaced when it is used
+    again, and `manage.py purge_idempotency_keys` deletes the rest (the orders stay).
+    """
 
     customer_id = models.BigIntegerField()
     key = models.CharField(max_length=255)
+    # SHA-256 of the validated request body: the same key with another body is refused.
     fingerprint = models.CharField(max_length=64)
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="+")
     response = models.JSONField()
-    created_at = models.DateTimeField(auto_now_add=True)
+    # Indexed for the purge of expired keys.
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["customer_id", "key"], name="idempotency_key_per_customer")]

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 
-from django.db import IntegrityError, transaction
+from django.conf import settings
+from django.db import IntegrityError, connections, transaction
+from django.utils import timezone
 
-from sagaplatform.kernel import choreography, outbox
+from sagaplatform.kernel import choreography, outbox, ports
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.commands import ORCHESTRATOR_QUEUE
 
@@ -65,54 +67,102 @@ def order_place(
     request_body: dict | None = None,
 ) -> Placement:
     """Accept an order: write it pending and, in the same transaction, the message that starts
-    its saga. With an idempotency key the key row commits with the order, so a retried or
-    concurrent request with the same key finds the first one's order instead of a second.
+    its saga (and the idempotency key, when there is one).
+
+    With a key, the same key and body return the first request's order and receipt; another
+    body is refused (`IdempotencyKeyReused`, 422); a request while the first one with the key is
+    still being processed is refused too (`IdempotencyKeyInFlight`, 409), so the client retries
+    rather than waits. No two requests with one key can place two orders: see `_claim`.
     """
+    placing = {
+        "customer_id": customer_id,
+        "customer_email": customer_email,
+        "items": items,
+        "payment_token": payment_token,
+        "shipping_address": shipping_address,
+        "mode": mode,
+    }
+    if not idempotency_key:
+        with transaction.atomic(using=DB):
+            order = _create(**placing)
+        return Placement(order=order, receipt=order_receipt(order), replayed=False)
     body_fingerprint = fingerprint(request_body if request_body is not None else {"items": items})
-    if idempotency_key:
-        replay = _replay(customer_id=customer_id, key=idempotency_key, body_fingerprint=body_fingerprint)
-        if replay:
-            return replay
     try:
         with transaction.atomic(using=DB):
-            order = _create(
-                customer_id=customer_id,
-                customer_email=customer_email,
-                items=items,
-                payment_token=payment_token,
-                shipping_address=shipping_address,
-                mode=mode,
-            )
-            receipt = order_receipt(order)
-            if idempotency_key:
-                IdempotencyKey.objects.using(DB).create(
-                    customer_id=customer_id,
-                    key=idempotency_key,
-                    fingerprint=body_fingerprint,
-                    order=order,
-                    response=receipt,
+            if not _claim(customer_id=customer_id, key=idempotency_key):
+                raise IdempotencyKeyInFlight(
+                    "A request with this Idempotency-Key is still being processed; retry in a moment",
+                    details={"idempotency_key": idempotency_key},
                 )
+            replay = _replay(customer_id=customer_id, key=idempotency_key, body_fingerprint=body_fingerprint)
+            if replay:
+                return replay
+            order = _create(**placing)
+            receipt = order_receipt(order)
+            IdempotencyKey.objects.using(DB).create(
+                customer_id=customer_id,
+                key=idempotency_key,
+                fingerprint=body_fingerprint,
+                order=order,
+                response=receipt,
+            )
     except IntegrityError:
-        # Another request with the same key committed first (its insert held ours back until
-        # then): answer with its order.
-        replay = idempotency_key and _replay(
-            customer_id=customer_id, key=idempotency_key, body_fingerprint=body_fingerprint
-        )
+        # The unique (customer, key) constraint is the backstop behind `_claim`: whatever got
+        # past the claim, a second key row cannot commit, and its order rolls back with it.
+        replay = _replay(customer_id=customer_id, key=idempotency_key, body_fingerprint=body_fingerprint)
         if not replay:
-            raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still being processed") from None
+            raise IdempotencyKeyInFlight(
+                "A request with this Idempotency-Key is still being processed; retry in a moment",
+                details={"idempotency_key": idempotency_key},
+            ) from None
         return replay
     return Placement(order=order, receipt=receipt, replayed=False)
+
+
+def _claim(*, customer_id: int, key: str) -> bool:
+    """Take the key for this transaction; False if another request holds it right now.
+
+    PostgreSQL: a transaction-level advisory lock on a hash of (customer, key), tried without
+    waiting. It is held until the order and its key row commit, and released only once they are
+    visible, so the next request with the key either finds it held (409) or finds the key row
+    (replay). Without it a second request would block on the first one's uncommitted key row.
+    SQLite (embedded): every write transaction is IMMEDIATE, so requests with the same key run
+    one after the other and the second one replays.
+    """
+    connection = connections[DB]
+    if connection.vendor != "postgresql":
+        return True
+    digest = hashlib.sha256(f"idempotency-key:{customer_id}:{key}".encode()).digest()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [int.from_bytes(digest[:8], "big", signed=True)])
+        return cursor.fetchone()[0]
 
 
 def _replay(*, customer_id: int, key: str, body_fingerprint: str) -> Placement | None:
     existing = IdempotencyKey.objects.using(DB).select_related("order").filter(customer_id=customer_id, key=key).first()
     if existing is None:
         return None
+    if existing.created_at <= timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_KEY_TTL):
+        # Expired: the key is free again (the order it placed stays). Deleted by id, so a
+        # purge that got there first costs nothing.
+        IdempotencyKey.objects.using(DB).filter(id=existing.id).delete()
+        return None
     if existing.fingerprint != body_fingerprint:
         raise IdempotencyKeyReused(
             "This Idempotency-Key was used with a different request body", details={"idempotency_key": key}
         )
     return Placement(order=existing.order, receipt=existing.response, replayed=True)
+
+
+def idempotency_keys_purge(*, batch: int = 1000) -> int:
+    """Delete the keys older than `IDEMPOTENCY_KEY_TTL`, a batch at a time. Returns how many."""
+    cutoff = timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_KEY_TTL)
+    purged = 0
+    while True:
+        ids = list(IdempotencyKey.objects.using(DB).filter(created_at__lte=cutoff).values_list("id", flat=True)[:batch])
+        if not ids:
+            return purged
+        purged += IdempotencyKey.objects.using(DB).filter(id__in=ids).delete()[0]
 
 
 def _create(
@@ -218,6 +268,25 @@ def order_ship(*, order_id: uuid.UUID | str) -> Order:
 
 REANNOUNCE_AFTER = timedelta(seconds=30)
 REANNOUNCE_FOR = timedelta(hours=1)
+
+
+def order_cancel(*, order: Order, actor: str, reason: str = ""):
+    """Ask the order's saga to cancel (the API, the order page and the admin all come here).
+
+    Returns the saga's summary object from the port; raises an ApiError (409) when the saga
+    refuses: the parcel has left or is leaving, or the order already ended. The order's status
+    follows once the saga has compensated."""
+    return ports.saga_cancel(
+        saga_id=order.saga_id,
+        context={
+            "order_id": str(order.id),
+            "customer_email": order.customer_email,
+            "shipping_address": order.shipping_address,
+            "mode": order.mode,
+        },
+        actor=actor,
+        reason=reason,
+    )
 
 
 def order_reannounce_pending() -> int:

@@ -18,3 +18,8 @@ def reannounce_pending() -> int:
 @shared_task(name="orders.react", ignore_result=True)
 def react(message: dict) -> None:
     choreography.react(service="orders", message=message)
+
+
+@shared_task(name="orders.purge_idempotency_keys", ignore_result=True)
+def purge_idempotency_keys() -> int:
+    return services.idempotency_keys_purge()

@@ -1,4 +1,9 @@
-"""ASGI entry point: HTTP through Django; websockets (dashboard, order page) join in later."""
+"""ASGI entry point: HTTP through Django; the live pages' websockets through Channels.
+
+Websockets authenticate with the Django session (AuthMiddlewareStack) and must come from one of
+ALLOWED_HOSTS (AllowedHostsOriginValidator), which is what stops another site's page from
+opening an operator's socket with the operator's cookie.
+"""
 
 import os
 
@@ -7,6 +12,22 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaplatform.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import path  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+from orchestration.consumers import DashboardConsumer  # noqa: E402
+from orders.consumers import OrderConsumer  # noqa: E402
+
+websocket_urlpatterns = [
+    path("ws/dashboard/", DashboardConsumer.as_asgi()),
+    path("ws/orders/<str:order_id>/", OrderConsumer.as_asgi()),
+]
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    }
+)

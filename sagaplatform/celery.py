@@ -29,3 +29,7 @@ def recycle_database_connections(**kwargs) -> None:
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+# Worker heartbeats (the dashboard's "live workers"): connects to the worker's signals.
+from sagaplatform import workers  # noqa: E402, F401

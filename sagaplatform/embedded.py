@@ -9,11 +9,14 @@ step leases are retried, pending orders are announced again, queued notification
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 
 from celery.beat import EmbeddedService
 from django.conf import settings
 
+from sagaplatform import workers
 from sagaplatform.celery import app
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,7 @@ def start_worker(*, concurrency: int = 4) -> threading.Thread:
     )
     thread = threading.Thread(target=worker.start, name="celery-embedded", daemon=True)
     thread.start()
+    workers.start_heartbeat(f"embedded@{socket.gethostname()}:{os.getpid()}", list(settings.SAGA_QUEUES))
     return thread
 
 

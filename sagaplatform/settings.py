@@ -76,6 +76,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",  # API tokens for clients (`POST /api/auth/token/`)
+    "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
@@ -127,7 +129,9 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/orders/"
+LOGOUT_REDIRECT_URL = "/"
 
 # --- Databases: one per service ----------------------------------------------------------------
 # The orchestrator (sagas, users, sessions, admin) lives on `default`; every service app on the
@@ -257,6 +261,8 @@ CELERY_BEAT_SCHEDULE = {
     # Messages a broker restart can lose after they were published, with no lease to notice:
     "orders-reannounce": _periodic("orders.reannounce_pending", "orders", SAGA_ANTI_ENTROPY_INTERVAL),
     "notifications-redeliver": _periodic("notifications.redeliver_queued", "notifications", SAGA_ANTI_ENTROPY_INTERVAL),
+    # Idempotency keys past IDEMPOTENCY_KEY_TTL (a replay after that places a new order anyway).
+    "orders-purge-idempotency-keys": _periodic("orders.purge_idempotency_keys", "orders", 3600.0),
 }
 
 # --- Channels -------------------------------------------------------------------------------
@@ -265,16 +271,60 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [env_str("CHANNEL_LAYER_URL", REDIS_URL)]},
+            # A websocket's channel holds at most `capacity` undelivered messages; past that
+            # channels_redis drops them silently. The publisher sends one batch per 50 ms and
+            # the consumers heal any loss from the database, so this only bounds a slow client.
+            #
+            # A consumer waits for messages in BZPOPMIN with a 5 s timeout; redis-py's async
+            # client gives up on a socket after 5 s too, so an idle websocket was dropped every
+            # few seconds. The socket timeout must be longer than that wait.
+            "CONFIG": {
+                "hosts": [{"address": env_str("CHANNEL_LAYER_URL", REDIS_URL), "socket_timeout": 30}],
+                "capacity": 500,
+                "expiry": 30,
+            },
+        }
+    }
+    # Shared by every process: throttling counters, worker heartbeats, live-feed watch marks.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": env_str("CACHE_URL", REDIS_URL),
+            "KEY_PREFIX": "saga",
         }
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # One process in the embedded mode: its memory is shared by everything.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# The live feed (orchestration/live.py): committed saga changes pushed to websockets.
+SAGA_FEED_ENABLED = env_bool("SAGA_FEED_ENABLED", default=True)
+# The publisher gathers this long before sending (fewer, larger messages under load).
+FEED_BATCH_SECONDS = env_float("FEED_BATCH_SECONDS", 0.05)
+# A websocket sends at most one update per this interval (coalescing the rest).
+FEED_FLUSH_SECONDS = env_float("FEED_FLUSH_SECONDS", 0.1)
+# Consumers compare what they sent with the database this often (heals lost messages).
+FEED_RECONCILE_SECONDS = env_float("FEED_RECONCILE_SECONDS", 5.0)
+# Workers announce themselves this often (the dashboard's "live workers").
+WORKER_HEARTBEAT_SECONDS = env_float("WORKER_HEARTBEAT_SECONDS", 10.0)
 
 # --- REST API -------------------------------------------------------------------------------
 
+
+def env_rate(name: str, default: str) -> str:
+    """A DRF throttle rate, `<count>/<second|minute|hour|day>`, checked here rather than on the first request."""
+    rate = env_str(name, default)
+    count, _, period = rate.partition("/")
+    if not count.isdigit() or period[:1] not in {"s", "m", "h", "d"}:
+        raise ImproperlyConfigured(f"{name} must look like 60/minute, got {rate!r}")
+    return rate
+
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        # Token first: the first class's challenge is the WWW-Authenticate header of every 401.
+        "sagaplatform.authentication.TokenAuthentication",
         "sagaplatform.authentication.SessionAuthentication",
         "rest_framework.authentication.BasicAuthentication",
     ],
@@ -282,6 +332,18 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["sagaplatform.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    # Every list: `?page=` and `?page_size=` (at most `sagaplatform.api.Pagination.max_page_size`, 200).
+    "DEFAULT_PAGINATION_CLASS": "sagaplatform.api.Pagination",
+    "PAGE_SIZE": env_int("API_PAGE_SIZE", 50),
+    # Counted per user (per client address for the token endpoint) in the default cache.
+    "DEFAULT_THROTTLE_RATES": {
+        "orders_create": env_rate("API_THROTTLE_ORDERS_CREATE", "60/minute"),
+        "auth_token": env_rate("API_THROTTLE_AUTH_TOKEN", "10/minute"),
+    },
+    # Proxies in front of the web process: the client address is the one they add to
+    # X-Forwarded-For. 0 (the default) trusts no such header, which a client could forge.
+    "NUM_PROXIES": env_int("API_NUM_PROXIES", 0),
     "EXCEPTION_HANDLER": "sagaplatform.api.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -294,7 +356,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # The long description (authentication, errors, pagination, idempotency) lives beside the API code.
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "sagaplatform.api.describe_api"],
 }
+# How long an order's Idempotency-Key is remembered (seconds, default 24 h); after that the same
+# key places a new order. `manage.py purge_idempotency_keys` deletes the expired ones.
+IDEMPOTENCY_KEY_TTL = env_int("IDEMPOTENCY_KEY_TTL", 24 * 3600)
 # A request body larger than this is refused before it is parsed.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 64 * 1024)
 

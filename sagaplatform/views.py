@@ -6,13 +6,18 @@ from django.http import JsonResponse
 from django.shortcuts import render
 from django.views.defaults import page_not_found, server_error
 
+from . import workers
+
 
 def home(request):
     return render(request, "home.html")
 
 
 def healthz(request):
-    """Liveness of every database; 503 if any is unreachable."""
+    """Every database, the broker and the live workers; 503 if a database or the broker is down.
+
+    No live worker is reported but is not an error here: the embedded mode's workers start with
+    the server, and a production deployment may run its workers elsewhere."""
     checks = {}
     for alias in settings.DATABASE_ALIASES:
         try:
@@ -21,9 +26,17 @@ def healthz(request):
             checks[alias] = "ok"
         except Exception as exc:  # report, never raise: this is the page that says what is down
             checks[alias] = f"error: {type(exc).__name__}"
-    healthy = all(v == "ok" for v in checks.values())
+    depths = workers.queue_depths()
+    broker_ok = all(depth is not None for depth in depths.values())
+    healthy = broker_ok and all(v == "ok" for v in checks.values())
     return JsonResponse(
-        {"status": "ok" if healthy else "degraded", "databases": checks}, status=200 if healthy else 503
+        {
+            "status": "ok" if healthy else "degraded",
+            "databases": checks,
+            "broker": {"status": "ok" if broker_ok else "unreachable", "queues": depths},
+            "workers": [{"name": w["name"], "queues": w["queues"]} for w in workers.live_workers()],
+        },
+        status=200 if healthy else 503,
     )
 
 

@@ -158,3 +158,37 @@ def _test_settings(settings):
 
 def make_user(username: str, *, staff: bool = False):
     return get_user_model().objects.create_user(username, f"{username}@example.com", f"{username}-pass", is_staff=staff)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_throttle_counts(monkeypatch):
+    """Every test counts its API requests from zero: user ids repeat from one test to the next,
+    and in production mode the default cache is Redis, shared with every other test process."""
+    import uuid
+
+    from django.core.cache.backends.locmem import LocMemCache
+
+    from sagaplatform.api import ScopedThrottle
+
+    monkeypatch.setattr(ScopedThrottle, "cache", LocMemCache(f"throttle-{uuid.uuid4()}", {}))
+
+
+def make_operator(username: str = "ops"):
+    """Staff with the permission to operate sagas (retry, skip, cancel)."""
+    from django.contrib.auth.models import Permission
+
+    user = make_user(username, staff=True)
+    user.user_permissions.add(Permission.objects.get(content_type__app_label="orchestration", codename="operate_saga"))
+    return get_user_model().objects.get(pk=user.pk)  # a fresh instance: permissions are cached
+
+
+@pytest.fixture
+def operator():
+    return make_operator()
+
+
+@pytest.fixture
+def operator_api(operator) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(operator)
+    return client

@@ -1,0 +1,160 @@
+"""The dashboard's overview figures, read from the orchestrator's database (and the broker).
+
+Everything is computed from stored facts, so any dashboard, reconnecting or new, sees the same
+numbers: per-minute counts from the saga-level events, latency from sagas' start and finish
+times, message traffic between services from the step events. Times are the database's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+
+from django.db.models import Count
+from django.db.models.functions import TruncMinute
+
+from sagaplatform import workers
+from sagaplatform.kernel.clock import db_now
+
+from .definitions import DEFINITIONS
+from .live import style_of
+from .models import Saga, SagaEvent, SagaStep
+
+DB = "default"
+MINUTES = 15
+LATENCY_WINDOW = timedelta(minutes=5)
+FLOW_WINDOW = timedelta(minutes=5)
+ORCHESTRATOR = "orchestrator"
+
+# Saga-level transitions counted per minute, by the state they reached.
+COUNTED = {
+    Saga.State.RUNNING: "started",
+    Saga.State.COMPLETED: "completed",
+    Saga.State.COMPENSATED: "compensated",
+    Saga.State.FAILED: "failed",
+    Saga.State.CANCELLED: "cancelled",
+    Saga.State.PARKED: "parked",
+}
+STEP_OUT = {SagaStep.State.RUNNING, SagaStep.State.COMPENSATING, SagaStep.State.CONFIRMING}
+STEP_OK = {SagaStep.State.SUCCEEDED, SagaStep.State.COMPENSATED, SagaStep.State.CONFIRMED, SagaStep.State.SKIPPED}
+STEP_BAD = {
+    SagaStep.State.RETRYING,
+    SagaStep.State.FAILED,
+    SagaStep.State.COMPENSATION_FAILED,
+    SagaStep.State.CONFIRM_FAILED,
+}
+
+
+def percentile(sorted_values: list[float], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[index]
+
+
+def minutes(now) -> list[dict]:
+    start = (now - timedelta(minutes=MINUTES - 1)).replace(second=0, microsecond=0)
+    buckets = {start + timedelta(minutes=i): dict.fromkeys(COUNTED.values(), 0) for i in range(MINUTES)}
+    rows = (
+        SagaEvent.objects.using(DB)
+        .filter(step="", created_at__gte=start, to_state__in=list(COUNTED))
+        .exclude(kind="saga_created")
+        .annotate(minute=TruncMinute("created_at"))
+        .values("minute", "to_state")
+        .annotate(n=Count("id"))
+    )
+    for row in rows:
+        bucket = buckets.get(row["minute"])
+        if bucket is not None:
+            bucket[COUNTED[row["to_state"]]] += row["n"]
+    return [{"t": t.isoformat(), **counts} for t, counts in buckets.items()]
+
+
+def latency(now) -> dict:
+    rows = (
+        Saga.objects.using(DB)
+        .filter(finished_at__gte=now - LATENCY_WINDOW)
+        .values_list("created_at", "finished_at")
+        .order_by()[:20000]
+    )
+    values = sorted((finished - created).total_seconds() * 1000 for created, finished in rows)
+    return {
+        "count": len(values),
+        **{f"p{p}": (round(v) if (v := percentile(values, p)) is not None else None) for p in (50, 95, 99)},
+    }
+
+
+def flow(now) -> dict:
+    """Messages between the orchestrator and the services (or, in a choreography, between the
+    services themselves) over the last minutes, from the steps' transitions."""
+    rows = (
+        SagaEvent.objects.using(DB)
+        .filter(created_at__gte=now - FLOW_WINDOW)
+        .exclude(step="")
+        .values("saga__definition", "step", "to_state")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    per_min = FLOW_WINDOW.total_seconds() / 60
+    edges: dict[tuple[str, str, str], dict] = defaultdict(lambda: {"count": 0, "failures": 0})
+    for row in rows:
+        definition = DEFINITIONS.get(row["saga__definition"])
+        if definition is None or row["step"] not in definition._index:
+            continue
+        spec = definition.step(row["step"])
+        state, n = row["to_state"], row["n"]
+        if style_of(definition) == "choreography":
+            # Each service reacts to the events of the steps it follows; the first to the order.
+            sources = [definition.step(d).service for d in spec.depends_on] or ["orders"]
+            if state in STEP_OUT or state in STEP_BAD:
+                for source in sources:
+                    edge = edges[(source, spec.service, "event")]
+                    edge["count"] += n if state in STEP_OUT else 0
+                    edge["failures"] += n if state in STEP_BAD else 0
+            continue
+        if state in STEP_OUT:
+            edges[(ORCHESTRATOR, spec.service, "command")]["count"] += n
+        elif state in STEP_OK or state in STEP_BAD:
+            edge = edges[(spec.service, ORCHESTRATOR, "reply")]
+            edge["count"] += n
+            edge["failures"] += n if state in STEP_BAD else 0
+    services = sorted({s.service for d in DEFINITIONS.values() for s in (*d.steps, *d.on_failure)})
+    return {
+        "nodes": [ORCHESTRATOR, *services],
+        "edges": [
+            {
+                "source": source,
+                "target": target,
+                "kind": kind,
+                "per_min": round(e["count"] / per_min, 2),
+                "failures_per_min": round(e["failures"] / per_min, 2),
+            }
+            for (source, target, kind), e in sorted(edges.items())
+        ],
+    }
+
+
+def overview() -> dict:
+    now = db_now(DB)
+    by_state = dict(
+        Saga.objects.using(DB)
+        .exclude(state__in=Saga.TERMINAL_STATES)
+        .values_list("state")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    lat = latency(now)
+    live = workers.live_workers()
+    return {
+        "now": now.isoformat(),
+        "minutes": minutes(now),
+        "in_flight": sum(by_state.values()),
+        "by_state": by_state,
+        "throughput_per_min": round(lat["count"] / (LATENCY_WINDOW.total_seconds() / 60), 2),
+        "latency_ms": lat,
+        "queues": workers.queue_depths(),
+        "workers": [
+            {**w, "seen_at": datetime.fromtimestamp(w["seen_at"], UTC).isoformat(), "alive": True} for w in live
+        ],
+        "flow": flow(now),
+    }

@@ -1,0 +1,164 @@
+// The whole platform as a graph: the orchestrator in the middle, the services around it, and
+// the message traffic of the last minute as edges (width follows the rate, red while failing).
+
+const KIND_COLORS = { command: "#4f8dff", reply: "#2ed3c0", event: "#c58cff" };
+
+const STYLE = [
+  {
+    selector: "node",
+    style: {
+      shape: "round-rectangle",
+      width: 150,
+      height: 50,
+      "background-color": "#16223c",
+      "border-width": 2,
+      "border-color": "data(border)",
+      label: "data(label)",
+      color: "#e7ecf6",
+      "font-size": 10.5,
+      "font-family": "Inter, system-ui, sans-serif",
+      "text-wrap": "wrap",
+      "text-valign": "center",
+      "text-halign": "center",
+      "line-height": 1.3,
+    },
+  },
+  { selector: "node.hub", style: { shape: "ellipse", width: 136, height: 76, "background-color": "#1b2d55" } },
+  { selector: "node.down", style: { "border-style": "dashed" } },
+  { selector: "node.failing", style: { "background-color": "#2b1620" } },
+  {
+    selector: "edge",
+    style: {
+      width: "data(width)",
+      "curve-style": "bezier",
+      "control-point-step-size": 16,
+      "line-color": "data(color)",
+      "target-arrow-color": "data(color)",
+      "target-arrow-shape": "triangle",
+      "arrow-scale": 0.6,
+      opacity: "data(opacity)",
+    },
+  },
+  {
+    selector: "edge.event",
+    style: { "curve-style": "unbundled-bezier", "control-point-distances": "data(bend)", "control-point-weights": 0.5 },
+  },
+  { selector: "edge.idle", style: { "line-style": "dashed", "line-dash-pattern": [3, 4] } },
+];
+
+export class PlatformGraph {
+  constructor(container) {
+    this.container = container;
+    this.nodes = [];
+    this.cy = cytoscape({
+      container,
+      style: STYLE,
+      elements: [],
+      userZoomingEnabled: false,
+      userPanningEnabled: false,
+      boxSelectionEnabled: false,
+      autoungrabify: true,
+      autounselectify: true,
+      maxZoom: 1.3,
+    });
+    new ResizeObserver(() => this.fit()).observe(container);
+  }
+
+  // Deferred to the next frame: fitting in the same tick as a label change makes Cytoscape
+  // (3.34) draw the new label clipped to the old one's width.
+  fit() {
+    if (this.fitQueued) return;
+    this.fitQueued = true;
+    requestAnimationFrame(() => {
+      this.fitQueued = false;
+      this.cy.resize();
+      if (this.cy.nodes().length) this.cy.fit(undefined, 14);
+    });
+  }
+
+  // flow: overview.flow; queues: overview.queues; workers: overview.workers
+  update(flow, queues = {}, workers = []) {
+    if (!flow) return;
+    const cy = this.cy;
+    const names = flow.nodes || [];
+    const alive = new Set();
+    for (const w of workers) if (w.alive) for (const q of w.queues || []) alive.add(q);
+    const hub = names.includes("orchestrator") ? "orchestrator" : names[0];
+    const known = workers.length > 0;
+    const edges = flow.edges || [];
+    const maxRate = Math.max(1, ...edges.map((e) => e.per_min || 0));
+    cy.batch(() => {
+      if (names.join() !== this.nodes.join()) {
+        // The orchestrator on the left, the services in a column on the right: commands and
+        // replies run across, a choreography's events arc between the services.
+        cy.elements().remove();
+        this.nodes = [...names];
+        const others = names.filter((n) => n !== hub);
+        const gap = 62;
+        cy.add(
+          names.map((name) => {
+            const i = others.indexOf(name);
+            const position = name === hub ? { x: 0, y: 0 } : { x: 200, y: (i - (others.length - 1) / 2) * gap };
+            return { group: "nodes", data: { id: name, label: name, border: "#3a4a72" }, classes: name === hub ? "hub" : "", position };
+          }),
+        );
+      }
+      const traffic = new Map(names.map((n) => [n, { rate: 0, failing: 0 }]));
+      for (const e of edges) {
+        for (const end of [e.source, e.target]) {
+          const t = traffic.get(end);
+          if (!t) continue;
+          t.rate += e.per_min || 0;
+          t.failing += e.failures_per_min || 0;
+        }
+      }
+      for (const name of names) {
+        const node = cy.$id(name);
+        const depth = queues[name];
+        const up = alive.has(name);
+        const t = traffic.get(name);
+        const lines = [name, `${fmtRate(t.rate)} msg/min`];
+        const status = [t.failing ? `${fmtRate(t.failing)} failing` : null, depth != null ? `${depth} queued` : null, known && !up ? "no worker" : null]
+          .filter(Boolean)
+          .join(" · ");
+        if (status) lines.push(status);
+        node.data({ label: lines.join("\n"), border: t.failing ? "#f0524f" : !known ? "#3a4a72" : up ? "#2fc26b" : "#f0524f" });
+        node.toggleClass("down", known && !up);
+        node.toggleClass("failing", t.failing > 0);
+      }
+      const wanted = new Set();
+      for (const e of edges) {
+        if (!cy.$id(e.source).nonempty() || !cy.$id(e.target).nonempty()) continue;
+        const id = `${e.kind}:${e.source}>${e.target}`;
+        wanted.add(id);
+        const rate = e.per_min || 0;
+        const failing = (e.failures_per_min || 0) > 0;
+        const from = cy.$id(e.source).position();
+        const to = cy.$id(e.target).position();
+        const data = {
+          width: rate ? 1.5 + 8 * Math.sqrt(rate / maxRate) : 1,
+          color: failing ? "#f0524f" : KIND_COLORS[e.kind] || "#7d8aab",
+          opacity: rate ? 0.9 : 0.35,
+          // Events between two services in the column bulge to the right, further apart, wider.
+          bend: (to.y > from.y ? -1 : 1) * (30 + Math.abs(to.y - from.y) * 0.35),
+          kind: e.kind,
+          per_min: rate,
+          failures_per_min: e.failures_per_min || 0,
+        };
+        let edge = cy.$id(id);
+        if (edge.empty()) edge = cy.add({ group: "edges", data: { id, source: e.source, target: e.target, ...data }, classes: e.kind });
+        else edge.data(data);
+        edge.toggleClass("failing", failing);
+        edge.toggleClass("idle", !rate);
+      }
+      cy.edges().forEach((edge) => {
+        if (!wanted.has(edge.id())) edge.remove();
+      });
+    });
+    if (names.length) this.fit(); // arcs come and go with the traffic: keep them in view
+  }
+}
+
+function fmtRate(v) {
+  return v >= 100 ? Math.round(v).toString() : v >= 10 ? v.toFixed(0) : v.toFixed(1).replace(/\.0$/, "");
+}
