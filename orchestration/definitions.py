@@ -30,10 +30,11 @@ class RetryPolicy:
             raise ValueError(f"invalid retry policy {self}")
 
     def ceiling(self, failed_attempt: int) -> float:
+        cap = min(self.max_interval, settings.SAGA_RETRY_MAX_INTERVAL_OVERRIDE or self.max_interval)
         try:
-            return min(self.max_interval, self.initial_interval * self.coefficient ** (failed_attempt - 1))
+            return min(cap, self.initial_interval * self.coefficient ** (failed_attempt - 1))
         except OverflowError:  # a policy that retries for a long time is past its cap anyway
-            return self.max_interval
+            return cap
 
     def delay(self, failed_attempt: int) -> float:
         bound = self.ceiling(failed_attempt)

@@ -129,6 +129,11 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Tests only (tests/conftest.py sets it): a fast, insecure hash instead of PBKDF2, so that the
+# suite's hundreds of users cost nothing. Never set it anywhere else.
+FAST_PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+if env_bool("SAGA_INSECURE_FAST_PASSWORDS", default=False):
+    PASSWORD_HASHERS = FAST_PASSWORD_HASHERS
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/orders/"
 LOGOUT_REDIRECT_URL = "/"
@@ -240,6 +245,8 @@ CELERY_IMPORTS = ("sagaplatform.bench",)
 SAGA_SWEEP_INTERVAL = env_float("SAGA_SWEEP_INTERVAL", 2.0)
 # Shorten every step timeout / saga deadline (seconds), for tests and demos of timeouts.
 SAGA_STEP_TIMEOUT_OVERRIDE = env_float("SAGA_STEP_TIMEOUT_OVERRIDE", 0.0)
+# Cap every retry backoff (seconds), for tests and demos that should not wait a minute.
+SAGA_RETRY_MAX_INTERVAL_OVERRIDE = env_float("SAGA_RETRY_MAX_INTERVAL_OVERRIDE", 0.0)
 SAGA_DEADLINE_OVERRIDE = env_float("SAGA_DEADLINE_OVERRIDE", 0.0)
 # Chaos: publish every message twice, as an at-least-once broker may deliver it.
 SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", default=False)

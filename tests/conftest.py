@@ -7,6 +7,7 @@ exactly the messages the platform would send, in order, and can drop, hold or du
 
 from __future__ import annotations
 
+import os
 from decimal import Decimal
 
 import pytest
@@ -19,6 +20,7 @@ from inventory.services import stock_set
 from orders.models import Product
 from sagaplatform.celery import app as celery_app
 from sagaplatform.kernel import faults, outbox
+from sagaplatform.settings import FAST_PASSWORD_HASHERS
 
 ON_POSTGRES = not settings.EMBEDDED_DATABASES
 
@@ -54,6 +56,10 @@ def deliver_until(broker: InTestBroker, task: str) -> None:
 def pytest_configure(config):
     # The SQLite test databases are files under var/ (WAL needs files); a fresh clone has none.
     settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
+    # PBKDF2 costs a third of a second a hash here and the suite creates hundreds of users. The
+    # processes the tests start (servers, workers) inherit the variable and accept these hashes.
+    os.environ["SAGA_INSECURE_FAST_PASSWORDS"] = "true"
+    settings.PASSWORD_HASHERS = FAST_PASSWORD_HASHERS
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,6 +4,7 @@ embedded platform served by `manage.py serve`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -125,4 +126,6 @@ def wait_until_quiet(*, timeout: float = 30) -> bool:
             time.sleep(0.5)  # a task just acknowledged may still be committing
             return True
         time.sleep(0.2)
+    pending = [raw for queue in settings.SAGA_QUEUES for raw in client.lrange(queue, 0, -1)] + client.hvals("unacked")
+    logging.getLogger(__name__).warning("broker not quiet after %ss: %s", timeout, [task_of(r) for r in pending])
     return False

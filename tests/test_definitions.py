@@ -308,3 +308,10 @@ def test_definitions_are_found_by_name():
     assert get_definition("place_order") is PLACE_ORDER
     with pytest.raises(LookupError, match="no saga definition named 'nope'"):
         get_definition("nope")
+
+
+def test_the_retry_backoff_override_caps_every_policy(settings):
+    policy = RetryPolicy(max_attempts=30, initial_interval=1.0, max_interval=60.0, jitter=False)
+    assert policy.delay(10) == 60.0
+    settings.SAGA_RETRY_MAX_INTERVAL_OVERRIDE = 2.0
+    assert [policy.delay(n) for n in (1, 2, 3, 10)] == [1.0, 2.0, 2.0, 2.0]

@@ -105,6 +105,9 @@ def start_stack(tmp: Path, *, extra_env: dict | None = None) -> LiveStack:
         "DJANGO_SETTINGS_MODULE": "sagaplatform.settings",
         "SHIPPING_HANDLING_SECONDS": HANDLING_SECONDS,
         "SAGA_SWEEP_INTERVAL": "1",
+        # A retry scheduled a minute out would keep the broker busy long after a test ends
+        # (an operator retry does not withdraw it), and the next test waits for quiet.
+        "SAGA_RETRY_MAX_INTERVAL_OVERRIDE": "2",
         "LOG_LEVEL": "INFO",
         **(extra_env or {}),
     }
@@ -113,7 +116,12 @@ def start_stack(tmp: Path, *, extra_env: dict | None = None) -> LiveStack:
         flush_broker()
         env |= database_urls() | {"REDIS_URL": settings.REDIS_URL, "SAGA_EMBEDDED_WORKER": "false"}
         worker = Worker(
-            name="browser", extra_env={"SHIPPING_HANDLING_SECONDS": HANDLING_SECONDS, **(extra_env or {})}
+            name="browser",
+            extra_env={
+                "SHIPPING_HANDLING_SECONDS": HANDLING_SECONDS,
+                "SAGA_RETRY_MAX_INTERVAL_OVERRIDE": env["SAGA_RETRY_MAX_INTERVAL_OVERRIDE"],
+                **(extra_env or {}),
+            },
         ).start()
         stack.processes.append(worker)
     else:
