@@ -11,6 +11,13 @@ def stock_list() -> QuerySet[StockItem]:
     return StockItem.objects.using(DB).all()
 
 
+def stock_available() -> dict[str, int]:
+    """SKU -> units available now (the read port other parts use, `ports.stock_available`)."""
+    return {
+        sku: on_hand - reserved for sku, on_hand, reserved in stock_list().values_list("sku", "on_hand", "reserved")
+    }
+
+
 def stock_get(*, sku: str) -> StockItem | None:
     return StockItem.objects.using(DB).filter(sku=sku).first()
 

@@ -323,10 +323,9 @@ def _flatten(detail) -> list[str]:
 
 def _catalogue() -> list:
     """Active products with what is available now. The page reads the inventory service's
-    stock levels for display only (a hint: the saga's reservation is what decides)."""
-    from inventory.selectors import stock_list  # read-only composition for the page
-
-    available = {item.sku: item.available for item in stock_list()}
+    stock levels, through the kernel's port, for display only (a hint: the saga's reservation
+    is what decides)."""
+    available = ports.stock_available()
     products = list(selectors.product_list())
     for product in products:
         product.available = available.get(product.sku, 0)

@@ -403,6 +403,7 @@ LOGGING = {
 }
 
 # --- Composition ----------------------------------------------------------------------------
-# How services read the orchestrator's view of their saga without importing it.
+# Ports (sagaplatform/kernel/ports.py): how one part reads or asks another without importing it.
 SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"
 SAGA_CANCELLER = "orchestration.engine.saga_cancel"
+STOCK_AVAILABILITY_READER = "inventory.selectors.stock_available"

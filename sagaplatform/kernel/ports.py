@@ -20,3 +20,9 @@ def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = ""):
     `context` is what the caller knows of the saga's context (order id, customer e-mail), used
     if the cancel overtakes the saga's start."""
     return import_string(settings.SAGA_CANCELLER)(saga_id=saga_id, context=context, actor=actor, reason=reason)
+
+
+def stock_available() -> dict[str, int]:
+    """SKU -> units available now (on hand less reserved), for display only: the saga's
+    reservation is what decides."""
+    return import_string(settings.STOCK_AVAILABILITY_READER)()
