@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import datetime, timedelta
 
@@ -63,6 +64,7 @@ class DashboardConsumer(FeedConsumer):
         # Saga id -> the version the client has; negated once the saga ended (nothing to follow).
         self.sent: dict[str, int] = {}
         self.reconciled_at = None
+        self.headers_due = 0.0
         self.watching: str | None = None
         self.detail: dict | None = None  # the watched saga's changes not yet sent
         self.detail_version = 0
@@ -99,15 +101,19 @@ class DashboardConsumer(FeedConsumer):
             self.detail = {**delta, "events": self.detail["events"] + delta["events"]}
 
     async def flush(self) -> None:
-        if self.pending:
+        now = time.monotonic()
+        if self.pending and now >= self.headers_due:
             headers, self.pending = list(self.pending.values()), {}
             self.remember(headers)
+            # A browser applies a few thousand rows a second: send no faster than that, so it
+            # never falls behind (the rows waiting meanwhile coalesce to their latest version).
+            self.headers_due = now + len(headers) / settings.FEED_MAX_ROWS_PER_SECOND
             await self.send_json({"type": "sagas", "sagas": headers, "sent_at": now_ms()})
         if self.detail is not None:
             detail, self.detail = self.detail, None
-            seen = {e["seq"] for e in detail["events"]}
+            # Events the client has not had (the seq is the saga's version at that event), once.
             events = sorted(
-                (e for e in detail["events"] if e["seq"] > self.detail_version or e["seq"] in seen),
+                {e["seq"]: e for e in detail["events"] if e["seq"] > self.detail_version}.values(),
                 key=lambda e: e["seq"],
             )
             self.detail_version = max(self.detail_version, detail["saga"]["version"])

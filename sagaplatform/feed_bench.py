@@ -235,10 +235,15 @@ def _measure(page, rate: int, seconds: float, saga_count: int, watched: str, ver
     started = time.perf_counter()
     offer(rate, seconds, sagas, versions)
     offered_for = time.perf_counter() - started
-    # Let the last batch through, then give the page time to paint.
-    time.sleep(settings.FEED_BATCH_SECONDS + settings.FEED_FLUSH_SECONDS + 1.5)
-    probe = page.evaluate("() => window.__probe")
-    arrived = sum(1 for s, v in versions.items() if probe["latest"].get(s, 0) >= v)
+    # How long after the last change every saga's final state is on screen (at most 30 s).
+    stopped = time.perf_counter()
+    while True:
+        probe = page.evaluate("() => window.__probe")
+        arrived = sum(1 for s, v in versions.items() if probe["latest"].get(s, 0) >= v)
+        if arrived == len(versions) or time.perf_counter() - stopped > 30:
+            break
+        time.sleep(0.1)
+    settled_after = time.perf_counter() - stopped
     events = int(rate * seconds)
     result = {
         "offered_per_s": rate,
@@ -248,13 +253,15 @@ def _measure(page, rate: int, seconds: float, saga_count: int, watched: str, ver
         "ws_kib_per_s": round(probe["bytes"] / 1024 / seconds, 1),
         "rows_applied_per_s": round(len(probe["rows"]) / seconds, 1),
         "final_state_arrived": f"{arrived}/{len(versions)}",
+        "final_state_after_s": round(settled_after, 2),
         "row_delay_ms": {f"p{p}": _round(percentile(probe["rows"], p)) for p in (50, 95)},
         "node_delay_ms": {f"p{p}": _round(percentile(probe["nodes"], p)) for p in (50, 95)},
     }
     out.write(
         f"{rate:>6} ev/s offered: published {result['published_per_s']}/s in {result['batches']} batches; "
         f"browser got {result['ws_messages_per_s']} msg/s ({result['ws_kib_per_s']} KiB/s), "
-        f"{result['rows_applied_per_s']} row updates/s; final state {result['final_state_arrived']}; "
+        f"{result['rows_applied_per_s']} row updates/s; final state {result['final_state_arrived']} "
+        f"({result['final_state_after_s']} s after the last change); "
         f"commit->row p50 {result['row_delay_ms']['p50']} ms p95 {result['row_delay_ms']['p95']} ms; "
         f"commit->node p50 {result['node_delay_ms']['p50']} ms p95 {result['node_delay_ms']['p95']} ms\n"
     )

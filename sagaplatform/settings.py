@@ -311,6 +311,9 @@ SAGA_FEED_ENABLED = env_bool("SAGA_FEED_ENABLED", default=True)
 FEED_BATCH_SECONDS = env_float("FEED_BATCH_SECONDS", 0.05)
 # A websocket sends at most one update per this interval (coalescing the rest).
 FEED_FLUSH_SECONDS = env_float("FEED_FLUSH_SECONDS", 0.1)
+# A dashboard is sent at most this many saga rows a second (more waits and coalesces): what a
+# browser applies and paints without falling behind (measured with `make bench-feed`).
+FEED_MAX_ROWS_PER_SECOND = env_float("FEED_MAX_ROWS_PER_SECOND", 1500.0)
 # Consumers compare what they sent with the database this often (heals lost messages).
 FEED_RECONCILE_SECONDS = env_float("FEED_RECONCILE_SECONDS", 5.0)
 # Workers announce themselves this often (the dashboard's "live workers").
