@@ -9,7 +9,7 @@ import time
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
-from channels.layers import channel_layers
+from channels.layers import channel_layers, get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Permission
 from django.test import Client
@@ -338,3 +338,29 @@ def test_workers_announce_themselves_and_healthz_reports_them(client, settings):
     assert "celery@node-3" in {w["name"] for w in workers.live_workers()}
     time.sleep(1.5)  # three missed beats (rounded up to a second): its announcement expires
     assert "celery@node-3" not in {w["name"] for w in workers.live_workers()}
+
+
+def test_a_dashboard_is_sent_no_more_rows_a_second_than_a_browser_paints(settings):
+    """A big batch postpones the next one (its rows coalesce meanwhile): 10 rows at 20 rows/s
+    leave half a second before the next message, which carries only each saga's latest row."""
+    settings.FEED_MAX_ROWS_PER_SECOND = 20
+    staff = operator()
+
+    def headers(version, count=10):
+        return [{"id": f"s{i}", "version": version, "state": "running"} for i in range(count)]
+
+    async def scenario():
+        layer = get_channel_layer()
+        ws = await connect("/ws/dashboard/", staff)
+        await receive_until(ws, lambda m: m["type"] == "overview")
+        await layer.group_send(feed.SAGAS_GROUP, {"type": "feed.headers", "headers": headers(1)})
+        first, _ = await receive_until(ws, lambda m: m["type"] == "sagas")
+        for version in (2, 3, 4):  # arrive while the first batch's half second runs
+            await layer.group_send(feed.SAGAS_GROUP, {"type": "feed.headers", "headers": headers(version)})
+        second, _ = await receive_until(ws, lambda m: m["type"] == "sagas")
+        assert len(first["sagas"]) == 10
+        assert second["sent_at"] - first["sent_at"] >= 450
+        assert sorted((h["id"], h["version"]) for h in second["sagas"]) == [(f"s{i}", 4) for i in range(10)]
+        await ws.disconnect()
+
+    async_to_sync(scenario)()
