@@ -17,6 +17,7 @@ from inventory.models import Reservation, StockItem
 from orchestration.audit import run_audit
 from orchestration.models import Saga, SagaEvent, SagaStep
 from payments.models import Charge, LedgerEntry
+from sagaplatform.kernel import faults
 from sagaplatform.kernel.models import Barrier, FaultRule
 from shipping.models import Shipment
 from tests.chaos import PASSWORD, Stack
@@ -56,7 +57,10 @@ def settled(saga_ids: list[str], *, timeout: float = 60) -> list[Saga]:
 
 
 def inject(service: str, **rule) -> FaultRule:
-    return FaultRule.objects.using(service).create(service=service, **rule)
+    """Add a rule, then wait out the workers' rule cache so that the next command sees it."""
+    created = FaultRule.objects.using(service).create(service=service, **rule)
+    time.sleep(faults.CACHE_SECONDS + 0.2)
+    return created
 
 
 def step_state(saga_id: str, name: str) -> str | None:
