@@ -21,6 +21,7 @@ import pytest
 from playwright.sync_api import expect
 
 from orchestration.models import Saga, SagaEvent
+from sagaplatform.kernel import faults
 from tests.browser.conftest import login, screenshot
 from tests.conftest import make_operator, order_body
 from tests.processes import wait_for
@@ -92,6 +93,7 @@ def place_order(live_stack, *, token: str = "tok_visa") -> dict:
 def inject_fault(live_stack, **rule) -> dict:
     status, created = api(live_stack, "POST", "/api/faults/", rule, user="root", password="root-pass")
     assert status == 201, created
+    time.sleep(faults.CACHE_SECONDS + 0.2)  # the worker reads its rules at most once a second
     return created
 
 
