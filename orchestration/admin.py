@@ -14,12 +14,12 @@ from django.db.models import Exists, OuterRef
 from django.utils.html import format_html
 from django_fsm import can_proceed
 
+from sagaplatform.api import operator_actor
 from sagaplatform.kernel.admin import (
     ActionRefused,
     ReadOnlyAdminMixin,
     ReadOnlyInline,
     action_with_reason,
-    actor_of,
     age_filter,
     order_link,
     saga_link,
@@ -350,7 +350,7 @@ def resolve_alerts(modeladmin, request, queryset):
     resolved = (
         Alert.objects.using(DB)
         .filter(id__in=open_ids, resolved_at__isnull=True)
-        .update(resolved_at=db_now(DB), resolved_by=actor_of(request))
+        .update(resolved_at=db_now(DB), resolved_by=operator_actor(request.user))
     )
     if resolved:
         modeladmin.message_user(request, f"{resolved} alert(s) resolved.", messages.SUCCESS)

@@ -16,7 +16,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sagaplatform.api import SagaStepSerializer, error_responses
+from sagaplatform.api import SagaStepSerializer, error_responses, operator_actor
 
 from . import engine, selectors
 from .filters import STYLE_OF_DEFINITION, SagaFilter
@@ -47,10 +47,6 @@ SAGA_ID_PARAMETER = OpenApiParameter(
     description="The saga's id (an order's `saga.id`).",
     examples=[OpenApiExample("a saga", value=SAGA_ID)],
 )
-
-
-def actor_of(request) -> str:
-    return f"user:{request.user.get_username()}"
 
 
 @extend_schema_serializer(
@@ -181,7 +177,9 @@ class SagaRetryApi(APIView):
     def post(self, request, saga_id):
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        saga = engine.saga_retry(saga_id=saga_id, actor=actor_of(request), reason=serializer.validated_data["reason"])
+        saga = engine.saga_retry(
+            saga_id=saga_id, actor=operator_actor(request.user), reason=serializer.validated_data["reason"]
+        )
         return Response(SagaSummarySerializer(_summary(saga.id)).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -226,7 +224,7 @@ class SagaSkipApi(APIView):
         saga = engine.saga_skip(
             saga_id=saga_id,
             step_name=serializer.validated_data["step"],
-            actor=actor_of(request),
+            actor=operator_actor(request.user),
             reason=serializer.validated_data["reason"],
         )
         return Response(SagaSummarySerializer(_summary(saga.id)).data, status=status.HTTP_202_ACCEPTED)
@@ -279,7 +277,7 @@ class SagaCancelApi(APIView):
         engine.saga_cancel(
             saga_id=saga.id,
             context=saga.context,
-            actor=actor_of(request),
+            actor=operator_actor(request.user),
             reason=serializer.validated_data["reason"],
         )
         return Response(SagaSummarySerializer(_summary(saga.id)).data, status=status.HTTP_202_ACCEPTED)

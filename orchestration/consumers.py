@@ -21,7 +21,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import Prefetch
 
-from sagaplatform.api import ApiError
+from sagaplatform.api import ApiError, operator_actor
 from sagaplatform.kernel import feed, ports
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.feed import FeedConsumer, now_ms
@@ -260,7 +260,7 @@ class DashboardConsumer(FeedConsumer):
             return
         try:
             message = await database_sync_to_async(self._act)(
-                action, saga_id, f"user:{user.get_username()}", reason, content.get("step")
+                action, saga_id, operator_actor(user), reason, content.get("step")
             )
         except ApiError as exc:
             await reply(False, exc.code, exc.message)

@@ -46,9 +46,6 @@ class OrderConsumer(FeedConsumer):
             self.saga = {**delta["saga"], "steps": delta["steps"]}
             self.changed = True
 
-    async def feed_headers(self, event):  # not in the `sagas` group; ignore if ever routed here
-        pass
-
     async def flush(self) -> None:
         if self.changed:
             self.changed = False

@@ -42,6 +42,12 @@ class RequestTooLarge(exceptions.APIException):
     default_code = "request_too_large"
 
 
+def operator_actor(user) -> str:
+    """How an operator's action is recorded in a saga's timeline, from the API, the admin and
+    the dashboard alike (customers are `customer:<name>`)."""
+    return f"user:{user.get_username()}"
+
+
 class ErrorSerializer(serializers.Serializer):
     """The body of every error response."""
 

@@ -25,16 +25,13 @@ from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 
+from sagaplatform.api import operator_actor
+
 from . import faults
 from .clock import db_now
 from .models import Barrier, FaultRule, OutboxMessage
 
 # --- Shared helpers ---------------------------------------------------------------------------
-
-
-def actor_of(request) -> str:
-    """Who an operator action is recorded as (the same form as the operator API's)."""
-    return f"user:{request.user.get_username()}"
 
 
 def short_id(value) -> str:
@@ -175,7 +172,7 @@ def action_with_reason(
         }
         return render(request, "admin/action_reason.html", context)
 
-    actor, reason = actor_of(request), form.cleaned_data["reason"]
+    actor, reason = operator_actor(request.user), form.cleaned_data["reason"]
     opts = modeladmin.model._meta
     left_alone: dict[str, list[str]] = {}
     succeeded = 0
