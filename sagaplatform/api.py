@@ -313,7 +313,11 @@ idempotency_key_in_flight` (retry a little later). Keys are remembered for 24 ho
 
 **Limits.** Request bodies are at most 64 KB (`413 request_too_large`). Placing orders is limited
 to 60 a minute per user (`API_THROTTLE_ORDERS_CREATE`) and asking for a token to 10 a minute per
-client address (`API_THROTTLE_AUTH_TOKEN`): beyond, `429 throttled` with `Retry-After`.
+client address (`API_THROTTLE_AUTH_TOKEN`): beyond, `429 throttled` with `Retry-After`. After
+10 wrong passwords for one username, or from one client address (`AUTH_FAILURE_LIMIT`), every
+password check for it (HTTP Basic, the token endpoint, the login page) is refused with `429
+too_many_failed_logins` and `Retry-After` for 15 minutes (`AUTH_LOCKOUT_MINUTES`); an API token
+keeps working. Prefer a token to HTTP Basic: a password check costs the server a slow hash.
 """
 
 
