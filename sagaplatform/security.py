@@ -82,6 +82,16 @@ def _origin(url: str) -> tuple[str, str, int] | None:
     return parts.scheme, parts.hostname.lower(), port
 
 
+def _trusted(origin: tuple[str, str, int], entry: str) -> bool:
+    """An entry of CSRF_TRUSTED_ORIGINS, `https://*.example.com` meaning any subdomain, as Django reads it."""
+    wildcard = "://*." in entry
+    expected = _origin(entry.replace("://*.", "://", 1))
+    if expected is None or not wildcard:
+        return origin == expected
+    scheme, host, port = expected
+    return origin[0] == scheme and origin[2] == port and origin[1].endswith("." + host)
+
+
 def websocket_origin_allowed(scope) -> bool:
     """The same rule as Django's CSRF check of a form's Origin: the page that opens the socket
     must be this site (scheme, host and port of the Host header, the host in ALLOWED_HOSTS), or
@@ -92,7 +102,7 @@ def websocket_origin_allowed(scope) -> bool:
     origin = _origin(headers.get(b"origin", ""))
     if origin is None:
         return False
-    if any(origin == _origin(trusted) for trusted in settings.CSRF_TRUSTED_ORIGINS):
+    if any(_trusted(origin, entry) for entry in settings.CSRF_TRUSTED_ORIGINS):
         return True
     host = headers.get(b"host", "")
     domain, _ = split_domain_port(host)

@@ -107,7 +107,7 @@ def test_a_socket_opened_from_the_right_host_but_another_port_is_refused(setting
     """Another service on the same host (another port: another origin) must not open an
     operator's socket with the operator's cookie, nor can a page reach a server on another port."""
     settings.ALLOWED_HOSTS = ["shop.example", "testserver"]
-    settings.CSRF_TRUSTED_ORIGINS = ["https://admin.shop.example:8443"]
+    settings.CSRF_TRUSTED_ORIGINS = ["https://admin.shop.example:8443", "https://*.partner.example"]
 
     async def scenario():
         staff = await sync_to_async(operator)()
@@ -128,6 +128,9 @@ def test_a_socket_opened_from_the_right_host_but_another_port_is_refused(setting
         assert not await opens(b"https://shop.example", b"shop.example")  # not served over TLS here
         assert not await opens(b"https://admin.shop.example", b"shop.example:8000")  # trusted on 8443 only
         assert not await opens(b"http://evil.example:8000", b"evil.example:8000")  # not an allowed host
+        assert await opens(b"https://app.partner.example", b"shop.example")  # a trusted subdomain
+        assert not await opens(b"https://partner.example.evil.example", b"shop.example")
+        assert not await opens(b"http://app.partner.example", b"shop.example")  # trusted over https only
         assert not await opens(b"http://shop.example:x", b"shop.example")
         assert not await opens(b"null", b"shop.example")
 
