@@ -104,7 +104,8 @@ class BasicAuthentication(authentication.BasicAuthentication):
     """
 
     def authenticate_credentials(self, userid, password, request=None):
-        key = salted_hmac("sagaplatform.basic-auth", f"{userid}\0{password}", algorithm="sha256").hexdigest()
+        credentials = f"{len(userid)}:{userid}:{password}"  # unambiguous, whatever the two contain
+        key = salted_hmac("sagaplatform.basic-auth", credentials, algorithm="sha256").hexdigest()
         remembered = _basic_checked.get(key)
         if remembered is not None:
             user_id, fingerprint = remembered
