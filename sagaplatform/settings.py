@@ -12,7 +12,6 @@ Two ways to run, one codebase:
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -101,9 +100,10 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # Last: turns a login refused for a lockout into its answer (429).
+    # Turns a login refused for a lockout into its answer (429); the middlewares above it then
+    # treat that answer as any other.
     "axes.middleware.AxesMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "sagaplatform.urls"
@@ -149,7 +149,7 @@ AUTHENTICATION_BACKENDS = [
     "django.contrib.auth.backends.ModelBackend",
 ]
 AXES_FAILURE_LIMIT = env_int("AUTH_FAILURE_LIMIT", 10)
-AXES_COOLOFF_TIME = timedelta(minutes=env_float("AUTH_LOCKOUT_MINUTES", 15.0))
+AXES_COOLOFF_TIME = env_float("AUTH_LOCKOUT_MINUTES", 15.0) / 60  # hours, as a float
 AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 AXES_CLIENT_IP_CALLABLE = "sagaplatform.security.client_address"
 AXES_LOCKOUT_CALLABLE = "sagaplatform.security.lockout_response"

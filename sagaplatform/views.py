@@ -4,9 +4,7 @@ from django.conf import settings
 from django.db import connections
 from django.http import JsonResponse
 from django.shortcuts import render
-from django.utils.crypto import constant_time_compare
 from django.views.defaults import page_not_found, server_error
-from rest_framework.authtoken.models import Token
 
 from . import workers
 
@@ -50,6 +48,9 @@ def healthz(request):
 
 
 def _may_see_health_details(request) -> bool:
+    from django.utils.crypto import constant_time_compare
+    from rest_framework.authtoken.models import Token
+
     scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
     credential = credential.strip()
     bearer = scheme.lower() in ("bearer", "token") and credential
