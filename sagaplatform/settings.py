@@ -236,6 +236,12 @@ CELERY_TASK_DEFAULT_QUEUE = "orchestrator"
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 150)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Poison messages: a message that is not JSON, not an envelope, bigger than this, undecodable or
+# for an unknown task is recorded as a dead letter and acknowledged; the worker carries on.
+SAGA_MAX_MESSAGE_BYTES = env_int("SAGA_MAX_MESSAGE_BYTES", 1024 * 1024)
+if CELERY_BROKER_URL.startswith("redis://"):
+    CELERY_BROKER_TRANSPORT = "sagaplatform.kernel.deadletters:RedisTransport"
+CELERY_WORKER_CONSUMER = "sagaplatform.kernel.deadletters:Consumer"
 # Keep database connections across tasks: Celery's Django fixup otherwise closes every connection
 # after each task, which cost 4,000 new PostgreSQL sessions per 1,000 orders here.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1_000_000)
@@ -270,6 +276,10 @@ CELERY_BEAT_SCHEDULE = {
     "notifications-redeliver": _periodic("notifications.redeliver_queued", "notifications", SAGA_ANTI_ENTROPY_INTERVAL),
     # Idempotency keys past IDEMPOTENCY_KEY_TTL (a replay after that places a new order anyway).
     "orders-purge-idempotency-keys": _periodic("orders.purge_idempotency_keys", "orders", 3600.0),
+    # One alert per dead letter (a message a worker recorded and acknowledged instead of running).
+    "orchestrator-dead-letters": _periodic(
+        "orchestration.alert_dead_letters", "orchestrator", SAGA_ANTI_ENTROPY_INTERVAL
+    ),
 }
 
 # --- Channels -------------------------------------------------------------------------------
