@@ -258,6 +258,13 @@ SAGA_DEADLINE_OVERRIDE = env_float("SAGA_DEADLINE_OVERRIDE", 0.0)
 SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", default=False)
 SAGA_ANTI_ENTROPY_INTERVAL = env_float("SAGA_ANTI_ENTROPY_INTERVAL", 10.0)
 
+# Retention (seconds): published outbox rows, and barrier rows of sagas that ended, are purged
+# after these ages by `manage.py purge` and by beat, per database. Why the ages are safe, and the
+# floor the barrier's age never goes below: docs/ARCHITECTURE.md, "Retention".
+OUTBOX_RETENTION = env_int("OUTBOX_RETENTION", 24 * 3600)
+BARRIER_RETENTION = env_int("BARRIER_RETENTION", 7 * 24 * 3600)
+RETENTION_PURGE_INTERVAL = env_float("RETENTION_PURGE_INTERVAL", 3600.0)
+
 
 def _periodic(task: str, queue: str, every: float, *args) -> dict:
     # `expires`: while no worker listens, sweeps do not pile up in the queue.
@@ -276,6 +283,13 @@ CELERY_BEAT_SCHEDULE = {
     "notifications-redeliver": _periodic("notifications.redeliver_queued", "notifications", SAGA_ANTI_ENTROPY_INTERVAL),
     # Idempotency keys past IDEMPOTENCY_KEY_TTL (a replay after that places a new order anyway).
     "orders-purge-idempotency-keys": _periodic("orders.purge_idempotency_keys", "orders", 3600.0),
+    # Retention, in each database by a worker of its own queue.
+    **{
+        f"{alias}-purge": _periodic(
+            "kernel.purge", alias if alias in SERVICE_ALIASES else "orchestrator", RETENTION_PURGE_INTERVAL, alias
+        )
+        for alias in DATABASE_ALIASES
+    },
     # One alert per dead letter (a message a worker recorded and acknowledged instead of running).
     "orchestrator-dead-letters": _periodic(
         "orchestration.alert_dead_letters", "orchestrator", SAGA_ANTI_ENTROPY_INTERVAL
@@ -420,3 +434,4 @@ LOGGING = {
 SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"
 SAGA_CANCELLER = "orchestration.engine.saga_cancel"
 STOCK_AVAILABILITY_READER = "inventory.selectors.stock_available"
+SAGA_ENDED_READER = "orchestration.selectors.sagas_ended_before"
