@@ -131,3 +131,20 @@ def test_beat_purges_every_database_from_a_worker_of_its_own_queue():
     for alias, entry in entries.items():
         assert entry["options"]["queue"] == (alias if alias in SERVICES else "orchestrator")
         assert entry["schedule"] == settings.RETENTION_PURGE_INTERVAL
+
+
+def test_a_beat_run_stops_at_its_time_budget_and_the_next_one_goes_on(alice_api, catalogue, broker, monkeypatch):
+    saga = place(alice_api)
+    broker.deliver()
+    age(days=30)
+    rows = barrier_rows(saga), outbox_rows(saga)
+    assert all(rows)
+
+    monkeypatch.setattr(retention, "RUN_BUDGET_SECONDS", -1.0)  # spent before it starts
+    assert kernel_tasks.purge("inventory") == {"outbox": 0, "barrier": 0}
+    assert (barrier_rows(saga), outbox_rows(saga)) == rows
+
+    monkeypatch.undo()
+    for alias in settings.DATABASE_ALIASES:
+        kernel_tasks.purge(alias)
+    assert (barrier_rows(saga), outbox_rows(saga)) == (0, 0)

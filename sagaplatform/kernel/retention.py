@@ -22,6 +22,7 @@ orders API asks for a saga's progress: the kernel imports no app.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -34,6 +35,9 @@ from .models import Barrier, OutboxMessage
 logger = logging.getLogger(__name__)
 
 BATCH = 1000
+# One beat run stops after this long and the next one goes on, well inside the task's soft time
+# limit (measured here: about 6,600 outbox and 12,000 barrier rows deleted a second).
+RUN_BUDGET_SECONDS = 60.0
 
 
 def minimum_barrier_age() -> timedelta:
@@ -61,7 +65,7 @@ def outbox_age() -> timedelta:
     return timedelta(seconds=settings.OUTBOX_RETENTION)
 
 
-def purge_outbox(*, using: str, older_than: timedelta, batch: int = BATCH) -> int:
+def purge_outbox(*, using: str, older_than: timedelta, batch: int = BATCH, until: float | None = None) -> int:
     """Delete rows published before `older_than` ago whose saga (if any) ended as long ago."""
     cutoff = db_now(using) - older_than
     rows = OutboxMessage.objects.using(using).filter(published_at__lt=cutoff).order_by("id")
@@ -70,7 +74,7 @@ def purge_outbox(*, using: str, older_than: timedelta, batch: int = BATCH) -> in
         page = list(
             (rows if after is None else rows.filter(id__gt=after)).values_list("id", "payload__saga_id")[:batch]
         )
-        if not page:
+        if not page or (until is not None and time.monotonic() > until):
             return purged
         after = page[-1][0]
         ended = ports.sagas_ended_before({saga for _, saga in page if saga}, cutoff)
@@ -79,7 +83,7 @@ def purge_outbox(*, using: str, older_than: timedelta, batch: int = BATCH) -> in
             purged += OutboxMessage.objects.using(using).filter(id__in=doomed).delete()[0]
 
 
-def purge_barrier(*, using: str, older_than: timedelta, batch: int = BATCH) -> int:
+def purge_barrier(*, using: str, older_than: timedelta, batch: int = BATCH, until: float | None = None) -> int:
     """Delete every barrier row of the sagas whose newest row here, and whose end, are older than
     `older_than`."""
     cutoff = db_now(using) - older_than
@@ -93,7 +97,7 @@ def purge_barrier(*, using: str, older_than: timedelta, batch: int = BATCH) -> i
     purged, after = 0, None
     while True:
         page = [str(g["saga_id"]) for g in (groups if after is None else groups.filter(saga_id__gt=after))[:batch]]
-        if not page:
+        if not page or (until is not None and time.monotonic() > until):
             return purged
         after = page[-1]
         ended = ports.sagas_ended_before(set(page), cutoff)
@@ -107,9 +111,10 @@ def purge_barrier(*, using: str, older_than: timedelta, batch: int = BATCH) -> i
 
 def purge(*, using: str) -> dict:
     """Apply the configured retention to one database."""
+    until = time.monotonic() + RUN_BUDGET_SECONDS
     result = {
-        "outbox": purge_outbox(using=using, older_than=outbox_age()),
-        "barrier": purge_barrier(using=using, older_than=barrier_age()),
+        "outbox": purge_outbox(using=using, older_than=outbox_age(), until=until),
+        "barrier": purge_barrier(using=using, older_than=barrier_age(), until=until),
     }
     if any(result.values()):
         logger.info("purged from %s: %s", using, result)
