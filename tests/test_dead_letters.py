@@ -70,6 +70,7 @@ def test_poison_messages_are_dead_lettered_and_the_worker_carries_on(worker, ali
         "unknown task": envelope("inventory.no_such_task", args),
         "undecodable body": envelope("inventory.execute", b"\x00 not json"),
         "oversized": envelope("inventory.execute", b"x" * MAX_BYTES),
+        "a command with no saga": envelope("inventory.execute", json.dumps([[{"step": "x"}], {}, {}]).encode()),
     }
     for raw in poison.values():
         client.lpush("inventory", raw)
@@ -77,29 +78,31 @@ def test_poison_messages_are_dead_lettered_and_the_worker_carries_on(worker, ali
     def recorded():
         assert worker.process.poll() is None, f"the worker died: see {worker.log_path}"
         rows = list(DeadLetter.objects.using("inventory").order_by("id"))
-        return len(rows) >= 5 and rows
+        return len(rows) >= 6 and rows
 
-    letters = wait_for(recorded, timeout=30, message=f"5 dead letters (log: {worker.log_path})")
+    letters = wait_for(recorded, timeout=30, message=f"6 dead letters (log: {worker.log_path})")
     assert sorted(letter.reason for letter in letters) == sorted(
-        ["malformed", "malformed", "unknown_task", "undecodable", "oversized"]
+        ["malformed", "malformed", "unknown_task", "undecodable", "oversized", "failed"]
     )
     assert {letter.queue for letter in letters} == {"inventory"}
     assert any(letter.task == "inventory.no_such_task" for letter in letters)
     assert any(letter.body == "this is not json {" for letter in letters)
+    failed = next(letter for letter in letters if letter.reason == "failed")
+    assert (failed.task, failed.error) == ("inventory.execute", "KeyError: 'saga_id'")
     # Acknowledged: nothing of them is left queued or held unacknowledged.
     assert client.llen("inventory") == 0
     assert not [raw for raw in client.hvals("unacked") if b"no_such_task" in raw or b"not json" in raw]
 
     alerts = wait_for(
-        lambda: (rows := list(Alert.objects.filter(kind="dead_letter"))) and len(rows) >= 5 and rows,
+        lambda: (rows := list(Alert.objects.filter(kind="dead_letter"))) and len(rows) >= 6 and rows,
         timeout=20,
         message="an alert for each dead letter",
     )
-    assert len(alerts) == 5
+    assert len(alerts) == 6
     assert all(alert.saga_id is None and alert.resolved_at is None for alert in alerts)
     assert not DeadLetter.objects.using("inventory").filter(alerted_at__isnull=True).exists()
     # Visible to an operator: the dashboard's overview, the admin's alerts and dead letters.
-    assert overview.dead_letters()["open"] == 5
+    assert overview.dead_letters()["open"] == 6
     page = admin_client.get("/admin/kernel/deadletter/", {"db": "inventory"})
     assert page.status_code == 200
     assert b"inventory.no_such_task" in page.content

@@ -16,6 +16,7 @@ the orchestrator's), in the kernel's `DeadLetter` table; the orchestrator turns 
 
 from __future__ import annotations
 
+import json
 import logging
 from queue import Empty
 
@@ -34,12 +35,13 @@ logger = logging.getLogger(__name__)
 KEPT_BODY_CHARS = 4000
 # DeadLetter.Reason, named here so that loading the transport does not import the models (the
 # transport can be loaded before Django's apps are ready).
-MALFORMED, OVERSIZED, UNDECODABLE, UNKNOWN_TASK, INVALID_TASK = (
+MALFORMED, OVERSIZED, UNDECODABLE, UNKNOWN_TASK, INVALID_TASK, FAILED = (
     "malformed",
     "oversized",
     "undecodable",
     "unknown_task",
     "invalid_task",
+    "failed",
 )
 
 
@@ -202,6 +204,44 @@ class Consumer(CeleryConsumer):
     def on_invalid_task(self, body, message, exc):
         _record_message(message, INVALID_TASK, exc)
         return super().on_invalid_task(body, message, exc)
+
+
+# An outage, not a bad message: the work comes back through a step's lease or the anti-entropy
+# tasks once the database or the broker is back, so such a failure is no dead letter.
+def _is_outage(exc: BaseException) -> bool:
+    from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+    from django.db import DatabaseError, InterfaceError, OperationalError
+    from kombu.exceptions import OperationalError as BrokerError
+
+    return isinstance(
+        exc,
+        OperationalError | InterfaceError | BrokerError | SoftTimeLimitExceeded | TimeLimitExceeded | ConnectionError,
+    ) or (isinstance(exc, DatabaseError) and "connection" in str(exc).lower())
+
+
+def record_failed_task(sender=None, task_id=None, exception=None, args=None, kwargs=None, **_) -> None:
+    """`task_failure`: a task that raised is acknowledged, not retried
+    (CELERY_TASK_ACKS_ON_FAILURE_OR_TIMEOUT), so its message is gone. If it raised because of what
+    the message says (a command with no saga id, a reply for a saga whose definition is gone), it
+    would fail the same way every time: record it. Periodic tasks carry no data and run again."""
+    name = getattr(sender, "name", "") or ""
+    periodic = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    if name in periodic or exception is None or _is_outage(exception):
+        return
+    request = getattr(sender, "request", None)
+    delivery = (getattr(request, "delivery_info", None) or {}) if request is not None else {}
+    try:
+        body = json.dumps([args or [], kwargs or {}], default=str)
+    except (TypeError, ValueError):
+        body = repr((args, kwargs))
+    record(
+        queue=delivery.get("routing_key") or "",
+        reason=FAILED,
+        raw=body,
+        task=name,
+        message_id=str(task_id or ""),
+        error=f"{type(exception).__name__}: {exception}",
+    )
 
 
 # --- Read by the orchestrator, which raises an alert for each ------------------------------------

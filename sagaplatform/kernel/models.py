@@ -106,6 +106,7 @@ class DeadLetter(models.Model):
         UNDECODABLE = "undecodable", "its body could not be decoded"
         UNKNOWN_TASK = "unknown_task", "names a task no worker knows"
         INVALID_TASK = "invalid_task", "a task with invalid arguments or headers"
+        FAILED = "failed", "its task failed on what the message says"
 
     queue = models.CharField(max_length=64)
     reason = models.CharField(max_length=16, choices=Reason.choices)
