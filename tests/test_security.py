@@ -133,6 +133,9 @@ def test_the_login_form_says_why_it_refuses_a_locked_user(limit):
     right = Client(REMOTE_ADDR="10.0.1.2").post("/accounts/login/", {"username": "alice", "password": "alice-pass"})
     assert right.status_code == 429
     assert "_auth_user_id" not in right.client.session
+    admin_login = Client(REMOTE_ADDR="10.0.1.3").post("/admin/login/", {"username": "alice", "password": "alice-pass"})
+    assert admin_login.status_code == 429
+    assert b"Too many failed logins" in admin_login.content
     other = Client(REMOTE_ADDR="10.0.1.2")
     assert other.post("/accounts/login/", {"username": "bob", "password": "bob-pass"}).status_code == 302
     assert other.get("/orders/").status_code == 200
