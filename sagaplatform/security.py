@@ -51,12 +51,10 @@ def lockout_response(request, *_):
     sync one passes (request, response, credentials)."""
     seconds = lockout_seconds(request)
     minutes = max(1, round(seconds / 60))
-    message = (
-        "Too many failed logins for this user or from this address. "
-        f"Try again in {minutes} minutes; an API token keeps working meanwhile."
-    )
+    message = f"Too many failed logins for this user or from this address. Try again in {minutes} minutes."
     headers = {"Retry-After": str(seconds)}
     if request.path.startswith("/api/"):
+        message += " An API token keeps working meanwhile."
         body = {"code": LOCKOUT_CODE, "message": message, "details": {"retry_after": seconds}}
         return JsonResponse(body, status=429, headers=headers)
     form = AuthenticationForm(request, initial={"username": request.POST.get("username", "")})

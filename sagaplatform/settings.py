@@ -138,6 +138,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 FAST_PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 if env_bool("SAGA_INSECURE_FAST_PASSWORDS", default=False):
     PASSWORD_HASHERS = FAST_PASSWORD_HASHERS
+
 # --- Security: login lockout, HTTPS, fault injection, health details --------------------------
 # Every password check (login form, admin, HTTP Basic, `POST /api/auth/token/`) counts failures
 # per username and per client address (django-axes, rows on `default`). Either one reaching the
