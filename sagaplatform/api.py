@@ -290,7 +290,13 @@ shipping and notifications services, follow them, cancel them; operators inspect
 - the session cookie of a logged-in browser. Every state-changing request (POST, DELETE) made
   with the session must carry the CSRF token (`X-CSRFToken` header, from the `csrftoken` cookie),
   or it is refused with `403 csrf_failed`. Token and Basic authentication need no CSRF token.
-- HTTP Basic with username and password (for scripts and curl).
+- HTTP Basic with username and password (for scripts and curl). Prefer a token: each password
+  check costs the server a slow hash.
+
+After 10 wrong passwords for one username, or from one client address (`AUTH_FAILURE_LIMIT`),
+every password check for it (HTTP Basic, the token endpoint, the login page) is refused with
+`429 too_many_failed_logins` and `Retry-After`, for 15 minutes after the last failure
+(`AUTH_LOCKOUT_MINUTES`). An API token keeps working meanwhile.
 
 A request without valid credentials is answered `401` with a `WWW-Authenticate` challenge.
 Customers see and cancel only their own orders (someone else's order is a 404). The saga

@@ -77,6 +77,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",  # API tokens for clients (`POST /api/auth/token/`)
+    "axes",  # lockout after repeated wrong passwords (form, HTTP Basic, token endpoint)
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -99,6 +100,9 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # Turns a login refused for a lockout into its answer (429); the middlewares above it then
+    # treat that answer as any other.
+    "axes.middleware.AxesMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
@@ -134,6 +138,53 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 FAST_PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 if env_bool("SAGA_INSECURE_FAST_PASSWORDS", default=False):
     PASSWORD_HASHERS = FAST_PASSWORD_HASHERS
+
+# --- Security: login lockout, HTTPS, fault injection, health details --------------------------
+# Every password check (login form, admin, HTTP Basic, `POST /api/auth/token/`) counts failures
+# per username and per client address (django-axes, rows on `default`). Either one reaching the
+# limit refuses further checks with 429 until AUTH_LOCKOUT_MINUTES pass without a failure. A
+# locked user's API token and open sessions keep working. `manage.py axes_reset_username <name>`
+# (or `axes_reset_ip`, or the admin) lifts a lockout early.
+AUTHENTICATION_BACKENDS = [
+    "sagaplatform.security.LockoutBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("AUTH_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = env_float("AUTH_LOCKOUT_MINUTES", 15.0) / 60  # hours, as a float
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_CLIENT_IP_CALLABLE = "sagaplatform.security.client_address"
+AXES_LOCKOUT_CALLABLE = "sagaplatform.security.lockout_response"
+# A row per successful login would be a write per HTTP Basic request.
+AXES_DISABLE_ACCESS_LOG = True
+AXES_VERBOSE = False
+# A successful HTTP Basic check is remembered this long in the web process's memory (keyed by a
+# keyed hash of the credentials, never the password): each check costs a PBKDF2 hash otherwise.
+API_BASIC_AUTH_CACHE_SECONDS = env_int("API_BASIC_AUTH_CACHE_SECONDS", 300)
+
+# HTTPS. Off by default (the embedded mode serves plain HTTP on 127.0.0.1); the production
+# configuration in .env.example turns them on, and `manage.py check --deploy` is then clean.
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", default=False)
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", default=False)
+# Behind a proxy that terminates TLS: the header it sets, e.g. `HTTP_X_FORWARDED_PROTO,https`.
+_proxy_ssl_header = env_str("DJANGO_SECURE_PROXY_SSL_HEADER")
+if _proxy_ssl_header:
+    _header, _, _value = _proxy_ssl_header.partition(",")
+    if not _header.startswith("HTTP_") or not _value:
+        raise ImproperlyConfigured(
+            f"DJANGO_SECURE_PROXY_SSL_HEADER must look like HTTP_X_FORWARDED_PROTO,https, got {_proxy_ssl_header!r}"
+        )
+    SECURE_PROXY_SSL_HEADER = (_header, _value)
+# Origins (scheme://host[:port]) trusted besides the request's own, for forms and websockets.
+CSRF_TRUSTED_ORIGINS = [o for o in env_str("DJANGO_CSRF_TRUSTED_ORIGINS").split(",") if o]
+# `/api/faults/` and the fault rule admin break orders on purpose: on with DEBUG only, unless set.
+SAGA_FAULT_INJECTION = env_bool("SAGA_FAULT_INJECTION", default=DEBUG)
+# `/healthz` shows anonymous callers only its status; staff, or this bearer token, see details.
+SAGA_HEALTHZ_TOKEN = env_str("SAGA_HEALTHZ_TOKEN")
+
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/orders/"
 LOGOUT_REDIRECT_URL = "/"
@@ -360,7 +411,7 @@ REST_FRAMEWORK = {
         # Token first: the first class's challenge is the WWW-Authenticate header of every 401.
         "sagaplatform.authentication.TokenAuthentication",
         "sagaplatform.authentication.SessionAuthentication",
-        "rest_framework.authentication.BasicAuthentication",
+        "sagaplatform.authentication.BasicAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": ["sagaplatform.parsers.JSONParser"],
