@@ -1,0 +1,40 @@
+"""Shedding load at the door of the web process, before Django spends anything on a request."""
+
+from __future__ import annotations
+
+import json
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: while `limit` HTTP requests are in progress, answer the next ones 503
+    with Retry-After at once, with no thread, no database connection and no authentication.
+
+    Daphne runs every request in a thread of its own and queues what it cannot serve: past what
+    the process can do, answers came back later and later (12 s at 80 orders/s here) and refused
+    orders cost as much as accepted ones. One event loop serves every request, so a plain counter
+    is enough. Websockets are not counted: they are long-lived and authenticate on their own.
+    """
+
+    def __init__(self, app, *, limit: int, retry_after: int) -> None:
+        self.app, self.limit, self.active = app, limit, 0
+        self.body = json.dumps(
+            {
+                "code": "overloaded",
+                "message": "The server is busy; retry in a moment.",
+                "details": {"retry_after": retry_after},
+            }
+        ).encode()
+        self.headers = [(b"content-type", b"application/json"), (b"retry-after", str(retry_after).encode())]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.limit:
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            await send({"type": "http.response.start", "status": 503, "headers": self.headers})
+            await send({"type": "http.response.body", "body": self.body})
+            return None
+        self.active += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
