@@ -4,6 +4,7 @@ with Retry-After, never a 500. The ramp (`manage.py ramp`) runs short against a 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -23,6 +24,7 @@ from django.utils import timezone
 from orders.models import IdempotencyKey, Order
 from orders.services import order_approve
 from sagaplatform.kernel.models import OutboxMessage
+from sagaplatform.overload import ConcurrencyLimit
 from tests.chaos import PASSWORD, Stack
 from tests.conftest import order_body
 from tests.processes import ARTIFACTS, ROOT, database_urls, flush_broker, free_port, wait_for
@@ -77,6 +79,55 @@ def test_orders_pending_for_over_an_hour_are_not_work_in_flight(alice_api, catal
     Order.objects.using("orders").update(announced_at=timezone.now() - timedelta(hours=2))
 
     assert alice_api.post(URL, order_body(), format="json").status_code == 202
+
+
+# --- The door: a concurrency limit before Django ----------------------------------------------
+
+
+def test_past_the_concurrency_limit_requests_are_answered_503_at_once_and_websockets_pass():
+    release = asyncio.Event()
+    entered = []
+
+    async def app(scope, receive, send):
+        entered.append(scope["type"])
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    limited = ConcurrencyLimit(app, limit=2, retry_after=7)
+
+    async def request(scope_type: str = "http") -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await limited({"type": scope_type}, None, send)
+        return sent
+
+    async def scenario():
+        slow = [asyncio.create_task(request()) for _ in range(2)]
+        websocket = asyncio.create_task(request("websocket"))
+        while len(entered) < 3:
+            await asyncio.sleep(0)
+        refused = await asyncio.wait_for(request(), timeout=1)  # answered without waiting
+        release.set()
+        answered = await asyncio.gather(*slow, websocket)
+        return refused, answered, await request()
+
+    refused, answered, after = asyncio.run(scenario())
+
+    start, body = refused
+    assert start["status"] == 503
+    assert dict(start["headers"])[b"retry-after"] == b"7"
+    assert json.loads(body["body"]) == {
+        "code": "overloaded",
+        "message": "The server is busy; retry in a moment.",
+        "details": {"retry_after": 7},
+    }
+    assert [sent[0]["status"] for sent in answered] == [200, 200, 200]
+    assert after[0]["status"] == 200  # the slots are free again
+    assert entered == ["http", "http", "websocket", "http"]
 
 
 # --- The web process, for real ----------------------------------------------------------------
