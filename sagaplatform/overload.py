@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from django.http import HttpResponse, JsonResponse
+
 
 class ConcurrencyLimit:
     """ASGI middleware: while `limit` HTTP requests are in progress, answer the next ones 503
@@ -38,3 +42,35 @@ class ConcurrencyLimit:
             return await self.app(scope, receive, send)
         finally:
             self.active -= 1
+
+
+class DatabaseUnavailableMiddleware:
+    """A page or a non-DRF endpoint whose database is down or saturated answers 503 with
+    Retry-After, as the API does (`sagaplatform.api.exception_handler`), rather than a 500.
+
+    `OperationalError` and `InterfaceError` are what a refused connection, "too many clients", an
+    empty web pool (`DATABASE_POOL_TIMEOUT`) or a restarting server raise; the request's work
+    rolled back with its transaction, so a retry is the right answer for the client.
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if not isinstance(exception, (OperationalError, InterfaceError)):
+            return None
+        retry_after = settings.API_RETRY_AFTER
+        if request.path.startswith("/api/"):
+            body = {"code": "service_unavailable", "message": "A database is unavailable or busy; retry later."}
+            response = JsonResponse({**body, "details": {"retry_after": retry_after}}, status=503)
+        else:
+            response = HttpResponse(
+                "The service is busy or a database is unavailable. Please try again in a moment.",
+                status=503,
+                content_type="text/plain; charset=utf-8",
+            )
+        response["Retry-After"] = str(retry_after)
+        return response

@@ -101,6 +101,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, so that it sees the views' exceptions: a database down or saturated is a 503.
+    "sagaplatform.overload.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "sagaplatform.urls"

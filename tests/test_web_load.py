@@ -304,3 +304,22 @@ def test_a_short_ramp_has_no_5xx_refuses_past_the_limit_and_every_accepted_order
     assert fast["refused"] > 0  # 30 orders/s is more than one worker decides: admission said no
     assert fast["connections"]["web"] <= len(settings.DATABASE_ALIASES) * settings.DATABASE_POOL_MAX_SIZE
     assert Order.objects.using("orders").count() == slow["accepted"] + fast["accepted"]  # refused: nothing written
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_a_page_whose_database_is_down_is_a_503_with_retry_after(alice, client):
+    client.force_login(alice)
+    orders_db = connections["orders"]
+    port = orders_db.settings_dict["PORT"]
+    orders_db.close()
+    orders_db.settings_dict["PORT"] = str(free_port())  # nothing listens there
+    try:
+        page = client.get("/orders/")
+    finally:
+        orders_db.close()
+        orders_db.settings_dict["PORT"] = port
+
+    assert page.status_code == 503
+    assert page["Retry-After"] == str(settings.API_RETRY_AFTER)
+    assert "try again in a moment" in page.content.decode()
