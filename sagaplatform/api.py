@@ -260,8 +260,8 @@ _ERRORS = {
         "Request was throttled. Expected available in 42 seconds.",
     ),
     503: (
-        "Busy, or a database is unavailable: nothing was done; retry after `Retry-After` seconds"
-        " (also in `details.retry_after`).",
+        "Too many orders in progress, the server busy, or a database unavailable: retry after"
+        " `Retry-After` seconds (also in `details.retry_after`).",
         "service_unavailable",
         "A database is unavailable or busy; retry later.",
     ),
