@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse
+
+logger = logging.getLogger(__name__)
 
 
 class ConcurrencyLimit:
@@ -62,6 +65,7 @@ class DatabaseUnavailableMiddleware:
     def process_exception(self, request, exception):
         if not isinstance(exception, (OperationalError, InterfaceError)):
             return None
+        logger.warning("database unavailable, answering 503: %s", exception)
         retry_after = settings.API_RETRY_AFTER
         if request.path.startswith("/api/"):
             body = {"code": "service_unavailable", "message": "A database is unavailable or busy; retry later."}

@@ -450,6 +450,16 @@ LOGGING = {
     },
 }
 
+
+def _not_a_503(record) -> bool:
+    # Django logs every 5xx as an error. A 503 is a refusal under load (80 a second in a ramp);
+    # the database errors behind the others are logged where they are turned into a 503.
+    return getattr(record, "status_code", None) != 503
+
+
+LOGGING["filters"] = {"not_a_503": {"()": "django.utils.log.CallbackFilter", "callback": _not_a_503}}
+LOGGING["loggers"]["django.request"] = {"filters": ["not_a_503"]}
+
 # --- Composition ----------------------------------------------------------------------------
 # Ports (sagaplatform/kernel/ports.py): how one part reads or asks another without importing it.
 SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"
