@@ -134,6 +134,16 @@ def _wait_up(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"the web process did not answer on port {port} in {timeout:g} s")
 
 
+def _wait_for_workers(count: int, timeout: float = 60) -> None:
+    from sagaplatform.celery import app
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(app.control.ping(timeout=0.5)) >= count:
+            return
+    raise RuntimeError(f"{count} worker(s) did not answer a ping in {timeout:g} s")
+
+
 def run_ramp(
     *,
     rates: list[float],
@@ -162,6 +172,7 @@ def run_ramp(
         pool.start()
         pool.start_web(port)
         _wait_up(port)
+        _wait_for_workers(workers)
         out.write(
             f"ramp: {', '.join(f'{r:g}' for r in rates)} orders/s, {seconds:g} s each, to 127.0.0.1:{port}, {workers} worker(s); "
             f"ORDERS_MAX_PENDING={settings.ORDERS_MAX_PENDING}\n"

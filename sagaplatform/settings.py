@@ -154,6 +154,8 @@ def _process_role() -> str:
     """What this process is (`web`, `celery-worker`, `celery-beat` or a command's name): its
     PostgreSQL sessions carry it as `application_name`, so pg_stat_activity counts them per role."""
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if program == "__main__.py":  # python -m <package>
+        program = os.path.basename(os.path.dirname(sys.argv[0]))
     if "celery" in sys.argv[0]:
         return "celery-" + next((arg for arg in sys.argv[1:] if arg in {"worker", "beat"}), "command")
     if program == "manage.py" and len(sys.argv) > 1:
