@@ -5,9 +5,10 @@ port of 127.0.0.1, worker processes and beat, as `simulate --spawn-workers` does
 orders open-loop: each step sends `rate` orders a second for `seconds`, on schedule whether or
 not earlier ones were answered (a latency is measured from the moment the order was due, so a
 late client counts against the server). Then it waits for every accepted order's saga to come to
-rest and prints, per step: accepted, refused (429/503 with Retry-After), 5xx, p50/p99 of the
-answers, the most PostgreSQL connections the web process and everything together held, and
-whether every accepted order ended completed or compensated for a business reason.
+rest and prints, per step: accepted, refused (429 or 503 with Retry-After), 5xx (any other,
+a 503 without Retry-After included), p50/p99 of the answers, the most PostgreSQL connections
+the web process and everything together held, and whether every accepted order ended completed
+or compensated for a business reason.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class Step:
     statuses: Counter = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)  # saga ids
-    retry_after_missing: int = 0  # refusals without a Retry-After header
-    refusals: Counter = field(default_factory=Counter)  # by error code
+    refusals: Counter = field(default_factory=Counter)  # 429 and 503 with Retry-After, by error code
+    server_errors: int = 0  # any other 5xx (a 503 without Retry-After included)
+    retry_after_missing: int = 0  # 429s without Retry-After
     settle_seconds: list[float] = field(default_factory=list)  # accepted -> at rest, per saga
     connections: Counter = field(default_factory=Counter)  # role -> most sessions seen at once
     outcomes: Counter = field(default_factory=Counter)
@@ -52,11 +54,7 @@ class Step:
 
     @property
     def refused(self) -> int:
-        return self.statuses[429] + self.statuses[503]
-
-    @property
-    def server_errors(self) -> int:
-        return sum(n for status, n in self.statuses.items() if status >= 500 and status != 503)
+        return sum(self.refusals.values())
 
     @property
     def unanswered(self) -> int:
@@ -217,9 +215,12 @@ def _send(step: Step, port: int, token: str, body: dict, due: float, timeout: fl
         step.latencies.append(latency)
         if status == 202:
             step.accepted.append(data["saga"]["id"])
-        elif status in (429, 503):
+        elif status in (429, 503) and "Retry-After" in headers:
             step.refusals[data.get("code", "?")] += 1
-            step.retry_after_missing += "Retry-After" not in headers
+        elif status >= 500:
+            step.server_errors += 1
+        elif status == 429:
+            step.retry_after_missing += 1
 
 
 def _settle(steps: list[Step], timeout: float) -> None:
@@ -274,7 +275,7 @@ def _report(steps: list[Step], out) -> None:
             )
         if s.retry_after_missing:
             out.write(f"       {s.retry_after_missing} refusal(s) without Retry-After\n")
-        other = {k: v for k, v in s.statuses.items() if k not in (202, 429, 503)}
+        other = {k: v for k, v in s.statuses.items() if k not in (0, 202, 429, 503)}
         if other:
             out.write(f"       other answers: {dict(other)}\n")
     out.write("ramp: " + json.dumps([{"rate": s.rate, **_figures(s)} for s in steps]) + "\n")
