@@ -350,10 +350,10 @@ idempotency_key_in_flight` (retry a little later). Keys are remembered for 24 ho
 to 60 a minute per user (`API_THROTTLE_ORDERS_CREATE`) and asking for a token to 10 a minute per
 client address (`API_THROTTLE_AUTH_TOKEN`): beyond, `429 throttled` with `Retry-After`.
 
-**Overload.** While too many orders are in flight, `POST /api/orders/` answers `503 overloaded`;
-when a database is unavailable or busy, any endpoint may answer `503 service_unavailable`. Both
-carry `Retry-After`: retry then, with the same `Idempotency-Key`, so a retry never places an
-order twice.
+**Overload.** While too many orders are in flight, `POST /api/orders/` answers `503 overloaded`,
+and any endpoint does while the server is busy; when a database is unavailable or busy, any
+endpoint may answer `503 service_unavailable`. All carry `Retry-After`: retry then, with the
+same `Idempotency-Key`, so a retry never places an order twice.
 """
 
 
