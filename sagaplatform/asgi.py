@@ -14,10 +14,12 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from orchestration.consumers import DashboardConsumer  # noqa: E402
 from orders.consumers import OrderConsumer  # noqa: E402
+from sagaplatform.overload import ConcurrencyLimit  # noqa: E402
 from sagaplatform.security import SameOriginValidator  # noqa: E402
 
 websocket_urlpatterns = [
@@ -27,7 +29,9 @@ websocket_urlpatterns = [
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": ConcurrencyLimit(
+            django_asgi_app, limit=settings.WEB_MAX_CONCURRENT_REQUESTS, retry_after=settings.API_RETRY_AFTER
+        ),
         "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
