@@ -9,9 +9,9 @@ With no rule, a hook costs one cached lookup. A crash is `SIGKILL` to the curren
 `finally`, no rollback handler, no goodbye to the broker, exactly like the OOM killer.
 
 The orchestrator is a target too, as `orchestrator` (its rules live in its database, `default`):
-`orchestrator.<step>` crashes after the commit that sends the step's command, before the publish,
-and `orchestrator.relay` / `<service>.relay` crashes an outbox relay after its send, before the
-commit that marks the rows published.
+`orchestrator.<step>` at `after_commit` crashes after the commit that sends the step's command,
+before its publish; `orchestrator.relay` or `<service>.relay` at `before_commit` crashes an
+outbox relay after its send, before the commit that marks the rows published.
 """
 
 from __future__ import annotations
