@@ -92,6 +92,13 @@ def test_a_killed_workers_message_is_restored_within_the_visibility_timeout(stac
     saga_id = place(stack, customer)["saga"]["id"]
     charge = command_id(saga_id, "charge_payment")
     wait_for(lambda: received(stack, charge) == 1, timeout=20, message="the worker to take the charge")
+    # Marked published too, or the kill may land between the orchestrator's send and its mark,
+    # and the relay would send the charge again on its own.
+    wait_for(
+        lambda: OutboxMessage.objects.using("default").filter(id=charge, published_at__isnull=False).exists(),
+        timeout=5,
+        message="the charge command marked published",
+    )
 
     stack.kill("worker0", signal.SIGKILL)
     stack.start_worker(0)
