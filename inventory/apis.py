@@ -69,7 +69,8 @@ class StockDetailApi(APIView):
         responses={200: StockItemSerializer, **error_responses(401, 404)},
     )
     def get(self, request, sku: str):
-        item = selectors.stock_get(sku=sku)
+        # No SKU holds a NUL, and PostgreSQL refuses one even in a lookup.
+        item = None if "\x00" in sku else selectors.stock_get(sku=sku)
         if item is None:
             raise NotFound(f"No stock item with SKU {sku!r}.")
         return Response(StockItemSerializer(item).data)

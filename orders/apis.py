@@ -21,6 +21,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from sagaplatform.api import (
+    ANY_TEXT,
     LIST_ERROR_EXAMPLES,
     RETRY_AFTER,
     ApiError,
@@ -88,7 +89,7 @@ ORDER_ID_PARAMETER = OpenApiParameter(
 
 IDEMPOTENCY_KEY = OpenApiParameter(
     "Idempotency-Key",
-    {"type": "string", "minLength": 1, "maxLength": 255},
+    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": ANY_TEXT},
     OpenApiParameter.HEADER,
     description=(
         "1 to 255 characters, chosen by the client, per user; an empty or longer key is a 400. The "
@@ -158,7 +159,7 @@ class OrdersApi(generics.ListAPIView):
         class PaymentSerializer(serializers.Serializer):
             token = StrictCharField(
                 max_length=64,
-                validators=[RegexValidator(r"^tok_[A-Za-z0-9_]+$", "Not a payment token.")],
+                validators=[RegexValidator(r"^tok_[A-Za-z0-9_]+\Z", "Not a payment token.")],
                 help_text="A test card token: `tok_visa` succeeds, `tok_declined` is declined, "
                 "`tok_flaky_N` fails transiently N times, `tok_hang` hangs past the step timeout.",
             )
@@ -171,8 +172,8 @@ class OrdersApi(generics.ListAPIView):
             )
             city = StrictCharField(max_length=100, help_text="Town or city.")
             postal_code = StrictCharField(max_length=20, help_text="As the country writes it.")
-            country = StrictRegexField(r"^[A-Z]{2}$", help_text="ISO 3166-1 alpha-2 code, e.g. FR.")
-            phone = StrictRegexField(r"^\+[0-9]{6,15}$", required=False, help_text="E.164, for SMS updates.")
+            country = StrictRegexField(r"^[A-Z]{2}\Z", help_text="ISO 3166-1 alpha-2 code, e.g. FR.")
+            phone = StrictRegexField(r"^\+[0-9]{6,15}\Z", required=False, help_text="E.164, for SMS updates.")
 
         items = ItemSerializer(many=True, min_length=1, max_length=MAX_LINES, help_text="Each SKU at most once.")
         payment = PaymentSerializer()
@@ -259,7 +260,7 @@ class OrdersApi(generics.ListAPIView):
                         ("invalid_request", "The request is not valid."),
                         ("unknown_sku", "Unknown SKU: SKU-NOPE"),
                         ("order_total_too_large", "The order total 10000000000.00 exceeds 9999999999.99"),
-                        ("bad_request", "Idempotency-Key must be 1 to 255 characters."),
+                        ("bad_request", "Idempotency-Key must be 1 to 255 characters, with no NUL."),
                     ],
                     409: [
                         (
@@ -274,8 +275,10 @@ class OrdersApi(generics.ListAPIView):
     )
     def post(self, request):
         idempotency_key = request.headers.get("Idempotency-Key")
-        if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255):
-            raise ApiError("Idempotency-Key must be 1 to 255 characters.", details={"header": "Idempotency-Key"})
+        if idempotency_key is not None and (not (1 <= len(idempotency_key) <= 255) or "\x00" in idempotency_key):
+            raise ApiError(
+                "Idempotency-Key must be 1 to 255 characters, with no NUL.", details={"header": "Idempotency-Key"}
+            )
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data

@@ -351,24 +351,25 @@ def describe_api(result, generator, request, public):
 # The schema promises a JSON type, so a value of another type is refused as the schema says.
 
 
-# Not blank: some character other than what `str.strip()` removes (listed, since Python's `\s`
-# and ECMAScript's differ), and no NUL anywhere. The schema shows it as the field's `pattern`.
-VISIBLE_TEXT = RegexValidator(
-    r"^[^\x00]*[^\x00\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00]*\Z",
-    "This field may not be blank.",
-    code="blank",
-)
+# What `str.strip()` removes, listed as a character class that Python and ECMAScript read alike
+# (their `\s` differ). Text that may not be blank must hold some other character.
+SPACES = "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+NOT_BLANK = RegexValidator(f"[^{SPACES}]", "This field may not be blank.", code="blank")
+# The same rules as JSON Schema patterns, with NUL refused too (PostgreSQL cannot store one, and
+# DRF refuses it): what `sagaplatform.schema` documents for every `StrictCharField`.
+ANY_TEXT = "^[^\\x00]*$"
+NOT_BLANK_TEXT = f"^[^\\x00]*[^\\x00{SPACES}][^\\x00]*$"
 
 
 class StrictCharField(serializers.CharField):
     """A JSON string, taken as sent: trimming it would accept a string longer than the schema's
-    `maxLength`. A field that may not be blank must hold more than spaces (`VISIBLE_TEXT`)."""
+    `maxLength`. A field that may not be blank must hold more than spaces (`NOT_BLANK`)."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("trim_whitespace", False)
         super().__init__(**kwargs)
         if not self.allow_blank:
-            self.validators.append(VISIBLE_TEXT)
+            self.validators.append(NOT_BLANK)
 
     def to_internal_value(self, data):
         if not isinstance(data, str):
@@ -377,7 +378,12 @@ class StrictCharField(serializers.CharField):
 
 
 class StrictRegexField(serializers.RegexField):
-    """A JSON string matching the pattern."""
+    """A JSON string matching the pattern, taken as sent (anchor the pattern with `\\Z`: Python's
+    `$` also matches before a final newline, the schema's does not)."""
+
+    def __init__(self, regex, **kwargs):
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(regex, **kwargs)
 
     def to_internal_value(self, data):
         if not isinstance(data, str):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from django.core.validators import ProhibitNullCharactersValidator
+from django.core.validators import RegexValidator
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.plumbing import is_list_serializer
 
-from .api import StrictCharField
-
-# Text with no NUL character (PostgreSQL cannot store one, and DRF refuses it).
-NO_NUL = "^[^\\u0000]*$"
+from .api import ANY_TEXT, NOT_BLANK, NOT_BLANK_TEXT, StrictCharField
 
 
 class AutoSchema(SpectacularAutoSchema):
@@ -26,11 +23,8 @@ class AutoSchema(SpectacularAutoSchema):
 
     def _insert_field_validators(self, field, schema):
         super()._insert_field_validators(field, schema)
-        # The fields that validate input (an answer's text is whatever was stored).
-        if (
-            isinstance(field, StrictCharField)
-            and schema.get("type") == "string"
-            and "pattern" not in schema
-            and any(isinstance(v, ProhibitNullCharactersValidator) for v in field.validators)
-        ):
-            schema["pattern"] = NO_NUL
+        # What the field's Python validators take (NUL, `NOT_BLANK`), as one ECMAScript pattern,
+        # unless a pattern of its own already says more.
+        own_pattern = any(isinstance(v, RegexValidator) and v is not NOT_BLANK for v in field.validators)
+        if isinstance(field, StrictCharField) and schema.get("type") == "string" and not own_pattern:
+            schema["pattern"] = ANY_TEXT if field.allow_blank else NOT_BLANK_TEXT

@@ -127,7 +127,7 @@ def test_text_is_measured_as_sent_not_trimmed(alice_api, schema, catalogue, brok
     assert Order.objects.using("orders").get().shipping_address["name"] == " Alice "
 
 
-@pytest.mark.parametrize("value", ["   ", "\u3000", "75\x00001", "\x00"])
+@pytest.mark.parametrize("value", ["   ", "\u3000", "\x1c", "75\x00001", "\x00"])
 def test_blank_text_or_a_nul_character_is_refused_as_the_schema_pattern_says(
     alice_api, schema, catalogue, broker, value
 ):
@@ -142,14 +142,44 @@ def test_blank_text_or_a_nul_character_is_refused_as_the_schema_pattern_says(
     assert not Order.objects.using("orders").exists()
 
 
-def test_an_empty_idempotency_key_is_refused_as_the_schema_says(alice_api, schema, catalogue, broker):
+@pytest.mark.parametrize(
+    ("component", "part", "field", "value"),
+    [
+        ("PaymentRequest", "payment", "token", "tok_visa\n"),
+        ("PaymentRequest", "payment", "token", " tok_visa"),
+        ("AddressRequest", "shipping_address", "country", "FR\n"),
+        ("AddressRequest", "shipping_address", "phone", "+33612345678\n"),
+    ],
+)
+def test_a_pattern_means_the_same_to_the_api_as_to_the_schema(
+    alice_api, schema, catalogue, broker, component, part, field, value
+):
+    pattern = schema["components"]["schemas"][component]["properties"][field]["pattern"]
+    body = order_body()
+    body[part][field] = value
+
+    # ECMAScript's `$` does not match before a final newline (Python's does, hence `fullmatch`).
+    assert re.fullmatch(pattern.removesuffix("$"), value) is None
+    assert refused(alice_api.post("/api/orders/", body, format="json"), part)
+    assert not Order.objects.using("orders").exists()
+
+
+@pytest.mark.parametrize("key", ["", "k\x00y"])
+def test_an_empty_or_nul_idempotency_key_is_refused_as_the_schema_says(alice_api, schema, catalogue, broker, key):
     header = next(p for p in schema["paths"]["/api/orders/"]["post"]["parameters"] if p["name"] == "Idempotency-Key")
 
-    response = alice_api.post("/api/orders/", order_body(), format="json", HTTP_IDEMPOTENCY_KEY="")
+    response = alice_api.post("/api/orders/", order_body(), format="json", HTTP_IDEMPOTENCY_KEY=key)
 
     assert (header["schema"]["minLength"], header["schema"]["maxLength"]) == (1, 255)
+    assert len(key) < 1 or re.search(header["schema"]["pattern"], key) is None
     assert (response.status_code, response.json()["code"]) == (400, "bad_request")
     assert not Order.objects.using("orders").exists()
+
+
+def test_a_sku_with_a_nul_character_is_not_found_not_a_server_error(alice_api, catalogue):
+    response = alice_api.get("/api/inventory/SKU-MUG%00/")
+
+    assert (response.status_code, response.json()["code"]) == (404, "not_found")
 
 
 # --- the type of each value -----------------------------------------------------------------------
