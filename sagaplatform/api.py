@@ -325,7 +325,8 @@ a `404`; a `page_size` outside 1 to 200, or a filter given with no value, a `400
 
 **Input** is taken as the schema describes it, or refused with `400 invalid_request`: a value of
 another JSON type (`0` for a string, `"3"` for an integer, `"true"` for a boolean) is refused, not
-converted; text is kept as sent (not trimmed), and may not contain the NUL character.
+converted; text is kept as sent (not trimmed), may not contain the NUL character, and where it is
+required must hold more than spaces (each text field's `pattern` says so).
 
 **Idempotency.** `POST /api/orders/` takes an optional `Idempotency-Key` header (1 to 255
 characters, per user). The same key with the same body returns the original answer (header
