@@ -381,7 +381,7 @@ def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
 
     _locked(saga_id, apply, actor=actor)
     if "saga" not in outcome:
-        raise OperationNotAllowed("saga_not_found", "No such saga", status=404)
+        raise OperationNotAllowed("not_found", "No such saga.", status=404)
     return outcome["saga"]
 
 
@@ -412,7 +412,7 @@ def saga_skip(*, saga_id, step_name: str, actor: str, reason: str) -> Saga:
 
     _locked(saga_id, apply, actor=actor)
     if "saga" not in outcome:
-        raise OperationNotAllowed("saga_not_found", "No such saga", status=404)
+        raise OperationNotAllowed("not_found", "No such saga.", status=404)
     return outcome["saga"]
 
 
