@@ -58,6 +58,7 @@ def _track(message: dict) -> None:
         for reaction in choreography.subscribers(message["event"]):
             if reaction.step in steps:
                 _observe_start(run, reaction, message)
+        _lease_implied(run)
         _decide(run, message)
         run.flush()
 
@@ -192,6 +193,45 @@ def _observe_start(run: engine._Run, reaction, message: dict) -> None:
         _watch(run, step, spec, trigger)
 
 
+def _lease_implied(run: engine._Run) -> None:
+    """Lease the steps that must have acted although their event never reached the tracker.
+
+    A forward step is started only by the event of the one before it. So when the tracker has
+    heard of a step (its start or its outcome) while the step before it is still pending here,
+    that earlier event was published and its copy to the tracker lost: the earlier step is
+    started and leased like any other, and its lease asks its service for the event again. A
+    saga first heard of late in its flow (every earlier copy lost) is watched all the way back."""
+    forward = [r for r in choreography.reactions() if r.op == ACTION and r.step in run.steps]
+    implied = True
+    while implied:
+        implied = False
+        for later in forward:
+            if run.steps[later.step].state == State.PENDING:
+                continue
+            for earlier in forward:
+                step = run.steps[earlier.step]
+                if earlier.emits in later.on and step.state == State.PENDING:
+                    trigger = step.trigger or {
+                        "task": f"{earlier.service}.react",
+                        "queue": earlier.service,
+                        "payload": {
+                            **choreography.event_message(
+                                event=earlier.on[0],
+                                saga_id=run.saga.id,
+                                context=run.saga.context,
+                                failure=run.saga.failure,
+                            ),
+                            "reaction": earlier.key,
+                        },
+                    }
+                    step.dispatch()
+                    step.started_at = step.started_at or run.now
+                    step.next_attempt_at = None
+                    run.record("step_started", step=step, from_state=State.PENDING, data={"implied_by": later.step})
+                    _watch(run, step, run.definition.step(step.name), trigger)
+                    implied = True
+
+
 def _watch(run: engine._Run, step: SagaStep, spec, trigger: dict, *, delay: float = 0.0) -> None:
     step.trigger = trigger
     step.deadline_at = run.now + timedelta(seconds=delay + spec.effective_timeout())
@@ -222,10 +262,17 @@ def _decide(run: engine._Run, message: dict) -> None:
         # A step that failed, or is already being (or was) undone: the flow is unwinding.
         unwinding = (State.FAILED, State.COMPENSATING, State.COMPENSATED, State.COMPENSATION_FAILED)
         failed = [step for _, step in actions if step.state in unwinding]
-        if failed:
-            failure = message.get("failure") or failed[0].error or {}
+        # The failure steps run only at the end of an unwinding flow: the events that showed
+        # it may all have been lost on their way to the tracker.
+        finalizing = [step for _, step in finalizers if step.state != State.PENDING]
+        if failed or finalizing:
+            failure = message.get("failure") or (failed[0].error if failed else None) or {}
             saga.begin_compensation(
-                failure={"step": failed[0].name, "code": failure.get("code"), "message": failure.get("message")}
+                failure={
+                    "step": failed[0].name if failed else failure.get("step"),
+                    "code": failure.get("code"),
+                    "message": failure.get("message"),
+                }
             )
             run.record("saga_compensating", from_state=Saga.State.RUNNING, data={"failure": saga.failure})
         elif all(step.state == State.SUCCEEDED for _, step in actions):
@@ -249,6 +296,12 @@ def nudge(run: engine._Run, step: SagaStep) -> bool:
     """An expected event did not come in time: publish the step's trigger again, or give up."""
     if run.saga.state == Saga.State.PARKED:
         return False
+    if run.saga.is_terminal:
+        # The flow ended without the news of this step (it ran, or was never needed): there is
+        # nothing left to ask for, and a finished saga cannot be parked.
+        step.deadline_at = None
+        run.dirty.add(step.name)
+        return True
     if step.attempts - 1 >= MAX_NUDGES or not step.trigger:  # attempts: the first send, then nudges
         step.deadline_at = None
         run.record("event_missing", step=step, data={"nudges": step.attempts})

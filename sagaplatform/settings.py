@@ -408,5 +408,6 @@ LOGGING = {
 # --- Composition ----------------------------------------------------------------------------
 # Ports (sagaplatform/kernel/ports.py): how one part reads or asks another without importing it.
 SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"
+SAGA_EXISTENCE_READER = "orchestration.selectors.sagas_known"
 SAGA_CANCELLER = "orchestration.engine.saga_cancel"
 STOCK_AVAILABILITY_READER = "inventory.selectors.stock_available"
