@@ -154,9 +154,17 @@ def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
                 # The service gave up and undid its own step at once.
                 _walk(run, step, State.COMPENSATED, data={"null_compensation": undone == "null_compensation"})
     elif emitter["op"] == COMPENSATE:
+        if step.state == State.PENDING:
+            step.deadline_at = None  # the undo (or the hold) it was watched for has answered
+            run.dirty.add(step.name)
         if run.definition.step(step.name).pivot:
             kind = "dispatch_held" if status == SUCCEEDED else "cancellation_refused"
             run.record(kind, step=step, data={"error": failure} if status != SUCCEEDED else {})
+            if status != SUCCEEDED and step.state == State.PENDING:
+                # Refused because the parcel left: the dispatch ran, and its event is owed.
+                forward = next(r for r in choreography.reactions() if r.step == step.name and r.op == ACTION)
+                step.trigger = None  # the hold's: ask for the dispatch's event instead
+                _start_implied(run, step, forward, implied_by=step.name)
         elif status == SUCCEEDED:
             _walk(run, step, State.COMPENSATED, data={"null_compensation": bool(emitter.get("null_compensation"))})
         else:
@@ -191,6 +199,11 @@ def _observe_start(run: engine._Run, reaction, message: dict) -> None:
         step.begin_compensation()
         run.record("compensation_started", step=step, from_state=before, data={"event": message["event"]})
         _watch(run, step, spec, trigger)
+    elif reaction.op == COMPENSATE and step.state == State.PENDING:
+        # Not heard to have run: its undo is most likely the barrier's no-op, but the undo chain
+        # goes through it, so its event is owed all the same.
+        run.record("compensation_expected", step=step, data={"event": message["event"]})
+        _watch(run, step, spec, trigger)
 
 
 def _lease_implied(run: engine._Run) -> None:
@@ -211,25 +224,28 @@ def _lease_implied(run: engine._Run) -> None:
             for earlier in forward:
                 step = run.steps[earlier.step]
                 if earlier.emits in later.on and step.state == State.PENDING:
-                    trigger = step.trigger or {
-                        "task": f"{earlier.service}.react",
-                        "queue": earlier.service,
-                        "payload": {
-                            **choreography.event_message(
-                                event=earlier.on[0],
-                                saga_id=run.saga.id,
-                                context=run.saga.context,
-                                failure=run.saga.failure,
-                            ),
-                            "reaction": earlier.key,
-                        },
-                    }
-                    step.dispatch()
-                    step.started_at = step.started_at or run.now
-                    step.next_attempt_at = None
-                    run.record("step_started", step=step, from_state=State.PENDING, data={"implied_by": later.step})
-                    _watch(run, step, run.definition.step(step.name), trigger)
+                    _start_implied(run, step, earlier, implied_by=later.step)
                     implied = True
+
+
+def _start_implied(run: engine._Run, step: SagaStep, reaction, *, implied_by: str) -> None:
+    """Start and lease a step known to have run although the tracker missed its news; its trigger
+    is rebuilt from the saga's context when the tracker never heard it either."""
+    trigger = step.trigger or {
+        "task": f"{reaction.service}.react",
+        "queue": reaction.service,
+        "payload": {
+            **choreography.event_message(
+                event=reaction.on[0], saga_id=run.saga.id, context=run.saga.context, failure=run.saga.failure
+            ),
+            "reaction": reaction.key,
+        },
+    }
+    step.dispatch()
+    step.started_at = step.started_at or run.now
+    step.next_attempt_at = None
+    run.record("step_started", step=step, from_state=State.PENDING, data={"implied_by": implied_by})
+    _watch(run, step, run.definition.step(step.name), trigger)
 
 
 def _watch(run: engine._Run, step: SagaStep, spec, trigger: dict, *, delay: float = 0.0) -> None:
@@ -336,12 +352,15 @@ def cancel(run: engine._Run, failure: dict) -> None:
         )
     run.saga.begin_compensation(failure=failure)
     run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": failure["message"]})
-    choreography.publish(
-        using=engine.DB,
-        message=choreography.event_message(
-            event=CANCEL_EVENT, saga_id=run.saga.id, context=run.saga.context, failure=failure
-        ),
+    message = choreography.event_message(
+        event=CANCEL_EVENT, saga_id=run.saga.id, context=run.saga.context, failure=failure
     )
+    choreography.publish(using=engine.DB, message=message)
+    # Shipping's answer (held, or refused) is owed: watch for it in place of the dispatch, which
+    # is not to be asked for any more.
+    hold = next(r for r in choreography.subscribers(CANCEL_EVENT) if r.step == dispatch.name)
+    trigger = {"task": f"{hold.service}.react", "queue": hold.service, "payload": {**message, "reaction": hold.key}}
+    _watch(run, dispatch, run.definition.step(dispatch.name), trigger)
 
 
 def operator_retry(run: engine._Run) -> None:

@@ -112,3 +112,44 @@ def test_a_saga_first_heard_of_in_its_failure_steps_ends_compensated(alice_api, 
     assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"
     assert mug() == (50, 0)
     assert run_audit() == []
+
+
+def test_a_cancel_whose_request_to_shipping_was_lost_is_sent_again(alice_api, catalogue, broker, settings):
+    settings.SHIPPING_HANDLING_SECONDS = 3600
+    receipt = place(alice_api)
+    # The order waits out its handling window; the broker loses the dispatch's countdown...
+    deliver_losing(broker, lambda m: reaction(m) == "dispatch_shipment:action")
+    assert alice_api.post(f"{receipt['url']}cancel/", {}, format="json").status_code == 202
+    # ... and then shipping's copy of the cancel request.
+    deliver_losing(broker, lambda m: reaction(m) == "dispatch_shipment:compensate")
+
+    time_passes(broker)
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "cancelled"
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "cancelled"
+    assert Shipment.objects.using("shipping").get().state == "cancelled"
+    assert Charge.objects.using("payments").get().state == "refunded"
+    assert mug() == (50, 0)
+    assert run_audit() == []
+
+
+def test_an_undo_owed_by_a_step_the_tracker_never_saw_run_is_asked_for(alice_api, catalogue, broker):
+    receipt = place(alice_api, token="tok_declined")
+    # The tracker misses the reservation, and inventory misses the card's refusal.
+    deliver_losing(
+        broker,
+        lambda m: (
+            (m["task"] == TRACK and m["payload"]["event"] in ("order.placed", "stock.reserved"))
+            or reaction(m) == "reserve_stock:compensate"
+        ),
+    )
+    assert mug() == (50, 2)  # held, and no one has asked for it back yet
+
+    time_passes(broker)
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert (saga.state, saga.failure["code"]) == ("compensated", "card_declined")
+    assert mug() == (50, 0)
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"
+    assert run_audit() == []
