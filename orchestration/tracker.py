@@ -166,6 +166,9 @@ def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
                 step.trigger = None  # the hold's: ask for the dispatch's event instead
                 _start_implied(run, step, forward, implied_by=step.name)
         elif status == SUCCEEDED:
+            if step.state == State.PENDING and not emitter.get("null_compensation"):
+                # A real undo: its action ran, and the news of it was lost on the way here.
+                _walk(run, step, State.SUCCEEDED)
             _walk(run, step, State.COMPENSATED, data={"null_compensation": bool(emitter.get("null_compensation"))})
         else:
             _walk(run, step, State.COMPENSATION_FAILED, error=failure)

@@ -15,6 +15,8 @@ from orchestration.models import Saga, SagaStep
 from orders.models import Order
 from orders.services import order_reannounce_pending
 from payments.models import Charge
+from sagaplatform.kernel import faults
+from sagaplatform.kernel.models import FaultRule
 from shipping.models import Shipment
 from tests.conftest import mug, order_body
 
@@ -151,5 +153,22 @@ def test_an_undo_owed_by_a_step_the_tracker_never_saw_run_is_asked_for(alice_api
     saga = Saga.objects.get(id=receipt["saga"]["id"])
     assert (saga.state, saga.failure["code"]) == ("compensated", "card_declined")
     assert mug() == (50, 0)
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"
+    assert run_audit() == []
+
+
+def test_an_undo_heard_before_its_action_counts_the_action_as_done_and_undone(alice_api, catalogue, broker):
+    FaultRule.objects.using("shipping").create(service="shipping", operation="schedule", fail_first=99)
+    faults.clear_cache()
+    receipt = place(alice_api)
+    # Shipping gives up and the approval is revoked, but the tracker never heard of the approval.
+    lost = ("payment.captured", "order.approved", "shipment.failed")
+    deliver_losing(broker, lambda m: m["task"] == TRACK and m["payload"]["event"] in lost)
+
+    time_passes(broker)  # the leases ask again for the events the tracker missed
+
+    saga_id = receipt["saga"]["id"]
+    assert Saga.objects.get(id=saga_id).state == "compensated"
+    assert SagaStep.objects.get(saga_id=saga_id, name="approve_order").state == "compensated"
     assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"
     assert run_audit() == []
