@@ -217,6 +217,8 @@ def _lease_implied(run: engine._Run) -> None:
     that earlier event was published and its copy to the tracker lost: the earlier step is
     started and leased like any other, and its lease asks its service for the event again. A
     saga first heard of late in its flow (every earlier copy lost) is watched all the way back."""
+    if run.saga.is_terminal:
+        return  # a late event after the end: nothing is owed any more
     forward = [r for r in choreography.reactions() if r.op == ACTION and r.step in run.steps]
     implied = True
     while implied:

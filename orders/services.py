@@ -296,7 +296,8 @@ def order_reannounce_pending() -> int:
 
     A broker restart can lose a start message after it was published; nothing else would notice,
     since the orchestrator never heard of the saga. Starting a saga twice is a no-op, so the cost
-    of announcing an order whose saga is merely slow is one cheap message.
+    of announcing an order whose saga is merely slow is one cheap message. Choreographed orders
+    are announced until the tracker has their saga instead (`_reannounce_untracked`).
     """
     now = db_now(DB)
     reannounced = _reannounce_untracked(now)
