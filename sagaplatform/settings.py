@@ -251,18 +251,24 @@ SAGA_DEADLINE_OVERRIDE = env_float("SAGA_DEADLINE_OVERRIDE", 0.0)
 # Chaos: publish every message twice, as an at-least-once broker may deliver it.
 SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", default=False)
 SAGA_ANTI_ENTROPY_INTERVAL = env_float("SAGA_ANTI_ENTROPY_INTERVAL", 10.0)
+# Each database's relay runs this often: it publishes delayed outbox rows (retries, handling
+# windows) once due on the database clock, so a retry goes out at most this late.
+SAGA_RELAY_INTERVAL = env_float("SAGA_RELAY_INTERVAL", 0.5)
 
 
 def _periodic(task: str, queue: str, every: float, *args) -> dict:
-    # `expires`: while no worker listens, sweeps do not pile up in the queue.
-    return {"task": task, "schedule": every, "args": args, "options": {"queue": queue, "expires": every * 5}}
+    # No `expires`: it is a time on beat's clock that the worker judges on its own, and a worker
+    # ten minutes ahead dropped every relay as expired. Runs queued while no worker listened
+    # each find nothing left to do (one indexed query).
+    return {"task": task, "schedule": every, "args": args, "options": {"queue": queue}}
 
 
 CELERY_BEAT_SCHEDULE = {
     "orchestrator-sweep": _periodic("orchestration.sweep", "orchestrator", SAGA_SWEEP_INTERVAL),
-    # Each service relays its own outbox, on its own queue, from its own database.
+    # Each database is relayed on its owner's queue, from its owner's worker.
+    "default-relay": _periodic("kernel.relay_outbox", "orchestrator", SAGA_RELAY_INTERVAL, "default"),
     **{
-        f"{alias}-relay": _periodic("kernel.relay_outbox", alias, SAGA_SWEEP_INTERVAL, alias)
+        f"{alias}-relay": _periodic("kernel.relay_outbox", alias, SAGA_RELAY_INTERVAL, alias)
         for alias in SERVICE_ALIASES
     },
     # Messages a broker restart can lose after they were published, with no lease to notice:
