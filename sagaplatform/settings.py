@@ -245,6 +245,9 @@ CELERY_IMPORTS = ("sagaplatform.bench",)
 SAGA_SWEEP_INTERVAL = env_float("SAGA_SWEEP_INTERVAL", 2.0)
 # Shorten every step timeout / saga deadline (seconds), for tests and demos of timeouts.
 SAGA_STEP_TIMEOUT_OVERRIDE = env_float("SAGA_STEP_TIMEOUT_OVERRIDE", 0.0)
+# A step's lease runs from when a worker starts the attempt: a command (or its answer) still
+# queued when the lease expires extends it, for up to this many seconds after it was sent.
+SAGA_QUEUE_WAIT_LIMIT = env_float("SAGA_QUEUE_WAIT_LIMIT", 300.0)
 # Cap every retry backoff (seconds), for tests and demos that should not wait a minute.
 SAGA_RETRY_MAX_INTERVAL_OVERRIDE = env_float("SAGA_RETRY_MAX_INTERVAL_OVERRIDE", 0.0)
 SAGA_DEADLINE_OVERRIDE = env_float("SAGA_DEADLINE_OVERRIDE", 0.0)
