@@ -256,7 +256,7 @@ SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", defaul
 SAGA_ANTI_ENTROPY_INTERVAL = env_float("SAGA_ANTI_ENTROPY_INTERVAL", 10.0)
 # Each database's relay runs this often: it publishes delayed outbox rows (retries, handling
 # windows) once due on the database clock, so a retry goes out at most this late.
-SAGA_RELAY_INTERVAL = env_float("SAGA_RELAY_INTERVAL", 0.5)
+SAGA_RELAY_INTERVAL = env_float("SAGA_RELAY_INTERVAL", 1.0)
 
 
 def _periodic(task: str, queue: str, every: float, *args) -> dict:
