@@ -47,6 +47,7 @@ def sweep_once() -> dict:
         # In flight, or (choreography) scheduled to start and watched for its start.
         .filter(Q(state__in=engine.IN_FLIGHT) | Q(state=SagaStep.State.PENDING))
         .exclude(saga__state=Saga.State.PARKED)
+        .only("saga_id", "name", "state", "attempts", "compensation_attempts", "confirm_attempts", "sent_at")
         .order_by("deadline_at")[:BATCH]
     )
     marks_of = _attempt_marks(expired)
