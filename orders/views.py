@@ -17,6 +17,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from sagaplatform.api import ApiError
@@ -228,8 +229,8 @@ class OrderForm(forms.Form):
         label="Mobile phone", required=False, max_length=16, help_text="For SMS updates, for example +33612345678."
     )
     mode = forms.ChoiceField(label="How the order runs", choices=Order.Mode.choices, initial=Order.Mode.ORCHESTRATED)
-    # Generated when the form is rendered: submitting the same form twice (a double click, a
-    # resubmit after a timeout) places one order.
+    # The form's own key, also in its URL (`/orders/new/<key>/`): submitting the same form twice
+    # (a double click, a resubmit after a timeout, Back then submit again) places one order.
     idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=255)
 
     ADDRESS_FIELDS = ("name", "line1", "line2", "city", "postal_code", "country", "phone")
@@ -333,9 +334,14 @@ def _catalogue() -> list:
 
 
 @login_required
-def order_new(request):
+def order_new(request, form_key: uuid.UUID | None = None):
+    if request.method == "GET" and form_key is None:
+        # Each form gets its own address, so the history entry that Back returns to renders the
+        # same key again (a page rendered afresh with a new key would place a second order).
+        return redirect("order_pages:new_keyed", form_key=uuid.uuid4())
     products = _catalogue()
     status = 200
+    placed = None
     if request.method == "POST":
         form = OrderForm(request.POST, products=products)
         if form.is_valid():
@@ -368,9 +374,19 @@ def order_new(request):
     else:
         form = OrderForm(
             products=products,
-            initial={"idempotency_key": uuid.uuid4().hex, "name": request.user.get_full_name()},
+            initial={"idempotency_key": form_key.hex, "name": request.user.get_full_name()},
         )
-    return render(request, "orders/new.html", {"form": form}, status=status)
+        placed = selectors.order_for_idempotency_key(customer_id=request.user.id, key=form_key.hex)
+    key = _as_uuid(form["idempotency_key"].value() or "")
+    action = reverse("order_pages:new_keyed", args=[key]) if key else reverse("order_pages:new")
+    return render(request, "orders/new.html", {"form": form, "action": action, "placed": placed}, status=status)
+
+
+def _as_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
 
 
 # A double click sends the second submit while the first is being processed. An API client is

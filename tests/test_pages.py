@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -114,7 +115,7 @@ def test_staff_see_the_dashboard_link_and_customers_do_not(alice, django_user_mo
 
 
 def test_the_form_lists_the_catalogue_with_prices_and_stock(alice, catalogue):
-    response = client_for(alice).get("/orders/new/")
+    response = client_for(alice).get("/orders/new/", follow=True)
 
     assert response.status_code == 200
     html = response.content.decode()
@@ -122,8 +123,31 @@ def test_the_form_lists_the_catalogue_with_prices_and_stock(alice, catalogue):
     assert "50 in stock" in html
     assert "10 in stock" in html
     key = re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', html).group(1)
-    # A new key for every rendering: two forms are two orders.
-    assert key not in client_for(alice).get("/orders/new/").content.decode()
+    # Each new form has its own key, in its address: two forms are two orders.
+    assert response.redirect_chain == [(f"/orders/new/{uuid.UUID(key)}/", 302)]
+    assert f'action="/orders/new/{uuid.UUID(key)}/"' in html
+    assert key not in client_for(alice).get("/orders/new/", follow=True).content.decode()
+
+
+def test_back_then_submit_again_shows_the_order_already_placed(alice, catalogue, broker):
+    """Back returns to the history entry of the form (the page is rendered again, the browser
+    restores what the customer typed): the key must be that form's, not a fresh one."""
+    client = client_for(alice)
+    form_page = client.get("/orders/new/", follow=True).request["PATH_INFO"]
+    key = re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', client.get(form_page).content.decode())[1]
+    first = client.post(form_page, form_data(key))
+    assert first.status_code == 302
+
+    back = client.get(form_page).content.decode()  # Back: the same address, rendered again
+    restored_key = re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', back)[1]
+    again = client.post(form_page, form_data(restored_key))
+
+    assert Order.objects.using("orders").count() == 1
+    assert again["Location"] == first["Location"]
+    assert len([m for m in broker.queue if m["task"] == START_SAGA]) == 1
+    assert "You already placed" in back
+    assert first["Location"] in back
+    assert messages_of(client.get(again["Location"]))[-1] == "This order was already placed: here it is."
 
 
 def test_placing_an_order_goes_through_the_api_service(alice, catalogue, broker):
