@@ -19,6 +19,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
+from django_countries import countries
 
 from sagaplatform.api import ApiError
 from sagaplatform.kernel import ports
@@ -212,6 +213,17 @@ def order_cancel(request, order_id):
 # --- Placing an order -------------------------------------------------------------------------
 
 
+def _country_choices() -> list[tuple[str, str]]:
+    return [("", "Choose a country"), *((code, name) for code, name in countries)]
+
+
+class CountryChoiceField(forms.ChoiceField):
+    """An ISO 3166-1 alpha-2 code, as the API takes it (capitals), whatever case was posted."""
+
+    def to_python(self, value) -> str:
+        return super().to_python(value).strip().upper()
+
+
 class OrderForm(forms.Form):
     """The HTML side of `POST /api/orders/`: one quantity per product, a card, an address, a
     style. The body it builds is validated by the API's serializer (`OrdersApi.InputSerializer`)."""
@@ -222,9 +234,8 @@ class OrderForm(forms.Form):
     line2 = forms.CharField(label="Address line 2", max_length=200, required=False)
     city = forms.CharField(label="City", max_length=100)
     postal_code = forms.CharField(label="Postal code", max_length=20)
-    country = forms.CharField(
-        label="Country code", max_length=2, min_length=2, help_text="Two letters, for example FR or DE."
-    )
+    # A choice, not a two-letter box: a box cut "Germany" to "GE" (Georgia) without a word.
+    country = CountryChoiceField(label="Country", choices=_country_choices)
     phone = forms.CharField(
         label="Mobile phone", required=False, max_length=16, help_text="For SMS updates, for example +33612345678."
     )
@@ -255,9 +266,6 @@ class OrderForm(forms.Form):
 
     def product_rows(self):
         return [(product, self[self.quantity_field(product.sku)]) for product in self.products]
-
-    def clean_country(self) -> str:
-        return self.cleaned_data["country"].strip().upper()
 
     def clean(self):
         cleaned = super().clean()

@@ -129,6 +129,16 @@ def test_the_form_lists_the_catalogue_with_prices_and_stock(alice, catalogue):
     assert key not in client_for(alice).get("/orders/new/", follow=True).content.decode()
 
 
+def test_the_country_is_chosen_from_the_iso_list_not_cut_to_two_letters(alice, catalogue):
+    """A two-letter box (maxlength=2) cut "Germany" to "GE", Georgia, without a word."""
+    html = client_for(alice).get("/orders/new/", follow=True).content.decode()
+
+    assert re.search(r'<select name="country"[^>]*id="id_country"', html)
+    assert '<option value="DE">Germany</option>' in html
+    assert '<option value="GE">Georgia</option>' in html
+    assert 'maxlength="2"' not in html
+
+
 def test_back_then_submit_again_shows_the_order_already_placed(alice, catalogue, broker):
     """Back returns to the history entry of the form (the page is rendered again, the browser
     restores what the customer typed): the key must be that form's, not a fresh one."""
@@ -265,7 +275,8 @@ def test_a_reused_form_with_other_answers_is_refused_with_a_fresh_key(alice, cat
         ({"qty_SKU-MUG": "-1"}, "qty_SKU-MUG", "greater than or equal to 0"),
         ({"qty_SKU-MUG": "1001"}, "qty_SKU-MUG", "less than or equal to 1000"),
         ({"qty_SKU-MUG": "two"}, "qty_SKU-MUG", "Enter a whole number"),
-        ({"country": "F1"}, "country", "does not match"),  # the API serializer's rule
+        ({"country": "F1"}, "country", "not one of the available choices"),
+        ({"country": "Germany"}, "country", "not one of the available choices"),
         ({"phone": "0612"}, "phone", "does not match"),  # the API serializer's rule
         ({"token": "tok_stolen"}, "token", "not one of the available choices"),
         ({"mode": "yolo"}, "mode", "not one of the available choices"),

@@ -31,7 +31,7 @@ def place_order(page, *, quantity: int = 2, token: str = "tok_visa") -> str:
     page.get_by_label("Address", exact=True).fill(ADDRESS["line1"])
     page.get_by_label("City").fill(ADDRESS["city"])
     page.get_by_label("Postal code").fill(ADDRESS["postal_code"])
-    page.get_by_label("Country code").fill(ADDRESS["country"].lower())  # the form upper-cases it
+    page.get_by_label("Country").select_option(ADDRESS["country"])
     page.get_by_role("button", name="Place order").click()
     page.wait_for_url(re.compile(r"/orders/[0-9a-f-]{36}/$"))
     return page.url.rstrip("/").rsplit("/", 1)[1]
