@@ -58,6 +58,8 @@ STEP_STATE_LABELS = {
     "failed": "failed",
     "compensating": "undoing",
     "compensated": "undone",
+    # Compensated without having taken effect (orders/live.py: shown_state).
+    "not_done": "did not go through",
     "compensation_failed": "undo failed, we are on it",
     "skipped": "skipped",
     "confirming": "confirming",
@@ -85,6 +87,7 @@ NOTES = {
     "cancelled": "This order is cancelled. The stock reserved for it was released and any payment refunded.",
 }
 STEP_DONE = {"succeeded", "confirmed", "skipped"}
+ORDER_RECEIVED = "We have received your order. Its progress shows below as it happens."
 # Everything order.js needs to word the page as the server does.
 LABELS = {
     "steps": STEP_LABELS,
@@ -163,18 +166,15 @@ def order_detail(request, order_id):
     for line in lines:
         line.subtotal = line.unit_price * line.quantity
         line.name = names.get(line.sku, line.sku)
-    ended = order.status in (Order.Status.REJECTED, Order.Status.CANCELLED)
-    steps = []
-    for step in (state["saga"] or {}).get("steps", []):
-        shown = "not_started" if ended and step["state"] == "pending" else step["state"]
-        steps.append(
-            {
-                **step,
-                "shown": shown,
-                "label": STEP_LABELS.get(step["name"], step["name"].replace("_", " ").capitalize()),
-                "state_label": STEP_STATE_LABELS.get(shown, shown),
-            }
-        )
+    steps = [
+        {
+            **step,
+            "label": STEP_LABELS.get(step["name"], step["name"].replace("_", " ").capitalize()),
+            "state_label": STEP_STATE_LABELS.get(step["shown"], step["shown"]),
+            "in_progress": step["state"] in ("running", "retrying"),
+        }
+        for step in (state["saga"] or {}).get("steps", [])
+    ]
     return render(
         request,
         "orders/detail.html",
@@ -375,7 +375,8 @@ def order_new(request, form_key: uuid.UUID | None = None):
                     if placement.replayed:
                         messages.info(request, "This order was already placed: here it is.")
                     else:
-                        messages.success(request, "Order placed. Its progress shows below as it happens.")
+                        # Not "placed", and not green: the order may yet be declined.
+                        messages.info(request, ORDER_RECEIVED)
                     return redirect("order_pages:detail", order_id=placement.order.id)
         else:
             status = 400

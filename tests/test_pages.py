@@ -17,7 +17,7 @@ from orders import services
 from orders import views as orders_views
 from orders.exceptions import IdempotencyKeyInFlight
 from orders.models import IdempotencyKey, Order, Product
-from tests.conftest import ADDRESS, mug
+from tests.conftest import ADDRESS, mug, order_body
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -178,7 +178,7 @@ def test_placing_an_order_goes_through_the_api_service(alice, catalogue, broker)
     assert start["payload"]["saga_id"] == str(order.saga_id)
     assert start["payload"]["context"]["payment_token"] == "tok_visa"
     detail = client.get(f"/orders/{order.id}/")
-    assert messages_of(detail) == ["Order placed. Its progress shows below as it happens."]
+    assert messages_of(detail) == [orders_views.ORDER_RECEIVED]
 
 
 def test_a_double_submit_places_one_order(alice, catalogue, broker):
@@ -374,6 +374,42 @@ def test_the_order_page_of_a_declined_order_says_why(alice, catalogue, broker):
     assert state["order"]["failure"]["message"] in html
     assert "not needed" in html  # the steps it never reached
     assert "reject_order" not in [s["name"] for s in state["saga"]["steps"]]  # action steps only
+
+
+def test_a_payment_that_never_went_through_is_worded_for_the_customer(alice, alice_api, catalogue, broker):
+    """Out of retries: the engine's wording stays with operators; the customer reads what
+    happened, and the payment step, compensated without ever having been taken, is not "undone"."""
+    response = alice_api.post("/api/orders/", {**order_body(token="tok_flaky_99")}, format="json")
+    order = Order.objects.using("orders").get(id=response.json()["id"])
+    broker.deliver()
+    order.refresh_from_db()
+    assert "charge_payment failed after 5 attempt(s)" in order.failure_message  # the engine's words
+
+    page = client_for(alice).get(f"/orders/{order.id}/")
+
+    html = page.content.decode()
+    steps = {s["name"]: s["state_label"] for s in page.context["steps"]}
+    assert steps["charge_payment"] == "did not go through"
+    assert steps["reserve_stock"] == "undone"  # that one did take effect
+    assert "We could not take your payment: the payment service did not answer in time." in html
+    visible = re.sub(r"<script.*?</script>|<[^>]+>", " ", html, flags=re.S)
+    assert "charge_payment" not in visible
+    assert "attempt" not in visible
+    # The live message carries the same words (order.js renders it as it comes).
+    assert page.context["state"]["order"]["failure"]["message"].startswith("We could not take your payment")
+    assert {s["name"]: s["shown"] for s in page.context["state"]["saga"]["steps"]}["charge_payment"] == "not_done"
+
+
+def test_the_page_after_placing_does_not_claim_success_in_advance(alice, catalogue, broker):
+    client = client_for(alice)
+    order = place(client, token="tok_declined")
+    broker.deliver()
+
+    page = client.get(f"/orders/{order.id}/")
+
+    [message] = list(page.context["messages"])
+    assert message.level_tag == "info"  # not the green "success"
+    assert "placed" not in str(message).lower()
 
 
 def test_the_list_shows_the_customers_orders_newest_first(alice, bob, catalogue, broker):

@@ -57,7 +57,7 @@ def test_customer_places_watches_and_cancels_orders(page, live_stack, catalogue,
     # Place an order, then watch it from its page: nothing reloads the page (a marker set on the
     # window object would be gone after a reload).
     first = place_order(page)
-    expect(page.locator("#messages")).to_contain_text("Order placed")
+    expect(page.locator("#messages")).to_contain_text("We have received your order")
     page.evaluate("window.__noReload = true")
     expect(page.locator("#live-indicator")).to_have_attribute("data-live", "on", timeout=15_000)
     screenshot(page, "customer-04-order-in-progress")
