@@ -9,6 +9,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from django.conf import settings
+from django.contrib.staticfiles import finders
 from django.db import connections
 from django.test import Client
 
@@ -493,3 +495,49 @@ def test_cancel_form_needs_the_csrf_token(alice, catalogue, broker):
     assert client.get(f"/orders/{order.id}/cancel/").status_code == 405
     broker.deliver()
     assert Order.objects.using("orders").get(id=order.id).status == "shipped"
+
+
+# --- Error pages and the favicon ----------------------------------------------------------------
+
+
+def test_an_unknown_page_is_a_plain_404_in_the_site_style_and_api_paths_stay_json(client, settings):
+    settings.DEBUG = False
+
+    page = client.get("/no-such-page/")
+
+    assert page.status_code == 404
+    assert page["Content-Type"].startswith("text/html")
+    html = page.content.decode()
+    assert "<h1>Page not found</h1>" in html
+    assert "/static/css/site.css" in html  # the site's own layout, not Django's bare page
+    assert 'class="site-header"' in html
+    api = client.get("/api/no-such-thing/")
+    assert (api.status_code, api.json()["code"]) == (404, "not_found")
+
+
+def test_a_server_error_is_a_plain_500_in_the_site_style_and_api_paths_stay_json(alice, monkeypatch, settings):
+    settings.DEBUG = False
+
+    def broken(**kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(orders_views.selectors, "order_list_for_customer", broken)
+    client = Client(raise_request_exception=False)
+    client.force_login(alice)
+
+    page = client.get("/orders/")
+
+    assert page.status_code == 500
+    html = page.content.decode()
+    assert "Something went wrong on our side" in html
+    assert "/static/css/site.css" in html
+    assert "boom" not in html
+    assert "Traceback" not in html
+
+
+def test_every_page_has_a_favicon(client):
+    html = client.get("/accounts/login/").content.decode()
+    icon = re.search(r'<link rel="icon" href="([^"]+)"', html)[1]
+    assert finders.find(icon.removeprefix("/" + settings.STATIC_URL.lstrip("/")))
+    response = client.get("/favicon.ico")
+    assert (response.status_code, response["Location"]) == (301, icon)
