@@ -373,4 +373,6 @@ class AlertAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="saga state")
     def saga_state(self, alert: Alert) -> str:
+        if alert.saga is None:
+            return "-"  # a dead letter: no saga could be read from it
         return format_html("<b>{}</b>", alert.saga.state) if alert.saga.state == Saga.State.PARKED else alert.saga.state

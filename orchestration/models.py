@@ -270,12 +270,14 @@ class SagaEvent(models.Model):
 
 
 class Alert(models.Model):
-    """Something a person must look at: a parked saga. Resolved by an operator's action."""
+    """Something a person must look at: a parked saga, or a message a worker dead-lettered (no
+    saga: the message could not even be read). Resolved by an operator's action."""
 
     class Kind(models.TextChoices):
         SAGA_PARKED = "saga_parked"
+        DEAD_LETTER = "dead_letter"
 
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="alerts")
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="alerts", null=True, blank=True)
     kind = models.CharField(max_length=32, choices=Kind.choices)
     message = models.CharField(max_length=500)
     created_at = models.DateTimeField(auto_now_add=True)

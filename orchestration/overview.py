@@ -18,7 +18,7 @@ from sagaplatform.kernel.clock import db_now
 
 from .definitions import DEFINITIONS
 from .live import style_of
-from .models import Saga, SagaEvent, SagaStep
+from .models import Alert, Saga, SagaEvent, SagaStep
 
 DB = "default"
 MINUTES = 15
@@ -163,4 +163,15 @@ def overview() -> dict:
             {**w, "seen_at": datetime.fromtimestamp(w["seen_at"], UTC).isoformat(), "alive": True} for w in live
         ],
         "flow": flow(now),
+        "dead_letters": dead_letters(),
+    }
+
+
+def dead_letters() -> dict:
+    """Open alerts for messages a worker dead-lettered (the rows themselves are in the admin)."""
+    open_alerts = Alert.objects.using(DB).filter(kind=Alert.Kind.DEAD_LETTER, resolved_at__isnull=True)
+    latest = open_alerts.order_by("-created_at").values("message", "created_at")[:3]
+    return {
+        "open": open_alerts.count(),
+        "latest": [{"message": a["message"], "created_at": a["created_at"].isoformat()} for a in latest],
     }

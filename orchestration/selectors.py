@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import uuid
+
 from django.db.models import BooleanField, Case, Exists, OuterRef, Q, QuerySet, Value, When
 from django.db.models.functions import Now
 
@@ -93,4 +95,21 @@ def saga_summary(saga_id) -> dict | None:
         "finished_at": saga.finished_at,
         "steps": [step_view(step) for step in ordered],
         "cancellable": live.cancellable(saga, ordered, definition),
+    }
+
+
+def sagas_ended_before(saga_ids, before) -> set[str]:
+    """Through the kernel port `sagas_ended_before` (retention). An id that is not a UUID names
+    no saga, so it never ended."""
+    ids = []
+    for saga_id in saga_ids:
+        try:
+            ids.append(uuid.UUID(str(saga_id)))
+        except ValueError:
+            continue
+    return {
+        str(pk)
+        for pk in Saga.objects.using(DB)
+        .filter(id__in=ids, state__in=Saga.TERMINAL_STATES, finished_at__lt=before)
+        .values_list("id", flat=True)
     }

@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from . import engine, sweeper, tracker
+from . import deadletters, engine, sweeper, tracker
 from .definitions import for_mode
 
 
@@ -23,3 +23,8 @@ def track_event(message: dict) -> None:
 @shared_task(name="orchestration.sweep", ignore_result=True)
 def sweep() -> dict:
     return sweeper.sweep_once()
+
+
+@shared_task(name="orchestration.alert_dead_letters", ignore_result=True)
+def alert_dead_letters() -> int:
+    return deadletters.alert_dead_letters()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import task_postrun, task_prerun
+from celery.signals import task_failure, task_postrun, task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaplatform.settings")
 
@@ -33,3 +33,9 @@ def recycle_database_connections(**kwargs) -> None:
 
 # Worker heartbeats (the dashboard's "live workers"): connects to the worker's signals.
 from sagaplatform import workers  # noqa: E402, F401
+
+# A task that fails on what its message says is recorded as a dead letter (its message is
+# acknowledged, so it would otherwise be gone with only a log line).
+from sagaplatform.kernel.deadletters import record_failed_task  # noqa: E402
+
+task_failure.connect(record_failed_task, weak=False)

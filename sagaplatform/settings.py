@@ -236,6 +236,12 @@ CELERY_TASK_DEFAULT_QUEUE = "orchestrator"
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 150)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Poison messages: a message that is not JSON, not an envelope, bigger than this, undecodable or
+# for an unknown task is recorded as a dead letter and acknowledged; the worker carries on.
+SAGA_MAX_MESSAGE_BYTES = env_int("SAGA_MAX_MESSAGE_BYTES", 1024 * 1024)
+if CELERY_BROKER_URL.startswith("redis://"):
+    CELERY_BROKER_TRANSPORT = "sagaplatform.kernel.deadletters:RedisTransport"
+CELERY_WORKER_CONSUMER = "sagaplatform.kernel.deadletters:Consumer"
 # Keep database connections across tasks: Celery's Django fixup otherwise closes every connection
 # after each task, which cost 4,000 new PostgreSQL sessions per 1,000 orders here.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1_000_000)
@@ -251,6 +257,13 @@ SAGA_DEADLINE_OVERRIDE = env_float("SAGA_DEADLINE_OVERRIDE", 0.0)
 # Chaos: publish every message twice, as an at-least-once broker may deliver it.
 SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", default=False)
 SAGA_ANTI_ENTROPY_INTERVAL = env_float("SAGA_ANTI_ENTROPY_INTERVAL", 10.0)
+
+# Retention (seconds): published outbox rows, and barrier rows of sagas that ended, are purged
+# after these ages by `manage.py purge` and by beat, per database. Why the ages are safe, and the
+# floor the barrier's age never goes below: docs/ARCHITECTURE.md, "Retention".
+OUTBOX_RETENTION = env_int("OUTBOX_RETENTION", 24 * 3600)
+BARRIER_RETENTION = env_int("BARRIER_RETENTION", 7 * 24 * 3600)
+RETENTION_PURGE_INTERVAL = env_float("RETENTION_PURGE_INTERVAL", 3600.0)
 
 
 def _periodic(task: str, queue: str, every: float, *args) -> dict:
@@ -270,6 +283,17 @@ CELERY_BEAT_SCHEDULE = {
     "notifications-redeliver": _periodic("notifications.redeliver_queued", "notifications", SAGA_ANTI_ENTROPY_INTERVAL),
     # Idempotency keys past IDEMPOTENCY_KEY_TTL (a replay after that places a new order anyway).
     "orders-purge-idempotency-keys": _periodic("orders.purge_idempotency_keys", "orders", 3600.0),
+    # Retention, in each database by a worker of its own queue.
+    **{
+        f"{alias}-purge": _periodic(
+            "kernel.purge", alias if alias in SERVICE_ALIASES else "orchestrator", RETENTION_PURGE_INTERVAL, alias
+        )
+        for alias in DATABASE_ALIASES
+    },
+    # One alert per dead letter (a message a worker recorded and acknowledged instead of running).
+    "orchestrator-dead-letters": _periodic(
+        "orchestration.alert_dead_letters", "orchestrator", SAGA_ANTI_ENTROPY_INTERVAL
+    ),
 }
 
 # --- Channels -------------------------------------------------------------------------------
@@ -410,3 +434,4 @@ LOGGING = {
 SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"
 SAGA_CANCELLER = "orchestration.engine.saga_cancel"
 STOCK_AVAILABILITY_READER = "inventory.selectors.stock_available"
+SAGA_ENDED_READER = "orchestration.selectors.sagas_ended_before"

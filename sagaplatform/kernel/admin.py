@@ -29,7 +29,7 @@ from sagaplatform.api import operator_actor
 
 from . import faults
 from .clock import db_now
-from .models import Barrier, FaultRule, OutboxMessage
+from .models import Barrier, DeadLetter, FaultRule, OutboxMessage
 
 # --- Shared helpers ---------------------------------------------------------------------------
 
@@ -366,3 +366,14 @@ class FaultRuleAdmin(PerDatabaseAdmin):
     def delete_queryset(self, request, queryset) -> None:
         super().delete_queryset(request, queryset)
         faults.clear_cache()
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReadOnlyAdminMixin, PerDatabaseAdmin):
+    """Messages a worker recorded and acknowledged instead of running: each database holds the
+    ones that came in on its queue (the orchestrator's in `default`)."""
+
+    list_display = ["id", "created_at", "queue", "reason", "task", "size", "alerted_at"]
+    list_filter = ["reason", "queue", age_filter()]
+    search_fields = ["task", "message_id", "error"]
+    fields = ["queue", "reason", "task", "message_id", "size", "error", "body", "created_at", "alerted_at"]

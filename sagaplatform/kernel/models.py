@@ -93,3 +93,38 @@ class FaultRule(models.Model):
 
     def __str__(self) -> str:
         return f"{self.service}.{self.operation}"
+
+
+class DeadLetter(models.Model):
+    """A message a worker could not run (malformed, oversized, an unknown task): recorded and
+    acknowledged instead of killing the worker or looping. Kept in the database of the queue it
+    came from; the orchestrator raises an alert for each (`alerted_at`)."""
+
+    class Reason(models.TextChoices):
+        MALFORMED = "malformed", "not a message envelope (not JSON, or missing fields)"
+        OVERSIZED = "oversized", "larger than SAGA_MAX_MESSAGE_BYTES"
+        UNDECODABLE = "undecodable", "its body could not be decoded"
+        UNKNOWN_TASK = "unknown_task", "names a task no worker knows"
+        INVALID_TASK = "invalid_task", "a task with invalid arguments or headers"
+        FAILED = "failed", "its task failed on what the message says"
+
+    queue = models.CharField(max_length=64)
+    reason = models.CharField(max_length=16, choices=Reason.choices)
+    task = models.CharField(max_length=128, blank=True)
+    message_id = models.CharField(max_length=64, blank=True)
+    size = models.PositiveIntegerField(help_text="bytes, as received")
+    body = models.TextField(blank=True, help_text="the start of the message, as received")
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    alerted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(
+                fields=["created_at"], name="kernel_deadletter_unalerted", condition=models.Q(alerted_at__isnull=True)
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.reason} on {self.queue} ({self.task or '?'})"

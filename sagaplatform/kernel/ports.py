@@ -26,3 +26,11 @@ def stock_available() -> dict[str, int]:
     """SKU -> units available now (on hand less reserved), for display only: the saga's
     reservation is what decides."""
     return import_string(settings.STOCK_AVAILABILITY_READER)()
+
+
+def sagas_ended_before(saga_ids: set[str], before) -> set[str]:
+    """Which of these sagas ended (completed, compensated, failed or cancelled) before `before`;
+    for retention, which keeps every row of a saga still running, parked or unknown."""
+    if not saga_ids:
+        return set()
+    return import_string(settings.SAGA_ENDED_READER)(saga_ids, before)

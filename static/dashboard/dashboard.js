@@ -706,14 +706,14 @@ function renderOverview() {
   sparkline(document.querySelector('[data-spark="p95"]'), hist.map((s) => s.p95 ?? null).filter((v) => v != null), { color: "#f5a524" });
 
   outcomeBars($("outcomes-chart"), minutes);
-  renderQueues(o.queues || {}, o.workers || []);
+  renderQueues(o.queues || {}, o.workers || [], o.dead_letters);
   platform.update(o.flow, o.queues || {}, o.workers || []);
   const total = (o.flow?.edges || []).reduce((s, e) => s + (e.per_min || 0), 0);
   const failing = (o.flow?.edges || []).reduce((s, e) => s + (e.failures_per_min || 0), 0);
   $("flow-total").textContent = `${fmtNumber(total, 1)} msg/min${failing ? ` · ${fmtNumber(failing, 1)} failing` : ""}`;
 }
 
-function renderQueues(queues, workers) {
+function renderQueues(queues, workers, deadLetters) {
   const names = Object.keys(queues);
   for (const w of workers) for (const q of w.queues || []) if (!names.includes(q)) names.push(q);
   const max = Math.max(10, ...Object.values(queues));
@@ -731,6 +731,18 @@ function renderQueues(queues, workers) {
       h("span", { class: alive.length ? "qworkers" : "qworkers down" }, alive.length ? `${alive.length} live worker${alive.length > 1 ? "s" : ""}: ${alive.map((w) => w.name).join(", ")}` : "no live worker"),
     );
   });
+  // Messages a worker recorded and acknowledged instead of running: each has an open alert.
+  if (deadLetters?.open) {
+    items.push(
+      h(
+        "li",
+        { class: "dead-letters", title: (deadLetters.latest || []).map((a) => a.message).join("\n") },
+        h("span", { class: "wdot", role: "img", "aria-label": "dead letters" }),
+        h("a", { class: "qname", href: "/admin/orchestration/alert/?kind__exact=dead_letter&open=yes" }, `${fmtNumber(deadLetters.open)} dead letter${deadLetters.open > 1 ? "s" : ""}`),
+        h("span", { class: "qworkers down" }, "malformed messages, recorded and acknowledged: see the alerts"),
+      ),
+    );
+  }
   $("queues").replaceChildren(...items);
 }
 
