@@ -8,7 +8,7 @@ CONCURRENCY ?= 4
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test lint format bench bench-styles bench-feed simulate audit web worker workers beat setup migrations clean
+.PHONY: help install install-dev run test lint format bench bench-styles bench-feed ramp simulate audit web worker workers beat setup migrations clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -64,6 +64,11 @@ FEED_ARGS ?= --rates 100,1000,10000 --seconds 5
 bench-feed: install-dev ## The live feed: events/s from commit to a painted dashboard, delay p50/p95 (headless Chromium)
 	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
 	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench_feed $(FEED_ARGS)
+
+RAMP_ARGS ?=
+ramp: install-dev ## Load ramp over HTTP (5-80 orders/s, 15 s each): accepted, refused, 5xx, p50/p99, outcomes (PostgreSQL + Redis; RAMP_ARGS)
+	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
+	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py ramp $(RAMP_ARGS)
 
 simulate: install ## Simulate orders under faults, then audit (SIM_ARGS="-n 1000 --failure-rate 0.2")
 	$(BIN)/python manage.py simulate $(SIM_ARGS)

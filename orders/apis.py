@@ -21,7 +21,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sagaplatform.api import RETRY_AFTER, ApiError, SagaStepSerializer, ScopedThrottle, error_responses
+from sagaplatform.api import RETRY_AFTER_BUSY, ApiError, SagaStepSerializer, ScopedThrottle, error_responses
 from sagaplatform.kernel import ports
 
 from . import selectors, services
@@ -225,7 +225,8 @@ class OrdersApi(generics.ListAPIView):
         description=(
             "Accepts the order at once (`202`) and runs its transaction in the background; follow it "
             "at `url`. Unknown or inactive SKUs are a `400 unknown_sku`; a total over 9,999,999,999.99 "
-            "a `400 order_total_too_large`. Limited to 60 a minute per user (`429`)."
+            "a `400 order_total_too_large`. Limited to 60 a minute per user (`429`). While too many orders "
+            "are in progress, `503 overloaded` with `Retry-After`."
         ),
         request=InputSerializer,
         parameters=[
@@ -246,7 +247,7 @@ class OrdersApi(generics.ListAPIView):
                 required=True,
                 description="The order's URL.",
             ),
-            RETRY_AFTER,
+            RETRY_AFTER_BUSY,
         ],
         responses={
             202: OutputSerializer,
@@ -259,6 +260,7 @@ class OrdersApi(generics.ListAPIView):
                 415,
                 422,
                 429,
+                503,
                 examples={
                     400: [
                         ("invalid_request", "The request is not valid."),
@@ -273,6 +275,10 @@ class OrdersApi(generics.ListAPIView):
                         )
                     ],
                     422: [("idempotency_key_reused", "This Idempotency-Key was used with a different request body")],
+                    503: [
+                        ("overloaded", "Too many orders are in progress; retry in a moment"),
+                        ("service_unavailable", "A database is unavailable or busy; retry later."),
+                    ],
                 },
             ),
         },

@@ -1,4 +1,4 @@
-from sagaplatform.api import ApiError
+from sagaplatform.api import ApiError, ServiceUnavailable
 from sagaplatform.kernel.errors import BusinessError
 
 
@@ -25,6 +25,10 @@ class IdempotencyKeyReused(OrderError):
 class IdempotencyKeyInFlight(OrderError):
     status = 409
     code = "idempotency_key_in_flight"
+
+
+class Overloaded(ServiceUnavailable):
+    code = "overloaded"
 
 
 class OrderNotInState(BusinessError):

@@ -17,7 +17,14 @@ from sagaplatform.kernel import choreography, outbox, ports
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.commands import ORCHESTRATOR_QUEUE
 
-from .exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused, OrderNotInState, OrderTooLarge, UnknownProduct
+from .exceptions import (
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
+    OrderNotInState,
+    OrderTooLarge,
+    Overloaded,
+    UnknownProduct,
+)
 from .models import CANCELLED_CODE, IdempotencyKey, Order, OrderLine, OrderStatusChange, Product
 
 DB = "orders"
@@ -168,6 +175,7 @@ def idempotency_keys_purge(*, batch: int = 1000) -> int:
 def _create(
     *, customer_id: int, customer_email: str, items: list[dict], payment_token: str, shipping_address: dict, mode: str
 ) -> Order:
+    _admit()
     skus = [item["sku"] for item in items]
     products = {p.sku: p for p in Product.objects.using(DB).filter(sku__in=skus, is_active=True)}
     unknown = sorted(set(skus) - set(products))
@@ -214,6 +222,24 @@ def _create(
         )
     Order.objects.using(DB).filter(id=order.id).update(start_message_id=message.id, announced_at=message.available_at)
     return order
+
+
+def _admit() -> None:
+    """Refuse a new order while ORDERS_MAX_PENDING orders wait for their saga to decide them.
+
+    Pending orders are the work accepted and not yet done: past the limit, more would only
+    queue, and a queue longer than the workers can drain makes leases and deadlines expire on
+    work that never started. Those announced over REANNOUNCE_FOR ago (a parked saga) are not
+    work in flight. Concurrent requests can each see one slot free, so the limit can be passed
+    by as many requests as the web process runs at once. An idempotent replay is never refused.
+    """
+    limit = settings.ORDERS_MAX_PENDING
+    if not limit:
+        return
+    since = timezone.now() - REANNOUNCE_FOR
+    pending = Order.objects.using(DB).filter(status=Order.Status.PENDING, announced_at__gte=since)[:limit].count()
+    if pending >= limit:
+        raise Overloaded("Too many orders are in progress; retry in a moment")
 
 
 def _locked(order_id: uuid.UUID | str) -> Order:

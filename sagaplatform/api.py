@@ -13,6 +13,7 @@ import math
 from django.conf import settings
 from django.core.cache import cache as default_cache
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse
@@ -34,6 +35,18 @@ class ApiError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details or {}
+
+
+class ServiceUnavailable(ApiError):
+    """The platform cannot take the request now, and a retry later can succeed: a database is
+    down or its connections are all busy, or too many orders are in flight (admission). Answered
+    503 with `Retry-After` (also `details.retry_after`); nothing was written."""
+
+    status = status.HTTP_503_SERVICE_UNAVAILABLE
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, details: dict | None = None) -> None:
+        super().__init__(message, details={"retry_after": settings.API_RETRY_AFTER, **(details or {})})
 
 
 class RequestTooLarge(exceptions.APIException):
@@ -96,8 +109,16 @@ def exception_handler(exc, context):
     # named in settings, which import this module.
     from rest_framework.views import exception_handler as drf_exception_handler
 
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        # A database down, restarting, out of connections, or the web process's pool empty for
+        # DATABASE_POOL_TIMEOUT: the request's transaction rolled back, and a retry can succeed.
+        logger.warning("database unavailable, answering 503: %s", exc)
+        exc = ServiceUnavailable("A database is unavailable or busy; retry later.")
     if isinstance(exc, ApiError):
-        return error_response(status_code=exc.status, code=exc.code, message=exc.message, details=exc.details)
+        headers = {"Retry-After": str(exc.details["retry_after"])} if isinstance(exc, ServiceUnavailable) else None
+        return error_response(
+            status_code=exc.status, code=exc.code, message=exc.message, details=exc.details, headers=headers
+        )
     if isinstance(exc, RequestDataTooBig):  # Django's check of the declared Content-Length
         exc = RequestTooLarge(f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.")
     elif isinstance(exc, Http404):
@@ -238,11 +259,18 @@ _ERRORS = {
         "throttled",
         "Request was throttled. Expected available in 42 seconds.",
     ),
+    503: (
+        "Too many orders in progress, the server busy, or a database unavailable: retry after"
+        " `Retry-After` seconds (also in `details.retry_after`).",
+        "service_unavailable",
+        "A database is unavailable or busy; retry later.",
+    ),
 }
 
 EXAMPLE_DETAILS = {
     400: {"items": [{"quantity": ["Ensure this value is greater than or equal to 1."]}]},
     429: {"retry_after": 42},
+    503: {"retry_after": 2},
 }
 
 
@@ -279,6 +307,13 @@ RETRY_AFTER = OpenApiParameter(
     response=[429],
     description="Seconds to wait before trying again.",
 )
+RETRY_AFTER_BUSY = OpenApiParameter(
+    "Retry-After",
+    OpenApiTypes.INT,
+    OpenApiParameter.HEADER,
+    response=[429, 503],
+    description="Seconds to wait before trying again.",
+)
 
 API_DESCRIPTION = """
 Place orders that run as distributed transactions (sagas) across the inventory, payments, orders,
@@ -290,7 +325,13 @@ shipping and notifications services, follow them, cancel them; operators inspect
 - the session cookie of a logged-in browser. Every state-changing request (POST, DELETE) made
   with the session must carry the CSRF token (`X-CSRFToken` header, from the `csrftoken` cookie),
   or it is refused with `403 csrf_failed`. Token and Basic authentication need no CSRF token.
-- HTTP Basic with username and password (for scripts and curl).
+- HTTP Basic with username and password (for scripts and curl). Prefer a token: each password
+  check costs the server a slow hash.
+
+After 10 wrong passwords for one username, or from one client address (`AUTH_FAILURE_LIMIT`),
+every password check for it (HTTP Basic, the token endpoint, the login page) is refused with
+`429 too_many_failed_logins` and `Retry-After`, for 15 minutes after the last failure
+(`AUTH_LOCKOUT_MINUTES`). An API token keeps working meanwhile.
 
 A request without valid credentials is answered `401` with a `WWW-Authenticate` challenge.
 Customers see and cancel only their own orders (someone else's order is a 404). The saga
@@ -314,6 +355,11 @@ idempotency_key_in_flight` (retry a little later). Keys are remembered for 24 ho
 **Limits.** Request bodies are at most 64 KB (`413 request_too_large`). Placing orders is limited
 to 60 a minute per user (`API_THROTTLE_ORDERS_CREATE`) and asking for a token to 10 a minute per
 client address (`API_THROTTLE_AUTH_TOKEN`): beyond, `429 throttled` with `Retry-After`.
+
+**Overload.** While too many orders are in flight, `POST /api/orders/` answers `503 overloaded`,
+and any endpoint does while the server is busy; when a database is unavailable or busy, any
+endpoint may answer `503 service_unavailable`. All carry `Retry-After`: retry then, with the
+same `Idempotency-Key`, so a retry never places an order twice.
 """
 
 

@@ -1,8 +1,8 @@
 """ASGI entry point: HTTP through Django; the live pages' websockets through Channels.
 
-Websockets authenticate with the Django session (AuthMiddlewareStack) and must come from one of
-ALLOWED_HOSTS (AllowedHostsOriginValidator), which is what stops another site's page from
-opening an operator's socket with the operator's cookie.
+Websockets authenticate with the Django session (AuthMiddlewareStack) and must be opened by a page
+of this very site, scheme, host and port (SameOriginValidator), which is what stops another
+site's page from opening an operator's socket with the operator's cookie.
 """
 
 import os
@@ -14,11 +14,13 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from orchestration.consumers import DashboardConsumer  # noqa: E402
 from orders.consumers import OrderConsumer  # noqa: E402
+from sagaplatform.overload import ConcurrencyLimit  # noqa: E402
+from sagaplatform.security import SameOriginValidator  # noqa: E402
 
 websocket_urlpatterns = [
     path("ws/dashboard/", DashboardConsumer.as_asgi()),
@@ -27,7 +29,9 @@ websocket_urlpatterns = [
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "http": ConcurrencyLimit(
+            django_asgi_app, limit=settings.WEB_MAX_CONCURRENT_REQUESTS, retry_after=settings.API_RETRY_AFTER
+        ),
+        "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -6,6 +6,10 @@ The endpoint that issues tokens is in `auth_apis`: DRF imports this module while
 
 from __future__ import annotations
 
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.cache.backends.locmem import LocMemCache
+from django.utils.crypto import constant_time_compare, salted_hmac
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
@@ -76,4 +80,54 @@ class SessionScheme(OpenApiAuthenticationExtension):
             "in": "cookie",
             "name": "sessionid",
             "description": "A logged-in browser's session. Unsafe methods also need the `X-CSRFToken` header.",
+        }
+
+
+# Successful HTTP Basic checks, in this process's memory only: a shared cache (Redis) would hold
+# keyed hashes of live passwords where more processes, and their operators, can read them.
+_basic_checked = LocMemCache("sagaplatform-basic-auth", {"OPTIONS": {"MAX_ENTRIES": 10_000}})
+
+
+def _password_fingerprint(user) -> str:
+    return salted_hmac("sagaplatform.basic-auth.password", user.password, algorithm="sha256").hexdigest()
+
+
+class BasicAuthentication(authentication.BasicAuthentication):
+    """HTTP Basic, for scripts and curl.
+
+    A password check costs a PBKDF2 hash (about a quarter of a second of CPU here), on every
+    request. So a successful check is remembered for API_BASIC_AUTH_CACHE_SECONDS, under an HMAC
+    of the username and password keyed with SECRET_KEY (the password is never stored). The entry
+    holds the user's id and a fingerprint of the stored password hash: a changed password or a
+    deactivated user stops working at once. A wrong password is never remembered, so every guess
+    is still checked and counted by the lockout (`sagaplatform.security`).
+    """
+
+    def authenticate_credentials(self, userid, password, request=None):
+        credentials = f"{len(userid)}:{userid}:{password}"  # unambiguous, whatever the two contain
+        key = salted_hmac("sagaplatform.basic-auth", credentials, algorithm="sha256").hexdigest()
+        remembered = _basic_checked.get(key)
+        if remembered is not None:
+            user_id, fingerprint = remembered
+            user = get_user_model()._default_manager.filter(pk=user_id, is_active=True).first()
+            if user is not None and constant_time_compare(fingerprint, _password_fingerprint(user)):
+                return user, None
+        # The lockout marks Django's request (its middleware reads it), not DRF's wrapper.
+        user, _ = super().authenticate_credentials(userid, password, getattr(request, "_request", request))
+        if settings.API_BASIC_AUTH_CACHE_SECONDS > 0:
+            _basic_checked.set(key, (user.pk, _password_fingerprint(user)), settings.API_BASIC_AUTH_CACHE_SECONDS)
+        return user, None
+
+
+class BasicScheme(OpenApiAuthenticationExtension):
+    """Documents HTTP Basic in the OpenAPI schema."""
+
+    target_class = BasicAuthentication
+    name = "basicAuth"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "http",
+            "scheme": "basic",
+            "description": "Username and password. Each check costs the server a slow hash: prefer a token.",
         }

@@ -12,6 +12,7 @@ Two ways to run, one codebase:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -77,6 +78,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",  # API tokens for clients (`POST /api/auth/token/`)
+    "axes",  # lockout after repeated wrong passwords (form, HTTP Basic, token endpoint)
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -99,7 +101,12 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # Turns a login refused for a lockout into its answer (429); the middlewares above it then
+    # treat that answer as any other.
+    "axes.middleware.AxesMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, so that it sees the views' exceptions: a database down or saturated is a 503.
+    "sagaplatform.overload.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "sagaplatform.urls"
@@ -134,6 +141,53 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 FAST_PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 if env_bool("SAGA_INSECURE_FAST_PASSWORDS", default=False):
     PASSWORD_HASHERS = FAST_PASSWORD_HASHERS
+
+# --- Security: login lockout, HTTPS, fault injection, health details --------------------------
+# Every password check (login form, admin, HTTP Basic, `POST /api/auth/token/`) counts failures
+# per username and per client address (django-axes, rows on `default`). Either one reaching the
+# limit refuses further checks with 429 until AUTH_LOCKOUT_MINUTES pass without a failure. A
+# locked user's API token and open sessions keep working. `manage.py axes_reset_username <name>`
+# (or `axes_reset_ip`, or the admin) lifts a lockout early.
+AUTHENTICATION_BACKENDS = [
+    "sagaplatform.security.LockoutBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("AUTH_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = env_float("AUTH_LOCKOUT_MINUTES", 15.0) / 60  # hours, as a float
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_CLIENT_IP_CALLABLE = "sagaplatform.security.client_address"
+AXES_LOCKOUT_CALLABLE = "sagaplatform.security.lockout_response"
+# A row per successful login would be a write per HTTP Basic request.
+AXES_DISABLE_ACCESS_LOG = True
+AXES_VERBOSE = False
+# A successful HTTP Basic check is remembered this long in the web process's memory (keyed by a
+# keyed hash of the credentials, never the password): each check costs a PBKDF2 hash otherwise.
+API_BASIC_AUTH_CACHE_SECONDS = env_int("API_BASIC_AUTH_CACHE_SECONDS", 300)
+
+# HTTPS. Off by default (the embedded mode serves plain HTTP on 127.0.0.1); the production
+# configuration in .env.example turns them on, and `manage.py check --deploy` is then clean.
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", default=False)
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", default=False)
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", default=False)
+# Behind a proxy that terminates TLS: the header it sets, e.g. `HTTP_X_FORWARDED_PROTO,https`.
+_proxy_ssl_header = env_str("DJANGO_SECURE_PROXY_SSL_HEADER")
+if _proxy_ssl_header:
+    _header, _, _value = _proxy_ssl_header.partition(",")
+    if not _header.startswith("HTTP_") or not _value:
+        raise ImproperlyConfigured(
+            f"DJANGO_SECURE_PROXY_SSL_HEADER must look like HTTP_X_FORWARDED_PROTO,https, got {_proxy_ssl_header!r}"
+        )
+    SECURE_PROXY_SSL_HEADER = (_header, _value)
+# Origins (scheme://host[:port]) trusted besides the request's own, for forms and websockets.
+CSRF_TRUSTED_ORIGINS = [o for o in env_str("DJANGO_CSRF_TRUSTED_ORIGINS").split(",") if o]
+# `/api/faults/` and the fault rule admin break orders on purpose: on with DEBUG only, unless set.
+SAGA_FAULT_INJECTION = env_bool("SAGA_FAULT_INJECTION", default=DEBUG)
+# `/healthz` shows anonymous callers only its status; staff, or this bearer token, see details.
+SAGA_HEALTHZ_TOKEN = env_str("SAGA_HEALTHZ_TOKEN")
+
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/orders/"
 LOGOUT_REDIRECT_URL = "/"
@@ -145,6 +199,33 @@ LOGOUT_REDIRECT_URL = "/"
 
 SERVICE_ALIASES = ("orders", "inventory", "payments", "shipping", "notifications")
 DATABASE_ALIASES = ("default", *SERVICE_ALIASES)
+
+
+def _process_role() -> str:
+    """What this process is (`web`, `celery-worker`, `celery-beat` or a command's name): its
+    PostgreSQL sessions carry it as `application_name`, so pg_stat_activity counts them per role."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if program == "__main__.py":  # python -m <package>
+        program = os.path.basename(os.path.dirname(sys.argv[0]))
+    if "celery" in sys.argv[0]:
+        return "celery-" + next((arg for arg in sys.argv[1:] if arg in {"worker", "beat"}), "command")
+    if program == "manage.py" and len(sys.argv) > 1:
+        return "web" if sys.argv[1] == "serve" else sys.argv[1]
+    return "web" if program in {"daphne", "uvicorn", "gunicorn", "hypercorn"} else program
+
+
+PROCESS_ROLE = _process_role()
+# The web process (daphne) runs every request in a thread of its own, and Django keeps a
+# persistent connection (CONN_MAX_AGE) per thread, which it does not support under ASGI: the web
+# process held 6 to 28 connections at 5 orders/s and exhausted PostgreSQL at 20/s. It borrows
+# connections from one psycopg pool per alias instead, so it never holds more than
+# DATABASE_POOL_MAX_SIZE per alias; a request that waits DATABASE_POOL_TIMEOUT seconds for one is
+# answered 503. Celery workers keep CONN_MAX_AGE (their Django fixup closes a pool after every
+# prefork task): a worker child holds at most one connection per alias. Budget: ARCHITECTURE.md.
+DATABASE_POOL = env_bool("DATABASE_POOL", default=PROCESS_ROLE == "web")
+DATABASE_POOL_MIN_SIZE = env_int("DATABASE_POOL_MIN_SIZE", 1)
+DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 4)
+DATABASE_POOL_TIMEOUT = env_float("DATABASE_POOL_TIMEOUT", 5.0)
 
 
 def _postgres(url: str) -> dict:
@@ -161,10 +242,18 @@ def _postgres(url: str) -> dict:
         # Opening a PostgreSQL connection costs ~5 ms here, more than a whole saga step: keep
         # connections (CONN_MAX_AGE) and check them before use (CONN_HEALTH_CHECKS) so a
         # restarted server costs one failed check, not a failed task.
-        "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 600),
+        "CONN_MAX_AGE": 0 if DATABASE_POOL else env_int("DATABASE_CONN_MAX_AGE", 600),
         "CONN_HEALTH_CHECKS": True,
+        "OPTIONS": {
+            "application_name": f"sagaplatform-{PROCESS_ROLE}"[:63],
+            **({"pool": _pool_options()} if DATABASE_POOL else {}),
+        },
         "TEST": {"NAME": f"test_{unquote(parts.path.lstrip('/'))}", "DEPENDENCIES": []},
     }
+
+
+def _pool_options() -> dict:
+    return {"min_size": DATABASE_POOL_MIN_SIZE, "max_size": DATABASE_POOL_MAX_SIZE, "timeout": DATABASE_POOL_TIMEOUT}
 
 
 def _sqlite(alias: str) -> dict:
@@ -360,7 +449,7 @@ REST_FRAMEWORK = {
         # Token first: the first class's challenge is the WWW-Authenticate header of every 401.
         "sagaplatform.authentication.TokenAuthentication",
         "sagaplatform.authentication.SessionAuthentication",
-        "rest_framework.authentication.BasicAuthentication",
+        "sagaplatform.authentication.BasicAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": ["sagaplatform.parsers.JSONParser"],
@@ -398,6 +487,15 @@ SPECTACULAR_SETTINGS = {
 IDEMPOTENCY_KEY_TTL = env_int("IDEMPOTENCY_KEY_TTL", 24 * 3600)
 # A request body larger than this is refused before it is parsed.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 64 * 1024)
+# Admission: a new order is refused (503 `overloaded`, with Retry-After) while this many orders
+# are pending, accepted and not yet decided by their saga; 0 = no limit. Size it as the sagas/s
+# the workers complete times the queueing delay you accept (docs/ARCHITECTURE.md, "Admission").
+ORDERS_MAX_PENDING = env_int("ORDERS_MAX_PENDING", 50)
+# Seconds a 503 (overloaded, or a database unavailable or saturated) tells the client to wait.
+API_RETRY_AFTER = env_int("API_RETRY_AFTER", 2)
+# HTTP requests the web process serves at once; more are answered 503 at the door, before
+# Django (sagaplatform/overload.py). 0 = no limit.
+WEB_MAX_CONCURRENT_REQUESTS = env_int("WEB_MAX_CONCURRENT_REQUESTS", 16)
 
 # --- Services -------------------------------------------------------------------------------
 
@@ -428,6 +526,16 @@ LOGGING = {
         for app in ("sagaplatform", "orders", "inventory", "payments", "shipping", "notifications", "orchestration")
     },
 }
+
+
+def _not_a_503(record) -> bool:
+    # Django logs every 5xx as an error. A 503 is a refusal under load (80 a second in a ramp);
+    # the database errors behind the others are logged where they are turned into a 503.
+    return getattr(record, "status_code", None) != 503
+
+
+LOGGING["filters"] = {"not_a_503": {"()": "django.utils.log.CallbackFilter", "callback": _not_a_503}}
+LOGGING["loggers"]["django.request"] = {"filters": ["not_a_503"]}
 
 # --- Composition ----------------------------------------------------------------------------
 # Ports (sagaplatform/kernel/ports.py): how one part reads or asks another without importing it.

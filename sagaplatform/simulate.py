@@ -65,12 +65,13 @@ class WorkerPool:
         self.env["SHIPPING_HANDLING_SECONDS"] = str(handling_seconds)
         self.workers: list[subprocess.Popen] = []
         self.beat: subprocess.Popen | None = None
+        self.web: subprocess.Popen | None = None
 
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], name: str, program: tuple[str, ...] = ("-m", "celery", "-A", "sagaplatform")):
         log = (self.log_dir / f"simulate-{name}.log").open("a")
         # Its own session, so a kill takes the main process and its pool children together.
         return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "sagaplatform", *args],
+            [sys.executable, *program, *args],
             cwd=ROOT,
             env=self.env,
             stdout=log,
@@ -90,6 +91,10 @@ class WorkerPool:
         schedule = self.log_dir / "simulate-beat-schedule"
         self.beat = self._spawn(["beat", "-s", str(schedule), "--loglevel", "WARNING"], "beat")
 
+    def start_web(self, port: int) -> None:
+        """The web process (`manage.py serve` on 127.0.0.1), for load that comes in over HTTP."""
+        self.web = self._spawn(["serve", "--port", str(port)], "web", program=("manage.py",))
+
     def kill_and_restart(self, index: int) -> None:
         victim = self.workers[index]
         os.killpg(victim.pid, signal.SIGKILL)
@@ -100,10 +105,10 @@ class WorkerPool:
         )
 
     def stop(self) -> None:
-        for process in [*self.workers, self.beat]:
+        for process in [self.web, *self.workers, self.beat]:
             if process and process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-        for process in [*self.workers, self.beat]:
+        for process in [self.web, *self.workers, self.beat]:
             if process:
                 try:
                     process.wait(timeout=20)

@@ -17,6 +17,10 @@ def home(request):
 def healthz(request):
     """Every database, the broker and the live workers; 503 if a database or the broker is down.
 
+    Anonymous callers (a load balancer's probe) get the status only: the names of databases,
+    queues, their depths and the workers' host names are for staff, a staff user's API token, or
+    the SAGA_HEALTHZ_TOKEN bearer token.
+
     No live worker is reported but is not an error here: the embedded mode's workers start with
     the server, and a production deployment may run its workers elsewhere."""
     checks = {}
@@ -30,6 +34,9 @@ def healthz(request):
     depths = workers.queue_depths()
     broker_ok = all(depth is not None for depth in depths.values())
     healthy = broker_ok and all(v == "ok" for v in checks.values())
+    status = 200 if healthy else 503
+    if not _may_see_health_details(request):
+        return JsonResponse({"status": "ok" if healthy else "degraded"}, status=status)
     return JsonResponse(
         {
             "status": "ok" if healthy else "degraded",
@@ -37,8 +44,25 @@ def healthz(request):
             "broker": {"status": "ok" if broker_ok else "unreachable", "queues": depths},
             "workers": [{"name": w["name"], "queues": w["queues"]} for w in workers.live_workers()],
         },
-        status=200 if healthy else 503,
+        status=status,
     )
+
+
+def _may_see_health_details(request) -> bool:
+    from django.utils.crypto import constant_time_compare
+    from rest_framework.authtoken.models import Token
+
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    credential = credential.strip()
+    bearer = scheme.lower() in ("bearer", "token") and credential
+    if bearer and settings.SAGA_HEALTHZ_TOKEN and constant_time_compare(credential, settings.SAGA_HEALTHZ_TOKEN):
+        return True
+    try:  # the session and the tokens live on `default`, which may be the database that is down
+        if request.user.is_active and request.user.is_staff:
+            return True
+        return bool(bearer) and Token.objects.filter(key=credential, user__is_active=True, user__is_staff=True).exists()
+    except Exception:
+        return False
 
 
 def not_found(request, exception=None):

@@ -160,6 +160,9 @@ def _test_settings(settings):
     settings.SHIPPING_HANDLING_SECONDS = 0
     # Fault rules are cached for a second per process: forget the last test's.
     faults.clear_cache()
+    # No worker runs in-process, so every order a test places stays pending: admission would
+    # refuse its 51st. Admission has its own tests (tests/test_web_load.py).
+    settings.ORDERS_MAX_PENDING = 0
 
 
 def make_user(username: str, *, staff: bool = False):

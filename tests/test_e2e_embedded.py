@@ -1,15 +1,19 @@
 """End to end in the embedded mode, as `make run` starts it: a fresh var/ directory, one SQLite
 file per service, the ASGI server with Celery worker threads in the same process. The order is
-placed and read over real HTTP."""
+placed and read over real HTTP, and the security checks are tried through daphne."""
 
 from __future__ import annotations
 
 import base64
+import http.cookiejar
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -124,3 +128,52 @@ def test_embedded_cancel_in_the_handling_window(embedded_server):
     assert (stock["on_hand"], stock["reserved"]) == (50, 0)
     status, refused = call(embedded_server, "POST", f"{receipt['url']}cancel/", {})
     assert (status, refused["code"]) == (409, "already_cancelled")
+
+
+def websocket_handshake(base: str, path: str, *, origin: str) -> int:
+    """The HTTP status daphne answers a websocket handshake with (101: accepted)."""
+    host = base.removeprefix("http://")
+    address, _, port = host.partition(":")
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Origin: {origin}\r\n\r\n"
+    )
+    with socket.create_connection((address, int(port)), timeout=10) as sock:
+        sock.sendall(request.encode())
+        return int(sock.recv(1024).split(b" ", 2)[1])
+
+
+def test_embedded_server_locks_out_guessing_and_checks_the_socket_origin(embedded_server):
+    """Under daphne (Django's async middleware path, not the test client's): a locked-out guess is
+    a JSON 429 on the API and a page that says why on the form; /healthz tells strangers only
+    its status; a socket opened by a page on another port is refused."""
+    guesses = []
+    for _ in range(10):
+        request = urllib.request.Request(
+            embedded_server + "/api/orders/",
+            headers={"Authorization": "Basic " + base64.b64encode(b"alice:guess").decode()},
+        )
+        try:
+            urllib.request.urlopen(request, timeout=10)
+        except urllib.error.HTTPError as error:
+            guesses.append((error.code, json.loads(error.read())["code"], error.headers.get("Retry-After")))
+    assert guesses[:9] == [(401, "authentication_failed", None)] * 9
+    assert guesses[9] == (429, "too_many_failed_logins", "900")
+    # The right password is refused too now, and the login page says why.
+    assert call(embedded_server, "GET", "/api/orders/")[0] == 429
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    page = browser.open(embedded_server + "/accounts/login/", timeout=10).read().decode()
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    form = urllib.parse.urlencode({"username": "alice", "password": CUSTOMER[1], "csrfmiddlewaretoken": csrf})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        browser.open(embedded_server + "/accounts/login/", data=form.encode(), timeout=10)
+    assert refused.value.code == 429
+    assert "Too many failed logins for this user or from this address" in refused.value.read().decode()
+
+    with urllib.request.urlopen(embedded_server + "/healthz", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+
+    port = int(embedded_server.rsplit(":", 1)[1])
+    assert websocket_handshake(embedded_server, "/ws/dashboard/", origin=embedded_server) == 101
+    assert websocket_handshake(embedded_server, "/ws/dashboard/", origin=f"http://127.0.0.1:{port + 1}") == 403

@@ -25,6 +25,7 @@ from tests.conftest import deliver_until, make_user, order_body
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
 ORIGIN = (b"origin", b"http://testserver")
+HOST = (b"host", b"testserver")  # a browser always sends it; the Origin must match it, port included
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +51,8 @@ def operator(username: str = "ops", *, permission: bool = True):
     return user
 
 
-async def connect(path: str, user=None, origin=ORIGIN) -> WebsocketCommunicator:
-    headers = [h for h in (origin, await sync_to_async(cookie_for)(user) if user else None) if h]
+async def connect(path: str, user=None, origin=ORIGIN, host=HOST) -> WebsocketCommunicator:
+    headers = [h for h in (host, origin, await sync_to_async(cookie_for)(user) if user else None) if h]
     communicator = WebsocketCommunicator(application, path, headers=headers)
     connected, _ = await communicator.connect(timeout=10)
     communicator.connected = connected
@@ -98,6 +99,57 @@ def test_dashboard_refuses_anonymous_non_staff_and_foreign_origin(alice):
         staff = await sync_to_async(operator)()
         foreign = await connect("/ws/dashboard/", staff, origin=(b"origin", b"http://evil.example"))
         assert foreign.connected is False
+
+    async_to_sync(scenario)()
+
+
+def test_a_socket_opened_from_the_right_host_but_another_port_is_refused(settings):
+    """Another service on the same host (another port: another origin) must not open an
+    operator's socket with the operator's cookie, nor can a page reach a server on another port."""
+    settings.ALLOWED_HOSTS = ["shop.example", "testserver"]
+    settings.CSRF_TRUSTED_ORIGINS = ["https://admin.shop.example:8443", "https://*.partner.example"]
+
+    async def scenario():
+        staff = await sync_to_async(operator)()
+
+        async def opens(origin: bytes, host: bytes) -> bool:
+            communicator = await connect("/ws/dashboard/", staff, origin=(b"origin", origin), host=(b"host", host))
+            if communicator.connected:
+                await communicator.disconnect()
+            return communicator.connected
+
+        assert await opens(b"http://shop.example:8000", b"shop.example:8000")
+        assert await opens(b"http://shop.example", b"shop.example")
+        assert await opens(b"http://shop.example:80", b"shop.example")  # the default port, spelled out
+        assert await opens(b"https://admin.shop.example:8443", b"shop.example:8000")  # trusted
+        assert not await opens(b"http://shop.example:8001", b"shop.example:8000")
+        assert not await opens(b"http://shop.example:8000", b"shop.example")
+        assert not await opens(b"http://shop.example", b"shop.example:8000")
+        assert not await opens(b"https://shop.example", b"shop.example")  # not served over TLS here
+        assert not await opens(b"https://admin.shop.example", b"shop.example:8000")  # trusted on 8443 only
+        assert not await opens(b"http://evil.example:8000", b"evil.example:8000")  # not an allowed host
+        assert await opens(b"https://app.partner.example", b"shop.example")  # a trusted subdomain
+        assert not await opens(b"https://partner.example.evil.example", b"shop.example")
+        assert not await opens(b"http://app.partner.example", b"shop.example")  # trusted over https only
+        assert not await opens(b"http://shop.example:x", b"shop.example")
+        assert not await opens(b"null", b"shop.example")
+
+    async_to_sync(scenario)()
+
+
+def test_behind_a_tls_proxy_the_origin_is_https(settings):
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+    async def scenario():
+        staff = await sync_to_async(operator)()
+        headers = [(b"origin", b"https://testserver"), (b"host", b"testserver"), await sync_to_async(cookie_for)(staff)]
+        proxied = WebsocketCommunicator(
+            application, "/ws/dashboard/", headers=[*headers, (b"x-forwarded-proto", b"https")]
+        )
+        assert (await proxied.connect(timeout=10))[0] is True
+        await proxied.disconnect()
+        direct = WebsocketCommunicator(application, "/ws/dashboard/", headers=headers)
+        assert (await direct.connect(timeout=10))[0] is False
 
     async_to_sync(scenario)()
 
@@ -339,6 +391,7 @@ def test_overview_counts_each_saga_start_once_whatever_its_style(broker, catalog
 def test_workers_announce_themselves_and_healthz_reports_them(client, settings):
     workers.announce("celery@node-1", ["inventory", "payments"])
     workers.announce("celery@node-2", ["orchestrator"])
+    client.force_login(make_user("ops", staff=True))
     body = client.get("/healthz").json()
     assert body["status"] == "ok"
     assert set(body["broker"]["queues"]) == set(settings.SAGA_QUEUES)

@@ -353,6 +353,19 @@ class FaultRuleAdmin(PerDatabaseAdmin):
     search_fields = ["operation"]
     readonly_fields = ["service", "created_at"]
 
+    # Off, and gone from the index, unless SAGA_FAULT_INJECTION is on (by default only with DEBUG).
+    def has_view_permission(self, request, obj=None) -> bool:
+        return settings.SAGA_FAULT_INJECTION and super().has_view_permission(request, obj)
+
+    def has_add_permission(self, request) -> bool:
+        return settings.SAGA_FAULT_INJECTION and super().has_add_permission(request)
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return settings.SAGA_FAULT_INJECTION and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return settings.SAGA_FAULT_INJECTION and super().has_delete_permission(request, obj)
+
     def save_model(self, request, obj, form, change) -> None:
         if not change:
             obj.service = self.alias(request)

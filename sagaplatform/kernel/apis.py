@@ -1,5 +1,6 @@
 """Fault-injection endpoints (staff with the fault rule permissions): `GET/POST /api/faults/`,
-`DELETE /api/faults/<service>/<id>/`."""
+`DELETE /api/faults/<service>/<id>/`. Refused with `403 fault_injection_disabled` unless
+SAGA_FAULT_INJECTION is on (by default only with DEBUG)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import generics, serializers, status
-from rest_framework.exceptions import NotFound
+from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -73,9 +74,16 @@ class CanManageFaults(BasePermission):
         user = request.user
         if not (user and user.is_authenticated and user.is_staff):
             return False
+        if not settings.SAGA_FAULT_INJECTION:
+            raise FaultInjectionDisabled()
         permission = self.PERMISSIONS.get(request.method)
         # Another method goes on to its 405.
         return permission is None or user.has_perm(permission)
+
+
+class FaultInjectionDisabled(PermissionDenied):
+    default_detail = "Fault injection is off on this deployment (SAGA_FAULT_INJECTION)."
+    default_code = "fault_injection_disabled"
 
 
 FAULT_EXAMPLE = {

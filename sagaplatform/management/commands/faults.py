@@ -35,6 +35,8 @@ class Command(BaseCommand):
                         f"x{rule.crashes_left} enabled={rule.is_enabled}"
                     )
         elif action == "add":
+            if not settings.SAGA_FAULT_INJECTION:
+                raise CommandError("fault injection is off here: set SAGA_FAULT_INJECTION=1 to add rules")
             service, _, operation = options["target"].partition(".")
             if service not in settings.SERVICE_ALIASES:
                 raise CommandError(f"unknown service {service!r}; one of {', '.join(settings.SERVICE_ALIASES)}")
