@@ -15,7 +15,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sagaplatform.api import error_responses
+from sagaplatform.api import LIST_ERROR_EXAMPLES, error_responses
 
 from . import selectors
 from .filters import StockFilter
@@ -45,7 +45,7 @@ class StockItemSerializer(serializers.Serializer):
         tags=["inventory"],
         summary="List stock",
         description="Every SKU's stock, by SKU.",
-        responses={200: StockItemSerializer(many=True), **error_responses(400, 401, 404)},
+        responses={200: StockItemSerializer(many=True), **error_responses(400, 401, 404, examples=LIST_ERROR_EXAMPLES)},
     )
 )
 class StockListApi(generics.ListAPIView):
@@ -69,7 +69,8 @@ class StockDetailApi(APIView):
         responses={200: StockItemSerializer, **error_responses(401, 404)},
     )
     def get(self, request, sku: str):
-        item = selectors.stock_get(sku=sku)
+        # No SKU holds a NUL, and PostgreSQL refuses one even in a lookup.
+        item = None if "\x00" in sku else selectors.stock_get(sku=sku)
         if item is None:
             raise NotFound(f"No stock item with SKU {sku!r}.")
         return Response(StockItemSerializer(item).data)

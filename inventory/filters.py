@@ -5,12 +5,12 @@ from __future__ import annotations
 import django_filters
 from django.db.models import F
 
-from sagaplatform.filters import BooleanFilter
+from sagaplatform.filters import BooleanFilter, FilterSet
 
 from .models import StockItem
 
 
-class StockFilter(django_filters.FilterSet):
+class StockFilter(FilterSet):
     in_stock = BooleanFilter(
         method="filter_in_stock",
         help_text="`true`: only SKUs with units available (on hand and not reserved); `false`: only the others.",

@@ -16,7 +16,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sagaplatform.api import SagaStepSerializer, error_responses, operator_actor
+from sagaplatform.api import LIST_ERROR_EXAMPLES, SagaStepSerializer, StrictCharField, error_responses, operator_actor
 
 from . import engine, selectors
 from .filters import STYLE_OF_DEFINITION, SagaFilter
@@ -91,6 +91,8 @@ def _summary(saga_id) -> Saga:
 
 
 ACTION_ERRORS = (400, 401, 403, 404, 409, 413, 415)
+# Every saga endpoint answers an unknown saga alike, as every other endpoint answers an unknown id.
+SAGA_NOT_FOUND = [("not_found", "No such saga.")]
 
 
 @extend_schema_view(
@@ -99,7 +101,10 @@ ACTION_ERRORS = (400, 401, 403, 404, 409, 413, 415)
         tags=["sagas"],
         summary="List sagas",
         description="Every saga, newest first, with filters to find those that need an operator.",
-        responses={200: SagaSummarySerializer(many=True), **error_responses(400, 401, 403, 404)},
+        responses={
+            200: SagaSummarySerializer(many=True),
+            **error_responses(400, 401, 403, 404, examples=LIST_ERROR_EXAMPLES),
+        },
     )
 )
 class SagaListApi(generics.ListAPIView):
@@ -127,7 +132,7 @@ class SagaDetailApi(APIView):
         summary="Read a saga",
         parameters=[SAGA_ID_PARAMETER],
         description="The saga with its steps (definition order) and its full event timeline.",
-        responses={200: OutputSerializer, **error_responses(401, 403, 404)},
+        responses={200: OutputSerializer, **error_responses(401, 403, 404, examples={404: SAGA_NOT_FOUND})},
     )
     def get(self, request, saga_id):
         saga = selectors.saga_list().filter(id=saga_id).first()
@@ -146,7 +151,7 @@ class SagaRetryApi(APIView):
         examples=[OpenApiExample("fixed", value={"reason": "payment gateway back up"}, request_only=True)],
     )
     class InputSerializer(serializers.Serializer):
-        reason = serializers.CharField(
+        reason = StrictCharField(
             max_length=500, required=False, allow_blank=True, default="", help_text="Recorded in the timeline."
         )
 
@@ -166,10 +171,11 @@ class SagaRetryApi(APIView):
             **error_responses(
                 *ACTION_ERRORS,
                 examples={
+                    404: SAGA_NOT_FOUND,
                     409: [
                         ("saga_not_stuck", "Saga is running with no step waiting to retry"),
                         ("saga_not_retryable", "A completed saga cannot be retried"),
-                    ]
+                    ],
                 },
             ),
         },
@@ -197,8 +203,8 @@ class SagaSkipApi(APIView):
         ],
     )
     class InputSerializer(serializers.Serializer):
-        step = serializers.CharField(max_length=64, help_text="The step whose compensation gave up.")
-        reason = serializers.CharField(max_length=500, help_text="Required: what was done by hand, and why.")
+        step = StrictCharField(max_length=64, help_text="The step whose compensation gave up.")
+        reason = StrictCharField(max_length=500, help_text="Required: what was done by hand, and why.")
 
     @extend_schema(
         operation_id="sagas_skip",
@@ -214,7 +220,10 @@ class SagaSkipApi(APIView):
             202: SagaSummarySerializer,
             **error_responses(
                 *ACTION_ERRORS,
-                examples={409: [("nothing_to_skip", "Step 'reserve_stock' is not a parked compensation of this saga")]},
+                examples={
+                    404: SAGA_NOT_FOUND,
+                    409: [("nothing_to_skip", "Step 'reserve_stock' is not a parked compensation of this saga")],
+                },
             ),
         },
     )
@@ -238,7 +247,7 @@ class SagaCancelApi(APIView):
         examples=[OpenApiExample("fraud", value={"reason": "fraud suspected, ticket 7"}, request_only=True)],
     )
     class InputSerializer(serializers.Serializer):
-        reason = serializers.CharField(
+        reason = StrictCharField(
             max_length=500, help_text="Required: recorded in the timeline and told to the customer."
         )
 
@@ -258,12 +267,13 @@ class SagaCancelApi(APIView):
             **error_responses(
                 *ACTION_ERRORS,
                 examples={
+                    404: SAGA_NOT_FOUND,
                     409: [
                         ("already_shipped", "The order has shipped; it can no longer be cancelled"),
                         ("shipment_in_progress", "The parcel is leaving the warehouse right now"),
                         ("already_cancelled", "This order is already cancelled"),
                         ("not_cancellable", "This order can no longer be cancelled (it is completed)"),
-                    ]
+                    ],
                 },
             ),
         },

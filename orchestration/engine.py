@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 
-from sagaplatform.kernel import outbox
+from sagaplatform.kernel import faults, outbox
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.commands import (
     ACTION,
@@ -381,7 +381,7 @@ def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
 
     _locked(saga_id, apply, actor=actor)
     if "saga" not in outcome:
-        raise OperationNotAllowed("saga_not_found", "No such saga", status=404)
+        raise OperationNotAllowed("not_found", "No such saga.", status=404)
     return outcome["saga"]
 
 
@@ -412,7 +412,7 @@ def saga_skip(*, saga_id, step_name: str, actor: str, reason: str) -> Saga:
 
     _locked(saga_id, apply, actor=actor)
     if "saga" not in outcome:
-        raise OperationNotAllowed("saga_not_found", "No such saga", status=404)
+        raise OperationNotAllowed("not_found", "No such saga.", status=404)
     return outcome["saga"]
 
 
@@ -748,6 +748,7 @@ def _advance_compensation(run: _Run) -> None:
 
 
 def _send(run: _Run, step: SagaStep, spec: StepSpec, op: str, *, attempt: int, delay: float = 0.0) -> None:
+    faults.arm_after_commit(faults.ORCHESTRATOR, step.name)  # chaos: die between the commit and the publish
     payload = {key: run.saga.context.get(key) for key in spec.inputs}
     if step.kind == SagaStep.Kind.ON_FAILURE:
         payload["failure"] = run.saga.failure

@@ -15,7 +15,7 @@ from django import forms
 from django.db.models import Q
 from drf_spectacular.utils import extend_schema_field
 
-from sagaplatform.filters import BooleanFilter, DateTimeFilter
+from sagaplatform.filters import BooleanFilter, DateTimeFilter, FilterSet
 from sagaplatform.kernel.clock import db_now
 
 from .definitions import DEFINITIONS, MODES
@@ -43,7 +43,7 @@ def seconds_filter(*, method: str, description: str) -> SecondsFilter:
     return extend_schema_field(schema)(SecondsFilter(method=method, min_value=0, max_value=MAX_AGE_SECONDS))
 
 
-class SagaFilter(django_filters.FilterSet):
+class SagaFilter(FilterSet):
     state = django_filters.MultipleChoiceFilter(
         choices=STATE_CHOICES,
         method="filter_state",

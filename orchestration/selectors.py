@@ -77,6 +77,11 @@ def step_view(step: SagaStep) -> dict:
     }
 
 
+def sagas_known(saga_ids: list) -> set[str]:
+    """The ids among `saga_ids` that have a saga (through the kernel port)."""
+    return {str(i) for i in Saga.objects.using(DB).filter(id__in=saga_ids).values_list("id", flat=True)}
+
+
 def saga_summary(saga_id) -> dict | None:
     """The saga's state and steps, for read views in other apps (through the kernel port)."""
     saga = Saga.objects.using(DB).filter(id=saga_id).first()

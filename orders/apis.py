@@ -21,7 +21,19 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sagaplatform.api import RETRY_AFTER_BUSY, ApiError, SagaStepSerializer, ScopedThrottle, error_responses
+from sagaplatform.api import (
+    ANY_TEXT,
+    LIST_ERROR_EXAMPLES,
+    RETRY_AFTER_BUSY,
+    ApiError,
+    SagaStepSerializer,
+    ScopedThrottle,
+    StrictCharField,
+    StrictChoiceField,
+    StrictIntegerField,
+    StrictRegexField,
+    error_responses,
+)
 from sagaplatform.kernel import ports
 
 from . import selectors, services
@@ -45,15 +57,6 @@ ADDRESS_EXAMPLE = {
     "postal_code": "75001",
     "country": "FR",
 }
-
-
-class StrictIntegerField(serializers.IntegerField):
-    """An integer that is a JSON integer: no "3", no 3.0, no true."""
-
-    def to_internal_value(self, data):
-        if type(data) is not int:
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 
 class SagaRefSerializer(serializers.Serializer):
@@ -80,6 +83,8 @@ class OrderCreateThrottle(ScopedThrottle):
     scope = "orders_create"
 
 
+ORDER_NOT_FOUND = [("not_found", "No such order.")]
+
 ORDER_ID_PARAMETER = OpenApiParameter(
     "order_id",
     OpenApiTypes.UUID,
@@ -90,12 +95,13 @@ ORDER_ID_PARAMETER = OpenApiParameter(
 
 IDEMPOTENCY_KEY = OpenApiParameter(
     "Idempotency-Key",
-    OpenApiTypes.STR,
+    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": ANY_TEXT},
     OpenApiParameter.HEADER,
     description=(
-        "1 to 255 characters, chosen by the client, per user. The same key and body return the "
-        "original answer and place nothing; another body is a 422; a request while the first one is "
-        "still being processed is a 409. Remembered for 24 hours (`IDEMPOTENCY_KEY_TTL`)."
+        "1 to 255 characters, chosen by the client, per user; an empty or longer key is a 400. The "
+        "same key and body return the original answer and place nothing; another body is a 422; a "
+        "request while the first one is still being processed is a 409. Remembered for 24 hours "
+        "(`IDEMPOTENCY_KEY_TTL`)."
     ),
     examples=[OpenApiExample("key", value="order-2026-11-22-0001")],
 )
@@ -121,7 +127,7 @@ def place_validated(*, user, data: dict, idempotency_key: str | None) -> service
         tags=["orders"],
         summary="List your orders",
         description="Your orders, newest first, paginated. Staff see their own orders here too (sagas are under /api/sagas/).",
-        responses={200: OrderListSerializer(many=True), **error_responses(400, 401, 404)},
+        responses={200: OrderListSerializer(many=True), **error_responses(400, 401, 404, examples=LIST_ERROR_EXAMPLES)},
     )
 )
 class OrdersApi(generics.ListAPIView):
@@ -153,36 +159,36 @@ class OrdersApi(generics.ListAPIView):
     )
     class InputSerializer(serializers.Serializer):
         class ItemSerializer(serializers.Serializer):
-            sku = serializers.CharField(max_length=64, trim_whitespace=False, help_text="A catalogue SKU.")
+            sku = StrictCharField(max_length=64, trim_whitespace=False, help_text="A catalogue SKU.")
             quantity = StrictIntegerField(min_value=1, max_value=MAX_QUANTITY, help_text="A JSON integer.")
 
         class PaymentSerializer(serializers.Serializer):
-            token = serializers.CharField(
+            token = StrictCharField(
                 max_length=64,
-                validators=[RegexValidator(r"^tok_[A-Za-z0-9_]+$", "Not a payment token.")],
+                validators=[RegexValidator(r"^tok_[A-Za-z0-9_]+\Z", "Not a payment token.")],
                 help_text="A test card token: `tok_visa` succeeds, `tok_declined` is declined, "
                 "`tok_flaky_N` fails transiently N times, `tok_hang` hangs past the step timeout.",
             )
 
         class AddressSerializer(serializers.Serializer):
-            name = serializers.CharField(max_length=200, help_text="Who receives the parcel.")
-            line1 = serializers.CharField(max_length=200, help_text="Street and number.")
-            line2 = serializers.CharField(
+            name = StrictCharField(max_length=200, help_text="Who receives the parcel.")
+            line1 = StrictCharField(max_length=200, help_text="Street and number.")
+            line2 = StrictCharField(
                 max_length=200, required=False, allow_blank=True, help_text="Building, floor, ... (optional)."
             )
-            city = serializers.CharField(max_length=100, help_text="Town or city.")
-            postal_code = serializers.CharField(max_length=20, help_text="As the country writes it.")
+            city = StrictCharField(max_length=100, help_text="Town or city.")
+            postal_code = StrictCharField(max_length=20, help_text="As the country writes it.")
             country = serializers.ChoiceField(
                 choices=COUNTRY_CODES,
                 error_messages={"invalid_choice": COUNTRY_INVALID},
                 help_text="ISO 3166-1 alpha-2 code, in capitals, e.g. FR.",
             )
-            phone = serializers.RegexField(r"^\+[0-9]{6,15}$", required=False, help_text="E.164, for SMS updates.")
+            phone = StrictRegexField(r"^\+[0-9]{6,15}\Z", required=False, help_text="E.164, for SMS updates.")
 
         items = ItemSerializer(many=True, min_length=1, max_length=MAX_LINES, help_text="Each SKU at most once.")
         payment = PaymentSerializer()
         shipping_address = AddressSerializer()
-        mode = serializers.ChoiceField(
+        mode = StrictChoiceField(
             choices=Order.Mode.choices,
             default=Order.Mode.ORCHESTRATED,
             help_text="How the distributed transaction runs: "
@@ -266,7 +272,7 @@ class OrdersApi(generics.ListAPIView):
                         ("invalid_request", "The request is not valid."),
                         ("unknown_sku", "Unknown SKU: SKU-NOPE"),
                         ("order_total_too_large", "The order total 10000000000.00 exceeds 9999999999.99"),
-                        ("bad_request", "Idempotency-Key must be 1 to 255 characters."),
+                        ("bad_request", "Idempotency-Key must be 1 to 255 characters, with no NUL."),
                     ],
                     409: [
                         (
@@ -284,9 +290,11 @@ class OrdersApi(generics.ListAPIView):
         },
     )
     def post(self, request):
-        idempotency_key = request.headers.get("Idempotency-Key") or None
-        if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255):
-            raise ApiError("Idempotency-Key must be 1 to 255 characters.", details={"header": "Idempotency-Key"})
+        idempotency_key = request.headers.get("Idempotency-Key")
+        if idempotency_key is not None and (not (1 <= len(idempotency_key) <= 255) or "\x00" in idempotency_key):
+            raise ApiError(
+                "Idempotency-Key must be 1 to 255 characters, with no NUL.", details={"header": "Idempotency-Key"}
+            )
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -393,7 +401,7 @@ class OrderDetailApi(APIView):
         summary="Read one of your orders",
         description="The order, why it failed if it did, and its saga's steps.",
         parameters=[ORDER_ID_PARAMETER],
-        responses={200: OutputSerializer, **error_responses(401, 404)},
+        responses={200: OutputSerializer, **error_responses(401, 404, examples={404: ORDER_NOT_FOUND})},
     )
     def get(self, request, order_id):
         order = selectors.order_get_for_customer(order_id=order_id, customer_id=request.user.id)
@@ -430,7 +438,7 @@ class OrderCancelApi(APIView):
         examples=[OpenApiExample("mistake", value={"reason": "ordered by mistake"}, request_only=True)],
     )
     class InputSerializer(serializers.Serializer):
-        reason = serializers.CharField(
+        reason = StrictCharField(
             max_length=500, required=False, allow_blank=True, default="", help_text="Told to the customer."
         )
 
@@ -458,7 +466,20 @@ class OrderCancelApi(APIView):
         request=InputSerializer,
         responses={
             202: OutputSerializer,
-            **error_responses(400, 401, 403, 404, 409, 413, 415, examples={409: CANCEL_REFUSALS}),
+            **error_responses(
+                400,
+                401,
+                403,
+                404,
+                409,
+                413,
+                415,
+                examples={
+                    400: [("invalid_request", "The request is not valid.", {"reason": ["Not a valid string."]})],
+                    404: ORDER_NOT_FOUND,
+                    409: CANCEL_REFUSALS,
+                },
+            ),
         },
         description=(
             "Cancel the order: nothing more is started, steps in flight finish, and what succeeded is "

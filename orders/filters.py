@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import django_filters
 
-from sagaplatform.filters import DateTimeFilter
+from sagaplatform.filters import DateTimeFilter, FilterSet
 
 from .models import Order
 
 
-class OrderFilter(django_filters.FilterSet):
+class OrderFilter(FilterSet):
     status = django_filters.MultipleChoiceFilter(
         choices=Order.Status.choices,
         help_text="Only orders in one of these statuses (repeat the parameter for several).",

@@ -13,6 +13,7 @@ import math
 from django.conf import settings
 from django.core.cache import cache as default_cache
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.validators import RegexValidator
 from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
@@ -150,27 +151,32 @@ def exception_handler(exc, context):
 class Pagination(pagination.PageNumberPagination):
     """`?page=N&page_size=M` on every list: 50 per page by default (`API_PAGE_SIZE`), at most 200.
 
-    A malformed `page` or `page_size` is a 400 rather than DRF's silent fallback, so a client
-    with a bug learns about it; a page past the last one is a 404.
+    What the schema documents is what is accepted: a `page` that is not a positive integer, or a
+    `page_size` outside 1 to 200, is a 400 rather than DRF's silent fallback or clamp, so a client
+    with a bug learns about it; any positive page past the last one, however large, is a 404.
     """
 
     page_size_query_param = "page_size"
     max_page_size = 200
+    # Past the last page of any list; also keeps int() clear of Python's digit limit.
+    _PAST_ANY_PAGE = 10**18
 
-    def _positive(self, request, name: str) -> int | None:
+    def _positive(self, request, name: str, *, maximum: int | None = None) -> int | None:
         raw = request.query_params.get(name)
         if raw is None:
             return None
-        if not raw.isascii() or not raw.isdigit() or int(raw) < 1 or len(raw) > 9:
+        if not raw.isascii() or not raw.isdigit() or not raw.strip("0"):
             raise exceptions.ValidationError({name: ["A positive integer is required."]})
-        return int(raw)
+        number = int(raw) if len(raw.lstrip("0")) < 19 else self._PAST_ANY_PAGE
+        if maximum is not None and number > maximum:
+            raise exceptions.ValidationError({name: [f"At most {maximum}."]})
+        return number
 
     def get_page_number(self, request, paginator):
         return self._positive(request, self.page_query_param) or 1
 
     def get_page_size(self, request):
-        requested = self._positive(request, self.page_size_query_param)
-        return min(requested, self.max_page_size) if requested else self.page_size
+        return self._positive(request, self.page_size_query_param, maximum=self.max_page_size) or self.page_size
 
     def get_paginated_response_schema(self, schema):
         paginated = super().get_paginated_response_schema(schema)
@@ -274,10 +280,18 @@ EXAMPLE_DETAILS = {
 }
 
 
+# What a list answers besides its results: a bad page, page size or filter; a page past the last.
+LIST_ERROR_EXAMPLES = {
+    400: [("invalid_request", "The request is not valid.", {"page_size": ["At most 200."]})],
+    404: [("not_found", "Invalid page.", {})],
+}
+
+
 def error_responses(*statuses: int, examples: dict[int, list[tuple[str, str]]] | None = None) -> dict:
     """OpenAPI responses for the error statuses an endpoint can answer, with examples.
 
-    `examples` adds endpoint-specific codes: `{409: [("already_shipped", "The order has shipped")]}`.
+    `examples` adds endpoint-specific codes: `{409: [("already_shipped", "The order has shipped")]}`,
+    with the example's `details` as a third item when they are not the status's usual ones.
     """
     responses = {}
     for status_code in statuses:
@@ -290,11 +304,15 @@ def error_responses(*statuses: int, examples: dict[int, list[tuple[str, str]]] |
             examples=[
                 OpenApiExample(
                     the_code,
-                    value={"code": the_code, "message": the_message, "details": EXAMPLE_DETAILS.get(status_code, {})},
+                    value={
+                        "code": the_code,
+                        "message": the_message,
+                        "details": the_details[0] if the_details else EXAMPLE_DETAILS.get(status_code, {}),
+                    },
                     status_codes=[str(status_code)],
                     response_only=True,
                 )
-                for the_code, the_message in pairs
+                for the_code, the_message, *the_details in pairs
             ],
         )
     return responses
@@ -343,7 +361,13 @@ machine-readable (`invalid_request`, `not_found`, `already_shipped`, ...), `deta
 (for `invalid_request`, the problems per field).
 
 **Lists** are paginated: `?page=` (from 1) and `?page_size=` (50 by default, at most 200). The
-answer is `{"count", "next", "previous", "results"}`.
+answer is `{"count", "next", "previous", "results"}`. A page past the last one, however large, is
+a `404`; a `page_size` outside 1 to 200, or a filter given with no value, a `400`.
+
+**Input** is taken as the schema describes it, or refused with `400 invalid_request`: a value of
+another JSON type (`0` for a string, `"3"` for an integer, `"true"` for a boolean) is refused, not
+converted; text is kept as sent (not trimmed), may not contain the NUL character, and where it is
+required must hold more than spaces (each text field's `pattern` says so).
 
 **Idempotency.** `POST /api/orders/` takes an optional `Idempotency-Key` header (1 to 255
 characters, per user). The same key with the same body returns the original answer (header
@@ -367,3 +391,84 @@ def describe_api(result, generator, request, public):
     """drf-spectacular post-processing hook: the long description above."""
     result["info"]["description"] = API_DESCRIPTION.strip()
     return result
+
+
+# --- Strict input fields ------------------------------------------------------------------------
+# DRF coerces: a CharField takes 0 as "0", an IntegerField "3" or 3.0, a BooleanField "yes" or 1.
+# The schema promises a JSON type, so a value of another type is refused as the schema says.
+
+
+# What `str.strip()` removes, listed as a character class that Python and ECMAScript read alike
+# (their `\s` differ). Text that may not be blank must hold some other character.
+SPACES = "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+NOT_BLANK = RegexValidator(f"[^{SPACES}]", "This field may not be blank.", code="blank")
+# The same rules as JSON Schema patterns, with NUL refused too (PostgreSQL cannot store one, and
+# DRF refuses it): what `sagaplatform.schema` documents for every `StrictCharField`.
+ANY_TEXT = "^[^\\x00]*$"
+NOT_BLANK_TEXT = f"^[^\\x00]*[^\\x00{SPACES}][^\\x00]*$"
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string, taken as sent: trimming it would accept a string longer than the schema's
+    `maxLength`. A field that may not be blank must hold more than spaces (`NOT_BLANK`)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(**kwargs)
+        if not self.allow_blank:
+            self.validators.append(NOT_BLANK)
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictRegexField(serializers.RegexField):
+    """A JSON string matching the pattern, taken as sent (anchor the pattern with `\\Z`: Python's
+    `$` also matches before a final newline, the schema's does not)."""
+
+    def __init__(self, regex, **kwargs):
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(regex, **kwargs)
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            raise serializers.ValidationError("Not a valid string.", code="invalid")
+        return super().to_internal_value(data)
+
+
+class StrictChoiceField(serializers.ChoiceField):
+    """One of the choices, as a JSON string (DRF would take 1 for "1")."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid_choice", input=data)
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer: no "3", no 3.0, no true."""
+
+    def to_internal_value(self, data):
+        if type(data) is not int:
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictFloatField(serializers.FloatField):
+    """A JSON number: no "0.5", no true."""
+
+    def to_internal_value(self, data):
+        if type(data) not in (int, float):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON boolean: no "true", no 1."""
+
+    def to_internal_value(self, data):
+        if type(data) is not bool:
+            self.fail("invalid", input=data)
+        return data

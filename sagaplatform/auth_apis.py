@@ -10,7 +10,7 @@ from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .api import RETRY_AFTER, ApiError, ScopedThrottle, error_responses
+from .api import RETRY_AFTER, ApiError, ScopedThrottle, StrictCharField, error_responses
 
 
 class InvalidCredentials(ApiError):
@@ -28,8 +28,8 @@ class TokenApi(APIView):
 
     @extend_schema_serializer(component_name="TokenCredentials")
     class InputSerializer(serializers.Serializer):
-        username = serializers.CharField(max_length=150, help_text="The user's login.")
-        password = serializers.CharField(
+        username = StrictCharField(max_length=150, help_text="The user's login.")
+        password = StrictCharField(
             max_length=128, trim_whitespace=False, style={"input_type": "password"}, help_text="The user's password."
         )
 

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import os
 
-from celery import Celery
+from celery import Celery, Task
 from celery.signals import task_failure, task_postrun, task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaplatform.settings")
 
-app = Celery("sagaplatform")
+
+class SagaTask(Task):
+    # A task whose pool process died is sent again (task_retry_on_worker_lost) after this delay,
+    # 180 s by Celery's default: it would wait out every step lease. Sent again at once, it
+    # carries no countdown a worker would hold unacknowledged; max_retries still bounds a message
+    # that kills its worker every time.
+    default_retry_delay = 0
+
+
+app = Celery("sagaplatform", task_cls=SagaTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["sagaplatform.kernel"])
 app.autodiscover_tasks()

@@ -57,3 +57,20 @@ class BooleanFilter(django_filters.BooleanFilter):
         # A plain input: django-filter's boolean widgets turn an unknown value into "no filter".
         kwargs.setdefault("widget", forms.TextInput)
         super().__init__(*args, **kwargs)
+
+
+class FilterSet(django_filters.FilterSet):
+    """A FilterSet that refuses a filter given with no value (`?created_before=`), as the schema
+    documents a date, a UUID, a number or a choice for it, rather than ignoring that filter. A
+    text filter (`?sku=`, a prefix) takes the empty string: it matches everything."""
+
+    def is_valid(self) -> bool:
+        valid = super().is_valid()
+        empty = [
+            name
+            for name, filter_ in self.filters.items()
+            if not isinstance(filter_, django_filters.CharFilter) and "" in self.data.getlist(name)
+        ]
+        for name in empty:
+            self.form.add_error(name, ValidationError("A value is required.", code="required"))
+        return valid and not empty

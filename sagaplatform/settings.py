@@ -302,7 +302,15 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
     {"polling_interval": 0.005}
     if EMBEDDED_BROKER
     else {
-        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600),
+        # A message a dead worker held comes back once this old, found by every live worker's
+        # scan of the unacknowledged messages each restore interval. It must outlast the
+        # longest live hold (hard time limit plus any broker countdown), or a running task is
+        # delivered twice: docs/ARCHITECTURE.md, "Delivery".
+        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 300),
+        "unacked_restore_interval": env_int("CELERY_UNACKED_RESTORE_INTERVAL", 10),
+        "unacked_restore_throttle": 1,
+        # A worker killed while scanning holds the scan's lock until it expires (default 300 s).
+        "unacked_mutex_expire": 60,
         "health_check_interval": 25,
         "socket_timeout": 30,
         "socket_connect_timeout": 5,
@@ -324,6 +332,8 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_DEFAULT_QUEUE = "orchestrator"
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 150)
+if not EMBEDDED_BROKER and CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] <= CELERY_TASK_TIME_LIMIT:
+    raise ImproperlyConfigured("CELERY_VISIBILITY_TIMEOUT must exceed CELERY_TASK_TIME_LIMIT")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Poison messages: a message that is not JSON, not an envelope, bigger than this, undecodable or
 # for an unknown task is recorded as a dead letter and acknowledged; the worker carries on.
@@ -454,7 +464,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": ["sagaplatform.parsers.JSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "sagaplatform.schema.AutoSchema",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     # Every list: `?page=` and `?page_size=` (at most `sagaplatform.api.Pagination.max_page_size`, 200).
     "DEFAULT_PAGINATION_CLASS": "sagaplatform.api.Pagination",
@@ -540,6 +550,7 @@ LOGGING["loggers"]["django.request"] = {"filters": ["not_a_503"]}
 # --- Composition ----------------------------------------------------------------------------
 # Ports (sagaplatform/kernel/ports.py): how one part reads or asks another without importing it.
 SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"
+SAGA_EXISTENCE_READER = "orchestration.selectors.sagas_known"
 SAGA_CANCELLER = "orchestration.engine.saga_cancel"
 STOCK_AVAILABILITY_READER = "inventory.selectors.stock_available"
 SAGA_ENDED_READER = "orchestration.selectors.sagas_ended_before"

@@ -5,6 +5,7 @@ SAGA_FAULT_INJECTION is on (by default only with DEBUG)."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.db import models
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import generics, serializers, status
@@ -13,21 +14,39 @@ from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sagaplatform.api import error_responses
+from sagaplatform.api import (
+    LIST_ERROR_EXAMPLES,
+    StrictBooleanField,
+    StrictCharField,
+    StrictChoiceField,
+    StrictFloatField,
+    StrictIntegerField,
+    error_responses,
+)
 
 from . import faults
 from .models import FaultRule
 
 
 class FaultRuleSerializer(serializers.ModelSerializer):
-    service = serializers.ChoiceField(choices=[(s, s) for s in settings.SERVICE_ALIASES])
-    failure_rate = serializers.FloatField(
+    # Every field takes only its documented JSON type (`"is_enabled": "yes"` is refused).
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        models.CharField: StrictCharField,
+        models.FloatField: StrictFloatField,
+        models.PositiveIntegerField: StrictIntegerField,
+        models.BooleanField: StrictBooleanField,
+    }
+    serializer_choice_field = StrictChoiceField
+
+    service = StrictChoiceField(choices=[(s, s) for s in settings.SERVICE_ALIASES])
+    failure_rate = StrictFloatField(
         min_value=0.0, max_value=1.0, required=False, help_text="Share of attempts failing transiently, 0 to 1."
     )
-    hang_seconds = serializers.FloatField(
+    hang_seconds = StrictFloatField(
         min_value=0.0, max_value=600.0, required=False, help_text="Block this long before the work."
     )
-    latency_ms = serializers.IntegerField(
+    latency_ms = StrictIntegerField(
         min_value=0, max_value=60_000, required=False, help_text="Milliseconds added before the work."
     )
 
@@ -107,7 +126,10 @@ FAULT_EXAMPLE = {
         tags=["faults"],
         summary="List fault rules",
         description="The fault rules of every service database.",
-        responses={200: FaultRuleSerializer(many=True), **error_responses(400, 401, 403, 404)},
+        responses={
+            200: FaultRuleSerializer(many=True),
+            **error_responses(400, 401, 403, 404, examples=LIST_ERROR_EXAMPLES),
+        },
     )
 )
 class FaultsApi(generics.ListAPIView):

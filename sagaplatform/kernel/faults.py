@@ -7,6 +7,11 @@ Rules come from the service database (`FaultRule`, set at run time through the A
 
 With no rule, a hook costs one cached lookup. A crash is `SIGKILL` to the current process: no
 `finally`, no rollback handler, no goodbye to the broker, exactly like the OOM killer.
+
+The orchestrator is a target too, as `orchestrator` (its rules live in its database, `default`):
+`orchestrator.<step>` at `after_commit` crashes after the commit that sends the step's command,
+before its publish; `orchestrator.relay` or `<service>.relay` at `before_commit` crashes an
+outbox relay after its send, before the commit that marks the rows published.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ from .models import FaultRule
 logger = logging.getLogger(__name__)
 
 CACHE_SECONDS = 1.0
+ORCHESTRATOR = "orchestrator"
+
+
+def _alias(service: str) -> str:
+    return "default" if service == ORCHESTRATOR else service
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,7 @@ def rules_for(service: str) -> list[Rule]:
             crashes_left=r.crashes_left,
             pk=r.pk,
         )
-        for r in FaultRule.objects.using(service).filter(service=service, is_enabled=True)
+        for r in FaultRule.objects.using(_alias(service)).filter(service=service, is_enabled=True)
     ]
     found = [r for r in _ENV_RULES if r.service == service] + stored
     with _lock:
@@ -137,7 +147,14 @@ def arm_after_commit(service: str, operation: str) -> None:
     if any(
         r.matches(service, operation) and r.crash_point == FaultRule.CrashPoint.AFTER_COMMIT for r in rules_for(service)
     ):
-        transaction.on_commit(lambda: crash_if(FaultRule.CrashPoint.AFTER_COMMIT, service, operation), using=service)
+        transaction.on_commit(
+            lambda: crash_if(FaultRule.CrashPoint.AFTER_COMMIT, service, operation), using=_alias(service)
+        )
+
+
+def crash_in_relay(using: str) -> None:
+    """The relay of `using`'s outbox has sent its rows and not yet committed their marks."""
+    crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, ORCHESTRATOR if using == "default" else using, "relay")
 
 
 def _take_crash(rule: Rule) -> bool:
@@ -151,7 +168,7 @@ def _take_crash(rule: Rule) -> bool:
     def decrement() -> None:
         try:
             taken.append(
-                FaultRule.objects.using(rule.service)
+                FaultRule.objects.using(_alias(rule.service))
                 .filter(pk=rule.pk, crashes_left__gt=0)
                 .update(crashes_left=F("crashes_left") - 1)
             )

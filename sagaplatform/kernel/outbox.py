@@ -17,6 +17,7 @@ from django.db import connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from . import faults
 from .clock import db_now
 from .models import OutboxMessage
 
@@ -107,7 +108,10 @@ def relay_due(*, using: str, limit: int = 500) -> int:
         messages = list(rows.order_by("available_at")[:limit])
         # Published inside the transaction so a second sweeper skips these locked rows; a crash
         # after sending and before commit only means they are sent again.
-        return publish(using=using, messages=messages)
+        sent = publish(using=using, messages=messages)
+        if sent:
+            faults.crash_in_relay(using)
+        return sent
 
 
 def republish(*, using: str, ids: list) -> int:
