@@ -71,6 +71,9 @@ def step_view(step: SagaStep) -> dict:
         "started_at": step.started_at,
         "finished_at": step.finished_at,
         "error": step.error,
+        # The action took effect (a success was recorded), whatever the step's state since: a
+        # compensated step that never acted was a no-op, not an undo.
+        "acted": step.result is not None,
     }
 
 
