@@ -172,3 +172,46 @@ def test_an_undo_heard_before_its_action_counts_the_action_as_done_and_undone(al
     assert SagaStep.objects.get(saga_id=saga_id, name="approve_order").state == "compensated"
     assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"
     assert run_audit() == []
+
+
+def test_a_reaction_that_gave_up_publishes_its_failure_again_when_nudged(alice_api, catalogue, broker):
+    FaultRule.objects.using("payments").create(service="payments", operation="charge", fail_first=99)
+    faults.clear_cache()
+    receipt = place(alice_api)
+    # Payments gives up on the charge (undoing it: a no-op that blocks a late charge) and
+    # publishes payment.failed; the broker loses every copy of it.
+    deliver_losing(broker, lambda m: m["payload"].get("event") == "payment.failed")
+    assert mug() == (50, 2)  # still held: inventory never heard that the payment failed
+    FaultRule.objects.using("payments").all().delete()  # the gateway is back: a nudge reaches the barrier
+    faults.clear_cache()
+
+    time_passes(broker)
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert (saga.state, saga.failure["code"]) == ("compensated", "retries_exhausted")
+    assert mug() == (50, 0)
+    assert not Charge.objects.using("payments").filter(state="captured").exists()
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"
+    assert run_audit() == []
+
+
+def test_an_undo_owed_keeps_its_lease_when_the_late_forward_event_arrives(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+    broker.deliver(limit=1)  # inventory reserves and publishes stock.reserved...
+    late = [m for m in broker.queue if m["payload"].get("event") == "stock.reserved"]
+    broker.queue = [m for m in broker.queue if m not in late]  # ... which waits in the broker
+    assert alice_api.post(f"{receipt['url']}cancel/", {}, format="json").status_code == 202
+    # The undo chain runs through payments before its charge (a no-op that blocks the charge),
+    # and every copy of payment.refunded is lost.
+    deliver_losing(broker, lambda m: m["payload"].get("event") == "payment.refunded")
+    broker.queue.extend(late)  # the forward event arrives at last: the charge is refused
+    broker.deliver()
+
+    time_passes(broker)
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "cancelled"
+    assert mug() == (50, 0)
+    assert not Charge.objects.using("payments").filter(state="captured").exists()
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "cancelled"
+    assert run_audit() == []
