@@ -48,7 +48,7 @@ def time_passes(broker, *, rounds: int = 6) -> None:
     for _ in range(rounds):
         past = timezone.now() - timedelta(seconds=1)
         SagaStep.objects.filter(deadline_at__isnull=False).update(deadline_at=past)
-        Order.objects.using("orders").update(announced_at=timezone.now() - timedelta(minutes=1))
+        Order.objects.using("orders").update(reannounce_at=timezone.now() - timedelta(seconds=1))
         order_reannounce_pending()
         sweeper.sweep_once()
         broker.deliver()
