@@ -43,6 +43,10 @@ def reaction(message: dict) -> str | None:
     return message["payload"].get("reaction") if message["task"].endswith(".react") else None
 
 
+def event(message: dict) -> str | None:
+    return message["payload"].get("event")
+
+
 def time_passes(broker, *, rounds: int = 6) -> None:
     """Leases run out and the sweeper acts, a few times over, with nothing lost any more."""
     for _ in range(rounds):
@@ -214,4 +218,30 @@ def test_an_undo_owed_keeps_its_lease_when_the_late_forward_event_arrives(alice_
     assert mug() == (50, 0)
     assert not Charge.objects.using("payments").filter(state="captured").exists()
     assert Order.objects.using("orders").get(id=receipt["id"]).status == "cancelled"
+    assert run_audit() == []
+
+
+def test_a_hold_owed_keeps_its_lease_when_the_booking_is_heard_late(alice_api, catalogue, broker, settings):
+    settings.SHIPPING_HANDLING_SECONDS = 3600
+    receipt = place(alice_api)
+    late = []
+    while broker.queue:  # the tracker's news of the booking, and the dispatch's countdown, are late
+        message = broker.queue.pop(0)
+        if event(message) == "shipment.scheduled" and message["task"] in (TRACK, "shipping.react"):
+            late.append(message)
+        else:
+            broker.run(message)
+    assert alice_api.post(f"{receipt['url']}cancel/", {}, format="json").status_code == 202
+    # Shipping holds the dispatch (a no-op that blocks it), and every copy of shipment.held is lost.
+    deliver_losing(broker, lambda m: event(m) == "shipment.held")
+    broker.queue.extend(late)  # the booking is heard at last, and the dispatch is refused
+    broker.deliver()
+
+    time_passes(broker)
+
+    assert Saga.objects.get(id=receipt["saga"]["id"]).state == "cancelled"
+    assert Shipment.objects.using("shipping").get().state == "cancelled"
+    assert Charge.objects.using("payments").get().state == "refunded"
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "cancelled"
+    assert mug() == (50, 0)
     assert run_audit() == []
