@@ -32,8 +32,9 @@ def place(api, **kwargs) -> dict:
 
 
 def deliver_losing(broker, lost) -> None:
-    """Deliver everything, dropping the messages `lost(message)` picks (the broker lost them)."""
-    while broker.queue:
+    """Deliver everything (delayed messages once nothing else is queued), dropping the messages
+    `lost(message)` picks (the broker lost them)."""
+    while broker.queue or broker.release_delayed():
         message = broker.queue.pop(0)
         if not lost(message):
             broker.run(message)
