@@ -139,6 +139,11 @@ def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
     if status == "refused":
         # Its compensation came first: it never took effect and never will (the barrier).
         refusal = {"code": "compensated_before_action", "message": "refused: its compensation came first"}
+        if _owes_undo(step):
+            # Not the event owed: the undo's is, and only it ends the step's lease. (Failing the
+            # step here would end the lease, and a lost undo event would stall the undo chain.)
+            run.record("action_refused", step=step, data={"error": refusal})
+            return
         _walk(run, step, State.FAILED, error={**refusal, "definitive": True})
         return
     failure = message.get("failure") or {}
@@ -191,7 +196,12 @@ def _observe_start(run: engine._Run, reaction, message: dict) -> None:
         else:
             step.dispatch()
             run.record("step_started", step=step, from_state=State.PENDING, data={"event": message["event"]})
-        _watch(run, step, spec, trigger, delay=delay)
+        if _owes_undo(step):
+            # Its undo came first (the barrier refuses this late action): the undo's event is
+            # still the one owed, so its lease stays.
+            run.dirty.add(step.name)
+        else:
+            _watch(run, step, spec, trigger, delay=delay)
     elif reaction.op == COMPENSATE and spec.pivot:
         # Holding the point of no return is a guard, not an undo: the dispatch either never
         # happens (the barrier refuses it, and we hear "refused") or already did (and the
@@ -207,6 +217,12 @@ def _observe_start(run: engine._Run, reaction, message: dict) -> None:
         # goes through it, so its event is owed all the same.
         run.record("compensation_expected", step=step, data={"event": message["event"]})
         _watch(run, step, spec, trigger)
+
+
+def _owes_undo(step: SagaStep) -> bool:
+    """The step is watched for its undo's event (or the dispatch for the hold's answer)."""
+    reaction = ((step.trigger or {}).get("payload") or {}).get("reaction")
+    return step.deadline_at is not None and reaction == f"{step.name}:{COMPENSATE}"
 
 
 def _lease_implied(run: engine._Run) -> None:

@@ -144,6 +144,7 @@ class OrderAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
         "announced_at",
+        "reannounce_at",
     ]
     fields = readonly_fields
     inlines = [OrderLineInline, OrderStatusChangeInline]

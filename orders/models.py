@@ -51,12 +51,13 @@ class Order(FSMModelMixin, models.Model):
     mode = models.CharField(max_length=16, choices=Mode.choices, default=Mode.ORCHESTRATED)
     shipping_address = models.JSONField()
     saga_id = models.UUIDField(unique=True, default=uuid.uuid4)
-    # The outbox message that starts the saga, and when it was last (re)published: a pending
-    # order is announced again until its saga decides it; a choreographed one (this is then the
-    # tracker's copy of `order.placed`) until the tracker has its saga, and the field is cleared
-    # (see `order_reannounce_pending`).
+    # The outbox message that starts the saga, when it was first published, and when it is next
+    # due to be published again: a pending order is announced again until its saga decides it; a
+    # choreographed one (this is then the tracker's copy of `order.placed`) until the tracker has
+    # its saga, and the field is cleared (see `order_reannounce_pending`).
     start_message_id = models.UUIDField(null=True, blank=True)
     announced_at = models.DateTimeField(null=True, blank=True)
+    reannounce_at = models.DateTimeField(null=True, blank=True)
     failure_code = models.CharField(max_length=64, blank=True)
     failure_message = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -65,12 +66,16 @@ class Order(FSMModelMixin, models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [
-            # Serves the re-announcement of pending orders.
+            # Serves admission (orders pending and announced lately).
             models.Index(fields=["announced_at"], name="order_pending_announced", condition=models.Q(status="pending")),
-            # Serves the re-announcement of choreographed orders the tracker has not heard of.
+            # Serve the re-announcement of pending orders, and of choreographed orders the tracker
+            # has not heard of.
             models.Index(
-                fields=["announced_at"],
-                name="order_untracked_announced",
+                fields=["reannounce_at"], name="order_pending_reannounce", condition=models.Q(status="pending")
+            ),
+            models.Index(
+                fields=["reannounce_at"],
+                name="order_untracked_reannounce",
                 condition=models.Q(mode="choreography", start_message_id__isnull=False),
             ),
         ]

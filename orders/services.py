@@ -222,7 +222,11 @@ def _create(
             queue=ORCHESTRATOR_QUEUE,
             payload={"saga_id": str(order.saga_id), "mode": mode, "context": context},
         )
-    Order.objects.using(DB).filter(id=order.id).update(start_message_id=message.id, announced_at=message.available_at)
+    Order.objects.using(DB).filter(id=order.id).update(
+        start_message_id=message.id,
+        announced_at=message.available_at,
+        reannounce_at=message.available_at + REANNOUNCE_AFTER,
+    )
     return order
 
 
@@ -295,7 +299,23 @@ def order_ship(*, order_id: uuid.UUID | str) -> Order:
 
 
 REANNOUNCE_AFTER = timedelta(seconds=30)
+# Admission counts a pending order as work in flight for this long after it was placed.
 REANNOUNCE_FOR = timedelta(hours=1)
+# The re-announcement backs off with the order's age (a quarter of it), between these bounds:
+# every 30 s in its first two minutes, every 15 min at one hour old, then hourly for ever.
+REANNOUNCE_MAX_INTERVAL = timedelta(hours=1)
+
+
+def _reannounce_next(now, created_at):
+    return now + min(max((now - created_at) / 4, REANNOUNCE_AFTER), REANNOUNCE_MAX_INTERVAL)
+
+
+def _reannounced(orders, now) -> None:
+    """Record when each of these (id, created_at) orders is next due, backing off with its age."""
+    Order.objects.using(DB).bulk_update(
+        [Order(id=order_id, reannounce_at=_reannounce_next(now, created_at)) for order_id, created_at in orders],
+        ["reannounce_at"],
+    )
 
 
 def order_cancel(*, order: Order, actor: str, reason: str = ""):
@@ -318,30 +338,28 @@ def order_cancel(*, order: Order, actor: str, reason: str = ""):
 
 
 def order_reannounce_pending() -> int:
-    """Publish the start message of orders still pending after a while, once per period.
+    """Publish the start message of orders still pending when they are due again.
 
     A broker restart can lose a start message after it was published; nothing else would notice,
     since the orchestrator never heard of the saga. Starting a saga twice is a no-op, so the cost
-    of announcing an order whose saga is merely slow is one cheap message. Choreographed orders
-    are announced until the tracker has their saga instead (`_reannounce_untracked`).
+    of announcing an order whose saga is merely slow is one cheap message. There is no age limit
+    (the platform may have been down for hours when the message was lost): each order backs off
+    with its age instead (`_reannounce_next`). Choreographed orders are announced until the
+    tracker has their saga instead (`_reannounce_untracked`).
     """
     now = db_now(DB)
     reannounced = _reannounce_untracked(now)
     stale = list(
         Order.objects.using(DB)
         .exclude(mode=Order.Mode.CHOREOGRAPHY)
-        .filter(
-            status=Order.Status.PENDING,
-            announced_at__lte=now - REANNOUNCE_AFTER,
-            created_at__gte=now - REANNOUNCE_FOR,
-            start_message_id__isnull=False,
-        )
-        .values_list("id", "start_message_id")[:500]
+        .filter(status=Order.Status.PENDING, reannounce_at__lte=now, start_message_id__isnull=False)
+        .order_by("reannounce_at")
+        .values_list("id", "created_at", "start_message_id")[:500]
     )
     if not stale:
         return reannounced
-    Order.objects.using(DB).filter(id__in=[order_id for order_id, _ in stale]).update(announced_at=now)
-    return reannounced + outbox.republish(using=DB, ids=[message_id for _, message_id in stale])
+    _reannounced([(order_id, created_at) for order_id, created_at, _ in stale], now)
+    return reannounced + outbox.republish(using=DB, ids=[message_id for _, _, message_id in stale])
 
 
 def _reannounce_untracked(now) -> int:
@@ -354,25 +372,21 @@ def _reannounce_untracked(now) -> int:
     the tracker has the saga, its leases take over and the order is no longer announced."""
     stale = list(
         Order.objects.using(DB)
-        .filter(
-            mode=Order.Mode.CHOREOGRAPHY,
-            start_message_id__isnull=False,
-            announced_at__lte=now - REANNOUNCE_AFTER,
-            created_at__gte=now - REANNOUNCE_FOR,
-        )
-        .values_list("id", "saga_id", "start_message_id")[:500]
+        .filter(mode=Order.Mode.CHOREOGRAPHY, start_message_id__isnull=False, reannounce_at__lte=now)
+        .order_by("reannounce_at")
+        .values_list("id", "saga_id", "start_message_id", "created_at")[:500]
     )
     if not stale:
         return 0
-    tracked = ports.sagas_known([saga_id for _, saga_id, _ in stale])
-    untracked = [(order_id, message_id) for order_id, saga_id, message_id in stale if str(saga_id) not in tracked]
-    events = {m.id: m.payload for m in OutboxMessage.objects.using(DB).filter(id__in=[m for _, m in untracked])}
+    tracked = ports.sagas_known([saga_id for _, saga_id, _, _ in stale])
+    untracked = [(o, m, created) for o, saga_id, m, created in stale if str(saga_id) not in tracked]
+    events = {m.id: m.payload for m in OutboxMessage.objects.using(DB).filter(id__in=[m for _, m, _ in untracked])}
     with transaction.atomic(using=DB):
-        Order.objects.using(DB).filter(id__in=[o for o, s, _ in stale if str(s) in tracked]).update(
+        Order.objects.using(DB).filter(id__in=[o for o, s, _, _ in stale if str(s) in tracked]).update(
             start_message_id=None
         )
-        Order.objects.using(DB).filter(id__in=[order_id for order_id, _ in untracked]).update(announced_at=now)
-        for _, message_id in untracked:
+        _reannounced([(order_id, created) for order_id, _, created in untracked], now)
+        for _, message_id, _ in untracked:
             if message_id in events:
                 choreography.publish(using=DB, message={**events[message_id], "nudge": True})
     return len(untracked)

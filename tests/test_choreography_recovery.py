@@ -32,8 +32,9 @@ def place(api, **kwargs) -> dict:
 
 
 def deliver_losing(broker, lost) -> None:
-    """Deliver everything, dropping the messages `lost(message)` picks (the broker lost them)."""
-    while broker.queue:
+    """Deliver everything (delayed messages once nothing else is queued), dropping the messages
+    `lost(message)` picks (the broker lost them)."""
+    while broker.queue or broker.release_delayed():
         message = broker.queue.pop(0)
         if not lost(message):
             broker.run(message)
@@ -43,12 +44,16 @@ def reaction(message: dict) -> str | None:
     return message["payload"].get("reaction") if message["task"].endswith(".react") else None
 
 
+def event(message: dict) -> str | None:
+    return message["payload"].get("event")
+
+
 def time_passes(broker, *, rounds: int = 6) -> None:
     """Leases run out and the sweeper acts, a few times over, with nothing lost any more."""
     for _ in range(rounds):
         past = timezone.now() - timedelta(seconds=1)
         SagaStep.objects.filter(deadline_at__isnull=False).update(deadline_at=past)
-        Order.objects.using("orders").update(announced_at=timezone.now() - timedelta(minutes=1))
+        Order.objects.using("orders").update(reannounce_at=timezone.now() - timedelta(seconds=1))
         order_reannounce_pending()
         sweeper.sweep_once()
         broker.deliver()
@@ -171,4 +176,73 @@ def test_an_undo_heard_before_its_action_counts_the_action_as_done_and_undone(al
     assert Saga.objects.get(id=saga_id).state == "compensated"
     assert SagaStep.objects.get(saga_id=saga_id, name="approve_order").state == "compensated"
     assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"
+    assert run_audit() == []
+
+
+def test_a_reaction_that_gave_up_publishes_its_failure_again_when_nudged(alice_api, catalogue, broker):
+    FaultRule.objects.using("payments").create(service="payments", operation="charge", fail_first=99)
+    faults.clear_cache()
+    receipt = place(alice_api)
+    # Payments gives up on the charge (undoing it: a no-op that blocks a late charge) and
+    # publishes payment.failed; the broker loses every copy of it.
+    deliver_losing(broker, lambda m: m["payload"].get("event") == "payment.failed")
+    assert mug() == (50, 2)  # still held: inventory never heard that the payment failed
+    FaultRule.objects.using("payments").all().delete()  # the gateway is back: a nudge reaches the barrier
+    faults.clear_cache()
+
+    time_passes(broker)
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert (saga.state, saga.failure["code"]) == ("compensated", "retries_exhausted")
+    assert mug() == (50, 0)
+    assert not Charge.objects.using("payments").filter(state="captured").exists()
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "rejected"
+    assert run_audit() == []
+
+
+def test_an_undo_owed_keeps_its_lease_when_the_late_forward_event_arrives(alice_api, catalogue, broker):
+    receipt = place(alice_api)
+    broker.deliver(limit=1)  # inventory reserves and publishes stock.reserved...
+    late = [m for m in broker.queue if m["payload"].get("event") == "stock.reserved"]
+    broker.queue = [m for m in broker.queue if m not in late]  # ... which waits in the broker
+    assert alice_api.post(f"{receipt['url']}cancel/", {}, format="json").status_code == 202
+    # The undo chain runs through payments before its charge (a no-op that blocks the charge),
+    # and every copy of payment.refunded is lost.
+    deliver_losing(broker, lambda m: m["payload"].get("event") == "payment.refunded")
+    broker.queue.extend(late)  # the forward event arrives at last: the charge is refused
+    broker.deliver()
+
+    time_passes(broker)
+
+    saga = Saga.objects.get(id=receipt["saga"]["id"])
+    assert saga.state == "cancelled"
+    assert mug() == (50, 0)
+    assert not Charge.objects.using("payments").filter(state="captured").exists()
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "cancelled"
+    assert run_audit() == []
+
+
+def test_a_hold_owed_keeps_its_lease_when_the_booking_is_heard_late(alice_api, catalogue, broker, settings):
+    settings.SHIPPING_HANDLING_SECONDS = 3600
+    receipt = place(alice_api)
+    late = []
+    while broker.queue:  # the tracker's news of the booking, and the dispatch's countdown, are late
+        message = broker.queue.pop(0)
+        if event(message) == "shipment.scheduled" and message["task"] in (TRACK, "shipping.react"):
+            late.append(message)
+        else:
+            broker.run(message)
+    assert alice_api.post(f"{receipt['url']}cancel/", {}, format="json").status_code == 202
+    # Shipping holds the dispatch (a no-op that blocks it), and every copy of shipment.held is lost.
+    deliver_losing(broker, lambda m: event(m) == "shipment.held")
+    broker.queue.extend(late)  # the booking is heard at last, and the dispatch is refused
+    broker.deliver()
+
+    time_passes(broker)
+
+    assert Saga.objects.get(id=receipt["saga"]["id"]).state == "cancelled"
+    assert Shipment.objects.using("shipping").get().state == "cancelled"
+    assert Charge.objects.using("payments").get().state == "refunded"
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "cancelled"
+    assert mug() == (50, 0)
     assert run_audit() == []

@@ -27,6 +27,7 @@ from django.db import transaction
 from . import barrier, faults, outbox
 from .commands import ACTION, BUSINESS_FAILURE, COMPENSATE, SUCCEEDED, Command, get_operation
 from .errors import TransientError
+from .models import Barrier
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def react(*, service: str, message: dict) -> dict:
         faults.before(service, rule.operation, attempt)
         with transaction.atomic(using=service):
             outcome = barrier.call(using=service, command=command, fn=get_operation(service, rule.operation))
-            _announce(service, rule, message, outcome)
+            _announce(service, rule, message, outcome, command)
         return outcome
     except Exception as exc:  # transient, like every unknown error
         error = exc.as_dict() if isinstance(exc, TransientError) else {"code": "unexpected_error", "message": str(exc)}
@@ -147,7 +148,7 @@ def react(*, service: str, message: dict) -> dict:
         return {"status": "transient_error", "error": error}
 
 
-def _announce(service: str, rule: Reaction, message: dict, outcome: dict) -> None:
+def _announce(service: str, rule: Reaction, message: dict, outcome: dict, command: Command) -> None:
     emitter = {
         "service": service,
         "step": rule.step,
@@ -156,6 +157,8 @@ def _announce(service: str, rule: Reaction, message: dict, outcome: dict) -> Non
         "event": message["event"],
     }
     emitter["null_compensation"] = outcome.get("barrier") == "null_compensation"
+    if outcome.get("replayed") and message.get("nudge") and _republish_give_up(service, rule, message, command):
+        return
     if (outcome.get("error") or {}).get("code") == barrier.REFUSED_AFTER_COMPENSATION["error"]["code"]:
         # Overtaken by its compensation: it did nothing, and nothing follows from it.
         _track(service, message, emitter={**emitter, "status": "refused"})
@@ -186,9 +189,14 @@ def _announce(service: str, rule: Reaction, message: dict, outcome: dict) -> Non
 def _give_up(service: str, rule: Reaction, message: dict, command: Command, error: dict) -> None:
     """Out of attempts. The last one may have committed after all: undo this step too (the
     barrier makes that a no-op if it never ran, and refuses it should it run later)."""
-    undo = next((r for r in _REACTIONS if r.service == service and r.step == rule.step and r.op == COMPENSATE), None)
+    undo = _undo_of(service, rule)
     undone = None
-    if rule.op == ACTION and undo is not None:
+    failure = {
+        "code": "retries_exhausted",
+        "message": f"{rule.step} failed after {command.attempt} attempt(s): {error['message']}",
+        "step": rule.step,
+    }
+    if undo is not None:
         undo_command = Command(
             saga_id=command.saga_id,
             step=rule.step,
@@ -202,11 +210,42 @@ def _give_up(service: str, rule: Reaction, message: dict, command: Command, erro
             undone = "null_compensation"  # it never ran, and never will
         else:
             undone = "compensated" if result["status"] == SUCCEEDED else "refused"
-    failure = {
-        "code": "retries_exhausted",
-        "message": f"{rule.step} failed after {command.attempt} attempt(s): {error['message']}",
-        "step": rule.step,
-    }
+        # From now on the action only replays (refused, or its undone success): remember the
+        # give-up with the undo, so that a re-request publishes this failure again, not that.
+        gave_up = {"failure": failure, "undone": undone, "error": error}
+        Barrier.objects.using(service).filter(saga_id=command.saga_id, step=rule.step, op=COMPENSATE).update(
+            outcome={**{k: v for k, v in result.items() if k != "replayed"}, "gave_up": gave_up}
+        )
+    _publish_give_up(service, rule, message, failure=failure, undone=undone, error=error)
+
+
+def _undo_of(service: str, rule: Reaction) -> Reaction | None:
+    if rule.op != ACTION:
+        return None
+    return next((r for r in _REACTIONS if r.service == service and r.step == rule.step and r.op == COMPENSATE), None)
+
+
+def _republish_give_up(service: str, rule: Reaction, message: dict, command: Command) -> bool:
+    """A re-requested action that had given up: publish its failure again (it may have been lost
+    after it was published), as a re-requested success publishes its success again."""
+    if _undo_of(service, rule) is None:
+        return False
+    stored = (
+        Barrier.objects.using(service)
+        .filter(saga_id=command.saga_id, step=rule.step, op=COMPENSATE)
+        .values_list("outcome", flat=True)
+        .first()
+    )
+    gave_up = (stored or {}).get("gave_up")
+    if not gave_up:
+        return False
+    _publish_give_up(
+        service, rule, message, failure=gave_up["failure"], undone=gave_up["undone"], error=gave_up["error"]
+    )
+    return True
+
+
+def _publish_give_up(service: str, rule: Reaction, message: dict, *, failure: dict, undone, error: dict) -> None:
     emitter = {"service": service, "step": rule.step, "op": rule.op, "status": "gave_up", "event": message["event"]}
     emitter["undone"] = undone
     if rule.emits_on_failure:
