@@ -129,8 +129,17 @@ def test_orchestrator_killed_after_its_commit_then_the_relay_after_its_send(stac
     log = stack.log("worker0")
     assert "crashing at after_commit of orchestrator.charge_payment" in log
     assert "crashing at before_commit of orchestrator.relay" in log
-    charge = OutboxMessage.objects.using("default").get(id=command_id(saga_id, "charge_payment"))
+    # The relay that died had sent the command, so the saga can finish before the next relay
+    # (past the grace period) sends it again and marks it.
+    charge = wait_for(
+        lambda: OutboxMessage.objects.using("default")
+        .filter(id=command_id(saga_id, "charge_payment"), published_at__isnull=False)
+        .first(),
+        timeout=30,
+        message="the next relay to send the charge again and mark it",
+    )
     assert charge.published_at - charge.created_at >= SWEEP_GRACE  # the relay sent it, not the fast path
+    wait_for(lambda: received(stack, charge.id) >= 2, timeout=10, message="the second delivery in the log")
     assert received(stack, charge.id) == 2  # by the relay that died, then by the next one
     assert no_lease_expired(saga_id)
     assert SagaStep.objects.get(saga_id=saga_id, name="charge_payment").attempts == 1
