@@ -15,7 +15,8 @@ from django.db.models.query import QuerySet
 from payments import gateway, selectors
 from payments.exceptions import CardDeclined, GatewayUnavailable
 from payments.models import Charge, LedgerEntry
-from payments.services import charge_create, charge_refund
+from payments.services import charge_create, charge_undo_call
+from payments.services import charge_refund as record_refund
 from sagaplatform.kernel import commands
 from sagaplatform.kernel.models import Barrier
 
@@ -35,6 +36,12 @@ def money() -> dict:
 NOTHING = {"charges": [], "ledger": []}
 
 
+def declined_only() -> dict:
+    """The gateway's refusal recorded as the only charge, and no money moved."""
+    (saga_id,) = Charge.objects.using(DB).values_list("saga_id", flat=True)
+    return {"charges": [(saga_id, Decimal("25.00"), "declined")], "ledger": []}
+
+
 def charge(*, token: str = "tok_visa", amount: str = "25.00", saga_id=None, order_id=None, attempt: int = 1):
     return charge_create(
         saga_id=saga_id or uuid.uuid4(),
@@ -44,6 +51,12 @@ def charge(*, token: str = "tok_visa", amount: str = "25.00", saga_id=None, orde
         token=token,
         attempt=attempt,
     )
+
+
+def charge_refund(*, saga_id):
+    """A refund as its operation runs it: confirmed by the gateway, then recorded."""
+    charge_undo_call(saga_id=saga_id, step="charge_payment", attempt=1)
+    return record_refund(saga_id=saga_id)
 
 
 def command(operation: str, *, saga_id, op: str = "action", attempt: int = 1, **payload) -> dict:
@@ -118,12 +131,14 @@ def test_the_charge_operation_answers_with_the_charge():
 
 def test_a_saga_cannot_be_charged_twice_even_bypassing_the_barrier():
     saga_id = uuid.uuid4()
-    charge(saga_id=saga_id)
+    first = charge(saga_id=saga_id)
     before = money()
 
+    again = charge(saga_id=saga_id, attempt=2)  # the intent is found again: no second call's charge
     with pytest.raises(IntegrityError), transaction.atomic(using=DB):
-        charge(saga_id=saga_id)
+        Charge.objects.using(DB).create(saga_id=saga_id, order_id=uuid.uuid4(), amount=Decimal("1.00"))
 
+    assert again.id == first.id
     assert money() == before
     assert LedgerEntry.objects.using(DB).count() == 1
 
@@ -145,17 +160,17 @@ def test_a_declined_card_is_a_business_failure_and_takes_no_money():
 
     assert declined.value.code == "card_declined"
     assert declined.value.details == {"decline_code": "generic_decline"}
-    assert money() == NOTHING
+    assert money() == declined_only()
 
 
-def test_a_declined_card_through_the_operation_is_stored_as_a_failure_with_no_charge():
+def test_a_declined_card_through_the_operation_is_stored_as_a_failure_with_no_money():
     saga_id = uuid.uuid4()
 
     outcome = commands.run(service=DB, message=charge_command(saga_id=saga_id, token="tok_declined"))
 
     assert outcome["status"] == "business_failure"
     assert outcome["error"]["code"] == "card_declined"
-    assert money() == NOTHING
+    assert money() == declined_only()
     assert Barrier.objects.using(DB).get(saga_id=saga_id).outcome == outcome
 
 
@@ -169,7 +184,7 @@ def test_a_flaky_card_fails_transiently_n_times_then_succeeds(token, failures):
         with pytest.raises(GatewayUnavailable) as unavailable:
             charge(saga_id=saga_id, token=token, attempt=attempt)
         assert unavailable.value.code == "gateway_unavailable"
-        assert money() == NOTHING
+        assert money() == {"charges": [(saga_id, Decimal("25.00"), "pending")], "ledger": []}
 
     result = charge(saga_id=saga_id, token=token, attempt=failures + 1)
 
@@ -178,13 +193,14 @@ def test_a_flaky_card_fails_transiently_n_times_then_succeeds(token, failures):
     assert LedgerEntry.objects.using(DB).count() == 1
 
 
-def test_a_flaky_card_through_the_operation_leaves_no_barrier_row_until_it_succeeds():
+def test_a_flaky_card_through_the_operation_leaves_only_its_intent_until_it_succeeds():
     saga_id = uuid.uuid4()
 
     with pytest.raises(GatewayUnavailable):
         commands.run(service=DB, message=charge_command(saga_id=saga_id, token="tok_flaky_1", attempt=1))
-    assert not Barrier.objects.using(DB).exists()
-    assert money() == NOTHING
+    # The intent committed before the call: a pending barrier row and a pending charge, no money.
+    assert Barrier.objects.using(DB).get(saga_id=saga_id).outcome is None
+    assert money() == {"charges": [(saga_id, Decimal("25.00"), "pending")], "ledger": []}
 
     outcome = commands.run(service=DB, message=charge_command(saga_id=saga_id, token="tok_flaky_1", attempt=2))
 
@@ -345,9 +361,10 @@ def test_a_refund_that_lost_the_race_reports_the_charge_as_refunded(monkeypatch)
             LedgerEntry.objects.using(DB).create(charge=row, kind=LedgerEntry.Kind.REFUND, amount=-row.amount)
         return row
 
+    charge_undo_call(saga_id=saga_id, step="charge_payment", attempt=1)
     monkeypatch.setattr(QuerySet, "first", first_then_a_rival_refunds)
 
-    result = charge_refund(saga_id=saga_id)
+    result = record_refund(saga_id=saga_id)
 
     assert raced == [original.id]
     assert LedgerEntry.objects.using(DB).filter(kind="refund").count() == 1  # refunded once: no harm done
