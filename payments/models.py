@@ -16,6 +16,7 @@ class Charge(models.Model):
     class State(models.TextChoices):
         PENDING = "pending"  # the gateway is being asked; its answer is not recorded yet
         DECLINED = "declined"  # the gateway refused the card: nothing held or taken
+        CANCELLED = "cancelled"  # given up while pending, when no call could have taken anything
         AUTHORIZED = "authorized"  # funds held on the card, not taken (TCC's try)
         CAPTURED = "captured"
         VOIDED = "voided"  # the hold released, nothing taken
@@ -35,6 +36,9 @@ class Charge(models.Model):
     payment_token = models.CharField(max_length=64, blank=True, default="")
     capture = models.BooleanField(default=True, help_text="take the money, or only hold it (TCC's try)")
     decline_code = models.CharField(max_length=64, blank=True, default="")
+    # Gateway calls that may have taken money without our record (in flight, or cut short by a
+    # crash). A call answered "unavailable" took nothing and is not counted.
+    calls_in_doubt = models.PositiveIntegerField(default=0)
     # Set once the gateway has confirmed the refund; the refund is then recorded in the ledger.
     refund_reference = models.CharField(max_length=64, unique=True, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -14,17 +14,19 @@ import uuid
 from decimal import Decimal
 
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from sagaplatform.kernel import barrier, faults
 from sagaplatform.kernel.models import FaultRule
 
 from . import gateway
-from .exceptions import CardDeclined, GatewayUnavailable, PaymentNotCapturable
+from .exceptions import CardDeclined, ChargeCancelled, GatewayUnavailable, PaymentNotCapturable
 from .models import Charge, LedgerEntry
 
 DB = "payments"
 DECLINED_MESSAGE = "The card was declined"
+CANCELLED_MESSAGE = "The charge was given up before the gateway took anything"
 
 
 def idempotency_key(saga_id: uuid.UUID) -> str:
@@ -56,13 +58,24 @@ def charge_call(*, saga_id: uuid.UUID, attempt: int, operation: str = "charge") 
     The call always carries the charge's idempotency key: after a crash between the call and the
     record, the next call gets the same charge back instead of a second one."""
     charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
-    if charge is None or charge.state != Charge.State.PENDING:
-        return charge
+    if charge is None:
+        return None
     pending = Charge.objects.using(DB).filter(id=charge.id, state=Charge.State.PENDING)
+    # Counted before the call, and only while pending: once a compensation has cancelled the
+    # charge, no call starts.
+    if not pending.update(calls_in_doubt=F("calls_in_doubt") + 1):
+        charge.refresh_from_db(using=DB)
+        return charge
     try:
         result = gateway.charge(
             token=charge.payment_token, amount=charge.amount, idempotency_key=charge.idempotency_key, attempt=attempt
         )
+    except GatewayUnavailable:
+        # A definite "not processed, try again": this call took nothing.
+        Charge.objects.using(DB).filter(id=charge.id, calls_in_doubt__gt=0).update(
+            calls_in_doubt=F("calls_in_doubt") - 1
+        )
+        raise
     except CardDeclined as exc:
         faults.crash_if(FaultRule.CrashPoint.AFTER_CALL, DB, operation)
         pending.update(
@@ -88,6 +101,15 @@ def charge_call(*, saga_id: uuid.UUID, attempt: int, operation: str = "charge") 
     return charge
 
 
+def charge_abandon(*, saga_id: uuid.UUID) -> bool:
+    """Cancel a pending charge if no call could have taken anything; no call starts after it."""
+    return bool(
+        Charge.objects.using(DB)
+        .filter(saga_id=saga_id, state=Charge.State.PENDING, calls_in_doubt=0)
+        .update(state=Charge.State.CANCELLED, payment_token="", updated_at=timezone.now())
+    )
+
+
 def charge_outcome(*, saga_id: uuid.UUID) -> Charge:
     """The charge as the gateway answered it (the barrier's operation: reads only)."""
     charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
@@ -95,6 +117,8 @@ def charge_outcome(*, saga_id: uuid.UUID) -> Charge:
         raise GatewayUnavailable("The gateway has not answered for this charge yet")
     if charge.state == Charge.State.DECLINED:
         raise CardDeclined(DECLINED_MESSAGE, details={"decline_code": charge.decline_code})
+    if charge.state == Charge.State.CANCELLED:
+        raise ChargeCancelled(CANCELLED_MESSAGE)
     return charge
 
 
@@ -122,15 +146,19 @@ def charge_create(
 def charge_undo_call(*, saga_id: uuid.UUID, step: str, attempt: int, operation: str = "refund") -> Charge | None:
     """Before a refund or a void: settle what the gateway owes us. Run with no transaction open.
 
-    A charge still pending (its action crashed after the call, or still waits on the gateway) is
-    finished first, with the same idempotency key, and its action's barrier row gets the outcome
-    (the action may never run again). Then a captured charge is refunded at the gateway; the
-    refund's own operation records it in the ledger."""
+    A charge still pending is cancelled if no call could have taken anything (every call so far
+    was answered "unavailable"). Otherwise (a call in flight, or cut short by a crash) it is
+    finished first, asking the gateway again with the same idempotency key. Either way its
+    action's barrier row gets the outcome, since the action may never run again. Then a captured
+    charge is refunded at the gateway; the refund's own operation records it in the ledger."""
+    charge_abandon(saga_id=saga_id)
     charge = charge_call(saga_id=saga_id, attempt=attempt, operation=operation)
     if charge is None or charge.state == Charge.State.PENDING:
         return charge
     if charge.state == Charge.State.DECLINED:
         outcome = {"status": "business_failure", "error": CardDeclined(DECLINED_MESSAGE).as_dict()}
+    elif charge.state == Charge.State.CANCELLED:
+        outcome = {"status": "business_failure", "error": ChargeCancelled(CANCELLED_MESSAGE).as_dict()}
     else:
         outcome = {"status": "succeeded", "result": charge_result(charge)}
     barrier.settle(using=DB, saga_id=saga_id, step=step, outcome=outcome)
@@ -180,7 +208,10 @@ def charge_refund(*, saga_id: uuid.UUID) -> Charge | None:
         if charge.state == Charge.State.PENDING:
             raise GatewayUnavailable("The gateway has not answered for this charge yet")
         if charge.state == Charge.State.CAPTURED and charge.refund_reference is None:
-            raise GatewayUnavailable("The gateway has not confirmed the refund yet")
+            # Only an undo with no outside step gets here: a choreographed reaction that gives up
+            # undoes its step inside its own transaction. The gateway's refund is quick.
+            charge.refund_reference = gateway.refund(reference=charge.gateway_reference, amount=charge.amount)
+            Charge.objects.using(DB).filter(id=charge.id).update(refund_reference=charge.refund_reference)
         if (
             not Charge.objects.using(DB)
             .filter(id=charge.id, state=Charge.State.CAPTURED)
