@@ -18,16 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 
-from sagaplatform.kernel import faults, outbox
+from sagaplatform.kernel import attempts, faults, outbox
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.commands import (
     ACTION,
     BUSINESS_FAILURE,
     COMPENSATE,
     CONFIRM,
+    ORCHESTRATOR_QUEUE,
     SUCCEEDED,
     TRANSIENT_ERROR,
     Command,
@@ -179,8 +181,20 @@ def reply_handle(*, reply: dict) -> bool:
     return _locked(reply["saga_id"], apply)
 
 
-def step_lease_expire(*, saga_id, step_name: str) -> bool:
-    """The sweeper's verdict on an attempt that outlived its lease: a transient failure."""
+def attempt_in_flight(step: SagaStep) -> tuple[str, int]:
+    """The op and attempt number of the command a step in flight waits for."""
+    return {
+        State.COMPENSATING: (COMPENSATE, step.compensation_attempts),
+        State.CONFIRMING: (CONFIRM, step.confirm_attempts),
+    }.get(step.state, (ACTION, step.attempts))
+
+
+def step_lease_expire(
+    *, saga_id, step_name: str, mark: attempts.Mark | None = None, known: bool = False, queue_idle=None
+) -> bool:
+    """The sweeper's verdict on an attempt that outlived its lease: a transient failure, unless
+    the attempt's mark (`known`: the sweeper could read the marks) shows that it is still
+    queued, running within its time, or answered with the answer still queued."""
 
     def apply(run: _Run) -> bool:
         step = run.steps.get(step_name)
@@ -192,6 +206,8 @@ def step_lease_expire(*, saga_id, step_name: str) -> bool:
             return tracker.nudge(run, step)
         if step.state not in IN_FLIGHT:
             return False
+        if known and step.sent_at and _lease_extend(run, step, mark, queue_idle):
+            return True
         op, attempt, handler = {
             State.COMPENSATING: (COMPENSATE, step.compensation_attempts, _apply_compensation_reply),
             State.CONFIRMING: (CONFIRM, step.confirm_attempts, _apply_confirm_reply),
@@ -218,10 +234,11 @@ def saga_deadline_expire(*, saga_id) -> bool:
             return True
         saga.begin_compensation(failure={"code": "deadline_exceeded", "message": "The order took too long to complete"})
         run.record("saga_compensating", from_state=Saga.State.RUNNING, data={"failure": saga.failure})
-        # Nothing more is worth waiting for: expire the leases of attempts still in flight.
+        # Nothing more is worth waiting for: expire the leases of attempts still in flight,
+        # with no allowance for a queue.
         for _, step in run.action_steps():
             if step.state in (State.RUNNING, State.RETRYING):
-                step.deadline_at = run.now
+                step.deadline_at, step.sent_at = run.now, None
                 run.dirty.add(step.name)
         return True
 
@@ -344,11 +361,13 @@ def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
                 # After TCC's confirms the saga is in its confirm phase, not trying any more.
                 if confirmed:
                     saga.resume_confirm()
+                elif saga.failure:  # parked while compensating (saga_park_broken)
+                    saga.resume_compensation()
                 else:
                     saga.resume_forward()
                 run.record("operator_retry", from_state=Saga.State.PARKED, data={"reason": reason})
                 for spec, step in run.action_steps():
-                    if step.state == State.FAILED:
+                    if step.state == State.FAILED and saga.state != Saga.State.COMPENSATING:
                         _retry_now(run, spec, step)
             _resolve_alerts(run)
             return True
@@ -435,8 +454,38 @@ def _resolve_alerts(run: _Run) -> None:
 
 
 def _lease(run: _Run, step: SagaStep, spec: StepSpec, *, delay: float = 0.0) -> None:
-    step.deadline_at = run.now + timedelta(seconds=delay + spec.effective_timeout())
+    step.sent_at = run.now + timedelta(seconds=delay)
+    step.deadline_at = step.sent_at + timedelta(seconds=spec.effective_timeout())
     run.dirty.add(step.name)
+
+
+def _lease_extend(run: _Run, step: SagaStep, mark: attempts.Mark | None, queue_idle) -> bool:
+    """Extend an expired lease whose attempt is not late: its command still waits in the
+    service's queue, it started less than a timeout ago, or it answered and the answer still
+    waits in the orchestrator's queue. A command or answer the broker lost is sent again (the
+    same attempt: the barrier replays or waits for it) when nothing is queued ahead of it. Past
+    SAGA_QUEUE_WAIT_LIMIT from the sending, the attempt counts as timed out after all."""
+    spec = run.definition.step(step.name)
+    timeout = spec.effective_timeout()
+    waited = (run.now - step.sent_at).total_seconds()
+    op, attempt = attempt_in_flight(step)
+    if mark is not None and mark.state == attempts.STARTED:
+        if mark.age >= timeout:
+            return False  # it has run out its own time: a hang
+        step.deadline_at = run.now + timedelta(seconds=timeout - mark.age)
+        reason, resend = "running", False
+    else:
+        if waited >= settings.SAGA_QUEUE_WAIT_LIMIT:
+            return False
+        reason = "queued" if mark is None else "answer_queued"
+        resend = bool(queue_idle and queue_idle(spec.service if mark is None else ORCHESTRATOR_QUEUE))
+        step.deadline_at = run.now + timedelta(seconds=timeout)
+    run.dirty.add(step.name)
+    data = {"attempt": attempt, "op": op, "reason": reason, "waited": round(waited, 3), "resent": resend}
+    run.record("lease_extended", step=step, from_state=step.state, data=data)
+    if resend:
+        _send(run, step, spec, op, attempt=attempt)
+    return True
 
 
 def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
@@ -768,3 +817,32 @@ def _send(run: _Run, step: SagaStep, spec: StepSpec, op: str, *, attempt: int, d
         delay=delay,
         now=run.now,
     )
+
+
+def saga_park_broken(*, saga_id, error: Exception) -> bool:
+    """Park a saga the engine failed on (an unknown definition, a step it no longer has), with
+    an alert, so that the sweeper leaves it out instead of failing on it at every run. Written
+    without the definition, which may be what is missing."""
+    message = f"The engine failed on this saga ({type(error).__name__}: {error}); fix the cause, then retry it"
+    with transaction.atomic(using=DB):
+        rows = Saga.objects.using(DB).select_for_update(skip_locked=True).filter(id=saga_id)
+        saga = rows.annotate(db_now=Now()).first()
+        if saga is None or saga.state not in (Saga.State.RUNNING, Saga.State.CONFIRMING, Saga.State.COMPENSATING):
+            return False
+        before = saga.state
+        saga.park()
+        saga.deadline_at = None
+        saga.version += 1
+        saga.save(using=DB)
+        SagaEvent.objects.using(DB).create(
+            saga=saga,
+            seq=saga.version,
+            kind="saga_parked",
+            from_state=before,
+            to_state=saga.state,
+            data={"message": message, "error": type(error).__name__},
+            created_at=saga.db_now,
+        )
+        Alert.objects.using(DB).create(saga=saga, kind=Alert.Kind.SAGA_PARKED, message=message[:500])
+    logger.error("saga %s parked: %s", saga_id, message, extra={"saga_id": str(saga_id)})
+    return True

@@ -54,6 +54,7 @@ def step_view(step: SagaStep) -> dict:
         "started_at": _iso(step.started_at),
         "finished_at": _iso(step.finished_at),
         "error": step.error,
+        "acted": step.result is not None,  # as in selectors.step_view
     }
 
 

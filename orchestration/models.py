@@ -137,6 +137,11 @@ class SagaStep(FSMModelMixin, models.Model):
     # The lease on the attempt in flight (database clock): past it without a reply, the attempt
     # counts as timed out. Set while running, retrying or compensating; cleared otherwise.
     deadline_at = models.DateTimeField(null=True, blank=True)
+    # When the command of the attempt in flight was due to go out (database clock). A lease
+    # that expires while the command is still queued, or its answer is, is extended instead
+    # of counted, for up to SAGA_QUEUE_WAIT_LIMIT from here. Null: no allowance (the deadline
+    # expired the lease on purpose).
+    sent_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     result = models.JSONField(null=True, blank=True)

@@ -26,15 +26,17 @@ LATENCY_WINDOW = timedelta(minutes=5)
 FLOW_WINDOW = timedelta(minutes=5)
 ORCHESTRATOR = "orchestrator"
 
-# Saga-level transitions counted per minute, by the state they reached.
+# Saga-level transitions counted per minute, by the event that records them. Not by the state
+# an event leaves the saga in: the tracker records every observed event at saga level (with the
+# saga's current state), and an operator retry puts a parked saga back to running.
 COUNTED = {
-    Saga.State.RUNNING: "started",
-    Saga.State.COMPLETED: "completed",
-    Saga.State.COMPENSATED: "compensated",
-    Saga.State.FAILED: "failed",
-    Saga.State.CANCELLED: "cancelled",
-    Saga.State.PARKED: "parked",
+    "saga_completed": "completed",
+    "saga_compensated": "compensated",
+    "saga_failed": "failed",
+    "saga_cancelled": "cancelled",
+    "saga_parked": "parked",
 }
+SERIES = ("started", *COUNTED.values())
 STEP_OUT = {SagaStep.State.RUNNING, SagaStep.State.COMPENSATING, SagaStep.State.CONFIRMING}
 STEP_OK = {SagaStep.State.SUCCEEDED, SagaStep.State.COMPENSATED, SagaStep.State.CONFIRMED, SagaStep.State.SKIPPED}
 STEP_BAD = {
@@ -54,19 +56,23 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
 
 def minutes(now) -> list[dict]:
     start = (now - timedelta(minutes=MINUTES - 1)).replace(second=0, microsecond=0)
-    buckets = {start + timedelta(minutes=i): dict.fromkeys(COUNTED.values(), 0) for i in range(MINUTES)}
-    rows = (
-        SagaEvent.objects.using(DB)
-        .filter(step="", created_at__gte=start, to_state__in=list(COUNTED))
-        .exclude(kind="saga_created")
+    buckets = {start + timedelta(minutes=i): dict.fromkeys(SERIES, 0) for i in range(MINUTES)}
+    events = SagaEvent.objects.using(DB).filter(step="", created_at__gte=start)
+    # A saga's first event (seq 1) is written in the transaction that creates it, by the engine
+    # or by the choreography's tracker: one start per saga, whatever its style.
+    started = events.filter(seq=1).annotate(minute=TruncMinute("created_at")).values("minute").annotate(n=Count("id"))
+    ended = (
+        events.filter(kind__in=list(COUNTED))
         .annotate(minute=TruncMinute("created_at"))
-        .values("minute", "to_state")
+        .values("minute", "kind")
         .annotate(n=Count("id"))
     )
-    for row in rows:
-        bucket = buckets.get(row["minute"])
-        if bucket is not None:
-            bucket[COUNTED[row["to_state"]]] += row["n"]
+    for row in started:
+        if (bucket := buckets.get(row["minute"])) is not None:
+            bucket["started"] += row["n"]
+    for row in ended:
+        if (bucket := buckets.get(row["minute"])) is not None:
+            bucket[COUNTED[row["kind"]]] += row["n"]
     return [{"t": t.isoformat(), **counts} for t, counts in buckets.items()]
 
 

@@ -71,7 +71,15 @@ def step_view(step: SagaStep) -> dict:
         "started_at": step.started_at,
         "finished_at": step.finished_at,
         "error": step.error,
+        # The action took effect (a success was recorded), whatever the step's state since: a
+        # compensated step that never acted was a no-op, not an undo.
+        "acted": step.result is not None,
     }
+
+
+def sagas_known(saga_ids: list) -> set[str]:
+    """The ids among `saga_ids` that have a saga (through the kernel port)."""
+    return {str(i) for i in Saga.objects.using(DB).filter(id__in=saga_ids).values_list("id", flat=True)}
 
 
 def saga_summary(saga_id) -> dict | None:

@@ -58,6 +58,7 @@ def _track(message: dict) -> None:
         for reaction in choreography.subscribers(message["event"]):
             if reaction.step in steps:
                 _observe_start(run, reaction, message)
+        _lease_implied(run)
         _decide(run, message)
         run.flush()
 
@@ -153,10 +154,21 @@ def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
                 # The service gave up and undid its own step at once.
                 _walk(run, step, State.COMPENSATED, data={"null_compensation": undone == "null_compensation"})
     elif emitter["op"] == COMPENSATE:
+        if step.state == State.PENDING:
+            step.deadline_at = None  # the undo (or the hold) it was watched for has answered
+            run.dirty.add(step.name)
         if run.definition.step(step.name).pivot:
             kind = "dispatch_held" if status == SUCCEEDED else "cancellation_refused"
             run.record(kind, step=step, data={"error": failure} if status != SUCCEEDED else {})
+            if status != SUCCEEDED and step.state == State.PENDING:
+                # Refused because the parcel left: the dispatch ran, and its event is owed.
+                forward = next(r for r in choreography.reactions() if r.step == step.name and r.op == ACTION)
+                step.trigger = None  # the hold's: ask for the dispatch's event instead
+                _start_implied(run, step, forward, implied_by=step.name)
         elif status == SUCCEEDED:
+            if step.state == State.PENDING and not emitter.get("null_compensation"):
+                # A real undo: its action ran, and the news of it was lost on the way here.
+                _walk(run, step, State.SUCCEEDED)
             _walk(run, step, State.COMPENSATED, data={"null_compensation": bool(emitter.get("null_compensation"))})
         else:
             _walk(run, step, State.COMPENSATION_FAILED, error=failure)
@@ -190,6 +202,55 @@ def _observe_start(run: engine._Run, reaction, message: dict) -> None:
         step.begin_compensation()
         run.record("compensation_started", step=step, from_state=before, data={"event": message["event"]})
         _watch(run, step, spec, trigger)
+    elif reaction.op == COMPENSATE and step.state == State.PENDING:
+        # Not heard to have run: its undo is most likely the barrier's no-op, but the undo chain
+        # goes through it, so its event is owed all the same.
+        run.record("compensation_expected", step=step, data={"event": message["event"]})
+        _watch(run, step, spec, trigger)
+
+
+def _lease_implied(run: engine._Run) -> None:
+    """Lease the steps that must have acted although their event never reached the tracker.
+
+    A forward step is started only by the event of the one before it. So when the tracker has
+    heard of a step (its start or its outcome) while the step before it is still pending here,
+    that earlier event was published and its copy to the tracker lost: the earlier step is
+    started and leased like any other, and its lease asks its service for the event again. A
+    saga first heard of late in its flow (every earlier copy lost) is watched all the way back."""
+    if run.saga.is_terminal:
+        return  # a late event after the end: nothing is owed any more
+    forward = [r for r in choreography.reactions() if r.op == ACTION and r.step in run.steps]
+    implied = True
+    while implied:
+        implied = False
+        for later in forward:
+            if run.steps[later.step].state == State.PENDING:
+                continue
+            for earlier in forward:
+                step = run.steps[earlier.step]
+                if earlier.emits in later.on and step.state == State.PENDING:
+                    _start_implied(run, step, earlier, implied_by=later.step)
+                    implied = True
+
+
+def _start_implied(run: engine._Run, step: SagaStep, reaction, *, implied_by: str) -> None:
+    """Start and lease a step known to have run although the tracker missed its news; its trigger
+    is rebuilt from the saga's context when the tracker never heard it either."""
+    trigger = step.trigger or {
+        "task": f"{reaction.service}.react",
+        "queue": reaction.service,
+        "payload": {
+            **choreography.event_message(
+                event=reaction.on[0], saga_id=run.saga.id, context=run.saga.context, failure=run.saga.failure
+            ),
+            "reaction": reaction.key,
+        },
+    }
+    step.dispatch()
+    step.started_at = step.started_at or run.now
+    step.next_attempt_at = None
+    run.record("step_started", step=step, from_state=State.PENDING, data={"implied_by": implied_by})
+    _watch(run, step, run.definition.step(step.name), trigger)
 
 
 def _watch(run: engine._Run, step: SagaStep, spec, trigger: dict, *, delay: float = 0.0) -> None:
@@ -222,10 +283,17 @@ def _decide(run: engine._Run, message: dict) -> None:
         # A step that failed, or is already being (or was) undone: the flow is unwinding.
         unwinding = (State.FAILED, State.COMPENSATING, State.COMPENSATED, State.COMPENSATION_FAILED)
         failed = [step for _, step in actions if step.state in unwinding]
-        if failed:
-            failure = message.get("failure") or failed[0].error or {}
+        # The failure steps run only at the end of an unwinding flow: the events that showed
+        # it may all have been lost on their way to the tracker.
+        finalizing = [step for _, step in finalizers if step.state != State.PENDING]
+        if failed or finalizing:
+            failure = message.get("failure") or (failed[0].error if failed else None) or {}
             saga.begin_compensation(
-                failure={"step": failed[0].name, "code": failure.get("code"), "message": failure.get("message")}
+                failure={
+                    "step": failed[0].name if failed else failure.get("step"),
+                    "code": failure.get("code"),
+                    "message": failure.get("message"),
+                }
             )
             run.record("saga_compensating", from_state=Saga.State.RUNNING, data={"failure": saga.failure})
         elif all(step.state == State.SUCCEEDED for _, step in actions):
@@ -249,6 +317,12 @@ def nudge(run: engine._Run, step: SagaStep) -> bool:
     """An expected event did not come in time: publish the step's trigger again, or give up."""
     if run.saga.state == Saga.State.PARKED:
         return False
+    if run.saga.is_terminal:
+        # The flow ended without the news of this step (it ran, or was never needed): there is
+        # nothing left to ask for, and a finished saga cannot be parked.
+        step.deadline_at = None
+        run.dirty.add(step.name)
+        return True
     if step.attempts - 1 >= MAX_NUDGES or not step.trigger:  # attempts: the first send, then nudges
         step.deadline_at = None
         run.record("event_missing", step=step, data={"nudges": step.attempts})
@@ -283,12 +357,15 @@ def cancel(run: engine._Run, failure: dict) -> None:
         )
     run.saga.begin_compensation(failure=failure)
     run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": failure["message"]})
-    choreography.publish(
-        using=engine.DB,
-        message=choreography.event_message(
-            event=CANCEL_EVENT, saga_id=run.saga.id, context=run.saga.context, failure=failure
-        ),
+    message = choreography.event_message(
+        event=CANCEL_EVENT, saga_id=run.saga.id, context=run.saga.context, failure=failure
     )
+    choreography.publish(using=engine.DB, message=message)
+    # Shipping's answer (held, or refused) is owed: watch for it in place of the dispatch, which
+    # is not to be asked for any more.
+    hold = next(r for r in choreography.subscribers(CANCEL_EVENT) if r.step == dispatch.name)
+    trigger = {"task": f"{hold.service}.react", "queue": hold.service, "payload": {**message, "reaction": hold.key}}
+    _watch(run, dispatch, run.definition.step(dispatch.name), trigger)
 
 
 def operator_retry(run: engine._Run) -> None:

@@ -7,6 +7,7 @@ cannot be probed.
 from __future__ import annotations
 
 from django.core.validators import RegexValidator
+from django_countries import countries
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiExample,
@@ -40,6 +41,11 @@ from .filters import OrderFilter
 from .models import Order
 
 MAX_LINES = 50
+# Every assigned ISO 3166-1 alpha-2 code ("GE" is Georgia, not Germany: a name is refused).
+COUNTRY_CODES = sorted(countries.countries)
+COUNTRY_INVALID = (
+    '"{input}" is not an ISO 3166-1 country code: use its two capital letters, for example DE for Germany.'
+)
 MAX_QUANTITY = 1000
 
 ORDER_ID = "3f2c9a4e-8d1b-4c6a-9f0e-2b7d5a1c8e64"
@@ -172,7 +178,11 @@ class OrdersApi(generics.ListAPIView):
             )
             city = StrictCharField(max_length=100, help_text="Town or city.")
             postal_code = StrictCharField(max_length=20, help_text="As the country writes it.")
-            country = StrictRegexField(r"^[A-Z]{2}\Z", help_text="ISO 3166-1 alpha-2 code, e.g. FR.")
+            country = serializers.ChoiceField(
+                choices=COUNTRY_CODES,
+                error_messages={"invalid_choice": COUNTRY_INVALID},
+                help_text="ISO 3166-1 alpha-2 code, in capitals, e.g. FR.",
+            )
             phone = StrictRegexField(r"^\+[0-9]{6,15}\Z", required=False, help_text="E.164, for SMS updates.")
 
         items = ItemSerializer(many=True, min_length=1, max_length=MAX_LINES, help_text="Each SKU at most once.")

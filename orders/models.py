@@ -52,7 +52,9 @@ class Order(FSMModelMixin, models.Model):
     shipping_address = models.JSONField()
     saga_id = models.UUIDField(unique=True, default=uuid.uuid4)
     # The outbox message that starts the saga, and when it was last (re)published: a pending
-    # order is announced again until its saga decides it (see `order_reannounce_pending`).
+    # order is announced again until its saga decides it; a choreographed one (this is then the
+    # tracker's copy of `order.placed`) until the tracker has its saga, and the field is cleared
+    # (see `order_reannounce_pending`).
     start_message_id = models.UUIDField(null=True, blank=True)
     announced_at = models.DateTimeField(null=True, blank=True)
     failure_code = models.CharField(max_length=64, blank=True)
@@ -65,6 +67,12 @@ class Order(FSMModelMixin, models.Model):
         indexes = [
             # Serves the re-announcement of pending orders.
             models.Index(fields=["announced_at"], name="order_pending_announced", condition=models.Q(status="pending")),
+            # Serves the re-announcement of choreographed orders the tracker has not heard of.
+            models.Index(
+                fields=["announced_at"],
+                name="order_untracked_announced",
+                condition=models.Q(mode="choreography", start_message_id__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:

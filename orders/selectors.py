@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 
-from .models import Order, Product
+from .models import IdempotencyKey, Order, Product
 
 DB = "orders"
 
@@ -17,6 +17,11 @@ def order_get_for_customer(*, order_id, customer_id: int) -> Order | None:
 
 def order_get(*, order_id) -> Order | None:
     return Order.objects.using(DB).prefetch_related("lines").filter(id=order_id).first()
+
+
+def order_for_idempotency_key(*, customer_id: int, key: str) -> Order | None:
+    row = IdempotencyKey.objects.using(DB).filter(customer_id=customer_id, key=key).select_related("order").first()
+    return row.order if row else None
 
 
 def product_list() -> QuerySet[Product]:

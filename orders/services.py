@@ -16,6 +16,7 @@ from django.utils import timezone
 from sagaplatform.kernel import choreography, outbox, ports
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.commands import ORCHESTRATOR_QUEUE
+from sagaplatform.kernel.models import OutboxMessage
 
 from .exceptions import (
     IdempotencyKeyInFlight,
@@ -210,9 +211,10 @@ def _create(
         "mode": mode,
     }
     if mode == Order.Mode.CHOREOGRAPHY:
-        # No coordinator to start: announce the order; the services take it from there.
+        # No coordinator to start: announce the order; the services take it from there. The
+        # tracker's copy is the one remembered: it is announced again until the tracker has it.
         event = choreography.event_message(event=ORDER_PLACED, saga_id=order.saga_id, context=context)
-        message = choreography.publish(using=DB, message=event)[0]
+        message = choreography.publish(using=DB, message=event)[-1]
     else:
         message = outbox.enqueue(
             using=DB,
@@ -320,11 +322,14 @@ def order_reannounce_pending() -> int:
 
     A broker restart can lose a start message after it was published; nothing else would notice,
     since the orchestrator never heard of the saga. Starting a saga twice is a no-op, so the cost
-    of announcing an order whose saga is merely slow is one cheap message.
+    of announcing an order whose saga is merely slow is one cheap message. Choreographed orders
+    are announced until the tracker has their saga instead (`_reannounce_untracked`).
     """
     now = db_now(DB)
+    reannounced = _reannounce_untracked(now)
     stale = list(
         Order.objects.using(DB)
+        .exclude(mode=Order.Mode.CHOREOGRAPHY)
         .filter(
             status=Order.Status.PENDING,
             announced_at__lte=now - REANNOUNCE_AFTER,
@@ -334,9 +339,43 @@ def order_reannounce_pending() -> int:
         .values_list("id", "start_message_id")[:500]
     )
     if not stale:
-        return 0
+        return reannounced
     Order.objects.using(DB).filter(id__in=[order_id for order_id, _ in stale]).update(announced_at=now)
-    return outbox.republish(using=DB, ids=[message_id for _, message_id in stale])
+    return reannounced + outbox.republish(using=DB, ids=[message_id for _, message_id in stale])
+
+
+def _reannounce_untracked(now) -> int:
+    """Announce `order.placed` again for choreographed orders the tracker has no saga for.
+
+    Whatever the order's status: when every copy to the tracker was lost (a broker restart), the
+    services may have carried the order forward, or stopped half-way, with no one watching. The
+    new announcement is a re-request: each service that already reacted replays its reaction and
+    publishes its event again, so the tracker hears the flow and leases what is missing. Once
+    the tracker has the saga, its leases take over and the order is no longer announced."""
+    stale = list(
+        Order.objects.using(DB)
+        .filter(
+            mode=Order.Mode.CHOREOGRAPHY,
+            start_message_id__isnull=False,
+            announced_at__lte=now - REANNOUNCE_AFTER,
+            created_at__gte=now - REANNOUNCE_FOR,
+        )
+        .values_list("id", "saga_id", "start_message_id")[:500]
+    )
+    if not stale:
+        return 0
+    tracked = ports.sagas_known([saga_id for _, saga_id, _ in stale])
+    untracked = [(order_id, message_id) for order_id, saga_id, message_id in stale if str(saga_id) not in tracked]
+    events = {m.id: m.payload for m in OutboxMessage.objects.using(DB).filter(id__in=[m for _, m in untracked])}
+    with transaction.atomic(using=DB):
+        Order.objects.using(DB).filter(id__in=[o for o, s, _ in stale if str(s) in tracked]).update(
+            start_message_id=None
+        )
+        Order.objects.using(DB).filter(id__in=[order_id for order_id, _ in untracked]).update(announced_at=now)
+        for _, message_id in untracked:
+            if message_id in events:
+                choreography.publish(using=DB, message={**events[message_id], "nudge": True})
+    return len(untracked)
 
 
 def order_check_pending(*, order_id: uuid.UUID | str) -> Order:

@@ -17,7 +17,9 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
+from django_countries import countries
 
 from sagaplatform.api import ApiError
 from sagaplatform.kernel import ports
@@ -56,6 +58,8 @@ STEP_STATE_LABELS = {
     "failed": "failed",
     "compensating": "undoing",
     "compensated": "undone",
+    # Compensated without having taken effect (orders/live.py: shown_state).
+    "not_done": "did not go through",
     "compensation_failed": "undo failed, we are on it",
     "skipped": "skipped",
     "confirming": "confirming",
@@ -83,6 +87,7 @@ NOTES = {
     "cancelled": "This order is cancelled. The stock reserved for it was released and any payment refunded.",
 }
 STEP_DONE = {"succeeded", "confirmed", "skipped"}
+ORDER_RECEIVED = "We have received your order. Its progress shows below as it happens."
 # Everything order.js needs to word the page as the server does.
 LABELS = {
     "steps": STEP_LABELS,
@@ -161,18 +166,15 @@ def order_detail(request, order_id):
     for line in lines:
         line.subtotal = line.unit_price * line.quantity
         line.name = names.get(line.sku, line.sku)
-    ended = order.status in (Order.Status.REJECTED, Order.Status.CANCELLED)
-    steps = []
-    for step in (state["saga"] or {}).get("steps", []):
-        shown = "not_started" if ended and step["state"] == "pending" else step["state"]
-        steps.append(
-            {
-                **step,
-                "shown": shown,
-                "label": STEP_LABELS.get(step["name"], step["name"].replace("_", " ").capitalize()),
-                "state_label": STEP_STATE_LABELS.get(shown, shown),
-            }
-        )
+    steps = [
+        {
+            **step,
+            "label": STEP_LABELS.get(step["name"], step["name"].replace("_", " ").capitalize()),
+            "state_label": STEP_STATE_LABELS.get(step["shown"], step["shown"]),
+            "in_progress": step["state"] in ("running", "retrying"),
+        }
+        for step in (state["saga"] or {}).get("steps", [])
+    ]
     return render(
         request,
         "orders/detail.html",
@@ -211,6 +213,17 @@ def order_cancel(request, order_id):
 # --- Placing an order -------------------------------------------------------------------------
 
 
+def _country_choices() -> list[tuple[str, str]]:
+    return [("", "Choose a country"), *((code, name) for code, name in countries)]
+
+
+class CountryChoiceField(forms.ChoiceField):
+    """An ISO 3166-1 alpha-2 code, as the API takes it (capitals), whatever case was posted."""
+
+    def to_python(self, value) -> str:
+        return super().to_python(value).strip().upper()
+
+
 class OrderForm(forms.Form):
     """The HTML side of `POST /api/orders/`: one quantity per product, a card, an address, a
     style. The body it builds is validated by the API's serializer (`OrdersApi.InputSerializer`)."""
@@ -221,15 +234,14 @@ class OrderForm(forms.Form):
     line2 = forms.CharField(label="Address line 2", max_length=200, required=False)
     city = forms.CharField(label="City", max_length=100)
     postal_code = forms.CharField(label="Postal code", max_length=20)
-    country = forms.CharField(
-        label="Country code", max_length=2, min_length=2, help_text="Two letters, for example FR or DE."
-    )
+    # A choice, not a two-letter box: a box cut "Germany" to "GE" (Georgia) without a word.
+    country = CountryChoiceField(label="Country", choices=_country_choices)
     phone = forms.CharField(
         label="Mobile phone", required=False, max_length=16, help_text="For SMS updates, for example +33612345678."
     )
     mode = forms.ChoiceField(label="How the order runs", choices=Order.Mode.choices, initial=Order.Mode.ORCHESTRATED)
-    # Generated when the form is rendered: submitting the same form twice (a double click, a
-    # resubmit after a timeout) places one order.
+    # The form's own key, also in its URL (`/orders/new/<key>/`): submitting the same form twice
+    # (a double click, a resubmit after a timeout, Back then submit again) places one order.
     idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=255)
 
     ADDRESS_FIELDS = ("name", "line1", "line2", "city", "postal_code", "country", "phone")
@@ -254,9 +266,6 @@ class OrderForm(forms.Form):
 
     def product_rows(self):
         return [(product, self[self.quantity_field(product.sku)]) for product in self.products]
-
-    def clean_country(self) -> str:
-        return self.cleaned_data["country"].strip().upper()
 
     def clean(self):
         cleaned = super().clean()
@@ -333,9 +342,14 @@ def _catalogue() -> list:
 
 
 @login_required
-def order_new(request):
+def order_new(request, form_key: uuid.UUID | None = None):
+    if request.method == "GET" and form_key is None:
+        # Each form gets its own address, so the history entry that Back returns to renders the
+        # same key again (a page rendered afresh with a new key would place a second order).
+        return redirect("order_pages:new_keyed", form_key=uuid.uuid4())
     products = _catalogue()
     status = 200
+    placed = None
     if request.method == "POST":
         form = OrderForm(request.POST, products=products)
         if form.is_valid():
@@ -361,16 +375,27 @@ def order_new(request):
                     if placement.replayed:
                         messages.info(request, "This order was already placed: here it is.")
                     else:
-                        messages.success(request, "Order placed. Its progress shows below as it happens.")
+                        # Not "placed", and not green: the order may yet be declined.
+                        messages.info(request, ORDER_RECEIVED)
                     return redirect("order_pages:detail", order_id=placement.order.id)
         else:
             status = 400
     else:
         form = OrderForm(
             products=products,
-            initial={"idempotency_key": uuid.uuid4().hex, "name": request.user.get_full_name()},
+            initial={"idempotency_key": form_key.hex, "name": request.user.get_full_name()},
         )
-    return render(request, "orders/new.html", {"form": form}, status=status)
+        placed = selectors.order_for_idempotency_key(customer_id=request.user.id, key=form_key.hex)
+    key = _as_uuid(form["idempotency_key"].value() or "")
+    action = reverse("order_pages:new_keyed", args=[key]) if key else reverse("order_pages:new")
+    return render(request, "orders/new.html", {"form": form, "action": action, "placed": placed}, status=status)
+
+
+def _as_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
 
 
 # A double click sends the second submit while the first is being processed. An API client is

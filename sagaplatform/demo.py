@@ -22,12 +22,16 @@ CUSTOMER = ("alice", "alice@example.com", "alice-demo-password")
 OPERATOR = ("operator", "operator@example.com", "operator-demo-password")
 
 
-def load_demo_data() -> dict:
+def load_catalogue() -> None:
     for sku, name, price, stock in CATALOGUE:
         with transaction.atomic(using="orders"):
             Product.objects.using("orders").update_or_create(sku=sku, defaults={"name": name, "unit_price": price})
         if not StockItem.objects.using("inventory").filter(sku=sku).exists():
             stock_set(sku=sku, on_hand=stock)
+
+
+def load_demo_data() -> dict:
+    load_catalogue()
     User = get_user_model()
     users = {}
     for (username, email, password), staff in ((CUSTOMER, False), (OPERATOR, True)):

@@ -304,7 +304,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
     else {
         # A message a dead worker held comes back once this old, found by every live worker's
         # scan of the unacknowledged messages each restore interval. It must outlast the
-        # longest live hold (hard time limit plus any broker countdown), or a running task is
+        # longest live hold (the hard time limit: no message carries a countdown), or a running task is
         # delivered twice: docs/ARCHITECTURE.md, "Delivery".
         "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 300),
         "unacked_restore_interval": env_int("CELERY_UNACKED_RESTORE_INTERVAL", 10),
@@ -350,12 +350,18 @@ CELERY_IMPORTS = ("sagaplatform.bench",)
 SAGA_SWEEP_INTERVAL = env_float("SAGA_SWEEP_INTERVAL", 2.0)
 # Shorten every step timeout / saga deadline (seconds), for tests and demos of timeouts.
 SAGA_STEP_TIMEOUT_OVERRIDE = env_float("SAGA_STEP_TIMEOUT_OVERRIDE", 0.0)
+# A step's lease runs from when a worker starts the attempt: a command (or its answer) still
+# queued when the lease expires extends it, for up to this many seconds after it was sent.
+SAGA_QUEUE_WAIT_LIMIT = env_float("SAGA_QUEUE_WAIT_LIMIT", 300.0)
 # Cap every retry backoff (seconds), for tests and demos that should not wait a minute.
 SAGA_RETRY_MAX_INTERVAL_OVERRIDE = env_float("SAGA_RETRY_MAX_INTERVAL_OVERRIDE", 0.0)
 SAGA_DEADLINE_OVERRIDE = env_float("SAGA_DEADLINE_OVERRIDE", 0.0)
 # Chaos: publish every message twice, as an at-least-once broker may deliver it.
 SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", default=False)
 SAGA_ANTI_ENTROPY_INTERVAL = env_float("SAGA_ANTI_ENTROPY_INTERVAL", 10.0)
+# Each database's relay runs this often: it publishes delayed outbox rows (retries, handling
+# windows) once due on the database clock, so a retry goes out at most this late.
+SAGA_RELAY_INTERVAL = env_float("SAGA_RELAY_INTERVAL", 1.0)
 
 # Retention (seconds): published outbox rows, and barrier rows of sagas that ended, are purged
 # after these ages by `manage.py purge` and by beat, per database. Why the ages are safe, and the
@@ -366,15 +372,18 @@ RETENTION_PURGE_INTERVAL = env_float("RETENTION_PURGE_INTERVAL", 3600.0)
 
 
 def _periodic(task: str, queue: str, every: float, *args) -> dict:
-    # `expires`: while no worker listens, sweeps do not pile up in the queue.
-    return {"task": task, "schedule": every, "args": args, "options": {"queue": queue, "expires": every * 5}}
+    # No `expires`: it is a time on beat's clock that the worker judges on its own, and a worker
+    # ten minutes ahead dropped every relay as expired. Runs queued while no worker listened
+    # each find nothing left to do (one indexed query).
+    return {"task": task, "schedule": every, "args": args, "options": {"queue": queue}}
 
 
 CELERY_BEAT_SCHEDULE = {
     "orchestrator-sweep": _periodic("orchestration.sweep", "orchestrator", SAGA_SWEEP_INTERVAL),
-    # Each service relays its own outbox, on its own queue, from its own database.
+    # Each database is relayed on its owner's queue, from its owner's worker.
+    "default-relay": _periodic("kernel.relay_outbox", "orchestrator", SAGA_RELAY_INTERVAL, "default"),
     **{
-        f"{alias}-relay": _periodic("kernel.relay_outbox", alias, SAGA_SWEEP_INTERVAL, alias)
+        f"{alias}-relay": _periodic("kernel.relay_outbox", alias, SAGA_RELAY_INTERVAL, alias)
         for alias in SERVICE_ALIASES
     },
     # Messages a broker restart can lose after they were published, with no lease to notice:
@@ -550,6 +559,7 @@ LOGGING["loggers"]["django.request"] = {"filters": ["not_a_503"]}
 # --- Composition ----------------------------------------------------------------------------
 # Ports (sagaplatform/kernel/ports.py): how one part reads or asks another without importing it.
 SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"
+SAGA_EXISTENCE_READER = "orchestration.selectors.sagas_known"
 SAGA_CANCELLER = "orchestration.engine.saga_cancel"
 STOCK_AVAILABILITY_READER = "inventory.selectors.stock_available"
 SAGA_ENDED_READER = "orchestration.selectors.sagas_ended_before"

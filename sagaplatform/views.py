@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import connections
-from django.http import JsonResponse
+from django.http import HttpResponsePermanentRedirect, JsonResponse
 from django.shortcuts import render
+from django.templatetags.static import static
 from django.views.defaults import page_not_found, server_error
 
 from . import workers
@@ -77,3 +78,8 @@ def error(request):
             {"code": "server_error", "message": "Something went wrong on our side.", "details": {}}, status=500
         )
     return server_error(request)
+
+
+def favicon(request):
+    """Browsers ask for /favicon.ico whatever a page's <link rel="icon"> says."""
+    return HttpResponsePermanentRedirect(static("img/favicon.svg"))

@@ -48,6 +48,7 @@ class Stack:
         # Workers run under supervision, as in production (systemd Restart=always): a worker that
         # exits on its own is started again. One the test kills on purpose is not.
         self.supervised: set[str] = set()
+        self.queues: dict[str, list[str]] = {}  # each worker's queues, kept across restarts
         self.restarts = 0
         self._stopping = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True)
@@ -87,9 +88,10 @@ class Stack:
                     self.restarts += 1
                     self.start_worker(int(name.removeprefix("worker")), wait=False)
 
-    def start_worker(self, index: int = 0, *, wait: bool = True) -> None:
+    def start_worker(self, index: int = 0, *, wait: bool = True, queues: list[str] | None = None) -> None:
         name = f"worker{index}"
-        command = [sys.executable, "-m", "celery", "-A", "sagaplatform", "worker", "-Q", ",".join(settings.SAGA_QUEUES)]
+        queues = self.queues.setdefault(name, queues or list(settings.SAGA_QUEUES))
+        command = [sys.executable, "-m", "celery", "-A", "sagaplatform", "worker", "-Q", ",".join(queues)]
         command += [
             "-c",
             str(self.concurrency),

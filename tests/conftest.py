@@ -48,8 +48,9 @@ def mug() -> tuple[int, int]:
 
 
 def deliver_until(broker: InTestBroker, task: str) -> None:
-    """Deliver messages until the next one would be `task` (which stays queued)."""
-    while broker.queue and broker.queue[0]["task"] != task:
+    """Deliver messages until the next one would be `task` (which stays queued). Delayed
+    messages fall due once nothing else is queued."""
+    while (broker.queue or broker.release_delayed()) and broker.queue[0]["task"] != task:
         broker.run(broker.queue.pop(0))
 
 
@@ -91,11 +92,13 @@ class InTestBroker:
     def deliver(self, *, limit: int = 1000, skip: tuple[str, ...] = ()) -> int:
         """Deliver messages (and those they cause) until none is left. Returns how many ran.
 
-        Messages for tasks in `skip` (for example the e-mail delivery) are left queued.
+        Once nothing else is queued, time passes: delayed messages (retries, handling windows)
+        fall due and the relay publishes them. Messages for tasks in `skip` (for example the
+        e-mail delivery) are left queued.
         """
         count = 0
         held = []
-        while self.queue and count < limit:
+        while count < limit and (self.queue or self.release_delayed()):
             message = self.queue.pop(0)
             if message["task"] in skip:
                 held.append(message)
@@ -104,6 +107,18 @@ class InTestBroker:
             count += 1
         self.queue[:0] = held
         return count
+
+    def release_delayed(self) -> int:
+        """Make every delayed outbox row due now and relay it. Returns how many were published."""
+        from sagaplatform.kernel.clock import db_now
+        from sagaplatform.kernel.models import OutboxMessage
+
+        released = 0
+        for alias in settings.DATABASE_ALIASES:
+            waiting = OutboxMessage.objects.using(alias).filter(published_at__isnull=True, delayed=True)
+            if waiting.update(available_at=db_now(alias)):
+                released += outbox.relay_due(using=alias)
+        return released
 
     def take(self, task: str) -> list[dict]:
         """Remove and return the queued messages for `task` (to hold, reorder or duplicate them)."""

@@ -50,12 +50,22 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.1, message: str =
 class Worker:
     """`celery worker -B` consuming every queue, as production runs it (prefork, acks_late)."""
 
-    def __init__(self, *, name: str = "e2e", concurrency: int = 2, extra_env: dict | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        name: str = "e2e",
+        concurrency: int = 2,
+        extra_env: dict | None = None,
+        queues: tuple[str, ...] | None = None,
+        beat: bool = True,
+    ) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"worker-{name}.log"
         self.name = name
         self.concurrency = concurrency
         self.extra_env = extra_env or {}
+        self.queues = queues or settings.SAGA_QUEUES
+        self.beat = beat
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Worker:
@@ -72,8 +82,9 @@ class Worker:
         beat_schedule = ARTIFACTS / f"beat-{self.name}"
         self.log = self.log_path.open("w")
         command = [sys.executable, "-m", "celery", "-A", "sagaplatform", "worker"]
-        command += ["-Q", ",".join(settings.SAGA_QUEUES), "-c", str(self.concurrency), "-n", f"{self.name}@%h"]
-        command += ["-B", "-s", str(beat_schedule), "--loglevel", "INFO"]
+        command += ["-Q", ",".join(self.queues), "-c", str(self.concurrency), "-n", f"{self.name}@%h"]
+        command += ["-B", "-s", str(beat_schedule)] if self.beat else []
+        command += ["--loglevel", "INFO"]
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(self._ready, timeout=60, message=f"worker {self.name} to be ready (log: {self.log_path})")
         return self

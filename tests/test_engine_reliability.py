@@ -5,6 +5,7 @@ stored deadlines and running the sweeper)."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -17,10 +18,10 @@ from orchestration.exceptions import OperationNotAllowed
 from orchestration.models import Alert, Saga, SagaEvent, SagaStep
 from orders.models import Order
 from payments.models import Charge, LedgerEntry
-from sagaplatform.kernel import faults
+from sagaplatform.kernel import attempts, faults
 from sagaplatform.kernel.models import FaultRule
 from shipping.models import Shipment
-from tests.conftest import deliver_until, order_body
+from tests.conftest import deliver_until, mug, order_body
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -31,8 +32,12 @@ def place(api, body=None) -> dict:
     return response.json()
 
 
-def expire_lease(saga_id, step: str) -> None:
-    SagaStep.objects.filter(saga_id=saga_id, name=step).update(deadline_at=timezone.now() - timedelta(seconds=1))
+def expire_lease(saga_id, step: str, *, sent_ago: float | None = None) -> None:
+    """Expire a step's lease. With `sent_ago`, its command went out that long ago (within the
+    queue wait limit, the attempt's mark decides); without, long ago (it simply timed out)."""
+    now = timezone.now()
+    sent_at = now - timedelta(seconds=sent_ago) if sent_ago is not None else None
+    SagaStep.objects.filter(saga_id=saga_id, name=step).update(deadline_at=now - timedelta(seconds=1), sent_at=sent_at)
 
 
 def step_of(saga_id, name: str) -> SagaStep:
@@ -343,3 +348,149 @@ def test_admin_skip_settles_the_parked_compensation(alice_api, catalogue, broker
 
     assert Saga.objects.get(id=saga_id).state == "compensated"
     assert SagaEvent.objects.get(saga_id=saga_id, kind="compensation_skipped").data["reason"] == "manual refund"
+
+
+def test_a_saga_the_engine_fails_on_is_parked_and_the_sweep_goes_on(alice_api, catalogue, broker, settings):
+    """A saga whose definition is gone used to abort every sweep at its row, so no other saga's
+    lease, deadline or handling window was handled. Each saga is swept on its own now."""
+    settings.SHIPPING_HANDLING_SECONDS = 3600
+    waiting = place(alice_api)["saga"]["id"]
+    broker.deliver()  # booked; the dispatch waits out the handling window
+    broken = place(alice_api)["saga"]["id"]
+    deliver_until(broker, "payments.execute")
+    broker.take("payments.execute")
+    Saga.objects.filter(id=broken).update(definition="no_longer_defined")
+    expire_lease(broken, "charge_payment")  # the first row the sweep meets
+    SagaStep.objects.filter(saga_id=waiting, name="dispatch_shipment").update(
+        next_attempt_at=timezone.now() - timedelta(seconds=1)
+    )
+
+    result = sweeper.sweep_once()
+    broker.deliver()
+
+    assert (result["parked"], result["started"]) == (1, 1)
+    assert Saga.objects.get(id=waiting).state == "completed"
+    assert Saga.objects.get(id=broken).state == "parked"
+    alert = Alert.objects.get(saga_id=broken, resolved_at__isnull=True)
+    assert "no_longer_defined" in alert.message
+    assert kinds(broken)[-1] == "saga_parked"
+    # Parked, it is left out: later sweeps neither fail on it nor park it again.
+    assert sweeper.sweep_once()["parked"] == 0
+    assert Alert.objects.filter(saga_id=broken).count() == 1
+
+
+# --- Leases run from the start of an attempt (a queued command or answer is not late) -----------
+
+
+@pytest.fixture
+def queues(monkeypatch) -> dict:
+    """The broker's queue depths as the sweeper sees them (idle unless a test fills them)."""
+    depths: dict = {}
+    monkeypatch.setattr(sweeper, "queue_depths", lambda: depths, raising=False)
+    return depths
+
+
+def plant_mark(saga_id, step: str, *, state: str, age: float, op: str = "action", attempt: int = 1) -> None:
+    """A worker's mark for an attempt that started `age` seconds ago."""
+    key = attempts.key(saga_id, step, op, attempt)
+    store = attempts._store()
+    if isinstance(store, attempts._Memory):
+        store.marks[key] = (state, time.monotonic() - age)
+    else:
+        store.set(key, state, px=int(attempts.TTL_MS - age * 1000))
+
+
+def test_a_command_still_queued_when_its_lease_expires_is_not_counted(alice_api, catalogue, broker, queues):
+    saga_id = place(alice_api)["saga"]["id"]
+    deliver_until(broker, "inventory.execute")
+    queued = broker.take("inventory.execute")  # still waiting behind a backlog
+    queues["inventory"] = 40
+    expire_lease(saga_id, "reserve_stock", sent_ago=12)
+
+    sweeper.sweep_once()
+
+    assert broker.queue == []  # nothing sent again: it is still in the queue
+    step = step_of(saga_id, "reserve_stock")
+    assert (step.state, step.attempts) == ("running", 1)
+    assert step.deadline_at > timezone.now()
+    extended = SagaEvent.objects.get(saga_id=saga_id, kind="lease_extended")
+    assert (extended.data["reason"], extended.data["resent"]) == ("queued", False)
+    broker.queue.extend(queued)  # its turn comes
+    broker.deliver()
+    assert Saga.objects.get(id=saga_id).state == "completed"
+    assert "step_timed_out" not in kinds(saga_id)
+    assert step_of(saga_id, "reserve_stock").attempts == 1
+
+
+def test_a_lost_command_is_sent_again_as_the_same_attempt(alice_api, catalogue, broker, queues):
+    saga_id = place(alice_api)["saga"]["id"]
+    deliver_until(broker, "inventory.execute")
+    broker.take("inventory.execute")  # the broker lost it; nothing is queued ahead of it
+    expire_lease(saga_id, "reserve_stock", sent_ago=12)
+
+    sweeper.sweep_once()
+
+    [again] = broker.take("inventory.execute")
+    assert again["payload"]["attempt"] == 1
+    broker.run(again)
+    broker.deliver()
+    assert Saga.objects.get(id=saga_id).state == "completed"
+    assert "step_timed_out" not in kinds(saga_id)
+    assert step_of(saga_id, "reserve_stock").attempts == 1
+    assert mug() == (48, 0)
+
+
+def test_a_lost_answer_is_asked_for_again_and_replayed(alice_api, catalogue, broker, queues):
+    saga_id = place(alice_api)["saga"]["id"]
+    deliver_until(broker, "payments.execute")
+    broker.run(broker.queue.pop(0))  # the charge commits...
+    assert broker.take("orchestration.handle_reply")  # ...and its answer is lost
+    expire_lease(saga_id, "charge_payment", sent_ago=12)
+
+    sweeper.sweep_once()
+    broker.deliver()
+
+    assert SagaEvent.objects.get(saga_id=saga_id, kind="lease_extended").data["reason"] == "answer_queued"
+    assert Saga.objects.get(id=saga_id).state == "completed"
+    assert step_of(saga_id, "charge_payment").attempts == 1
+    assert Charge.objects.using("payments").count() == 1
+    assert LedgerEntry.objects.using("payments").count() == 1
+
+
+def test_a_started_attempt_gets_its_whole_timeout_from_its_start_and_no_more(alice_api, catalogue, broker, queues):
+    saga_id = place(alice_api)["saga"]["id"]
+    deliver_until(broker, "payments.execute")
+    broker.take("payments.execute")  # a worker holds it, running
+    timeout = engine.get_definition("place_order").step("charge_payment").effective_timeout()
+    plant_mark(saga_id, "charge_payment", state=attempts.STARTED, age=timeout - 10)  # queued a while, then started
+    expire_lease(saga_id, "charge_payment", sent_ago=timeout + 5)
+
+    sweeper.sweep_once()
+
+    step = step_of(saga_id, "charge_payment")
+    assert step.attempts == 1
+    left = (step.deadline_at - timezone.now()).total_seconds()
+    assert 8 < left <= 10  # what is left of its timeout, counted from its start
+    assert "step_timed_out" not in kinds(saga_id)
+
+    plant_mark(saga_id, "charge_payment", state=attempts.STARTED, age=timeout + 1)  # a hang
+    expire_lease(saga_id, "charge_payment", sent_ago=timeout + 15)
+    sweeper.sweep_once()
+    assert kinds(saga_id).count("step_timed_out") == 1
+    assert step_of(saga_id, "charge_payment").attempts == 2
+
+
+def test_a_command_that_never_starts_times_out_past_the_queue_wait_limit(
+    alice_api, catalogue, broker, queues, settings
+):
+    settings.SAGA_QUEUE_WAIT_LIMIT = 60
+    saga_id = place(alice_api)["saga"]["id"]
+    deliver_until(broker, "inventory.execute")
+    broker.take("inventory.execute")
+    queues["inventory"] = 5  # a queue that never reaches it (no worker for it)
+    expire_lease(saga_id, "reserve_stock", sent_ago=61)
+
+    sweeper.sweep_once()
+
+    assert kinds(saga_id).count("step_timed_out") == 1
+    assert step_of(saga_id, "reserve_stock").attempts == 2

@@ -376,6 +376,18 @@ def test_overview_counts_traffic_and_failures(broker, catalogue, alice_api):
     assert set(ov["queues"]) >= {"orchestrator", "payments"}
 
 
+def test_overview_counts_each_saga_start_once_whatever_its_style(broker, catalogue, alice_api):
+    """The choreography's tracker records every observed event at saga level; those are not starts."""
+    for mode in ("orchestrated", "parallel", "tcc", "choreography", "choreography", "choreography"):
+        response = alice_api.post("/api/orders/", {**order_body(), "mode": mode}, format="json")
+        assert response.status_code == 202, response.content
+    broker.deliver()
+    assert SagaEvent.objects.filter(step="", kind="event_observed").count() > 3  # what was miscounted
+    counts = {k: sum(m[k] for m in overview.overview()["minutes"]) for k in ("started", "completed")}
+    assert counts == {"started": 6, "completed": Saga.objects.filter(state="completed").count()}
+    assert counts["completed"] >= 1
+
+
 def test_workers_announce_themselves_and_healthz_reports_them(client, settings):
     workers.announce("celery@node-1", ["inventory", "payments"])
     workers.announce("celery@node-2", ["orchestrator"])

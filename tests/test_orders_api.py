@@ -120,6 +120,7 @@ INVALID_BODIES = [
     pytest.param(with_address(country="fr"), "invalid_request", "shipping_address", id="country-lowercase"),
     pytest.param(with_address(country="France"), "invalid_request", "shipping_address", id="country-name"),
     pytest.param(with_address(country=""), "invalid_request", "shipping_address", id="country-empty"),
+    pytest.param(with_address(country="XX"), "invalid_request", "shipping_address", id="country-unassigned"),
     pytest.param(with_address(phone="0612345678"), "invalid_request", "shipping_address", id="phone-not-e164"),
     pytest.param([order_body()], "invalid_request", None, id="json-array"),
     pytest.param("an order", "invalid_request", None, id="json-string"),
@@ -130,6 +131,18 @@ INVALID_BODIES = [
 
 
 # --- validation --------------------------------------------------------------------------------
+
+
+def test_a_country_that_is_not_an_iso_code_is_refused_with_a_clear_message(alice_api, catalogue, broker):
+    response = post_json(alice_api, with_address(country="Germany"), key="attempt-1")
+
+    error = assert_error(response, 400, "invalid_request")
+    [message] = error["details"]["shipping_address"]["country"]
+    assert (
+        message
+        == '"Germany" is not an ISO 3166-1 country code: use its two capital letters, for example DE for Germany.'
+    )
+    assert post_json(alice_api, with_address(country="DE"), key="attempt-2").status_code == 202
 
 
 @pytest.mark.parametrize(("body", "code", "field"), INVALID_BODIES)

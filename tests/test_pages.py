@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from django.conf import settings
+from django.contrib.staticfiles import finders
 from django.db import connections
 from django.test import Client
 
@@ -16,7 +19,7 @@ from orders import services
 from orders import views as orders_views
 from orders.exceptions import IdempotencyKeyInFlight
 from orders.models import IdempotencyKey, Order, Product
-from tests.conftest import ADDRESS, mug
+from tests.conftest import ADDRESS, mug, order_body
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -114,7 +117,7 @@ def test_staff_see_the_dashboard_link_and_customers_do_not(alice, django_user_mo
 
 
 def test_the_form_lists_the_catalogue_with_prices_and_stock(alice, catalogue):
-    response = client_for(alice).get("/orders/new/")
+    response = client_for(alice).get("/orders/new/", follow=True)
 
     assert response.status_code == 200
     html = response.content.decode()
@@ -122,8 +125,41 @@ def test_the_form_lists_the_catalogue_with_prices_and_stock(alice, catalogue):
     assert "50 in stock" in html
     assert "10 in stock" in html
     key = re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', html).group(1)
-    # A new key for every rendering: two forms are two orders.
-    assert key not in client_for(alice).get("/orders/new/").content.decode()
+    # Each new form has its own key, in its address: two forms are two orders.
+    assert response.redirect_chain == [(f"/orders/new/{uuid.UUID(key)}/", 302)]
+    assert f'action="/orders/new/{uuid.UUID(key)}/"' in html
+    assert key not in client_for(alice).get("/orders/new/", follow=True).content.decode()
+
+
+def test_the_country_is_chosen_from_the_iso_list_not_cut_to_two_letters(alice, catalogue):
+    """A two-letter box (maxlength=2) cut "Germany" to "GE", Georgia, without a word."""
+    html = client_for(alice).get("/orders/new/", follow=True).content.decode()
+
+    assert re.search(r'<select name="country"[^>]*id="id_country"', html)
+    assert '<option value="DE">Germany</option>' in html
+    assert '<option value="GE">Georgia</option>' in html
+    assert 'maxlength="2"' not in html
+
+
+def test_back_then_submit_again_shows_the_order_already_placed(alice, catalogue, broker):
+    """Back returns to the history entry of the form (the page is rendered again, the browser
+    restores what the customer typed): the key must be that form's, not a fresh one."""
+    client = client_for(alice)
+    form_page = client.get("/orders/new/", follow=True).request["PATH_INFO"]
+    key = re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', client.get(form_page).content.decode())[1]
+    first = client.post(form_page, form_data(key))
+    assert first.status_code == 302
+
+    back = client.get(form_page).content.decode()  # Back: the same address, rendered again
+    restored_key = re.search(r'name="idempotency_key" value="([0-9a-f]{32})"', back)[1]
+    again = client.post(form_page, form_data(restored_key))
+
+    assert Order.objects.using("orders").count() == 1
+    assert again["Location"] == first["Location"]
+    assert len([m for m in broker.queue if m["task"] == START_SAGA]) == 1
+    assert "You already placed" in back
+    assert first["Location"] in back
+    assert messages_of(client.get(again["Location"]))[-1] == "This order was already placed: here it is."
 
 
 def test_placing_an_order_goes_through_the_api_service(alice, catalogue, broker):
@@ -144,7 +180,7 @@ def test_placing_an_order_goes_through_the_api_service(alice, catalogue, broker)
     assert start["payload"]["saga_id"] == str(order.saga_id)
     assert start["payload"]["context"]["payment_token"] == "tok_visa"
     detail = client.get(f"/orders/{order.id}/")
-    assert messages_of(detail) == ["Order placed. Its progress shows below as it happens."]
+    assert messages_of(detail) == [orders_views.ORDER_RECEIVED]
 
 
 def test_a_double_submit_places_one_order(alice, catalogue, broker):
@@ -241,7 +277,8 @@ def test_a_reused_form_with_other_answers_is_refused_with_a_fresh_key(alice, cat
         ({"qty_SKU-MUG": "-1"}, "qty_SKU-MUG", "greater than or equal to 0"),
         ({"qty_SKU-MUG": "1001"}, "qty_SKU-MUG", "less than or equal to 1000"),
         ({"qty_SKU-MUG": "two"}, "qty_SKU-MUG", "Enter a whole number"),
-        ({"country": "F1"}, "country", "does not match"),  # the API serializer's rule
+        ({"country": "F1"}, "country", "not one of the available choices"),
+        ({"country": "Germany"}, "country", "not one of the available choices"),
         ({"phone": "0612"}, "phone", "does not match"),  # the API serializer's rule
         ({"token": "tok_stolen"}, "token", "not one of the available choices"),
         ({"mode": "yolo"}, "mode", "not one of the available choices"),
@@ -341,6 +378,42 @@ def test_the_order_page_of_a_declined_order_says_why(alice, catalogue, broker):
     assert "reject_order" not in [s["name"] for s in state["saga"]["steps"]]  # action steps only
 
 
+def test_a_payment_that_never_went_through_is_worded_for_the_customer(alice, alice_api, catalogue, broker):
+    """Out of retries: the engine's wording stays with operators; the customer reads what
+    happened, and the payment step, compensated without ever having been taken, is not "undone"."""
+    response = alice_api.post("/api/orders/", {**order_body(token="tok_flaky_99")}, format="json")
+    order = Order.objects.using("orders").get(id=response.json()["id"])
+    broker.deliver()
+    order.refresh_from_db()
+    assert "charge_payment failed after 5 attempt(s)" in order.failure_message  # the engine's words
+
+    page = client_for(alice).get(f"/orders/{order.id}/")
+
+    html = page.content.decode()
+    steps = {s["name"]: s["state_label"] for s in page.context["steps"]}
+    assert steps["charge_payment"] == "did not go through"
+    assert steps["reserve_stock"] == "undone"  # that one did take effect
+    assert "We could not take your payment: the payment service did not answer in time." in html
+    visible = re.sub(r"<script.*?</script>|<[^>]+>", " ", html, flags=re.S)
+    assert "charge_payment" not in visible
+    assert "attempt" not in visible
+    # The live message carries the same words (order.js renders it as it comes).
+    assert page.context["state"]["order"]["failure"]["message"].startswith("We could not take your payment")
+    assert {s["name"]: s["shown"] for s in page.context["state"]["saga"]["steps"]}["charge_payment"] == "not_done"
+
+
+def test_the_page_after_placing_does_not_claim_success_in_advance(alice, catalogue, broker):
+    client = client_for(alice)
+    order = place(client, token="tok_declined")
+    broker.deliver()
+
+    page = client.get(f"/orders/{order.id}/")
+
+    [message] = list(page.context["messages"])
+    assert message.level_tag == "info"  # not the green "success"
+    assert "placed" not in str(message).lower()
+
+
 def test_the_list_shows_the_customers_orders_newest_first(alice, bob, catalogue, broker):
     client = client_for(alice)
     older = place(client, idempotency_key="a")
@@ -422,3 +495,49 @@ def test_cancel_form_needs_the_csrf_token(alice, catalogue, broker):
     assert client.get(f"/orders/{order.id}/cancel/").status_code == 405
     broker.deliver()
     assert Order.objects.using("orders").get(id=order.id).status == "shipped"
+
+
+# --- Error pages and the favicon ----------------------------------------------------------------
+
+
+def test_an_unknown_page_is_a_plain_404_in_the_site_style_and_api_paths_stay_json(client, settings):
+    settings.DEBUG = False
+
+    page = client.get("/no-such-page/")
+
+    assert page.status_code == 404
+    assert page["Content-Type"].startswith("text/html")
+    html = page.content.decode()
+    assert "<h1>Page not found</h1>" in html
+    assert "/static/css/site.css" in html  # the site's own layout, not Django's bare page
+    assert 'class="site-header"' in html
+    api = client.get("/api/no-such-thing/")
+    assert (api.status_code, api.json()["code"]) == (404, "not_found")
+
+
+def test_a_server_error_is_a_plain_500_in_the_site_style_and_api_paths_stay_json(alice, monkeypatch, settings):
+    settings.DEBUG = False
+
+    def broken(**kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(orders_views.selectors, "order_list_for_customer", broken)
+    client = Client(raise_request_exception=False)
+    client.force_login(alice)
+
+    page = client.get("/orders/")
+
+    assert page.status_code == 500
+    html = page.content.decode()
+    assert "Something went wrong on our side" in html
+    assert "/static/css/site.css" in html
+    assert "boom" not in html
+    assert "Traceback" not in html
+
+
+def test_every_page_has_a_favicon(client):
+    html = client.get("/accounts/login/").content.decode()
+    icon = re.search(r'<link rel="icon" href="([^"]+)"', html)[1]
+    assert finders.find(icon.removeprefix("/" + settings.STATIC_URL.lstrip("/")))
+    response = client.get("/favicon.ico")
+    assert (response.status_code, response["Location"]) == (301, icon)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from django.db import transaction
 
-from . import barrier, faults, outbox
+from . import attempts, barrier, faults, outbox
 from .errors import TransientError
 from .models import FaultRule
 
@@ -111,6 +111,10 @@ def _reply(command: Command, outcome: dict) -> dict:
 def execute(*, service: str, message: dict) -> dict:
     """Run one command on `service`'s database and queue the reply. Returns the outcome."""
     command = Command.from_message(message)
+    # The step's lease runs from here, not from when the command was sent: the sweeper reads
+    # this mark before it counts a lease as expired (a command still queued is not late).
+    mark = attempts.key(command.saga_id, command.step, command.op, command.attempt)
+    attempts.mark_started(mark)
     fn = _OPERATIONS.get((service, command.operation))
     if fn is None:
         outcome = {
@@ -119,6 +123,7 @@ def execute(*, service: str, message: dict) -> dict:
         }
         with transaction.atomic(using=service):
             outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+        attempts.mark_answered(mark)
         return outcome
     try:
         faults.before(service, command.operation, command.attempt)
@@ -147,6 +152,7 @@ def execute(*, service: str, message: dict) -> dict:
         outcome = {"status": TRANSIENT_ERROR, "error": error}
         with transaction.atomic(using=service):
             outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+    attempts.mark_answered(mark)  # the reply is committed: a late lease now waits for it
     faults.crash_if(FaultRule.CrashPoint.AFTER_REPLY, service, command.operation)
     return outcome
 

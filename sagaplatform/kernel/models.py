@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 
 from django.db import models
+from django.db.models.functions import Now
 
 
 class Barrier(models.Model):
@@ -46,7 +47,13 @@ class OutboxMessage(models.Model):
     queue = models.CharField(max_length=64)
     payload = models.JSONField()
     created_at = models.DateTimeField(auto_now_add=True)
-    available_at = models.DateTimeField()
+    # When it may be published, on the database's clock: written by the database itself unless
+    # the caller already holds a database-clock reading (the engine).
+    available_at = models.DateTimeField(db_default=Now())
+    # Due later (a retry, a handling window): only the relay publishes it, once due on the
+    # database clock. A broker countdown would be an ETA on the publisher's clock that another
+    # process waits for on its own clock.
+    delayed = models.BooleanField(default=False)
     published_at = models.DateTimeField(null=True, blank=True)
     publish_attempts = models.PositiveIntegerField(default=0)
 

@@ -4,6 +4,11 @@
 the message is published straight away (fast path); if the process dies first, or the broker is
 down, `relay_due()` (run by the periodic sweeper) publishes it later. A message can therefore be
 published more than once, never zero times: consumers are idempotent (barrier, step attempts).
+
+A delayed message (a retry, a handling window) is published by the relay only, once it is due on
+the database clock. It never travels as a broker countdown: that is an ETA on the publisher's
+clock which the consuming worker waits for on its own, so one worker ten minutes behind held
+every retry for ten minutes.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from datetime import datetime, timedelta
 from celery import current_app
 from django.conf import settings
 from django.db import connections, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from . import faults
@@ -34,35 +39,36 @@ PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 
 def enqueue(
     *, using: str, task: str, queue: str, payload: dict, delay: float = 0.0, now: datetime | None = None
 ) -> OutboxMessage:
-    """Write a message to `using`'s outbox; it is published once the transaction commits.
+    """Write a message to `using`'s outbox; it is published once the transaction commits, or,
+    when delayed, by the relay once due.
 
-    `now` is the caller's database-clock reading, when it has one: a delayed message is then
-    due at a time every sweeper agrees on, whatever the workers' clocks say.
+    `now` is the caller's database-clock reading, when it has one. Without it the due time is
+    the database's clock too (in the INSERT itself; one extra query for a delayed message), so a
+    worker's own clock never decides when a message goes out.
     """
     if not connections[using].in_atomic_block:
         raise RuntimeError(f"outbox.enqueue({task!r}) must run inside transaction.atomic(using={using!r})")
+    due = {}
+    if now is not None:
+        due["available_at"] = now + timedelta(seconds=delay)
+    elif delay > 0:
+        due["available_at"] = db_now(using) + timedelta(seconds=delay)
     message = OutboxMessage.objects.using(using).create(
-        task=task,
-        queue=queue,
-        payload=payload,
-        available_at=(now or timezone.now()) + timedelta(seconds=delay),
+        task=task, queue=queue, payload=payload, delayed=delay > 0, **due
     )
-    message.delay = delay
-    transaction.on_commit(lambda: publish(using=using, messages=[message]), using=using, robust=True)
+    if delay <= 0:
+        transaction.on_commit(lambda: publish(using=using, messages=[message]), using=using, robust=True)
     return message
 
 
 def _send(message: OutboxMessage) -> None:
-    # Relative, so the fast path does not depend on this process's clock agreeing with the
-    # database's; a message the sweep relays is already due.
-    countdown = getattr(message, "delay", 0.0)
+    # No countdown, ever: a delayed message reaches this point only once it is due.
     for _ in range(2 if settings.SAGA_FAULT_DUPLICATE_DELIVERY else 1):
         current_app.send_task(
             message.task,
             args=[message.payload],
             queue=message.queue,
             task_id=str(message.id),
-            countdown=countdown if countdown > 0 else None,
             retry_policy=PUBLISH_RETRY_POLICY,
         )
 
@@ -99,10 +105,13 @@ def _mark_published(using: str, ids: list) -> None:
 
 
 def relay_due(*, using: str, limit: int = 500) -> int:
-    """Publish what the fast path did not: rows unpublished past the grace period."""
-    cutoff = db_now(using) - SWEEP_GRACE
+    """Publish what the fast path did not: rows unpublished past the grace period, and delayed
+    rows as soon as they are due (the fast path never takes those, so no grace)."""
+    now = db_now(using)
     with transaction.atomic(using=using):
-        rows = OutboxMessage.objects.using(using).filter(published_at__isnull=True, available_at__lte=cutoff)
+        rows = OutboxMessage.objects.using(using).filter(
+            Q(delayed=True) | Q(available_at__lte=now - SWEEP_GRACE), published_at__isnull=True, available_at__lte=now
+        )
         if connections[using].features.has_select_for_update_skip_locked:
             rows = rows.select_for_update(skip_locked=True)
         messages = list(rows.order_by("available_at")[:limit])

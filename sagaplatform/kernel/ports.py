@@ -14,6 +14,11 @@ def saga_summary(saga_id) -> dict | None:
     return import_string(settings.SAGA_SUMMARY_READER)(saga_id)
 
 
+def sagas_known(saga_ids: list) -> set[str]:
+    """Which of these sagas the orchestrator has a record of (for a choreography: the tracker)."""
+    return import_string(settings.SAGA_EXISTENCE_READER)(saga_ids)
+
+
 def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = ""):
     """Ask the engine to cancel a saga; raises an ApiError (409) when it cannot be cancelled.
 

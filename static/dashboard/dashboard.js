@@ -297,6 +297,19 @@ list.onChange = () => render({ list: true });
 const graph = new SagaGraph($("saga-graph"), { onPick: (name) => renderPicked(name) });
 const platform = new PlatformGraph($("platform-graph"));
 
+// The transaction flow is drawn small in its panel; expanded, it covers the page and every
+// label is read at full size (the graph refits to its container on resize).
+function expandFlow(on) {
+  $("flow-block").classList.toggle("expanded", on);
+  $("flow-expand").setAttribute("aria-expanded", String(on));
+  $("flow-expand").textContent = on ? "Close" : "Expand";
+  $("flow-expand").setAttribute("aria-label", on ? "Close the expanded transaction flow" : "Expand the transaction flow");
+}
+$("flow-expand").addEventListener("click", () => expandFlow(!$("flow-block").classList.contains("expanded")));
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && $("flow-block").classList.contains("expanded")) expandFlow(false);
+});
+
 function render(dirty) {
   if (dirty.list) {
     list.render(state.sagas);

@@ -8,14 +8,14 @@ const STYLE = [
     selector: "node",
     style: {
       shape: "round-rectangle",
-      width: 150,
-      height: 50,
+      width: 140,
+      height: 54,
       "background-color": "#16223c",
       "border-width": 2,
       "border-color": "data(border)",
       label: "data(label)",
       color: "#e7ecf6",
-      "font-size": 10.5,
+      "font-size": 12,
       "font-family": "Inter, system-ui, sans-serif",
       "text-wrap": "wrap",
       "text-valign": "center",
@@ -23,7 +23,7 @@ const STYLE = [
       "line-height": 1.3,
     },
   },
-  { selector: "node.hub", style: { shape: "ellipse", width: 136, height: 76, "background-color": "#1b2d55" } },
+  { selector: "node.hub", style: { shape: "ellipse", width: 124, height: 76, "background-color": "#1b2d55" } },
   { selector: "node.down", style: { "border-style": "dashed" } },
   { selector: "node.failing", style: { "background-color": "#2b1620" } },
   {
@@ -94,11 +94,11 @@ export class PlatformGraph {
         cy.elements().remove();
         this.nodes = [...names];
         const others = names.filter((n) => n !== hub);
-        const gap = 62;
+        const gap = 66;
         cy.add(
           names.map((name) => {
             const i = others.indexOf(name);
-            const position = name === hub ? { x: 0, y: 0 } : { x: 200, y: (i - (others.length - 1) / 2) * gap };
+            const position = name === hub ? { x: 0, y: 0 } : { x: 190, y: (i - (others.length - 1) / 2) * gap };
             return { group: "nodes", data: { id: name, label: name, border: "#3a4a72" }, classes: name === hub ? "hub" : "", position };
           }),
         );

@@ -28,6 +28,7 @@ const COMP_CLASS = {
   skipped: "comp-skipped",
 };
 
+const NARROW_PX = 600;
 const PIVOT_PASSED = new Set(["succeeded", "running", "retrying"]);
 const IN_MOTION = new Set(["running", "retrying", "compensating", "confirming"]);
 
@@ -161,7 +162,8 @@ export class SagaGraph {
     });
     this.cy.on("mouseover", "node.step", () => (container.style.cursor = "pointer"));
     this.cy.on("mouseout", "node.step", () => (container.style.cursor = ""));
-    new ResizeObserver(() => this.fit()).observe(container);
+    this.narrow = null;
+    new ResizeObserver(() => (this.isNarrow() !== this.narrow ? this.layout() : this.fit())).observe(container);
     // The glow of steps in motion breathes: one class toggled, the transition does the rest.
     setInterval(() => {
       this.beat = !this.beat;
@@ -238,8 +240,17 @@ export class SagaGraph {
     this.layout();
   }
 
+  // A phone: too narrow to read the whole graph at once, so the failure path goes below the main
+  // graph (not beside it) and the operator may pinch to zoom and drag to pan.
+  isNarrow() {
+    return this.container.clientWidth > 0 && this.container.clientWidth < NARROW_PX;
+  }
+
   layout() {
     const cy = this.cy;
+    this.narrow = this.isNarrow();
+    cy.userZoomingEnabled(this.narrow);
+    cy.userPanningEnabled(this.narrow);
     const opts = { name: "dagre", rankDir: "TB", nodeSep: 24, rankSep: 50, edgeSep: 10, fit: false, animate: false };
     const mainNodes = cy.nodes(".main");
     mainNodes.union(cy.edges("edge.forward.main")).layout(opts).run();
@@ -249,11 +260,18 @@ export class SagaGraph {
       // Beside the first rows of the main graph, which are narrower than its fan-out at the end.
       const mbb = mainNodes.boundingBox();
       const fbb = fail.boundingBox();
-      const top = mbb.y1 + 22; // room for the group's title
-      const rows = mainNodes.filter((n) => n.boundingBox().y1 < top + fbb.h + 40);
-      const right = Math.max(...rows.map((n) => n.boundingBox().x2));
-      const dx = right + 80 - fbb.x1;
-      const dy = top - fbb.y1;
+      let dx;
+      let dy;
+      if (this.narrow) {
+        dx = mbb.x1 + mbb.w / 2 - (fbb.x1 + fbb.w / 2);
+        dy = mbb.y2 + 70 - fbb.y1;
+      } else {
+        const top = mbb.y1 + 22; // room for the group's title
+        const rows = mainNodes.filter((n) => n.boundingBox().y1 < top + fbb.h + 40);
+        const right = Math.max(...rows.map((n) => n.boundingBox().x2));
+        dx = right + 80 - fbb.x1;
+        dy = top - fbb.y1;
+      }
       fail.positions((n) => ({ x: n.position("x") + dx, y: n.position("y") + dy }));
     }
     this.fit();
@@ -342,23 +360,28 @@ export function statusLine(step, now = serverNow()) {
     case "running":
       return `RUNNING · try ${step.attempts}${dur != null ? ` · ${fmtDuration(dur)}` : ""}`;
     case "retrying":
-      return `RETRYING · try ${step.attempts} failed${countdown ? ` · next in ${countdown}` : ""}`;
+      // `attempts` already counts the try scheduled next: the one that failed is the one before
+      // (as the timeline's "attempt N" says).
+      return `RETRYING · try ${step.attempts - 1} failed · try ${step.attempts} ${countdown ? `in ${countdown}` : "under way"}`;
     case "succeeded":
       return `SUCCEEDED · ${tries(step.attempts)}${dur != null ? ` · ${fmtDuration(dur)}` : ""}`;
     case "failed":
       return `FAILED · ${tries(step.attempts)}${step.error?.code ? ` · ${step.error.code}` : ""}`;
     case "compensating":
       return countdown
-        ? `COMPENSATING · undo ${step.compensation_attempts} failed · next in ${countdown}`
+        ? `COMPENSATING · undo try ${step.compensation_attempts - 1} failed · try ${step.compensation_attempts} in ${countdown}`
         : `COMPENSATING · undo try ${step.compensation_attempts || 1}`;
     case "compensated":
-      return `COMPENSATED · ${tries(step.attempts)} · undone${step.compensation_attempts > 1 ? ` (${tries(step.compensation_attempts)})` : ""}`;
+      // A step that never took effect (acted false) was compensated as a no-op.
+      return `COMPENSATED · ${tries(step.attempts)} · ${step.acted === false ? "nothing to undo" : "undone"}${step.compensation_attempts > 1 ? ` (${tries(step.compensation_attempts)})` : ""}`;
     case "compensation_failed":
       return `UNDO FAILED · ${step.compensation_attempts} tries`;
     case "skipped":
       return "SKIPPED · settled by hand";
     case "confirming":
-      return countdown ? `CONFIRMING · try ${step.confirm_attempts} failed · next in ${countdown}` : `CONFIRMING · try ${step.confirm_attempts || 1}`;
+      return countdown
+        ? `CONFIRMING · try ${step.confirm_attempts - 1} failed · try ${step.confirm_attempts} in ${countdown}`
+        : `CONFIRMING · try ${step.confirm_attempts || 1}`;
     case "confirmed":
       return `CONFIRMED · ${tries(step.attempts)}${step.confirm_attempts > 1 ? ` + ${step.confirm_attempts} confirms` : ""}`;
     case "confirm_failed":

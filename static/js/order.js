@@ -45,10 +45,10 @@
     if (node.textContent !== text) node.textContent = text;
   }
 
-  function renderSteps(steps, ended) {
+  function renderSteps(steps) {
     var list = el("steps");
     var items = steps.map(function (step) {
-      var shown = ended && step.state === "pending" ? "not_started" : step.state;
+      var shown = step.shown || step.state; // worded by the server (orders/live.py)
       var li = document.createElement("li");
       li.className = "step step--" + shown;
       li.dataset.step = step.name;
@@ -61,7 +61,8 @@
       label.textContent = labels.steps[step.name] || step.name.replace(/_/g, " ");
       var stateLabel = document.createElement("span");
       stateLabel.className = "step__state";
-      stateLabel.textContent = (labels.states[shown] || shown) + (step.attempts > 1 ? " (attempt " + step.attempts + ")" : "");
+      var inProgress = step.state === "running" || step.state === "retrying";
+      stateLabel.textContent = (labels.states[shown] || shown) + (inProgress && step.attempts > 1 ? " (attempt " + step.attempts + ")" : "");
       li.append(marker, label, stateLabel);
       return li;
     });
@@ -88,7 +89,7 @@
     bar.dataset.total = p.total;
     bar.firstElementChild.style.width = (p.total ? Math.round((100 * p.value) / p.total) : 0) + "%";
     setText(el("progress-text"), p.text);
-    renderSteps((s.saga && s.saga.steps) || [], s.order.status === "rejected" || s.order.status === "cancelled");
+    renderSteps((s.saga && s.saga.steps) || []);
 
     var form = el("cancel-form");
     form.hidden = !s.order.can_cancel;

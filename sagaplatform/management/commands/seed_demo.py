@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from sagaplatform.demo import CATALOGUE, load_demo_data
+from sagaplatform.demo import CATALOGUE, load_catalogue, load_demo_data
 
 
 class Command(BaseCommand):
@@ -9,8 +9,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--force", action="store_true", help="load even with DJANGO_DEBUG off")
+        parser.add_argument(
+            "--catalogue-only", action="store_true", help="only the products and their stock, no users (production)"
+        )
 
-    def handle(self, *args, force: bool, **options):
+    def handle(self, *args, force: bool, catalogue_only: bool, **options):
+        if catalogue_only:
+            load_catalogue()
+            self.stdout.write(f"Demo catalogue: {', '.join(sku for sku, *_ in CATALOGUE)}")
+            return
         if not settings.DEBUG and not force:
             # The demo operator is a superuser with a published password.
             raise CommandError("refusing to load demo users with DJANGO_DEBUG off; pass --force to insist")

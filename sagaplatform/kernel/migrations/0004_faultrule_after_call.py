@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('kernel', '0002_deadletter'),
+        ('kernel', '0003_outbox_delayed'),
     ]
 
     operations = [

@@ -1,0 +1,116 @@
+"""Attempt marks: a service worker notes when it starts an attempt and when it has answered, so
+that the sweeper can tell, once a step's lease expires, a command still waiting in a queue (or a
+reply still waiting in the orchestrator's) from an attempt that ran out of time.
+
+A mark is one Redis key per (saga, step, op, attempt), set with a fixed time to live when the
+attempt starts and overwritten, keeping that time to live, when it has answered. How long ago
+the attempt started is the time to live minus what is left of it: a duration on Redis's clock
+alone, so no process's own clock is read. It costs the worker one Redis write at the start and
+one at the end, and no extra message. In the embedded mode (one process, no Redis) the marks
+live in the process's memory.
+
+Marks are a hint: losing them (Redis restarted) only means the sweeper times the attempt out as
+it did before marks existed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from functools import cache
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+STARTED = "started"
+ANSWERED = "answered"
+# Far longer than any queue wait, lease or retry the sweeper asks about.
+TTL_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class Mark:
+    state: str  # STARTED or ANSWERED
+    age: float  # seconds since the attempt started
+
+
+def key(saga_id, step: str, op: str, attempt: int) -> str:
+    return f"saga:attempt:{saga_id}:{step}:{op}:{attempt}"
+
+
+class _Memory:
+    """The embedded mode's marks: one process, so its monotonic clock is the only clock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.marks: dict[str, tuple[str, float]] = {}
+
+    def write(self, mark_key: str, state: str) -> None:
+        with self.lock:
+            started = self.marks.get(mark_key, (None, time.monotonic()))[1]
+            self.marks[mark_key] = (state, started)
+            if len(self.marks) > 100_000:
+                horizon = time.monotonic() - TTL_MS / 1000
+                self.marks = {k: v for k, v in self.marks.items() if v[1] > horizon}
+
+    def read(self, keys: list[str]) -> dict[str, Mark]:
+        now = time.monotonic()
+        with self.lock:
+            found = {k: self.marks[k] for k in keys if k in self.marks}
+        return {k: Mark(state, now - started) for k, (state, started) in found.items()}
+
+
+@cache
+def _store():
+    cache_config = settings.CACHES["default"]
+    if not cache_config["BACKEND"].endswith("RedisCache"):
+        return _Memory()
+    import redis
+
+    # Short timeouts: a mark is never worth holding up a command or a sweep for.
+    return redis.Redis.from_url(cache_config["LOCATION"], socket_timeout=1, socket_connect_timeout=1)
+
+
+def mark_started(mark_key: str) -> None:
+    _write(mark_key, STARTED)
+
+
+def mark_answered(mark_key: str) -> None:
+    _write(mark_key, ANSWERED)
+
+
+def _write(mark_key: str, state: str) -> None:
+    store = _store()
+    try:
+        if isinstance(store, _Memory):
+            store.write(mark_key, state)
+        elif state == STARTED:
+            store.set(mark_key, state, px=TTL_MS)
+        else:  # keep the time to live set at the start: it is the start time
+            store.set(mark_key, state, xx=True, keepttl=True)
+    except Exception:
+        logger.warning("attempt mark %s not written", mark_key, exc_info=True)
+
+
+def read(keys: list[str]) -> dict[str, Mark] | None:
+    """The marks found among `keys`; None when they cannot be read (then nothing is known)."""
+    store = _store()
+    if isinstance(store, _Memory):
+        return store.read(keys)
+    try:
+        pipe = store.pipeline(transaction=False)
+        for mark_key in keys:
+            pipe.get(mark_key)
+            pipe.pttl(mark_key)
+        replies = pipe.execute()
+    except Exception:
+        logger.warning("attempt marks not readable", exc_info=True)
+        return None
+    marks = {}
+    for mark_key, state, ttl in zip(keys, replies[::2], replies[1::2], strict=True):
+        if state is not None and ttl >= 0:
+            marks[mark_key] = Mark(state.decode(), (TTL_MS - ttl) / 1000)
+    return marks
