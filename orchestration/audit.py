@@ -75,6 +75,8 @@ def run_audit() -> list[Violation]:
             "authorized": ([], Decimal("0.00")),
             "captured": (["charge"], charge["amount"]),
             "voided": ([], Decimal("0.00")),
+            "declined": ([], Decimal("0.00")),
+            "cancelled": ([], Decimal("0.00")),
             "refunded": (["charge", "refund"], Decimal("0.00")),
         }
         entries, net = expected.get(charge["state"], ([], None))

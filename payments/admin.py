@@ -40,6 +40,7 @@ class ChargeAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_filter = ["state", "currency", age_filter()]
     search_fields = ["id", "order_id", "saga_id", "gateway_reference"]
     inlines = [LedgerEntryInline]
+    exclude = ["payment_token"]  # a card token, kept only while its charge is pending
 
     @admin.display(description="charge", ordering="id")
     def short(self, charge: Charge) -> str:

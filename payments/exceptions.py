@@ -11,3 +11,7 @@ class PaymentNotCapturable(BusinessError):
 
 class GatewayUnavailable(TransientError):
     code = "gateway_unavailable"
+
+
+class ChargeCancelled(BusinessError):
+    code = "charge_cancelled"

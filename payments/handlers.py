@@ -1,37 +1,59 @@
-"""The payment service's operations, each beside its compensation."""
+"""The payment service's operations, each beside its compensation.
+
+Those that call the gateway do it in their `outside` step, with no transaction open (see
+`services`); the operation itself, run through the barrier, records or reads the answer."""
 
 from decimal import Decimal
 
+from django.db import transaction
+
+from sagaplatform.kernel import barrier
 from sagaplatform.kernel.commands import Command, operation
 
 from . import services
 
+DB = services.DB
 
-def _take(command: Command, *, capture: bool) -> dict:
-    payload = command.payload
-    result = services.charge_create(
-        saga_id=command.saga_id,
-        order_id=payload["order_id"],
-        amount=Decimal(payload["amount"]),
-        currency=payload.get("currency", "EUR"),
-        token=payload["payment_token"],
-        attempt=command.attempt,
-        capture=capture,
+
+def _take_outside(*, command: Command) -> None:
+    with transaction.atomic(using=DB):
+        # The barrier row and the pending charge commit together: a compensation arriving from
+        # now on finds an action to undo, and one that came first has refused this one.
+        if barrier.begin(using=DB, command=command) is not None:
+            return  # already answered, or refused: no call
+        payload = command.payload
+        services.charge_begin(
+            saga_id=command.saga_id,
+            order_id=payload["order_id"],
+            amount=Decimal(payload["amount"]),
+            currency=payload.get("currency", "EUR"),
+            token=payload["payment_token"],
+            capture=command.operation == "charge",
+        )
+    services.charge_call(saga_id=command.saga_id, attempt=command.attempt, operation=command.operation)
+
+
+def _undo_outside(*, command: Command) -> None:
+    services.charge_undo_call(
+        saga_id=command.saga_id, step=command.step, attempt=command.attempt, operation=command.operation
     )
-    return {"charge_id": str(result.id), "amount": str(result.amount), "reference": result.gateway_reference}
 
 
-@operation("payments", "charge")
+def _take(command: Command) -> dict:
+    return services.charge_result(services.charge_outcome(saga_id=command.saga_id))
+
+
+@operation("payments", "charge", outside=_take_outside)
 def charge(*, command: Command) -> dict:
-    return _take(command, capture=True)
+    return _take(command)
 
 
 # TCC: authorise (try), capture (confirm), void (cancel).
 
 
-@operation("payments", "authorize")
+@operation("payments", "authorize", outside=_take_outside)
 def authorize(*, command: Command) -> dict:
-    return _take(command, capture=False)
+    return _take(command)
 
 
 @operation("payments", "capture")
@@ -39,13 +61,13 @@ def capture(*, command: Command) -> dict:
     return {"captured": str(services.charge_capture(saga_id=command.saga_id).amount)}
 
 
-@operation("payments", "void")
+@operation("payments", "void", outside=_undo_outside)
 def void(*, command: Command) -> dict:
     result = services.charge_void(saga_id=command.saga_id)
     return {"state": result.state if result else None}
 
 
-@operation("payments", "refund")
+@operation("payments", "refund", outside=_undo_outside)
 def refund(*, command: Command) -> dict:
     result = services.charge_refund(saga_id=command.saga_id)
     return {"refunded": str(result.amount) if result else "0.00"}

@@ -8,9 +8,15 @@ from django.db import models
 class Charge(models.Model):
     """Money held or taken from a customer for one saga. A capture writes the ledger entry; a
     refund writes the reverse entry; a void releases a hold that never reached the ledger.
-    Never deleted."""
+    Never deleted.
+
+    The row is written as `pending` (the intent, with its idempotency key) and committed before
+    the gateway is called; the gateway's answer is recorded in a second transaction."""
 
     class State(models.TextChoices):
+        PENDING = "pending"  # the gateway is being asked; its answer is not recorded yet
+        DECLINED = "declined"  # the gateway refused the card: nothing held or taken
+        CANCELLED = "cancelled"  # given up while pending, when no call could have taken anything
         AUTHORIZED = "authorized"  # funds held on the card, not taken (TCC's try)
         CAPTURED = "captured"
         VOIDED = "voided"  # the hold released, nothing taken
@@ -22,7 +28,19 @@ class Charge(models.Model):
     amount = models.DecimalField(max_digits=12, decimal_places=2)
     currency = models.CharField(max_length=3, default="EUR")
     state = models.CharField(max_length=16, choices=State.choices, default=State.CAPTURED)
-    gateway_reference = models.CharField(max_length=64, unique=True)
+    # Known once the gateway has answered.
+    gateway_reference = models.CharField(max_length=64, unique=True, null=True, blank=True)
+    # Sent with every call for this charge, so a repeated call never charges twice.
+    idempotency_key = models.CharField(max_length=80, unique=True, null=True, blank=True)
+    # Kept only while the charge is pending (a retry of the call needs it), then erased.
+    payment_token = models.CharField(max_length=64, blank=True, default="")
+    capture = models.BooleanField(default=True, help_text="take the money, or only hold it (TCC's try)")
+    decline_code = models.CharField(max_length=64, blank=True, default="")
+    # Gateway calls that may have taken money without our record (in flight, or cut short by a
+    # crash). A call answered "unavailable" took nothing and is not counted.
+    calls_in_doubt = models.PositiveIntegerField(default=0)
+    # Set once the gateway has confirmed the refund; the refund is then recorded in the ledger.
+    refund_reference = models.CharField(max_length=64, unique=True, null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

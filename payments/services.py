@@ -1,4 +1,12 @@
-"""Charge and refund. Each runs inside the caller's transaction on the `payments` alias."""
+"""Charge, capture, void and refund.
+
+The gateway is never called inside a transaction: a slow gateway (`tok_hang`) would hold the
+payments transaction, and on SQLite the whole database's write lock, while it answers. A charge
+is an intent committed first (`charge_begin`: a `pending` charge with its idempotency key), a
+call with no transaction open (`charge_call`), and the answer recorded in a second transaction.
+A refund is the same: the gateway confirms it (`charge_undo_call`), then the ledger records it.
+The barrier's operations (`charge_outcome`, `charge_refund`, ...) only read and write the
+database."""
 
 from __future__ import annotations
 
@@ -6,12 +14,116 @@ import uuid
 from decimal import Decimal
 
 from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from sagaplatform.kernel import barrier, faults
+from sagaplatform.kernel.models import FaultRule
 
 from . import gateway
-from .exceptions import PaymentNotCapturable
+from .exceptions import CardDeclined, ChargeCancelled, GatewayUnavailable, PaymentNotCapturable
 from .models import Charge, LedgerEntry
 
 DB = "payments"
+DECLINED_MESSAGE = "The card was declined"
+CANCELLED_MESSAGE = "The charge was given up before the gateway took anything"
+
+
+def idempotency_key(saga_id: uuid.UUID) -> str:
+    return f"{saga_id}:charge"
+
+
+def charge_begin(
+    *, saga_id: uuid.UUID, order_id: uuid.UUID, amount: Decimal, currency: str, token: str, capture: bool = True
+) -> Charge:
+    """Record the intent to charge, inside the caller's transaction. Idempotent."""
+    charge, _ = Charge.objects.using(DB).get_or_create(
+        saga_id=saga_id,
+        defaults={
+            "order_id": order_id,
+            "amount": amount,
+            "currency": currency,
+            "state": Charge.State.PENDING,
+            "idempotency_key": idempotency_key(saga_id),
+            "payment_token": token,
+            "capture": capture,
+        },
+    )
+    return charge
+
+
+def charge_call(*, saga_id: uuid.UUID, attempt: int, operation: str = "charge") -> Charge | None:
+    """Ask the gateway about a pending charge and record its answer. Run with no transaction open.
+
+    The call always carries the charge's idempotency key: after a crash between the call and the
+    record, the next call gets the same charge back instead of a second one."""
+    charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
+    if charge is None:
+        return None
+    pending = Charge.objects.using(DB).filter(id=charge.id, state=Charge.State.PENDING)
+    # Counted before the call, and only while pending: once a compensation has cancelled the
+    # charge, no call starts.
+    if not pending.update(calls_in_doubt=F("calls_in_doubt") + 1):
+        charge.refresh_from_db(using=DB)
+        return charge
+    try:
+        result = gateway.charge(
+            token=charge.payment_token, amount=charge.amount, idempotency_key=charge.idempotency_key, attempt=attempt
+        )
+    except GatewayUnavailable:
+        # A definite "not processed, try again": this call took nothing.
+        Charge.objects.using(DB).filter(id=charge.id, calls_in_doubt__gt=0).update(
+            calls_in_doubt=F("calls_in_doubt") - 1
+        )
+        raise
+    except CardDeclined as exc:
+        faults.crash_if(FaultRule.CrashPoint.AFTER_CALL, DB, operation)
+        pending.update(
+            state=Charge.State.DECLINED,
+            decline_code=exc.details.get("decline_code", ""),
+            payment_token="",
+            updated_at=timezone.now(),
+        )
+    else:
+        faults.crash_if(FaultRule.CrashPoint.AFTER_CALL, DB, operation)
+        state = Charge.State.CAPTURED if charge.capture else Charge.State.AUTHORIZED
+        with transaction.atomic(using=DB):
+            # Conditional: a concurrent call for the same charge (a duplicate delivery, or a
+            # compensation finishing it) records it once.
+            if (
+                pending.update(
+                    state=state, gateway_reference=result.reference, payment_token="", updated_at=timezone.now()
+                )
+                and charge.capture
+            ):
+                LedgerEntry.objects.using(DB).create(charge=charge, kind=LedgerEntry.Kind.CHARGE, amount=charge.amount)
+    charge.refresh_from_db(using=DB)
+    return charge
+
+
+def charge_abandon(*, saga_id: uuid.UUID) -> bool:
+    """Cancel a pending charge if no call could have taken anything; no call starts after it."""
+    return bool(
+        Charge.objects.using(DB)
+        .filter(saga_id=saga_id, state=Charge.State.PENDING, calls_in_doubt=0)
+        .update(state=Charge.State.CANCELLED, payment_token="", updated_at=timezone.now())
+    )
+
+
+def charge_outcome(*, saga_id: uuid.UUID) -> Charge:
+    """The charge as the gateway answered it (the barrier's operation: reads only)."""
+    charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
+    if charge is None or charge.state == Charge.State.PENDING:
+        raise GatewayUnavailable("The gateway has not answered for this charge yet")
+    if charge.state == Charge.State.DECLINED:
+        raise CardDeclined(DECLINED_MESSAGE, details={"decline_code": charge.decline_code})
+    if charge.state == Charge.State.CANCELLED:
+        raise ChargeCancelled(CANCELLED_MESSAGE)
+    return charge
+
+
+def charge_result(charge: Charge) -> dict:
+    return {"charge_id": str(charge.id), "amount": str(charge.amount), "reference": charge.gateway_reference}
 
 
 def charge_create(
@@ -24,21 +136,37 @@ def charge_create(
     attempt: int = 1,
     capture: bool = True,
 ) -> Charge:
-    """Take the money (or, with `capture=False`, only hold it: TCC's try)."""
-    # The gateway call carries an idempotency key of its own, so a retry after a crash between
-    # the gateway's answer and our commit cannot take the money twice.
-    result = gateway.charge(token=token, amount=amount, idempotency_key=f"{saga_id}:charge", attempt=attempt)
+    """Take the money (or, with `capture=False`, only hold it: TCC's try), without the barrier."""
     with transaction.atomic(using=DB):
-        charge = Charge.objects.using(DB).create(
-            saga_id=saga_id,
-            order_id=order_id,
-            amount=result.amount,
-            currency=currency,
-            gateway_reference=result.reference,
-            state=Charge.State.CAPTURED if capture else Charge.State.AUTHORIZED,
-        )
-        if capture:
-            LedgerEntry.objects.using(DB).create(charge=charge, kind=LedgerEntry.Kind.CHARGE, amount=charge.amount)
+        charge_begin(saga_id=saga_id, order_id=order_id, amount=amount, currency=currency, token=token, capture=capture)
+    charge_call(saga_id=saga_id, attempt=attempt)
+    return charge_outcome(saga_id=saga_id)
+
+
+def charge_undo_call(*, saga_id: uuid.UUID, step: str, attempt: int, operation: str = "refund") -> Charge | None:
+    """Before a refund or a void: settle what the gateway owes us. Run with no transaction open.
+
+    A charge still pending is cancelled if no call could have taken anything (every call so far
+    was answered "unavailable"). Otherwise (a call in flight, or cut short by a crash) it is
+    finished first, asking the gateway again with the same idempotency key. Either way its
+    action's barrier row gets the outcome, since the action may never run again. Then a captured
+    charge is refunded at the gateway; the refund's own operation records it in the ledger."""
+    charge_abandon(saga_id=saga_id)
+    charge = charge_call(saga_id=saga_id, attempt=attempt, operation=operation)
+    if charge is None or charge.state == Charge.State.PENDING:
+        return charge
+    if charge.state == Charge.State.DECLINED:
+        outcome = {"status": "business_failure", "error": CardDeclined(DECLINED_MESSAGE).as_dict()}
+    elif charge.state == Charge.State.CANCELLED:
+        outcome = {"status": "business_failure", "error": ChargeCancelled(CANCELLED_MESSAGE).as_dict()}
+    else:
+        outcome = {"status": "succeeded", "result": charge_result(charge)}
+    barrier.settle(using=DB, saga_id=saga_id, step=step, outcome=outcome)
+    if charge.state == Charge.State.CAPTURED and charge.refund_reference is None:
+        reference = gateway.refund(reference=charge.gateway_reference, amount=charge.amount)
+        faults.crash_if(FaultRule.CrashPoint.AFTER_CALL, DB, operation)
+        Charge.objects.using(DB).filter(id=charge.id, refund_reference__isnull=True).update(refund_reference=reference)
+        charge.refresh_from_db(using=DB)
     return charge
 
 
@@ -61,6 +189,8 @@ def charge_void(*, saga_id: uuid.UUID) -> Charge | None:
         charge = Charge.objects.using(DB).select_for_update().filter(saga_id=saga_id).first()
         if charge is None:
             return None
+        if charge.state == Charge.State.PENDING:
+            raise GatewayUnavailable("The gateway has not answered for this authorisation yet")
         if charge.state == Charge.State.AUTHORIZED:
             charge.state = Charge.State.VOIDED
             charge.save(using=DB, update_fields=["state", "updated_at"])
@@ -69,11 +199,19 @@ def charge_void(*, saga_id: uuid.UUID) -> Charge | None:
 
 
 def charge_refund(*, saga_id: uuid.UUID) -> Charge | None:
-    """Refund a saga's charge in full (the compensation of charge). Idempotent."""
+    """Record the refund of a saga's charge, in full (the compensation of charge). Idempotent.
+    The gateway must have confirmed it first (`charge_undo_call`)."""
     with transaction.atomic(using=DB):
         charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
         if charge is None:
             return None
+        if charge.state == Charge.State.PENDING:
+            raise GatewayUnavailable("The gateway has not answered for this charge yet")
+        if charge.state == Charge.State.CAPTURED and charge.refund_reference is None:
+            # Only an undo with no outside step gets here: a choreographed reaction that gives up
+            # undoes its step inside its own transaction. The gateway's refund is quick.
+            charge.refund_reference = gateway.refund(reference=charge.gateway_reference, amount=charge.amount)
+            Charge.objects.using(DB).filter(id=charge.id).update(refund_reference=charge.refund_reference)
         if (
             not Charge.objects.using(DB)
             .filter(id=charge.id, state=Charge.State.CAPTURED)
@@ -81,7 +219,6 @@ def charge_refund(*, saga_id: uuid.UUID) -> Charge | None:
         ):
             charge.refresh_from_db(using=DB, fields=["state"])  # a concurrent refund won
             return charge
-        gateway.refund(reference=charge.gateway_reference, amount=charge.amount)
         LedgerEntry.objects.using(DB).create(charge=charge, kind=LedgerEntry.Kind.REFUND, amount=-charge.amount)
         charge.state = Charge.State.REFUNDED
     return charge

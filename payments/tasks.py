@@ -1,6 +1,13 @@
+import logging
+import uuid
+
 from celery import shared_task
 
-from sagaplatform.kernel import choreography, commands
+from sagaplatform.kernel import choreography, commands, faults
+
+from . import services
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(name="payments.execute", ignore_result=True)
@@ -10,4 +17,32 @@ def execute(message: dict) -> None:
 
 @shared_task(name="payments.react", ignore_result=True)
 def react(message: dict) -> None:
+    _call_outside(message)
     choreography.react(service="payments", message=message)
+
+
+def _call_outside(message: dict) -> None:
+    """A reaction's gateway call, before the reaction's transaction (as `commands.execute` does for
+    a command). If it fails, the reaction's operation finds the charge still pending and fails
+    transiently, and the reaction retries on its own backoff."""
+    rule, attempt = None, int(message.get("attempt", 1))
+    try:
+        rule = next(r for r in choreography.reactions() if r.service == "payments" and r.key == message.get("reaction"))
+        if faults.fails_first("payments", rule.operation, attempt):
+            return  # the reaction's own fault hook fails this attempt: no call for it
+        command = commands.Command(
+            saga_id=uuid.UUID(str(message["saga_id"])),
+            step=rule.step,
+            op=rule.op,
+            operation=rule.operation,
+            attempt=attempt,
+            payload={**(message.get("context") or {}), "failure": message.get("failure")},
+        )
+        commands.call_outside(service="payments", command=command)
+    except Exception as exc:  # the reaction itself reports the failure and retries
+        logger.warning("payments reaction %s: gateway call failed: %s", message.get("reaction"), exc)
+        if rule is not None and rule.op == commands.ACTION and attempt >= rule.max_attempts:
+            # The last attempt: give the charge up while nothing can have been taken, so the
+            # reaction fails for good (`charge_cancelled`) instead of giving up on a charge
+            # still pending, whose undo would have to wait on the gateway.
+            services.charge_abandon(saga_id=uuid.UUID(str(message["saga_id"])))

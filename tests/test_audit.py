@@ -75,9 +75,8 @@ def plant_refund_of_a_completed_order(world):
 
 
 def plant_charge_kept_on_failure(world):
-    charge = Charge.objects.using("payments").create(
-        saga_id=world["declined"], order_id=uuid.uuid4(), amount=Decimal("25.00"), gateway_reference="ch_planted"
-    )
+    charge = Charge.objects.using("payments").get(saga_id=world["declined"])  # declined: no money
+    Charge.objects.using("payments").filter(id=charge.id).update(state="captured", gateway_reference="ch_planted")
     LedgerEntry.objects.using("payments").create(charge=charge, kind="charge", amount=charge.amount)
 
 

@@ -24,6 +24,7 @@ from orders.models import Order, OrderStatusChange
 from payments.models import Charge, LedgerEntry
 from sagaplatform.kernel import barrier, commands
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, REPLY_TASK
+from sagaplatform.kernel.errors import TransientError
 from sagaplatform.kernel.models import Barrier, OutboxMessage
 from shipping.models import Shipment
 from tests.conftest import ADDRESS
@@ -62,7 +63,13 @@ def world() -> dict:
         "reservations": sorted(
             Reservation.objects.using("inventory").values_list("saga_id", "sku", "quantity", "state")
         ),
-        "charges": sorted(Charge.objects.using("payments").values_list("saga_id", "amount", "state")),
+        # A pending charge (the intent recorded before the gateway call), a declined one and a
+        # cancelled one hold no money: tests/test_payments.py covers them.
+        "charges": sorted(
+            Charge.objects.using("payments")
+            .exclude(state__in=[Charge.State.PENDING, Charge.State.DECLINED, Charge.State.CANCELLED])
+            .values_list("saga_id", "amount", "state")
+        ),
         "ledger": sorted(LedgerEntry.objects.using("payments").values_list("charge__saga_id", "kind", "amount")),
         "orders": sorted(Order.objects.using("orders").values_list("id", "status", "failure_code")),
         "order_history": sorted(
@@ -402,7 +409,14 @@ def test_a_compensation_racing_its_action_either_undoes_it_or_blocks_it(action, 
         saga, name = job
         try:
             start.wait()
-            return saga.run(name)
+            for attempt in range(1, 20):
+                try:
+                    return saga.run(name, attempt=attempt)
+                except TransientError:
+                    # A refund that finds the charge still pending at the gateway is retried,
+                    # as the engine retries a compensation.
+                    assert name == compensation == "refund"
+            raise AssertionError("never settled")
         finally:
             connections.close_all()
 
@@ -413,10 +427,16 @@ def test_a_compensation_racing_its_action_either_undoes_it_or_blocks_it(action, 
     for i in range(len(sagas)):
         acted, undone = outcomes[2 * i], outcomes[2 * i + 1]
         if undone == NULL_COMPENSATION:  # the compensation won: the action was refused
+            if acted.get("error", {}).get("code") == "charge_cancelled":
+                # ...or, once the charge's intent committed, given up before any gateway call.
+                assert action == "charge"
+                continue
             assert acted == {**REFUSED, "replayed": True}
         else:  # the action won: the compensation undid it
             assert acted["status"] == "succeeded"
-            assert "replayed" not in acted
+            # A refund finishes a charge it finds pending, and stores the action's outcome: the
+            # action then replays it.
+            assert "replayed" not in acted or action == "charge"
             assert undone["status"] == "succeeded"
             assert "barrier" not in undone
             ran += 1
@@ -587,7 +607,7 @@ def test_approving_a_rejected_order_is_a_stored_business_failure(new_saga):
 # --- transient errors --------------------------------------------------------------------------
 
 
-def test_a_transient_error_leaves_no_barrier_row_so_the_next_attempt_runs(new_saga):
+def test_a_transient_error_leaves_no_outcome_so_the_next_attempt_runs(new_saga):
     from payments.exceptions import GatewayUnavailable
 
     saga = new_saga(token="tok_flaky_2")
@@ -596,7 +616,8 @@ def test_a_transient_error_leaves_no_barrier_row_so_the_next_attempt_runs(new_sa
     for attempt in (1, 2):
         with pytest.raises(GatewayUnavailable):
             commands.run(service="payments", message=saga.message("charge", attempt=attempt))
-        assert barrier_rows("payments", saga.id) == {}
+        # Only the intent, committed before the gateway call: a row with no outcome.
+        assert barrier_rows("payments", saga.id) == {("charge_payment", ACTION): None}
         assert world() == before
 
     third = commands.run(service="payments", message=saga.message("charge", attempt=3))
@@ -695,7 +716,7 @@ def test_execute_replies_business_failure(new_saga):
     assert world() == before
 
 
-def test_execute_replies_transient_error_and_keeps_no_barrier_row(new_saga):
+def test_execute_replies_transient_error_and_keeps_no_outcome(new_saga):
     saga = new_saga(token="tok_flaky_1")
     before = world()
 
@@ -708,7 +729,7 @@ def test_execute_replies_transient_error_and_keeps_no_barrier_row(new_saga):
     assert replies("payments") == [
         {"saga_id": str(saga.id), "step": "charge_payment", "op": "action", "attempt": 1, **failed}
     ]
-    assert barrier_rows("payments", saga.id) == {}
+    assert barrier_rows("payments", saga.id) == {("charge_payment", ACTION): None}
     assert world() == before
 
     retried = commands.execute(service="payments", message=saga.message("charge", attempt=2))

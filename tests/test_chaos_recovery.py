@@ -17,6 +17,8 @@ import pytest
 
 from orchestration.audit import run_audit
 from orchestration.models import SagaEvent, SagaStep
+from payments import gateway
+from payments.models import Charge
 from sagaplatform.kernel import faults
 from sagaplatform.kernel.models import FaultRule, OutboxMessage
 from sagaplatform.kernel.outbox import SWEEP_GRACE
@@ -24,7 +26,7 @@ from shipping.models import Shipment
 from tests.chaos import PASSWORD, Stack
 from tests.conftest import mug
 from tests.processes import wait_for
-from tests.test_chaos import assert_paid_once, inject, place, settled
+from tests.test_chaos import assert_paid_once, inject, place, settled, step_state
 
 pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True, databases="__all__")]
 
@@ -32,6 +34,7 @@ pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True, da
 # every RESTORE_INTERVAL; no task may run longer than the hard time limit below it.
 VISIBILITY = 8
 RESTORE_INTERVAL = 1
+HANG = 4
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +46,7 @@ def stack(django_db_setup, django_db_blocker):
             "CELERY_UNACKED_RESTORE_INTERVAL": str(RESTORE_INTERVAL),
             "CELERY_TASK_SOFT_TIME_LIMIT": "5",
             "CELERY_TASK_TIME_LIMIT": "6",
+            "PAYMENT_GATEWAY_HANG_SECONDS": str(HANG),  # inside the time limits
         }
     )
     running.start()
@@ -149,8 +153,8 @@ def test_orchestrator_killed_after_its_commit_then_the_relay_after_its_send(stac
 
 
 def test_service_killed_between_the_gateway_call_and_its_commit_and_after_its_reply(stack, customer):
-    """payments dies after the gateway took the card and before its commit (everything rolls
-    back); shipping dies after publishing its reply, before acknowledging the command. Each
+    """payments dies after the gateway's answer is recorded and before the commit of the step's
+    outcome and reply (that transaction rolls back; the recorded charge stays); shipping dies after publishing its reply, before acknowledging the command. Each
     killed task runs again at once, the second shipping run as a barrier replay."""
     gateway_crash = inject("payments", operation="charge", crash_point="before_commit")
     reply_crash = inject("shipping", operation="schedule", crash_point="after_reply")
@@ -174,4 +178,46 @@ def test_service_killed_between_the_gateway_call_and_its_commit_and_after_its_re
     assert_paid_once(saga_id, Decimal("25.00"))
     assert Shipment.objects.using("shipping").filter(saga_id=saga_id).count() == 1
     assert mug() == (48, 0)
+    assert run_audit() == []
+
+
+def test_payments_killed_between_the_gateway_call_and_its_record(stack, customer):
+    """The gateway took the card and payments dies before recording the answer. The intent (the
+    pending charge and its barrier row) committed before the call, so the rerun calls the gateway
+    again with the same idempotency key, gets the same charge back, and records it once."""
+    crash = inject("payments", operation="charge", crash_point="after_call")
+    saga_id = place(stack, customer)["saga"]["id"]
+
+    (saga,) = settled([saga_id], timeout=20)
+
+    assert saga.state == "completed"
+    assert spent(crash)
+    assert "crashing at after_call of payments.charge" in stack.log("worker0")
+    assert received(stack, command_id(saga_id, "charge_payment")) == 2
+    assert no_lease_expired(saga_id)
+    assert_paid_once(saga_id, Decimal("25.00"))
+    charge = Charge.objects.using("payments").get(saga_id=saga_id)
+    assert charge.gateway_reference == gateway.reference_for(charge.idempotency_key)
+    assert charge.payment_token == ""  # kept only while pending
+    assert run_audit() == []
+
+
+def test_a_hanging_gateway_call_holds_up_no_other_order(stack, customer):
+    """PostgreSQL: an order whose gateway call hangs, and a normal one placed meanwhile, which
+    completes while the first still waits on the gateway."""
+    hanging = place(stack, customer, token="tok_hang")["saga"]["id"]
+    wait_for(lambda: step_state(hanging, "charge_payment") == "running", timeout=20, message="the hanging charge")
+    started = time.monotonic()
+    normal = place(stack, customer)["saga"]["id"]
+
+    (saga,) = settled([normal], timeout=20)
+    elapsed = time.monotonic() - started
+
+    assert saga.state == "completed"
+    assert elapsed < HANG, f"the normal order took {elapsed:.1f} s, behind a {HANG} s gateway call"
+    assert step_state(hanging, "charge_payment") == "running"
+    (slow,) = settled([hanging], timeout=20)
+    assert slow.state == "completed"
+    assert_paid_once(normal, Decimal("25.00"))
+    assert_paid_once(hanging, Decimal("25.00"))
     assert run_audit() == []

@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -51,8 +52,8 @@ def call(base: str, method: str, path: str, body: dict | None = None, headers: d
 
 
 @pytest.fixture
-def embedded_server(tmp_path):
-    env = embedded_env(tmp_path / "var")
+def embedded_server(tmp_path, request):
+    env = {**embedded_env(tmp_path / "var"), **getattr(request, "param", {})}  # indirect: more settings
     for command in (["setup_databases"], ["seed_demo"]):
         subprocess.run([sys.executable, "manage.py", *command], cwd=ROOT, env=env, check=True, capture_output=True)
     port = free_port()
@@ -128,6 +129,36 @@ def test_embedded_cancel_in_the_handling_window(embedded_server):
     assert (stock["on_hand"], stock["reserved"]) == (50, 0)
     status, refused = call(embedded_server, "POST", f"{receipt['url']}cancel/", {})
     assert (status, refused["code"]) == (409, "already_cancelled")
+
+
+HANG = 10  # seconds the gateway keeps a tok_hang charge
+
+
+@pytest.mark.parametrize("embedded_server", [{"PAYMENT_GATEWAY_HANG_SECONDS": str(HANG)}], indirect=True)
+def test_embedded_a_hanging_gateway_call_holds_up_no_other_order(embedded_server):
+    """The gateway is called with no transaction open: a charge waiting on it no longer holds the
+    payments database's write lock (SQLite), so another order's payment goes through meanwhile."""
+    status, hanging = call(embedded_server, "POST", "/api/orders/", order_body(token="tok_hang"))
+    assert status == 202, hanging
+
+    def charging():
+        _, detail = call(embedded_server, "GET", hanging["url"])
+        return {s["name"]: s["state"] for s in detail["saga"]["steps"]}.get("charge_payment") == "running"
+
+    wait_for(charging, timeout=20, message="the hanging charge to start")
+    started = time.monotonic()
+    status, normal = call(embedded_server, "POST", "/api/orders/", order_body())
+    assert status == 202, normal
+
+    detail = finished(embedded_server, normal)
+    elapsed = time.monotonic() - started
+
+    assert detail["saga"]["state"] == "completed"
+    # It went through while the gateway still held the other charge.
+    assert elapsed < HANG, f"the normal order took {elapsed:.1f} s, behind a {HANG} s gateway call"
+    _, still = call(embedded_server, "GET", hanging["url"])
+    assert {s["name"]: s["state"] for s in still["saga"]["steps"]}["charge_payment"] == "running"
+    assert finished(embedded_server, hanging)["saga"]["state"] == "completed"
 
 
 def websocket_handshake(base: str, path: str, *, origin: str) -> int:

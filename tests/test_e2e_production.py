@@ -86,7 +86,8 @@ def test_declined_payment_compensates_and_the_order_reads_failed(worker, alice_a
     after = StockItem.objects.using("inventory").get(sku="SKU-LAMP")
     assert (after.on_hand, after.reserved) == (before.on_hand, before.reserved)
     assert Reservation.objects.using("inventory").get(saga_id=receipt["saga"]["id"]).state == "released"
-    assert not Charge.objects.using("payments").exists()
+    assert Charge.objects.using("payments").get().state == "declined"  # the refusal, no money
+    assert not LedgerEntry.objects.using("payments").exists()
     assert not Shipment.objects.using("shipping").exists()
 
 

@@ -97,7 +97,7 @@ def test_declined_payment_compensates_the_reservation(alice_api, catalogue, brok
     assert (after.on_hand, after.reserved) == (before.on_hand, before.reserved)
     assert after.version == before.version + 2  # reserved, then released
     assert Reservation.objects.using("inventory").get(saga_id=saga.id).state == Reservation.State.RELEASED
-    assert not Charge.objects.using("payments").exists()
+    assert Charge.objects.using("payments").get().state == Charge.State.DECLINED  # the refusal, no money
     assert not LedgerEntry.objects.using("payments").exists()
     assert not Shipment.objects.using("shipping").exists()
 
@@ -188,7 +188,10 @@ def test_retries_exhausted_compensates_and_reports(alice_api, catalogue, broker)
     assert step.state == SagaStep.State.COMPENSATED
     compensated = SagaEvent.objects.get(saga=saga, kind="step_compensated", step="charge_payment")
     assert compensated.data["null_compensation"] is True
-    assert not Charge.objects.using("payments").exists()
+    # Every call was answered "unavailable", so nothing could have been taken: the intent is
+    # cancelled without another call, and no money moved.
+    assert Charge.objects.using("payments").get().state == Charge.State.CANCELLED
+    assert not LedgerEntry.objects.using("payments").exists()
     order = Order.objects.using("orders").get(id=receipt["id"])
     assert order.failure_code == "retries_exhausted"
     assert "after 5 attempt(s)" in order.failure_message

@@ -15,7 +15,8 @@ from django.db.models.query import QuerySet
 from payments import gateway, selectors
 from payments.exceptions import CardDeclined, GatewayUnavailable
 from payments.models import Charge, LedgerEntry
-from payments.services import charge_create, charge_refund
+from payments.services import charge_create, charge_undo_call
+from payments.services import charge_refund as record_refund
 from sagaplatform.kernel import commands
 from sagaplatform.kernel.models import Barrier
 
@@ -35,6 +36,12 @@ def money() -> dict:
 NOTHING = {"charges": [], "ledger": []}
 
 
+def declined_only() -> dict:
+    """The gateway's refusal recorded as the only charge, and no money moved."""
+    (saga_id,) = Charge.objects.using(DB).values_list("saga_id", flat=True)
+    return {"charges": [(saga_id, Decimal("25.00"), "declined")], "ledger": []}
+
+
 def charge(*, token: str = "tok_visa", amount: str = "25.00", saga_id=None, order_id=None, attempt: int = 1):
     return charge_create(
         saga_id=saga_id or uuid.uuid4(),
@@ -44,6 +51,12 @@ def charge(*, token: str = "tok_visa", amount: str = "25.00", saga_id=None, orde
         token=token,
         attempt=attempt,
     )
+
+
+def charge_refund(*, saga_id):
+    """A refund as its operation runs it: confirmed by the gateway, then recorded."""
+    charge_undo_call(saga_id=saga_id, step="charge_payment", attempt=1)
+    return record_refund(saga_id=saga_id)
 
 
 def command(operation: str, *, saga_id, op: str = "action", attempt: int = 1, **payload) -> dict:
@@ -118,12 +131,14 @@ def test_the_charge_operation_answers_with_the_charge():
 
 def test_a_saga_cannot_be_charged_twice_even_bypassing_the_barrier():
     saga_id = uuid.uuid4()
-    charge(saga_id=saga_id)
+    first = charge(saga_id=saga_id)
     before = money()
 
+    again = charge(saga_id=saga_id, attempt=2)  # the intent is found again: no second call's charge
     with pytest.raises(IntegrityError), transaction.atomic(using=DB):
-        charge(saga_id=saga_id)
+        Charge.objects.using(DB).create(saga_id=saga_id, order_id=uuid.uuid4(), amount=Decimal("1.00"))
 
+    assert again.id == first.id
     assert money() == before
     assert LedgerEntry.objects.using(DB).count() == 1
 
@@ -145,17 +160,17 @@ def test_a_declined_card_is_a_business_failure_and_takes_no_money():
 
     assert declined.value.code == "card_declined"
     assert declined.value.details == {"decline_code": "generic_decline"}
-    assert money() == NOTHING
+    assert money() == declined_only()
 
 
-def test_a_declined_card_through_the_operation_is_stored_as_a_failure_with_no_charge():
+def test_a_declined_card_through_the_operation_is_stored_as_a_failure_with_no_money():
     saga_id = uuid.uuid4()
 
     outcome = commands.run(service=DB, message=charge_command(saga_id=saga_id, token="tok_declined"))
 
     assert outcome["status"] == "business_failure"
     assert outcome["error"]["code"] == "card_declined"
-    assert money() == NOTHING
+    assert money() == declined_only()
     assert Barrier.objects.using(DB).get(saga_id=saga_id).outcome == outcome
 
 
@@ -169,7 +184,7 @@ def test_a_flaky_card_fails_transiently_n_times_then_succeeds(token, failures):
         with pytest.raises(GatewayUnavailable) as unavailable:
             charge(saga_id=saga_id, token=token, attempt=attempt)
         assert unavailable.value.code == "gateway_unavailable"
-        assert money() == NOTHING
+        assert money() == {"charges": [(saga_id, Decimal("25.00"), "pending")], "ledger": []}
 
     result = charge(saga_id=saga_id, token=token, attempt=failures + 1)
 
@@ -178,13 +193,14 @@ def test_a_flaky_card_fails_transiently_n_times_then_succeeds(token, failures):
     assert LedgerEntry.objects.using(DB).count() == 1
 
 
-def test_a_flaky_card_through_the_operation_leaves_no_barrier_row_until_it_succeeds():
+def test_a_flaky_card_through_the_operation_leaves_only_its_intent_until_it_succeeds():
     saga_id = uuid.uuid4()
 
     with pytest.raises(GatewayUnavailable):
         commands.run(service=DB, message=charge_command(saga_id=saga_id, token="tok_flaky_1", attempt=1))
-    assert not Barrier.objects.using(DB).exists()
-    assert money() == NOTHING
+    # The intent committed before the call: a pending barrier row and a pending charge, no money.
+    assert Barrier.objects.using(DB).get(saga_id=saga_id).outcome is None
+    assert money() == {"charges": [(saga_id, Decimal("25.00"), "pending")], "ledger": []}
 
     outcome = commands.run(service=DB, message=charge_command(saga_id=saga_id, token="tok_flaky_1", attempt=2))
 
@@ -345,10 +361,157 @@ def test_a_refund_that_lost_the_race_reports_the_charge_as_refunded(monkeypatch)
             LedgerEntry.objects.using(DB).create(charge=row, kind=LedgerEntry.Kind.REFUND, amount=-row.amount)
         return row
 
+    charge_undo_call(saga_id=saga_id, step="charge_payment", attempt=1)
     monkeypatch.setattr(QuerySet, "first", first_then_a_rival_refunds)
 
-    result = charge_refund(saga_id=saga_id)
+    result = record_refund(saga_id=saga_id)
 
     assert raced == [original.id]
     assert LedgerEntry.objects.using(DB).filter(kind="refund").count() == 1  # refunded once: no harm done
     assert result.state == Charge.State.REFUNDED  # ...but the answer says it is still captured
+
+
+# --- the gateway is called outside the database transaction ------------------------------------
+
+
+class Crash(BaseException):
+    """Stands for SIGKILL: no `except Exception` catches it, and nothing after it runs."""
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every gateway call, with what a second connection could see at that moment."""
+    seen = []
+    real_charge, real_refund = gateway.charge, gateway.refund
+
+    def committed(saga_id) -> tuple:
+        found = []
+
+        def look():
+            try:
+                charge = Charge.objects.using(DB).filter(saga_id=saga_id).values_list("state", "idempotency_key")
+                rows = Barrier.objects.using(DB).filter(saga_id=saga_id, op="action").values_list("outcome", flat=True)
+                found.append((list(charge), list(rows)))
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=look)
+        thread.start()
+        thread.join()
+        return found[0]
+
+    def charge(**kwargs):
+        saga_id = kwargs["idempotency_key"].split(":")[0]
+        seen.append(("charge", kwargs["idempotency_key"], connections[DB].in_atomic_block, committed(saga_id)))
+        return real_charge(**kwargs)
+
+    def refund(**kwargs):
+        seen.append(("refund", kwargs["reference"], connections[DB].in_atomic_block, None))
+        return real_refund(**kwargs)
+
+    monkeypatch.setattr(gateway, "charge", charge)
+    monkeypatch.setattr(gateway, "refund", refund)
+    return seen
+
+
+@pytest.fixture
+def crash_after_call(monkeypatch):
+    """Crash once at the `after_call` point: the gateway answered, nothing recorded yet."""
+    from sagaplatform.kernel import faults
+
+    real = faults.crash_if
+    crashed = []
+
+    def crash_if(point, service, operation):
+        if point == "after_call" and not crashed:
+            crashed.append((service, operation))
+            raise Crash
+        return real(point, service, operation)
+
+    monkeypatch.setattr(faults, "crash_if", crash_if)
+    return crashed
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_the_gateway_is_called_with_no_transaction_open_after_the_intent_committed(calls):
+    saga_id = uuid.uuid4()
+
+    outcome = commands.execute(service=DB, message=charge_command(saga_id=saga_id))
+
+    assert outcome["status"] == "succeeded"
+    key = f"{saga_id}:charge"
+    # Another connection already saw the pending charge and its barrier row (no outcome yet).
+    assert calls == [("charge", key, False, ([("pending", key)], [None]))]
+    assert money() == {
+        "charges": [(saga_id, Decimal("25.00"), "captured")],
+        "ledger": [(saga_id, "charge", Decimal("25.00"))],
+    }
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_a_refund_calls_the_gateway_with_no_transaction_open(calls):
+    saga_id = uuid.uuid4()
+    commands.execute(service=DB, message=charge_command(saga_id=saga_id))
+
+    undone = commands.execute(service=DB, message=command("refund", saga_id=saga_id, op="compensate"))
+
+    assert undone == {"status": "succeeded", "result": {"refunded": "25.00"}}
+    assert [(kind, in_transaction) for kind, _, in_transaction, _ in calls] == [("charge", False), ("refund", False)]
+    assert Charge.objects.using(DB).get(saga_id=saga_id).refund_reference.startswith("re_")
+
+
+def test_a_crash_between_the_gateway_call_and_the_record_ends_with_exactly_one_charge(calls, crash_after_call):
+    saga_id = uuid.uuid4()
+
+    with pytest.raises(Crash):
+        commands.execute(service=DB, message=charge_command(saga_id=saga_id))
+    # The gateway took the card; we only know we asked.
+    assert money() == {"charges": [(saga_id, Decimal("25.00"), "pending")], "ledger": []}
+
+    redelivered = commands.execute(service=DB, message=charge_command(saga_id=saga_id))
+
+    assert redelivered["status"] == "succeeded"
+    assert "replayed" not in redelivered
+    # Asked twice with one key: the gateway answered the same charge.
+    assert [key for _, key, _, _ in calls] == [f"{saga_id}:charge"] * 2
+    assert redelivered["result"]["reference"] == gateway.reference_for(f"{saga_id}:charge")
+    assert money() == {
+        "charges": [(saga_id, Decimal("25.00"), "captured")],
+        "ledger": [(saga_id, "charge", Decimal("25.00"))],
+    }
+    assert Barrier.objects.using(DB).get(saga_id=saga_id).outcome == redelivered
+
+
+def test_a_refund_that_finds_the_charge_pending_finishes_it_then_undoes_it(calls, crash_after_call):
+    """The action crashed after the gateway took the card; the orchestrator gave up on it and
+    compensates. The refund asks the gateway about the charge first (same key), records it and
+    its action's outcome, then refunds: no money kept, and a late action is a replay."""
+    saga_id = uuid.uuid4()
+    with pytest.raises(Crash):
+        commands.execute(service=DB, message=charge_command(saga_id=saga_id))
+
+    undone = commands.execute(service=DB, message=command("refund", saga_id=saga_id, op="compensate", attempt=1))
+    late = commands.execute(service=DB, message=charge_command(saga_id=saga_id, attempt=2))
+
+    assert undone == {"status": "succeeded", "result": {"refunded": "25.00"}}
+    assert late["status"] == "succeeded"
+    assert late["replayed"] is True
+    assert [kind for kind, *_ in calls] == ["charge", "charge", "refund"]
+    assert money() == {
+        "charges": [(saga_id, Decimal("25.00"), "refunded")],
+        "ledger": [(saga_id, "charge", Decimal("25.00")), (saga_id, "refund", Decimal("-25.00"))],
+    }
+    rows = dict(Barrier.objects.using(DB).filter(saga_id=saga_id).values_list("op", "outcome"))
+    assert rows["action"]["status"] == rows["compensate"]["status"] == "succeeded"
+
+
+def test_an_action_refused_by_its_compensation_never_calls_the_gateway(calls):
+    saga_id = uuid.uuid4()
+
+    nulled = commands.execute(service=DB, message=command("refund", saga_id=saga_id, op="compensate"))
+    late = commands.execute(service=DB, message=charge_command(saga_id=saga_id))
+
+    assert nulled["barrier"] == "null_compensation"
+    assert late["error"]["code"] == "compensated_before_action"
+    assert calls == []
+    assert money() == NOTHING

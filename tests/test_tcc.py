@@ -76,7 +76,8 @@ def test_a_declined_try_cancels_every_participant(alice_api, catalogue, broker):
     # The three tries that succeeded are cancelled; the declined one needs nothing.
     assert sorted(events(saga.id, "step_compensated")) == ["approve_order", "reserve_stock", "schedule_shipment"]
     assert mug() == (50, 0)
-    assert not Charge.objects.using("payments").exists()
+    assert Charge.objects.using("payments").get().state == "declined"  # the refusal, no money
+    assert not LedgerEntry.objects.using("payments").exists()
     assert Shipment.objects.using("shipping").get().state == "cancelled"
     order = Order.objects.using("orders").get(id=receipt["id"])
     assert (order.status, order.failure_code) == ("rejected", "card_declined")

@@ -13,6 +13,12 @@
 
 Both inserts are `INSERT ... ON CONFLICT DO NOTHING`: the unique key, not a read, decides
 ("change instead of check"), so concurrent duplicates serialise on the index.
+
+An operation that calls outside the platform (a card gateway) must not hold its transaction
+while the other side answers, so it spans two: `begin()` commits the action row with no outcome
+(the intent), the call runs with no transaction open, and `call()` then finds that pending row,
+locks it and runs the operation as if it had just inserted it. `settle()` stores the outcome of
+a pending action from elsewhere (a compensation that had to finish it first).
 """
 
 from __future__ import annotations
@@ -101,9 +107,11 @@ def call(*, using: str, command, fn: Callable[..., dict | None]) -> dict:
         return NULL_COMPENSATION
 
     if not _insert(using, saga_id, step, op, None):
-        stored = Barrier.objects.using(using).get(saga_id=saga_id, step=step, op=op).outcome
-        logger.info("barrier replay for %s/%s/%s", saga_id, step, op)
-        return {**stored, "replayed": True}
+        # The lock makes a concurrent run of a pending action (see `begin`) wait for the first.
+        stored = Barrier.objects.using(using).select_for_update().get(saga_id=saga_id, step=step, op=op).outcome
+        if stored is not None:
+            logger.info("barrier replay for %s/%s/%s", saga_id, step, op)
+            return {**stored, "replayed": True}
 
     try:
         with transaction.atomic(using=using):
@@ -117,3 +125,22 @@ def call(*, using: str, command, fn: Callable[..., dict | None]) -> dict:
         outcome = {"status": "business_failure", "error": exc.as_dict()}
     _store(using, saga_id, step, op, outcome)
     return outcome
+
+
+def begin(*, using: str, command) -> dict | None:
+    """Record the intent of an action that calls outside the platform: its barrier row, with no
+    outcome yet, committed with the caller's transaction before the call. Returns the stored
+    outcome if the action already ended or was refused (then make no call), else None."""
+    if not connections[using].in_atomic_block:
+        raise RuntimeError("barrier.begin must run inside transaction.atomic(using=...)")
+    _insert(using, command.saga_id, command.step, ACTION, None)
+    return Barrier.objects.using(using).get(saga_id=command.saga_id, step=command.step, op=ACTION).outcome
+
+
+def settle(*, using: str, saga_id, step: str, outcome: dict) -> bool:
+    """Store the outcome of a pending action, unless it has one already."""
+    return bool(
+        Barrier.objects.using(using)
+        .filter(saga_id=saga_id, step=step, op=ACTION, outcome__isnull=True)
+        .update(outcome=outcome)
+    )

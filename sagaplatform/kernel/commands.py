@@ -58,16 +58,26 @@ class Command:
 
 Operation = Callable[..., dict | None]
 _OPERATIONS: dict[tuple[str, str], Operation] = {}
+_OUTSIDE: dict[tuple[str, str], Callable[..., None]] = {}
 
 
-def operation(service: str, name: str) -> Callable[[Operation], Operation]:
-    """Register `fn(*, command) -> dict | None` as the service operation `name`."""
+def operation(
+    service: str, name: str, *, outside: Callable[..., None] | None = None
+) -> Callable[[Operation], Operation]:
+    """Register `fn(*, command) -> dict | None` as the service operation `name`.
+
+    `outside(*, command)`, if given, makes the operation's calls outside the platform (a card
+    gateway) before the operation's transaction and with none open, so no lock waits on the other
+    side's answer. It records its intent and its outcome in transactions of its own (see
+    `barrier.begin`); `fn` then reads the recorded outcome."""
 
     def register(fn: Operation) -> Operation:
         key = (service, name)
         if key in _OPERATIONS and _OPERATIONS[key] is not fn:
             raise RuntimeError(f"operation {service}.{name} registered twice")
         _OPERATIONS[key] = fn
+        if outside is not None:
+            _OUTSIDE[key] = outside
         return fn
 
     return register
@@ -79,6 +89,13 @@ def get_operation(service: str, name: str) -> Operation:
 
 def registered_operations(service: str) -> list[str]:
     return sorted(name for (svc, name) in _OPERATIONS if svc == service)
+
+
+def call_outside(*, service: str, command: Command) -> None:
+    """Run the operation's outside call, if it has one (see `operation`)."""
+    hook = _OUTSIDE.get((service, command.operation))
+    if hook is not None:
+        hook(command=command)
 
 
 def _reply(command: Command, outcome: dict) -> dict:
@@ -110,6 +127,7 @@ def execute(*, service: str, message: dict) -> dict:
         return outcome
     try:
         faults.before(service, command.operation, command.attempt)
+        call_outside(service=service, command=command)
         with transaction.atomic(using=service):
             faults.arm_after_commit(service, command.operation)
             outcome = barrier.call(using=service, command=command, fn=fn)
@@ -142,5 +160,6 @@ def execute(*, service: str, message: dict) -> dict:
 def run(*, service: str, message: dict) -> dict:
     """Run a command's operation directly (tests, tools), through the barrier, without a reply."""
     command = Command.from_message(message)
+    call_outside(service=service, command=command)
     with transaction.atomic(using=service):
         return barrier.call(using=service, command=command, fn=_OPERATIONS[(service, command.operation)])

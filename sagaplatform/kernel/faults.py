@@ -132,6 +132,11 @@ def before(service: str, operation: str, attempt: int) -> None:
             raise InjectedFault(f"Injected failure of {service}.{operation} (rate {rule.failure_rate:g})")
 
 
+def fails_first(service: str, operation: str, attempt: int) -> bool:
+    """Whether a `fail_first` rule fails this attempt, without applying any rule."""
+    return any(r.matches(service, operation) and attempt <= r.fail_first for r in rules_for(service))
+
+
 def crash_if(point: str, service: str, operation: str) -> None:
     for rule in rules_for(service):
         if rule.matches(service, operation) and rule.crash_point == point and _take_crash(rule):

@@ -79,6 +79,7 @@ class FaultRule(models.Model):
 
     class CrashPoint(models.TextChoices):
         NONE = "", "no crash"
+        AFTER_CALL = "after_call", "after a call outside the platform (a gateway), before its outcome is recorded"
         BEFORE_COMMIT = "before_commit", "after the work, before the local commit"
         AFTER_COMMIT = "after_commit", "after the local commit, before the reply is published"
         AFTER_REPLY = "after_reply", "after the reply is published, before the message is acknowledged"
