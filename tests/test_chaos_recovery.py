@@ -136,9 +136,11 @@ def test_orchestrator_killed_after_its_commit_then_the_relay_after_its_send(stac
     # The relay that died had sent the command, so the saga can finish before the next relay
     # (past the grace period) sends it again and marks it.
     charge = wait_for(
-        lambda: OutboxMessage.objects.using("default")
-        .filter(id=command_id(saga_id, "charge_payment"), published_at__isnull=False)
-        .first(),
+        lambda: (
+            OutboxMessage.objects.using("default")
+            .filter(id=command_id(saga_id, "charge_payment"), published_at__isnull=False)
+            .first()
+        ),
         timeout=30,
         message="the next relay to send the charge again and mark it",
     )
