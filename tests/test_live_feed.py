@@ -15,6 +15,7 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 
 from orchestration import overview
+from orchestration.consumers import DashboardConsumer
 from orchestration.models import Saga, SagaEvent
 from orders.models import Order
 from sagaplatform import workers
@@ -290,6 +291,31 @@ def test_a_lost_feed_is_healed_from_the_database(settings, broker, catalogue, al
     async_to_sync(scenario)()
 
 
+def test_the_reconcile_sends_the_watched_saga_only_the_events_it_lacks(settings, broker, catalogue, alice_api):
+    staff = operator()
+    order = place_order(alice_api)
+    broker.deliver(limit=1)
+    settings.SAGA_FEED_ENABLED = False
+    settings.FEED_RECONCILE_SECONDS = 0.3
+
+    async def scenario():
+        ws = await connect("/ws/dashboard/", staff)
+        await receive_until(ws, lambda m: m["type"] == "overview")
+        await ws.send_json_to({"action": "watch", "saga": str(order.saga_id)})
+        full, _ = await receive_until(ws, lambda m: m["type"] == "saga" and m["full"])
+        await sync_to_async(broker.deliver)()
+        version = await sync_to_async(lambda: Saga.objects.get(id=order.saga_id).version)()
+        seqs = [e["seq"] for e in full["events"]]
+        while seqs[-1] != version:
+            healed, _ = await receive_until(ws, lambda m: m["type"] == "saga")
+            assert not healed["full"]
+            seqs += [e["seq"] for e in healed["events"]]
+        assert seqs == list(range(1, version + 1))
+        await ws.disconnect()
+
+    async_to_sync(scenario)()
+
+
 def test_cancel_from_the_dashboard_is_permission_checked_and_audited(broker, catalogue, alice_api):
     staff = operator()
     order = place_order(alice_api)
@@ -396,6 +422,22 @@ def test_merge_keeps_the_latest_state_and_every_event():
     assert merged["s"]["saga"]["version"] == 4
     assert merged["s"]["steps"] == [{"v": 4}]
     assert [e["seq"] for e in merged["s"]["events"]] == [1, 2, 3, 4]
+
+
+def test_a_late_change_of_the_watched_saga_keeps_the_newest_header():
+    """Batches of two workers may arrive out of order: the older one adds its events only."""
+    consumer = DashboardConsumer()
+    consumer.watching, consumer.detail, consumer.detail_version = "s", None, 2
+
+    def delta(version):
+        return {
+            "delta": {"saga": {"id": "s", "version": version}, "steps": [{"v": version}], "events": [{"seq": version}]}
+        }
+
+    async_to_sync(consumer.feed_detail)(delta(4))
+    async_to_sync(consumer.feed_detail)(delta(3))
+    assert (consumer.detail["saga"]["version"], consumer.detail["steps"]) == (4, [{"v": 4}])
+    assert [e["seq"] for e in consumer.detail["events"]] == [3, 4]
 
 
 def test_overview_counts_traffic_and_failures(broker, catalogue, alice_api):
