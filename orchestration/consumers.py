@@ -95,10 +95,8 @@ class DashboardConsumer(FeedConsumer):
         delta = event["delta"]
         if delta["saga"]["id"] != self.watching or delta["saga"]["version"] <= self.detail_version:
             return
-        if self.detail is None:
-            self.detail = delta
-        else:
-            self.detail = {**delta, "events": self.detail["events"] + delta["events"]}
+        # Batches from several workers may arrive out of order: keep the newest header.
+        self.detail = delta if self.detail is None else feed.merge([self.detail, delta])[self.watching]
 
     async def flush(self) -> None:
         now = time.monotonic()
@@ -116,6 +114,11 @@ class DashboardConsumer(FeedConsumer):
                 {e["seq"]: e for e in detail["events"] if e["seq"] > self.detail_version}.values(),
                 key=lambda e: e["seq"],
             )
+            if events and events[0]["seq"] != self.detail_version + 1:
+                # An earlier change was lost (a dropped message) or is late (another worker's
+                # batch): every version has its event, so read what is missing from the database.
+                await self.send_detail(full=False)
+                return
             self.detail_version = max(self.detail_version, detail["saga"]["version"])
             await self.send_json({"type": "saga", "full": False, **detail, "events": events, "sent_at": now_ms()})
 
@@ -128,7 +131,7 @@ class DashboardConsumer(FeedConsumer):
             if known is None or header["version"] > known["version"]:
                 self.pending[header["id"]] = header
         if self.watching and watched_version is not None and watched_version > self.detail_version:
-            await self.send_detail()
+            await self.send_detail(full=False)
 
     def _missed(self) -> tuple[list[dict], int | None]:
         """Headers the client lacks, at a newer version than it has: open sagas, the sagas it
@@ -207,20 +210,29 @@ class DashboardConsumer(FeedConsumer):
         self.watching = saga_id
         await database_sync_to_async(feed.watch)(saga_id)
         await self.join(feed.saga_group(saga_id))
-        await self.send_detail()
+        await self.send_detail(full=True)
 
-    async def send_detail(self) -> None:
-        detail = await database_sync_to_async(self._detail)(self.watching)
+    async def send_detail(self, *, full: bool) -> None:
+        """The watched saga from the database: all of it, or the events the client lacks."""
+        detail = await database_sync_to_async(self._detail)(self.watching, 0 if full else self.detail_version)
         if detail is None:
             return
-        self.detail = None
-        self.detail_version = detail["saga"]["version"]
-        await self.send_json({"type": "saga", "full": True, **detail, "sent_at": now_ms()})
+        version = detail["saga"]["version"]
+        # The feed kept arriving (and flushing) during the read: send no event twice, and keep
+        # the changes that committed after the read for the next flush.
+        if not full:
+            if version <= self.detail_version:
+                return
+            detail["events"] = [e for e in detail["events"] if e["seq"] > self.detail_version]
+        if self.detail is not None and self.detail["saga"]["version"] <= version:
+            self.detail = None
+        self.detail_version = max(self.detail_version, version)
+        await self.send_json({"type": "saga", "full": full, **detail, "sent_at": now_ms()})
 
     @staticmethod
-    def _detail(saga_id) -> dict | None:
+    def _detail(saga_id, events_after: int) -> dict | None:
         saga = Saga.objects.using(DB).filter(id=saga_id).first()
-        return live.saga_detail(saga, now=db_now(DB)) if saga else None
+        return live.saga_detail(saga, now=db_now(DB), events_after=events_after) if saga else None
 
     async def send_overview(self) -> None:
         await self.send_json({"type": "overview", **await database_sync_to_async(overview.overview)()})
