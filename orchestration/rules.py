@@ -123,15 +123,16 @@ ALLOWED = {
 class Verdict:
     """May the action be done now; if not, why (the engine's 409 `code` and `message`).
 
-    `until`: an allowed verdict that time alone will turn into a refusal (a cancel before a
-    pivot scheduled to start) holds until then (database clock). `steps`: for skip, the steps
-    whose compensation may be skipped."""
+    `until`: an allowed verdict that time alone will turn into a refusal (`then`: a cancel
+    before a pivot scheduled to start) holds until then (database clock). `steps`: for skip,
+    the steps whose compensation may be skipped."""
 
     allowed: bool
     code: str = ""
     message: str = ""
     details: dict = field(default_factory=dict)
     until: datetime | None = None
+    then: Verdict | None = None
     steps: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
@@ -141,6 +142,8 @@ class Verdict:
         """The wire shape (the live feed's `actions`)."""
         out = {"allowed": self.allowed, "code": self.code or None, "message": self.message}
         out["until"] = self.until.isoformat() if self.until else None
+        if self.then is not None:
+            out["then"] = {"code": self.then.code, "message": self.then.message}
         return out
 
     def error(self) -> OperationNotAllowed:
@@ -195,7 +198,8 @@ def cancel_verdict(
             if now > deadline:  # the tracker's rule: refused once less than the margin is left
                 return refusal(definition, "shipment_in_progress")
             until = deadline if until is None else min(until, deadline)
-    return Verdict(True, message=ALLOWED["cancel"], until=until)
+    then = refusal(definition, "shipment_in_progress") if until else None
+    return Verdict(True, message=ALLOWED["cancel"], until=until, then=then)
 
 
 def retry_verdict(saga: Saga, steps: Iterable[SagaStep], *, definition: SagaDefinition | None = None) -> Verdict:
