@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import transaction
 
-from . import barrier, faults, outbox
+from . import barrier, events, faults, outbox
 from .commands import ACTION, BUSINESS_FAILURE, COMPENSATE, SUCCEEDED, Command, get_operation
 from .errors import TransientError
 from .models import Barrier
@@ -64,6 +64,9 @@ _REACTIONS: list[Reaction] = []
 
 def reaction(**fields) -> Reaction:
     declared = Reaction(**fields)
+    for name in (*declared.on, declared.emits, declared.emits_on_failure):
+        if name:
+            events.get(name)  # every event name is declared once, in events.py
     if any(r.service == declared.service and r.key == declared.key for r in _REACTIONS):
         raise RuntimeError(f"reaction {declared.service}:{declared.key} declared twice")
     _REACTIONS.append(declared)
@@ -85,6 +88,7 @@ def _find(service: str, key: str) -> Reaction:
 def event_message(
     *, event: str, saga_id, context: dict, failure: dict | None = None, emitter: dict | None = None
 ) -> dict:
+    events.get(event)  # refuse a name no one declared (a typo would reach no subscriber)
     return {
         "event": event,
         "event_id": str(uuid.uuid4()),
