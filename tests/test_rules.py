@@ -180,3 +180,44 @@ def test_the_choreographed_dispatch_cannot_be_cancelled_within_the_margin(
         assert cancel["then"]["code"] == "shipment_in_progress"
     walk(broker, check, saga_id)
     assert Saga.objects.get(id=saga_id).state == "completed"
+
+
+def test_the_rules_read_the_definition_not_its_names():
+    """A definition from another domain: its pivot, its margin and its own words decide."""
+    from types import SimpleNamespace
+
+    from orchestration.definitions import SagaDefinition, StepSpec
+
+    trip = SagaDefinition(
+        name="book_trip",
+        steps=(
+            StepSpec("hold_seat", "airline", "hold", "release"),
+            StepSpec("issue_ticket", "airline", "issue", depends_on=("hold_seat",), pivot=True),
+        ),
+        cancel_margin=2.0,
+        refusals={"already_shipped": "The ticket is issued"},
+    )
+    now = datetime(2026, 1, 1, 12, 0, 0)
+
+    def verdict(issue_state: str, starts_in: float | None = None):
+        saga = SimpleNamespace(definition="book_trip", state="running", failure=None)
+        steps = [
+            SimpleNamespace(name="hold_seat", state="succeeded", kind="action", next_attempt_at=None),
+            SimpleNamespace(
+                name="issue_ticket",
+                state=issue_state,
+                kind="action",
+                next_attempt_at=now + timedelta(seconds=starts_in) if starts_in is not None else None,
+            ),
+        ]
+        return rules.cancel_verdict(saga, steps, now=now, definition=trip)
+
+    assert verdict("pending").allowed
+    assert verdict("pending", starts_in=10).until == now + timedelta(seconds=8)
+    assert (verdict("pending", starts_in=1.5).allowed, verdict("pending", starts_in=1.5).code) == (
+        False,
+        "shipment_in_progress",
+    )
+    assert verdict("pending", starts_in=1.5).message == rules.GENERIC_REFUSALS["shipment_in_progress"]
+    assert (verdict("succeeded").code, verdict("succeeded").message) == ("already_shipped", "The ticket is issued")
+    assert verdict("retrying").code == "shipment_in_progress"
