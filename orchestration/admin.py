@@ -36,8 +36,8 @@ from .permissions import OPERATE
 DB = "default"
 
 
-# The order's style (`mode`) each definition runs: orchestrated, parallel, tcc, choreography.
-STYLE_OF_DEFINITION = {definition.name: style for style, definition in MODES.items()}
+# The style each definition runs: orchestrated, parallel, tcc, choreography.
+STYLE_OF_DEFINITION = {name: live.style_of(definition) for name, definition in DEFINITIONS.items()}
 
 
 def style_of(saga: Saga) -> str:
@@ -155,7 +155,7 @@ class StyleFilter(admin.SimpleListFilter):
         if self.value() is None:
             return queryset
         return queryset.filter(
-            definition__in=[name for name, style in STYLE_OF_DEFINITION.items() if style == self.value()]
+            definition__in=[name for name, label in STYLE_OF_DEFINITION.items() if label == self.value()]
         )
 
 

@@ -76,6 +76,19 @@ class StepSpec:
         return min(self.timeout, override) if override else self.timeout
 
 
+GENERIC_MESSAGES = {
+    "cancelled": "Cancelled on request",
+    "deadline_exceeded": "The saga took too long to complete",
+    "cancel_refused": "the point of no return was passed",
+}
+GENERIC_REFUSALS = {
+    "already_cancelled": ("already_cancelled", "This saga is already cancelled"),
+    "not_cancellable": ("not_cancellable", "This saga can no longer be cancelled (it is {state})"),
+    "pivot_passed": ("pivot_passed", "The saga passed its point of no return; it can no longer be cancelled"),
+    "pivot_in_progress": ("pivot_in_progress", "The point of no return is being passed; it can no longer be cancelled"),
+}
+
+
 @dataclass(frozen=True)
 class SagaDefinition:
     name: str
@@ -92,6 +105,12 @@ class SagaDefinition:
     # Global deadline in seconds from the start: before the pivot the saga is compensated,
     # after it the deadline no longer applies.
     deadline: float = 600.0
+    # The words of the domain, by key (see GENERIC_MESSAGES and GENERIC_REFUSALS): what a
+    # cancellation or a passed deadline says, and the code and message of each refusal.
+    messages: dict = field(default_factory=dict)
+    refusals: dict = field(default_factory=dict)
+    # Choreography: the event that announces a cancellation to the services.
+    cancel_event: str = ""
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +128,19 @@ class SagaDefinition:
         if len(set(all_names)) != len(all_names):
             raise ValueError(f"{self.name}: a failure step shares a name with a step")
         self._index.update({s.name: s for s in (*self.steps, *self.on_failure)})
+
+    @property
+    def parallel(self) -> bool:
+        """Some steps run side by side: more than one step waits for nothing."""
+        return sum(1 for s in self.steps if not s.depends_on) > 1
+
+    def message(self, key: str) -> str:
+        return self.messages.get(key) or GENERIC_MESSAGES[key]
+
+    def refusal(self, key: str, **details) -> tuple[str, str]:
+        """The code and message of a refused operator action (`details` fill the message)."""
+        code, message = self.refusals.get(key) or GENERIC_REFUSALS[key]
+        return code, message.format(**details)
 
     def participants(self) -> list[StepSpec]:
         return [s for s in self.steps if s.confirm]
@@ -190,11 +222,28 @@ ON_ORDER_FAILURE = (
     ),
 )
 
+ORDER_MESSAGES = {
+    "cancelled": "Cancelled at the customer's request",
+    "deadline_exceeded": "The order took too long to complete",
+    "cancel_refused": "the parcel had left",
+}
+ORDER_REFUSALS = {
+    "already_cancelled": ("already_cancelled", "This order is already cancelled"),
+    "not_cancellable": ("not_cancellable", "This order can no longer be cancelled (it is {state})"),
+    "pivot_passed": ("already_shipped", "The order has shipped; it can no longer be cancelled"),
+    "pivot_in_progress": (
+        "shipment_in_progress",
+        "The parcel is leaving the warehouse right now; it can no longer be cancelled",
+    ),
+}
+ORDER_WORDS = {"messages": ORDER_MESSAGES, "refusals": ORDER_REFUSALS}
+
 PLACE_ORDER = SagaDefinition(
     name="place_order",
     description="Reserve stock, then take payment; approve, book and dispatch; commit stock, mark shipped, tell the customer.",
     steps=_order_steps(parallel=False),
     on_failure=ON_ORDER_FAILURE,
+    **ORDER_WORDS,
 )
 
 PLACE_ORDER_PARALLEL = SagaDefinition(
@@ -202,6 +251,7 @@ PLACE_ORDER_PARALLEL = SagaDefinition(
     description="As place_order, with stock reservation and payment side by side.",
     steps=_order_steps(parallel=True),
     on_failure=ON_ORDER_FAILURE,
+    **ORDER_WORDS,
 )
 
 PLACE_ORDER_TCC = SagaDefinition(
@@ -239,6 +289,7 @@ PLACE_ORDER_TCC = SagaDefinition(
     ),
     on_failure=ON_ORDER_FAILURE,
     outcome={"order": "approved", "shipment": "scheduled"},
+    **ORDER_WORDS,
 )
 
 
@@ -251,6 +302,8 @@ PLACE_ORDER_CHOREOGRAPHY = SagaDefinition(
     description="The order flow with no coordinator: services react to each other's events.",
     steps=_order_steps(parallel=False),
     on_failure=ON_ORDER_FAILURE,
+    cancel_event="order.cancel_requested",
+    **ORDER_WORDS,
 )
 
 # The order's `mode` (chosen per order through the API) and the definition that runs it.
@@ -277,3 +330,10 @@ def get_definition(name: str) -> SagaDefinition:
         return DEFINITIONS[name]
     except KeyError:
         raise LookupError(f"no saga definition named {name!r}") from None
+
+
+def for_context(context: dict) -> SagaDefinition:
+    """The definition a saga's context names: `definition`, or else the order's `mode`."""
+    if context.get("definition"):
+        return get_definition(context["definition"])
+    return for_mode(context.get("mode", "orchestrated"))

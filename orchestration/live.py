@@ -17,6 +17,7 @@ from django.db import transaction
 from sagaplatform.kernel import feed
 
 from .definitions import SagaDefinition, get_definition
+from .engine import style
 from .models import Saga, SagaEvent, SagaStep
 
 logger = logging.getLogger(__name__)
@@ -114,10 +115,8 @@ def cancellable(saga: Saga, steps: Iterable[SagaStep], definition: SagaDefinitio
 
 
 def style_of(definition: SagaDefinition) -> str:
-    """orchestrated, parallel, tcc or choreography: what the operator filters by."""
-    if definition.style != "orchestrated":
-        return definition.style
-    return "parallel" if any(not s.depends_on for s in definition.steps[1:]) else "orchestrated"
+    """orchestrated, parallel, tcc or choreography: what the operator filters by (its style says)."""
+    return style.of(definition).label(definition)
 
 
 def definition_graph(definition: SagaDefinition) -> dict:

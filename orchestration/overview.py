@@ -17,7 +17,7 @@ from sagaplatform import workers
 from sagaplatform.kernel.clock import db_now
 
 from .definitions import DEFINITIONS
-from .live import style_of
+from .engine import style
 from .models import Alert, Saga, SagaEvent, SagaStep
 
 DB = "default"
@@ -109,7 +109,7 @@ def flow(now) -> dict:
             continue
         spec = definition.step(row["step"])
         state, n = row["to_state"], row["n"]
-        if style_of(definition) == "choreography":
+        if not style.of(definition).coordinated:
             # Each service reacts to the events of the steps it follows; the first to the order.
             sources = [definition.step(d).service for d in spec.depends_on] or ["orders"]
             if state in STEP_OUT or state in STEP_BAD:

@@ -31,7 +31,8 @@ from . import engine
 from .definitions import DEFINITIONS
 from .models import Saga, SagaStep
 
-CHOREOGRAPHED = [name for name, d in DEFINITIONS.items() if d.style == "choreography"]
+# Sagas whose services start their own steps (choreography): the sweeper starts none of theirs.
+SELF_STARTED = [name for name, d in DEFINITIONS.items() if not engine.style.of(d).coordinated]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def sweep_once() -> dict:
     due = (
         SagaStep.objects.using(engine.DB)
         .filter(state=SagaStep.State.PENDING, next_attempt_at__lte=Now(), saga__state=Saga.State.RUNNING)
-        .exclude(saga__definition__in=CHOREOGRAPHED)  # their services start their own steps
+        .exclude(saga__definition__in=SELF_STARTED)  # their services start their own steps
         .values_list("saga_id", flat=True)
         .distinct()[:BATCH]
     )
