@@ -1,4 +1,4 @@
-"""What a person may do to a saga: cancel it (a customer, through the cancel port), retry it or
+"""What a person may do to a saga: cancel it (through the cancel port), retry it or
 skip a parked compensation (an operator). Each is decided under the saga's row lock, so two
 people clicking at once, or a click racing a reply, see a consistent state. What is refused, and
 the words of the refusal, come from the saga's definition; how the style carries it out, from
