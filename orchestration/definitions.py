@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from sagaplatform.kernel import events
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -81,12 +83,6 @@ GENERIC_MESSAGES = {
     "deadline_exceeded": "The saga took too long to complete",
     "cancel_refused": "the point of no return was passed",
 }
-GENERIC_REFUSALS = {
-    "already_cancelled": ("already_cancelled", "This saga is already cancelled"),
-    "not_cancellable": ("not_cancellable", "This saga can no longer be cancelled (it is {state})"),
-    "pivot_passed": ("pivot_passed", "The saga passed its point of no return; it can no longer be cancelled"),
-    "pivot_in_progress": ("pivot_in_progress", "The point of no return is being passed; it can no longer be cancelled"),
-}
 
 
 @dataclass(frozen=True)
@@ -105,9 +101,13 @@ class SagaDefinition:
     # Global deadline in seconds from the start: before the pivot the saga is compensated,
     # after it the deadline no longer applies.
     deadline: float = 600.0
-    # The words of the domain, by key (see GENERIC_MESSAGES and GENERIC_REFUSALS): what a
-    # cancellation or a passed deadline says, and the code and message of each refusal.
+    # What a cancellation or a passed deadline says (see GENERIC_MESSAGES).
     messages: dict = field(default_factory=dict)
+    # A cancel this many seconds or less before the pivot's scheduled start is refused: the
+    # style cannot stop the pivot that late (choreography: the services would race it).
+    cancel_margin: float = 0.0
+    # The refusal messages of operator actions, by code (`orchestration/rules.py`); `{state}`
+    # is the saga's state. Codes missing here get the generic message.
     refusals: dict = field(default_factory=dict)
     # Choreography: the event that announces a cancellation to the services.
     cancel_event: str = ""
@@ -136,11 +136,6 @@ class SagaDefinition:
 
     def message(self, key: str) -> str:
         return self.messages.get(key) or GENERIC_MESSAGES[key]
-
-    def refusal(self, key: str, **details) -> tuple[str, str]:
-        """The code and message of a refused operator action (`details` fill the message)."""
-        code, message = self.refusals.get(key) or GENERIC_REFUSALS[key]
-        return code, message.format(**details)
 
     def participants(self) -> list[StepSpec]:
         return [s for s in self.steps if s.confirm]
@@ -207,6 +202,14 @@ def _order_steps(*, parallel: bool) -> tuple[StepSpec, ...]:
     )
 
 
+# What an order's refusals say (the codes are in orchestration/rules.py).
+ORDER_REFUSALS = {
+    "already_cancelled": "This order is already cancelled",
+    "not_cancellable": "This order can no longer be cancelled (it is {state})",
+    "already_shipped": "The order has shipped; it can no longer be cancelled",
+    "shipment_in_progress": "The parcel is leaving the warehouse right now; it can no longer be cancelled",
+}
+
 # After the pivot a step must eventually succeed; past this policy the saga is parked.
 FOREVER_ISH = RetryPolicy(max_attempts=30, max_interval=60.0)
 
@@ -227,23 +230,14 @@ ORDER_MESSAGES = {
     "deadline_exceeded": "The order took too long to complete",
     "cancel_refused": "the parcel had left",
 }
-ORDER_REFUSALS = {
-    "already_cancelled": ("already_cancelled", "This order is already cancelled"),
-    "not_cancellable": ("not_cancellable", "This order can no longer be cancelled (it is {state})"),
-    "pivot_passed": ("already_shipped", "The order has shipped; it can no longer be cancelled"),
-    "pivot_in_progress": (
-        "shipment_in_progress",
-        "The parcel is leaving the warehouse right now; it can no longer be cancelled",
-    ),
-}
-ORDER_WORDS = {"messages": ORDER_MESSAGES, "refusals": ORDER_REFUSALS}
 
 PLACE_ORDER = SagaDefinition(
     name="place_order",
     description="Reserve stock, then take payment; approve, book and dispatch; commit stock, mark shipped, tell the customer.",
     steps=_order_steps(parallel=False),
     on_failure=ON_ORDER_FAILURE,
-    **ORDER_WORDS,
+    messages=ORDER_MESSAGES,
+    refusals=ORDER_REFUSALS,
 )
 
 PLACE_ORDER_PARALLEL = SagaDefinition(
@@ -251,7 +245,8 @@ PLACE_ORDER_PARALLEL = SagaDefinition(
     description="As place_order, with stock reservation and payment side by side.",
     steps=_order_steps(parallel=True),
     on_failure=ON_ORDER_FAILURE,
-    **ORDER_WORDS,
+    messages=ORDER_MESSAGES,
+    refusals=ORDER_REFUSALS,
 )
 
 PLACE_ORDER_TCC = SagaDefinition(
@@ -289,7 +284,8 @@ PLACE_ORDER_TCC = SagaDefinition(
     ),
     on_failure=ON_ORDER_FAILURE,
     outcome={"order": "approved", "shipment": "scheduled"},
-    **ORDER_WORDS,
+    messages=ORDER_MESSAGES,
+    refusals=ORDER_REFUSALS,
 )
 
 
@@ -302,8 +298,12 @@ PLACE_ORDER_CHOREOGRAPHY = SagaDefinition(
     description="The order flow with no coordinator: services react to each other's events.",
     steps=_order_steps(parallel=False),
     on_failure=ON_ORDER_FAILURE,
-    cancel_event="order.cancel_requested",
-    **ORDER_WORDS,
+    messages=ORDER_MESSAGES,
+    cancel_event=events.ORDER_CANCEL_REQUESTED,
+    refusals=ORDER_REFUSALS,
+    # The tracker cannot stop a dispatch the services are about to start: it refuses a cancel
+    # this close to it.
+    cancel_margin=1.0,
 )
 
 # The order's `mode` (chosen per order through the API) and the definition that runs it.

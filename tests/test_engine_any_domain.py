@@ -25,7 +25,7 @@ from orchestration.definitions import RetryPolicy, SagaDefinition, StepSpec
 from orchestration.exceptions import OperationNotAllowed
 from orchestration.models import Alert, Saga, SagaEvent, SagaStep
 from sagaplatform.celery import app as celery_app
-from sagaplatform.kernel import barrier, choreography, outbox
+from sagaplatform.kernel import barrier, choreography, events, outbox
 from sagaplatform.kernel.choreography import Reaction
 from sagaplatform.kernel.commands import (
     ACTION,
@@ -76,10 +76,11 @@ def trip_steps(*, parallel: bool) -> tuple[StepSpec, ...]:
 CLOSE_TRIP = (StepSpec("close_trip", "trips", "close", inputs=TRIP_INPUTS),)
 TRIP_WORDS = {
     "messages": {"cancelled": "Cancelled by the traveller", "cancel_refused": "the ticket was issued"},
+    # The refusal codes are the platform's (orchestration/rules.py); the words are the trip's.
     "refusals": {
-        "already_cancelled": ("already_cancelled", "This trip is already cancelled"),
-        "pivot_passed": ("ticket_issued", "The ticket is issued; the trip can no longer be cancelled"),
-        "pivot_in_progress": ("ticket_being_issued", "The ticket is being issued right now"),
+        "already_cancelled": "This trip is already cancelled",
+        "already_shipped": "The ticket is issued; the trip can no longer be cancelled",
+        "shipment_in_progress": "The ticket is being issued right now; the trip can no longer be cancelled",
     },
 }
 
@@ -117,6 +118,7 @@ BOOK_TRIP_CHOREOGRAPHY = SagaDefinition(
     on_failure=CLOSE_TRIP,
     outcome={},
     cancel_event="trip.cancel_requested",
+    cancel_margin=1.0,  # the tracker cannot stop a ticket the flights desk is about to issue
     **TRIP_WORDS,
 )
 BY_STYLE = {
@@ -149,6 +151,28 @@ REACTIONS = [
     Reaction(service="trips", on=("flight.released", "flight.failed"), step="close_trip", op=ACTION,
          operation="close", emits="trip.closed"),
 ]  # fmt: skip
+
+
+# The trip's events (the shape of `sagaplatform/kernel/events.py`): name, meaning, and who
+# publishes it outside a reaction or whether it ends a chain.
+TRIP_EVENTS = [
+    ("trip.requested", "A traveller asked for a trip.", {"published_by": "tests"}),
+    ("flight.reserved", "A seat is held.", {}),
+    ("flight.failed", "No seat.", {}),
+    ("hotel.booked", "A room is booked.", {}),
+    ("hotel.failed", "No room.", {}),
+    ("card.charged", "The card is charged.", {}),
+    ("card.declined", "The card was declined.", {}),
+    ("ticket.issued", "The ticket is issued (the point of no return).", {"final": True}),
+    ("ticket.failed", "The ticket could not be issued.", {"final": True}),
+    ("trip.cancel_requested", "The traveller cancelled.", {"published_by": "tests"}),
+    ("ticket.held", "The ticket is held for a cancellation.", {}),
+    ("trip.cancel_refused", "The ticket was issued: too late to cancel.", {"final": True}),
+    ("card.refunded", "The card is refunded.", {}),
+    ("hotel.cancelled", "The room is cancelled.", {}),
+    ("flight.released", "The seat is released.", {}),
+    ("trip.closed", "The trip is closed.", {"final": True}),
+]
 
 
 # --- The test-only participants ---------------------------------------------------------------
@@ -225,14 +249,16 @@ class Participants:
             emitter = {"service": service, "step": rule.step, "op": rule.op, "status": outcome["status"]}
             emitter["null_compensation"] = outcome.get("barrier") == "null_compensation"
             if (outcome.get("error") or {}).get("code") == barrier.REFUSED_AFTER_COMPENSATION["error"]["code"]:
-                # Overtaken by its compensation: nothing follows from it; the tracker is told.
-                news = choreography.event_message(
-                    event=f"{rule.step}.refused",
-                    saga_id=message["saga_id"],
-                    context=message["context"],
-                    failure=message.get("failure"),
-                    emitter={**emitter, "status": "refused"},
-                )
+                # Overtaken by its compensation: nothing follows from it; only the tracker is told
+                # (a note, not an event of the flow).
+                news = {
+                    "event": f"{rule.step}.refused",
+                    "event_id": str(uuid.uuid4()),
+                    "saga_id": message["saga_id"],
+                    "context": message["context"],
+                    "failure": message.get("failure"),
+                    "emitter": {**emitter, "status": "refused"},
+                }
                 outbox.enqueue(using=DB, task=choreography.TRACK_TASK, queue=choreography.TRACK_QUEUE, payload=news)
                 return
             if outcome.get("replayed") and not message.get("nudge"):
@@ -261,6 +287,9 @@ def travel(monkeypatch, broker):
     """The travel domain, for this test only: its definitions, participants and reactions."""
     for definition in BY_STYLE.values():
         monkeypatch.setitem(definitions.DEFINITIONS, definition.name, definition)
+    monkeypatch.setattr(events, "EVENTS", dict(events.EVENTS))
+    for name, meaning, kinds in TRIP_EVENTS:
+        events.declare(name, meaning, **kinds)
     monkeypatch.setattr(choreography, "_REACTIONS", [*choreography.reactions(), *REACTIONS])
     participants = Participants()
     for service in participants.desks:
@@ -297,6 +326,11 @@ CONFIRMED = {"tcc": "confirmed"}
 
 
 # --- The proof --------------------------------------------------------------------------------
+
+
+def test_the_trips_events_make_a_whole_flow():
+    declared = {name: events.Event(name, meaning, **kinds) for name, meaning, kinds in TRIP_EVENTS}
+    assert events.problems(REACTIONS, declared) == []
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -379,7 +413,7 @@ def test_a_booked_trip_cannot_be_cancelled(travel, broker, style):
 
 
 @pytest.mark.parametrize("style", ["orchestrated", "parallel"])
-def test_a_cancel_once_the_ticket_is_issued_is_refused_with_the_definitions_code(travel, broker, style):
+def test_a_cancel_while_the_ticket_is_issued_is_refused_in_the_definitions_words(travel, broker, style):
     saga_id = book(style)
     queued: list[dict] = []
     while not queued:  # everything up to the ticket's command, which waits
@@ -393,7 +427,10 @@ def test_a_cancel_once_the_ticket_is_issued_is_refused_with_the_definitions_code
 
     with pytest.raises(OperationNotAllowed) as refused:
         engine.saga_cancel(saga_id=saga_id, context={}, actor="user:ada")
-    assert (refused.value.code, refused.value.message) == BOOK_TRIP.refusal("pivot_in_progress")
+    assert (refused.value.code, refused.value.message) == (
+        "shipment_in_progress",
+        "The ticket is being issued right now; the trip can no longer be cancelled",
+    )
 
     for message in queued:
         broker.run(message)

@@ -1,21 +1,18 @@
 """What a person may do to a saga: cancel it (through the cancel port), retry it or
 skip a parked compensation (an operator). Each is decided under the saga's row lock, so two
 people clicking at once, or a click racing a reply, see a consistent state. What is refused, and
-the words of the refusal, come from the saga's definition; how the style carries it out, from
+the words of the refusal, come from the rules (`orchestration/rules.py`, which the API, the
+admin and the live feed ask too) and the saga's definition; how the style carries it out, from
 the style."""
 
 from __future__ import annotations
 
+from .. import rules
 from ..definitions import for_context
 from ..exceptions import OperationNotAllowed
-from ..models import Saga
+from ..models import Saga, SagaStep
 from . import style
-from .run import CANCELLED, DB, Run, State, locked, resolve_alerts
-
-
-def refuse(run: Run, key: str, **details) -> OperationNotAllowed:
-    code, message = run.definition.refusal(key, **details)
-    return OperationNotAllowed(code, message, details=details or None)
+from .run import CANCELLED, DB, Run, locked, resolve_alerts
 
 
 def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = "") -> Saga:
@@ -28,15 +25,8 @@ def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = "") -> Saga
     def apply(run: Run) -> bool:
         saga = outcome["saga"] = run.saga
         failure = {"code": CANCELLED, "message": reason or run.definition.message("cancelled"), "by": actor}
-        if saga.state == Saga.State.CANCELLED or (saga.failure or {}).get("code") == CANCELLED:
-            raise refuse(run, "already_cancelled")
-        if saga.state != Saga.State.RUNNING:  # (a saga is started in the transaction that creates it)
-            raise refuse(run, "not_cancellable", state=saga.state)
-        for spec, step in run.action_steps():
-            if spec.pivot and step.state == State.SUCCEEDED:
-                raise refuse(run, "pivot_passed")
-            if spec.pivot and step.state in (State.RUNNING, State.RETRYING):
-                raise refuse(run, "pivot_in_progress")
+        # (A saga is started in the transaction that creates it: one not running has ended, or waits.)
+        rules.cancel_verdict(saga, run.steps.values(), now=run.now, definition=run.definition).check()
         style.of(run.definition).cancel(run, failure)
         return True
 
@@ -61,26 +51,18 @@ def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
     def apply(run: Run) -> bool:
         saga = run.saga
         outcome["saga"] = saga
+        rules.retry_verdict(saga, run.steps.values(), definition=run.definition).check()
         if saga.state == Saga.State.PARKED:
             style.of(run.definition).retry_parked(run, reason)
             resolve_alerts(run)
             return True
-        if saga.state in (Saga.State.RUNNING, Saga.State.COMPENSATING, Saga.State.CONFIRMING):
-            # Steps waiting out a backoff get their next attempt now. (An attempt in flight is
-            # left alone: its lease decides.) Once retried a step waits for nothing, so a second
-            # operator clicking at the same moment finds nothing to retry.
-            stuck = [
-                (spec, s)
-                for spec, s in run.action_steps()
-                if s.state == State.RETRYING
-                or (s.state in (State.COMPENSATING, State.CONFIRMING) and s.next_attempt_at)
-            ]
-            if not stuck:
-                raise OperationNotAllowed("saga_not_stuck", f"Saga is {saga.state} with no step waiting to retry")
-            run.record("operator_retry", data={"reason": reason, "steps": [s.name for _, s in stuck]})
-            style.of(run.definition).retry_waiting(run, stuck)
-            return True
-        raise OperationNotAllowed("saga_not_retryable", f"A {saga.state} saga cannot be retried")
+        # Steps waiting out a backoff get their next attempt now. (An attempt in flight is left
+        # alone: its lease decides.) Once retried a step waits for nothing, so a second operator
+        # clicking at the same moment finds nothing to retry.
+        stuck = [(spec, s) for spec, s in run.action_steps() if rules.step_backing_off(s)]
+        run.record("operator_retry", data={"reason": reason, "steps": [s.name for _, s in stuck]})
+        style.of(run.definition).retry_waiting(run, stuck)
+        return True
 
     locked(saga_id, apply, actor=actor)
     if "saga" not in outcome:
@@ -96,15 +78,14 @@ def saga_skip(*, saga_id, step_name: str, actor: str, reason: str) -> Saga:
 
     def apply(run: Run) -> bool:
         outcome["saga"] = run.saga
-        step = run.steps.get(step_name)
-        if run.saga.state != Saga.State.PARKED or step is None or step.state != State.COMPENSATION_FAILED:
-            raise OperationNotAllowed(
-                "nothing_to_skip", f"Step {step_name!r} is not a parked compensation of this saga"
-            )
+        rules.skip_verdict(run.saga, run.steps.values(), step_name, definition=run.definition).check()
+        step = run.steps[step_name]
         step.skip_compensation()
-        run.record("compensation_skipped", step=step, from_state=State.COMPENSATION_FAILED, data={"reason": reason})
+        run.record(
+            "compensation_skipped", step=step, from_state=SagaStep.State.COMPENSATION_FAILED, data={"reason": reason}
+        )
         style.of(run.definition).skipped(run, step)
-        if not any(s.state == State.COMPENSATION_FAILED for _, s in run.action_steps()):
+        if not any(s.state == SagaStep.State.COMPENSATION_FAILED for _, s in run.action_steps()):
             run.saga.resume_compensation()
             run.record("saga_resumed", from_state=Saga.State.PARKED, data={"reason": reason})
             resolve_alerts(run)

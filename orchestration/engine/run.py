@@ -21,6 +21,7 @@ from django.db.models.functions import Now
 from sagaplatform.kernel import faults, outbox
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
 
+from .. import rules
 from ..definitions import SagaDefinition, StepSpec, get_definition
 from ..models import Alert, Saga, SagaEvent, SagaStep
 from . import style
@@ -29,10 +30,10 @@ logger = logging.getLogger("orchestration.engine")
 
 DB = "default"
 State = SagaStep.State
-IN_FLIGHT = (State.RUNNING, State.RETRYING, State.COMPENSATING, State.CONFIRMING)
-DONE = (State.SUCCEEDED, State.CONFIRMED)
-# The failure code of a saga a person cancelled.
-CANCELLED = "cancelled"
+# The state sets are the rules' (orchestration/rules.py), named as the engine always has.
+IN_FLIGHT = rules.STEP_IN_FLIGHT
+DONE = rules.STEP_DONE
+CANCELLED = rules.CANCELLED  # the failure code of a saga a person cancelled
 
 # Called with every run about to commit (the live feed registers itself in AppConfig.ready).
 ON_FLUSH: list[Callable[[Run], None]] = []

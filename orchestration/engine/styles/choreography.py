@@ -29,7 +29,6 @@ from sagaplatform.kernel.commands import ACTION, COMPENSATE, SUCCEEDED
 
 from ...definitions import SagaDefinition, for_context, get_definition
 from ...models import Saga, SagaStep
-from ..actions import refuse
 from ..run import CANCELLED, DB, IN_FLIGHT, Run, create_saga, park
 from ..style import Style, register
 
@@ -37,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 State = SagaStep.State
 MAX_NUDGES = 3
-# A cancel this close to the pivot's start could lose the race with it: refuse it outright.
-PIVOT_SAFETY_MARGIN = timedelta(seconds=1)
 # The events the tracker records about holding the pivot (names kept from the order flow: they
 # are on the wire and in stored histories).
 HOLD_REQUESTED, HELD, HOLD_REFUSED = "dispatch_hold_requested", "dispatch_held", "cancellation_refused"
@@ -363,11 +360,9 @@ def _hold(run: Run) -> choreography.Reaction | None:
 
 
 def cancel(run: Run, failure: dict) -> None:
-    """Announce a cancellation to the services, unless the point of no return is about to be
-    passed (the common checks refused it once passed, or being passed)."""
+    """Announce a cancellation to the services (the rules refused it once the point of no return
+    is passed, being passed, or due within the definition's `cancel_margin`)."""
     pivot = _pivot(run)
-    if pivot is not None and pivot.next_attempt_at and pivot.next_attempt_at - run.now < PIVOT_SAFETY_MARGIN:
-        raise refuse(run, "pivot_in_progress")
     run.saga.begin_compensation(failure=failure)
     run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": failure["message"]})
     message = choreography.event_message(
