@@ -146,6 +146,9 @@ class SagaDefinition:
     def step(self, name: str) -> StepSpec:
         return self._index[name]
 
+    def has_step(self, name: str) -> bool:
+        return name in self._index
+
     def dependents(self, name: str) -> list[StepSpec]:
         return [s for s in self.steps if name in s.depends_on]
 

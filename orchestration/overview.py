@@ -107,7 +107,7 @@ def flow(now) -> dict:
     edges: dict[tuple[str, str, str], dict] = defaultdict(lambda: {"count": 0, "failures": 0})
     for row in rows:
         definition = DEFINITIONS.get(row["saga__definition"])
-        if definition is None or row["step"] not in definition._index:
+        if definition is None or not definition.has_step(row["step"]):
             continue
         spec = definition.step(row["step"])
         state, n = row["to_state"], row["n"]

@@ -39,8 +39,7 @@ class Style:
         raise NotImplementedError
 
     def cancel(self, run: Run, failure: dict) -> None:
-        """Start cancelling a running saga the common checks allowed (or refuse: raise
-        `OperationNotAllowed`)."""
+        """Start cancelling a running saga the rules allowed (`rules.cancel_verdict`)."""
         raise NotImplementedError
 
     def start_cancelled(self, *, saga_id, definition: SagaDefinition, context: dict, failure: dict) -> bool:
