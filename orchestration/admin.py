@@ -27,8 +27,8 @@ from sagaplatform.kernel.admin import (
 )
 from sagaplatform.kernel.clock import db_now
 
-from . import engine, rules, selectors
-from .definitions import MODES
+from . import engine, live, rules, selectors
+from .definitions import DEFINITIONS, MODES
 from .exceptions import OperationNotAllowed
 from .models import Alert, Saga, SagaEvent, SagaStep
 from .permissions import OPERATE
@@ -36,8 +36,8 @@ from .permissions import OPERATE
 DB = "default"
 
 
-# The order's style (`mode`) each definition runs: orchestrated, parallel, tcc, choreography.
-STYLE_OF_DEFINITION = {definition.name: style for style, definition in MODES.items()}
+# The style each definition runs: orchestrated, parallel, tcc, choreography.
+STYLE_OF_DEFINITION = {name: live.style_of(definition) for name, definition in DEFINITIONS.items()}
 
 
 def style_of(saga: Saga) -> str:
@@ -148,7 +148,7 @@ class StyleFilter(admin.SimpleListFilter):
         if self.value() is None:
             return queryset
         return queryset.filter(
-            definition__in=[name for name, style in STYLE_OF_DEFINITION.items() if style == self.value()]
+            definition__in=[name for name, label in STYLE_OF_DEFINITION.items() if label == self.value()]
         )
 
 

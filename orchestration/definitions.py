@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from sagaplatform.kernel import events
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -76,6 +78,13 @@ class StepSpec:
         return min(self.timeout, override) if override else self.timeout
 
 
+GENERIC_MESSAGES = {
+    "cancelled": "Cancelled on request",
+    "deadline_exceeded": "The saga took too long to complete",
+    "cancel_refused": "the point of no return was passed",
+}
+
+
 @dataclass(frozen=True)
 class SagaDefinition:
     name: str
@@ -92,12 +101,16 @@ class SagaDefinition:
     # Global deadline in seconds from the start: before the pivot the saga is compensated,
     # after it the deadline no longer applies.
     deadline: float = 600.0
+    # What a cancellation or a passed deadline says (see GENERIC_MESSAGES).
+    messages: dict = field(default_factory=dict)
     # A cancel this many seconds or less before the pivot's scheduled start is refused: the
     # style cannot stop the pivot that late (choreography: the services would race it).
     cancel_margin: float = 0.0
     # The refusal messages of operator actions, by code (`orchestration/rules.py`); `{state}`
     # is the saga's state. Codes missing here get the generic message.
     refusals: dict = field(default_factory=dict)
+    # Choreography: the event that announces a cancellation to the services.
+    cancel_event: str = ""
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +129,14 @@ class SagaDefinition:
             raise ValueError(f"{self.name}: a failure step shares a name with a step")
         self._index.update({s.name: s for s in (*self.steps, *self.on_failure)})
 
+    @property
+    def parallel(self) -> bool:
+        """Some steps run side by side: more than one step waits for nothing."""
+        return sum(1 for s in self.steps if not s.depends_on) > 1
+
+    def message(self, key: str) -> str:
+        return self.messages.get(key) or GENERIC_MESSAGES[key]
+
     def participants(self) -> list[StepSpec]:
         return [s for s in self.steps if s.confirm]
 
@@ -124,6 +145,9 @@ class SagaDefinition:
 
     def step(self, name: str) -> StepSpec:
         return self._index[name]
+
+    def has_step(self, name: str) -> bool:
+        return name in self._index
 
     def dependents(self, name: str) -> list[StepSpec]:
         return [s for s in self.steps if name in s.depends_on]
@@ -204,11 +228,18 @@ ON_ORDER_FAILURE = (
     ),
 )
 
+ORDER_MESSAGES = {
+    "cancelled": "Cancelled at the customer's request",
+    "deadline_exceeded": "The order took too long to complete",
+    "cancel_refused": "the parcel had left",
+}
+
 PLACE_ORDER = SagaDefinition(
     name="place_order",
     description="Reserve stock, then take payment; approve, book and dispatch; commit stock, mark shipped, tell the customer.",
     steps=_order_steps(parallel=False),
     on_failure=ON_ORDER_FAILURE,
+    messages=ORDER_MESSAGES,
     refusals=ORDER_REFUSALS,
 )
 
@@ -217,6 +248,7 @@ PLACE_ORDER_PARALLEL = SagaDefinition(
     description="As place_order, with stock reservation and payment side by side.",
     steps=_order_steps(parallel=True),
     on_failure=ON_ORDER_FAILURE,
+    messages=ORDER_MESSAGES,
     refusals=ORDER_REFUSALS,
 )
 
@@ -255,6 +287,7 @@ PLACE_ORDER_TCC = SagaDefinition(
     ),
     on_failure=ON_ORDER_FAILURE,
     outcome={"order": "approved", "shipment": "scheduled"},
+    messages=ORDER_MESSAGES,
     refusals=ORDER_REFUSALS,
 )
 
@@ -268,6 +301,8 @@ PLACE_ORDER_CHOREOGRAPHY = SagaDefinition(
     description="The order flow with no coordinator: services react to each other's events.",
     steps=_order_steps(parallel=False),
     on_failure=ON_ORDER_FAILURE,
+    messages=ORDER_MESSAGES,
+    cancel_event=events.ORDER_CANCEL_REQUESTED,
     refusals=ORDER_REFUSALS,
     # The tracker cannot stop a dispatch the services are about to start: it refuses a cancel
     # this close to it.
@@ -298,3 +333,10 @@ def get_definition(name: str) -> SagaDefinition:
         return DEFINITIONS[name]
     except KeyError:
         raise LookupError(f"no saga definition named {name!r}") from None
+
+
+def for_context(context: dict) -> SagaDefinition:
+    """The definition a saga's context names: `definition`, or else the order's `mode`."""
+    if context.get("definition"):
+        return get_definition(context["definition"])
+    return for_mode(context.get("mode", "orchestrated"))

@@ -19,6 +19,7 @@ from sagaplatform.filters import BooleanFilter, DateTimeFilter, FilterSet
 from sagaplatform.kernel.clock import db_now
 
 from .definitions import DEFINITIONS, MODES
+from .live import style_of
 from .models import Saga
 
 STUCK = "stuck"
@@ -28,8 +29,8 @@ STATE_CHOICES = [
     (STUCK, "stuck (parked, or a lease passed)"),
     (RETRYING, "a step waiting to retry"),
 ]
-# The order's style (`mode`) each definition runs.
-STYLE_OF_DEFINITION = {definition.name: style for style, definition in MODES.items()}
+# The style each definition runs (orchestrated, parallel, tcc, choreography).
+STYLE_OF_DEFINITION = {name: style_of(definition) for name, definition in DEFINITIONS.items()}
 # Ages in seconds: bounded so that `now - age` is a date the database can hold.
 MAX_AGE_SECONDS = 10 * 365 * 24 * 3600
 
@@ -93,7 +94,7 @@ class SagaFilter(FilterSet):
     def filter_style(self, queryset, name, values):
         if not values:
             return queryset
-        return queryset.filter(definition__in=[MODES[style].name for style in values])
+        return queryset.filter(definition__in=[name for name, label in STYLE_OF_DEFINITION.items() if label in values])
 
     def filter_order(self, queryset, name, value):
         return queryset.filter(context__order_id=str(value))

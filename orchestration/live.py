@@ -18,6 +18,7 @@ from sagaplatform.kernel import feed
 
 from . import rules, selectors
 from .definitions import SagaDefinition, get_definition
+from .engine import style
 from .models import Saga, SagaEvent, SagaStep
 
 logger = logging.getLogger(__name__)
@@ -84,10 +85,8 @@ def saga_header(saga: Saga, steps: Iterable[SagaStep], *, now: datetime) -> dict
 
 
 def style_of(definition: SagaDefinition) -> str:
-    """orchestrated, parallel, tcc or choreography: what the operator filters by."""
-    if definition.style != "orchestrated":
-        return definition.style
-    return "parallel" if any(not s.depends_on for s in definition.steps[1:]) else "orchestrated"
+    """orchestrated, parallel, tcc or choreography: what the operator filters by (its style says)."""
+    return style.of(definition).label(definition)
 
 
 def definition_graph(definition: SagaDefinition) -> dict:

@@ -18,7 +18,7 @@ from sagaplatform.kernel.clock import db_now
 
 from . import rules
 from .definitions import DEFINITIONS
-from .live import style_of
+from .engine import style
 from .models import Alert, Saga, SagaEvent, SagaStep
 
 DB = "default"
@@ -107,11 +107,11 @@ def flow(now) -> dict:
     edges: dict[tuple[str, str, str], dict] = defaultdict(lambda: {"count": 0, "failures": 0})
     for row in rows:
         definition = DEFINITIONS.get(row["saga__definition"])
-        if definition is None or row["step"] not in definition._index:
+        if definition is None or not definition.has_step(row["step"]):
             continue
         spec = definition.step(row["step"])
         state, n = row["to_state"], row["n"]
-        if style_of(definition) == "choreography":
+        if not style.of(definition).coordinated:
             # Each service reacts to the events of the steps it follows; the first to the order.
             sources = [definition.step(d).service for d in spec.depends_on] or ["orders"]
             if state in STEP_OUT or state in STEP_BAD:

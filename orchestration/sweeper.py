@@ -31,8 +31,6 @@ from . import engine, rules
 from .definitions import DEFINITIONS
 from .models import Saga, SagaStep
 
-CHOREOGRAPHED = [name for name, d in DEFINITIONS.items() if d.style == "choreography"]
-
 logger = logging.getLogger(__name__)
 
 BATCH = 500
@@ -73,7 +71,7 @@ def sweep_once() -> dict:
     due = (
         SagaStep.objects.using(engine.DB)
         .filter(state=SagaStep.State.PENDING, next_attempt_at__lte=Now(), saga__state=Saga.State.RUNNING)
-        .exclude(saga__definition__in=CHOREOGRAPHED)  # their services start their own steps
+        .exclude(saga__definition__in=self_started())  # their services start their own steps
         .values_list("saga_id", flat=True)
         .distinct()[:BATCH]
     )
@@ -88,6 +86,11 @@ def sweep_once() -> dict:
     if any(result.values()):
         logger.info("sweep: %s", result)
     return result
+
+
+def self_started() -> list[str]:
+    """The definitions whose services start their own steps (choreography)."""
+    return [name for name, d in DEFINITIONS.items() if not engine.style.of(d).coordinated]
 
 
 def _each(rows: Iterable, handle: Callable, *, parked: list) -> int:

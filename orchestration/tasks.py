@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from . import deadletters, engine, sweeper, tracker
+from . import deadletters, engine, sweeper
 from .definitions import for_mode
 
 
@@ -17,7 +17,7 @@ def handle_reply(message: dict) -> None:
 
 @shared_task(name="orchestration.track_event", ignore_result=True)
 def track_event(message: dict) -> None:
-    tracker.track(message=message)
+    engine.track(message=message)
 
 
 @shared_task(name="orchestration.sweep", ignore_result=True)

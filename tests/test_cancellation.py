@@ -215,19 +215,19 @@ def test_concurrent_cancels_cancel_once(alice, catalogue, broker):
 def test_a_cancel_that_loses_the_race_with_the_start_still_cancels(alice_api, catalogue, broker, monkeypatch):
     """The saga is not there when the cancel looks, but its start message is processed before
     the cancel can create it: the cancel must then apply to the saga that now runs."""
-    from orchestration import engine
+    from orchestration.engine import lifecycle
 
     receipt = place(alice_api)
-    real_start = engine.saga_start
+    real_start = lifecycle.saga_start
 
     def start_wins_first(**kwargs):
         if kwargs.get("cancel"):
             broker.run(broker.take("orchestration.start_saga")[0])  # the worker got there first
         return real_start(**kwargs)
 
-    monkeypatch.setattr(engine, "saga_start", start_wins_first)
+    monkeypatch.setattr(lifecycle, "saga_start", start_wins_first)
     response = cancel(alice_api, receipt)
-    monkeypatch.setattr(engine, "saga_start", real_start)
+    monkeypatch.setattr(lifecycle, "saga_start", real_start)
 
     assert response.status_code == 202
     assert response.json()["saga"]["state"] == "compensating"

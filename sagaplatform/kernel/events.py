@@ -89,8 +89,8 @@ SHIPMENT_DISPATCHED = declare("shipment.dispatched", "The parcel left the wareho
 SHIPMENT_DISPATCH_FAILED = declare("shipment.dispatch_failed", "Shipping gave up on the dispatch.")
 ORDER_CANCEL_REQUESTED = declare(
     "order.cancel_requested",
-    "Someone cancelled the order (the tracker announces it).",
-    published_by="orchestration.tracker",
+    "Someone cancelled the order (the tracker announces it: the definition's `cancel_event`).",
+    published_by="orchestration.definitions",
 )
 SHIPMENT_HELD = declare("shipment.held", "Shipping held the dispatch for a cancellation.")
 CANCELLATION_REFUSED = declare(

@@ -1,17 +1,19 @@
-"""The passive tracker of choreographed sagas.
+"""Choreography: the passive tracker of choreographed sagas.
 
 In a choreography no one is in charge: each service reacts to events and publishes its own.
 Every published event also reaches the tracker, which rebuilds the same Saga, SagaStep and
-SagaEvent rows an orchestrated saga has, so the API, the admin and the dashboard show both alike.
-It decides nothing about the business flow; it only:
+SagaEvent rows a coordinated saga has (for any choreographed definition: the one the event's
+context names), so the API, the admin and the dashboard show both alike. It decides nothing
+about the business flow; it only:
 
 * records what happened (events can arrive in any order: each observation moves a step along
   its state machine as far as it needs to go);
 * watches for an expected event that does not come: each started step gets a lease, and when it
   expires the tracker publishes the step's trigger again ("nudges" the service; the barrier makes
   that harmless), up to a few times, then parks the saga for a person;
-* answers a cancellation: refused once the parcel is leaving, otherwise announced as the event
-  `order.cancel_requested`, to which the services react.
+* answers a cancellation: refused once the point of no return is being passed, otherwise
+  announced as the definition's `cancel_event`, to which the services react. The services hold
+  the pivot step first (its compensating reaction); if they refuse, the saga runs on.
 """
 
 from __future__ import annotations
@@ -22,20 +24,21 @@ from datetime import timedelta
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 
-from sagaplatform.kernel import choreography, outbox
+from sagaplatform.kernel import attempts, choreography, outbox
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, SUCCEEDED
 
-from . import engine
-from .definitions import PLACE_ORDER_CHOREOGRAPHY, get_definition
-from .models import Saga, SagaStep
+from ...definitions import SagaDefinition, for_context, get_definition
+from ...models import Saga, SagaStep
+from ..run import CANCELLED, DB, IN_FLIGHT, Run, create_saga, park
+from ..style import Style, register
 
 logger = logging.getLogger(__name__)
 
 State = SagaStep.State
-CANCEL_EVENT = "order.cancel_requested"
 MAX_NUDGES = 3
-# A cancel this close to the dispatch could lose the race with it: refuse it outright.
-DISPATCH_SAFETY_MARGIN = timedelta(seconds=1)
+# The events the tracker records about holding the pivot (names kept from the order flow: they
+# are on the wire and in stored histories).
+HOLD_REQUESTED, HELD, HOLD_REFUSED = "dispatch_hold_requested", "dispatch_held", "cancellation_refused"
 
 
 def track(*, message: dict) -> None:
@@ -45,12 +48,10 @@ def track(*, message: dict) -> None:
 
 
 def _track(message: dict) -> None:
-    with transaction.atomic(using=engine.DB):
-        saga = Saga.objects.using(engine.DB).select_for_update().annotate(db_now=Now()).get(id=message["saga_id"])
-        steps = {s.name: s for s in SagaStep.objects.using(engine.DB).filter(saga=saga)}
-        run = engine._Run(
-            saga=saga, definition=get_definition(saga.definition), steps=steps, now=saga.db_now, actor="tracker"
-        )
+    with transaction.atomic(using=DB):
+        saga = Saga.objects.using(DB).select_for_update().annotate(db_now=Now()).get(id=message["saga_id"])
+        steps = {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
+        run = Run(saga=saga, definition=get_definition(saga.definition), steps=steps, now=saga.db_now, actor="tracker")
         run.record("event_observed", data={"event": message["event"], "emitter": message.get("emitter")})
         emitter = message.get("emitter")
         if emitter and emitter.get("step") in steps:
@@ -63,41 +64,23 @@ def _track(message: dict) -> None:
         run.flush()
 
 
-def ensure_saga(*, saga_id, context: dict) -> None:
-    """Create the tracked saga on the first news of it (whichever event that is)."""
-    if Saga.objects.using(engine.DB).filter(id=saga_id).exists():
+def ensure_saga(*, saga_id, context: dict, definition: SagaDefinition | None = None) -> None:
+    """Create the tracked saga on the first news of it (whichever event that is), from the
+    definition its context names."""
+    if Saga.objects.using(DB).filter(id=saga_id).exists():
         return
     try:
-        with transaction.atomic(using=engine.DB):
-            _create(saga_id=saga_id, context=context)
+        with transaction.atomic(using=DB):
+            # No deadline: no one could act on it; leases watch each step instead.
+            run = create_saga(saga_id=saga_id, definition=definition or for_context(context), context=context, now=None)
+            run.saga.start()
+            run.saga.save(using=DB)
     except IntegrityError:
         pass  # created by a concurrent first event
 
 
-def _create(*, saga_id, context: dict) -> None:
-    definition = PLACE_ORDER_CHOREOGRAPHY
-    saga = Saga.objects.using(engine.DB).create(
-        id=saga_id,
-        definition=definition.name,
-        context=context,
-        deadline_at=None,  # no one could act on a deadline: leases watch each step instead
-    )
-    SagaStep.objects.using(engine.DB).bulk_create(
-        [
-            SagaStep(saga=saga, name=s.name, kind=kind, position=i, service=s.service)
-            for kind, group in (
-                (SagaStep.Kind.ACTION, definition.steps),
-                (SagaStep.Kind.ON_FAILURE, definition.on_failure),
-            )
-            for i, s in enumerate(group)
-        ]
-    )
-    saga.start()
-    saga.save(using=engine.DB)
-
-
 def _walk(
-    run: engine._Run,
+    run: Run,
     step: SagaStep,
     target: str,
     *,
@@ -133,7 +116,7 @@ def _walk(
     return True
 
 
-def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
+def _observe_outcome(run: Run, emitter: dict, message: dict) -> None:
     step = run.steps[emitter["step"]]
     status = emitter["status"]
     if status == "refused":
@@ -163,12 +146,12 @@ def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
             step.deadline_at = None  # the undo (or the hold) it was watched for has answered
             run.dirty.add(step.name)
         if run.definition.step(step.name).pivot:
-            kind = "dispatch_held" if status == SUCCEEDED else "cancellation_refused"
+            kind = HELD if status == SUCCEEDED else HOLD_REFUSED
             run.record(kind, step=step, data={"error": failure} if status != SUCCEEDED else {})
             if status != SUCCEEDED and step.state == State.PENDING:
-                # Refused because the parcel left: the dispatch ran, and its event is owed.
+                # Refused because the pivot had run: its event is owed.
                 forward = next(r for r in choreography.reactions() if r.step == step.name and r.op == ACTION)
-                step.trigger = None  # the hold's: ask for the dispatch's event instead
+                step.trigger = None  # the hold's: ask for the pivot's own event instead
                 _start_implied(run, step, forward, implied_by=step.name)
         elif status == SUCCEEDED:
             if step.state == State.PENDING and not emitter.get("null_compensation"):
@@ -179,7 +162,7 @@ def _observe_outcome(run: engine._Run, emitter: dict, message: dict) -> None:
             _walk(run, step, State.COMPENSATION_FAILED, error=failure)
 
 
-def _observe_start(run: engine._Run, reaction, message: dict) -> None:
+def _observe_start(run: Run, reaction, message: dict) -> None:
     step = run.steps[reaction.step]
     spec = run.definition.step(step.name)
     trigger = {
@@ -203,10 +186,10 @@ def _observe_start(run: engine._Run, reaction, message: dict) -> None:
         else:
             _watch(run, step, spec, trigger, delay=delay)
     elif reaction.op == COMPENSATE and spec.pivot:
-        # Holding the point of no return is a guard, not an undo: the dispatch either never
+        # Holding the point of no return is a guard, not an undo: the pivot either never
         # happens (the barrier refuses it, and we hear "refused") or already did (and the
         # services refuse the cancellation).
-        run.record("dispatch_hold_requested", step=step, data={"event": message["event"]})
+        run.record(HOLD_REQUESTED, step=step, data={"event": message["event"]})
     elif reaction.op == COMPENSATE and step.state in (State.SUCCEEDED, State.FAILED, State.RUNNING, State.RETRYING):
         before = step.state
         step.begin_compensation()
@@ -220,12 +203,12 @@ def _observe_start(run: engine._Run, reaction, message: dict) -> None:
 
 
 def _owes_undo(step: SagaStep) -> bool:
-    """The step is watched for its undo's event (or the dispatch for the hold's answer)."""
+    """The step is watched for its undo's event (or the pivot for the hold's answer)."""
     reaction = ((step.trigger or {}).get("payload") or {}).get("reaction")
     return step.deadline_at is not None and reaction == f"{step.name}:{COMPENSATE}"
 
 
-def _lease_implied(run: engine._Run) -> None:
+def _lease_implied(run: Run) -> None:
     """Lease the steps that must have acted although their event never reached the tracker.
 
     A forward step is started only by the event of the one before it. So when the tracker has
@@ -249,7 +232,7 @@ def _lease_implied(run: engine._Run) -> None:
                     implied = True
 
 
-def _start_implied(run: engine._Run, step: SagaStep, reaction, *, implied_by: str) -> None:
+def _start_implied(run: Run, step: SagaStep, reaction, *, implied_by: str) -> None:
     """Start and lease a step known to have run although the tracker missed its news; its trigger
     is rebuilt from the saga's context when the tracker never heard it either."""
     trigger = step.trigger or {
@@ -269,17 +252,17 @@ def _start_implied(run: engine._Run, step: SagaStep, reaction, *, implied_by: st
     _watch(run, step, run.definition.step(step.name), trigger)
 
 
-def _watch(run: engine._Run, step: SagaStep, spec, trigger: dict, *, delay: float = 0.0) -> None:
+def _watch(run: Run, step: SagaStep, spec, trigger: dict, *, delay: float = 0.0) -> None:
     step.trigger = trigger
     step.deadline_at = run.now + timedelta(seconds=delay + spec.effective_timeout())
     run.dirty.add(step.name)
 
 
-def _decide(run: engine._Run, message: dict) -> None:
+def _decide(run: Run, message: dict) -> None:
     saga = run.saga
     actions = run.action_steps()
     finalizers = run.failure_steps()
-    # The point of no return failed and we cannot tell whether the parcel left, or a step after
+    # The point of no return failed and we cannot tell whether it took effect, or a step after
     # it failed (nothing can be undone there): a person decides.
     pivot_failed = any(
         spec.pivot and step.state == State.FAILED and not (step.error or {}).get("definitive") for spec, step in actions
@@ -288,12 +271,15 @@ def _decide(run: engine._Run, message: dict) -> None:
     failed_after_pivot = past_pivot and any(step.state == State.FAILED for _, step in actions)
     if any(step.state == State.COMPENSATION_FAILED for _, step in actions) or pivot_failed or failed_after_pivot:
         if saga.state in (Saga.State.RUNNING, Saga.State.COMPENSATING):
-            engine._park(run, "A choreographed step failed where no service undoes it; look at its events")
+            park(run, "A choreographed step failed where no service undoes it; look at its events")
         return
-    if message["event"] == "cancellation.refused" and saga.state == Saga.State.COMPENSATING:
+    hold = _hold(run)
+    refused = hold is not None and message["event"] == hold.emits_on_failure
+    if refused and saga.state == Saga.State.COMPENSATING:
         saga.abort_cancellation()
         saga.failure = None
-        run.record("saga_cancel_refused", from_state=Saga.State.COMPENSATING, data={"reason": "the parcel had left"})
+        reason = run.definition.message("cancel_refused")
+        run.record("saga_cancel_refused", from_state=Saga.State.COMPENSATING, data={"reason": reason})
         # Fall through: the rest of the flow may already have been heard while it was unwinding.
     if saga.state == Saga.State.RUNNING:
         # A step that failed, or is already being (or was) undone: the flow is unwinding.
@@ -317,7 +303,7 @@ def _decide(run: engine._Run, message: dict) -> None:
             saga.finished_at = run.now
             run.record("saga_completed", from_state=Saga.State.RUNNING)
     if saga.state == Saga.State.COMPENSATING and all(step.state == State.SUCCEEDED for _, step in finalizers):
-        if (saga.failure or {}).get("code") == engine.CANCELLED:
+        if (saga.failure or {}).get("code") == CANCELLED:
             saga.finish_cancellation()
             run.record("saga_cancelled", from_state=Saga.State.COMPENSATING)
         else:
@@ -329,7 +315,7 @@ def _decide(run: engine._Run, message: dict) -> None:
 # --- What the engine asks of the tracker ----------------------------------------------------------
 
 
-def nudge(run: engine._Run, step: SagaStep) -> bool:
+def nudge(run: Run, step: SagaStep) -> bool:
     """An expected event did not come in time: publish the step's trigger again, or give up."""
     if run.saga.state == Saga.State.PARKED:
         return False
@@ -342,14 +328,14 @@ def nudge(run: engine._Run, step: SagaStep) -> bool:
     if step.attempts - 1 >= MAX_NUDGES or not step.trigger:  # attempts: the first send, then nudges
         step.deadline_at = None
         run.record("event_missing", step=step, data={"nudges": step.attempts})
-        engine._park(run, f"No news from {step.name} after {step.attempts} nudge(s); the expected event is missing")
+        park(run, f"No news from {step.name} after {step.attempts} nudge(s); the expected event is missing")
         return True
     step.attempts += 1
     spec = run.definition.step(step.name)
     step.deadline_at = run.now + timedelta(seconds=spec.effective_timeout())
     trigger = step.trigger
     outbox.enqueue(
-        using=engine.DB,
+        using=DB,
         task=trigger["task"],
         queue=trigger["queue"],
         payload={**trigger["payload"], "attempt": 1, "nudge": True},
@@ -359,32 +345,40 @@ def nudge(run: engine._Run, step: SagaStep) -> bool:
     return True
 
 
-def cancel(run: engine._Run, failure: dict) -> None:
-    """Announce a cancellation to the services, unless the parcel is leaving or gone."""
-    dispatch = run.steps["dispatch_shipment"]
-    if dispatch.state == State.SUCCEEDED:
-        raise engine.OperationNotAllowed("already_shipped", "The order has shipped; it can no longer be cancelled")
-    leaving = dispatch.state in (State.RUNNING, State.RETRYING) or (
-        dispatch.next_attempt_at and dispatch.next_attempt_at - run.now < DISPATCH_SAFETY_MARGIN
-    )
-    if leaving:
-        raise engine.OperationNotAllowed(
-            "shipment_in_progress", "The parcel is leaving the warehouse right now; it can no longer be cancelled"
-        )
+def _pivot(run: Run) -> SagaStep | None:
+    spec = next((spec for spec in run.definition.steps if spec.pivot), None)
+    return run.steps[spec.name] if spec else None
+
+
+def _hold(run: Run) -> choreography.Reaction | None:
+    """The reaction that holds the pivot when a cancellation is announced (its failure event is
+    the services' refusal of the cancellation)."""
+    pivot = _pivot(run)
+    if pivot is None:
+        return None
+    return next((r for r in choreography.reactions() if r.step == pivot.name and r.op == COMPENSATE), None)
+
+
+def cancel(run: Run, failure: dict) -> None:
+    """Announce a cancellation to the services (the rules refused it once the point of no return
+    is passed, being passed, or due within the definition's `cancel_margin`)."""
+    pivot = _pivot(run)
     run.saga.begin_compensation(failure=failure)
     run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": failure["message"]})
     message = choreography.event_message(
-        event=CANCEL_EVENT, saga_id=run.saga.id, context=run.saga.context, failure=failure
+        event=run.definition.cancel_event, saga_id=run.saga.id, context=run.saga.context, failure=failure
     )
-    choreography.publish(using=engine.DB, message=message)
-    # Shipping's answer (held, or refused) is owed: watch for it in place of the dispatch, which
-    # is not to be asked for any more.
-    hold = next(r for r in choreography.subscribers(CANCEL_EVENT) if r.step == dispatch.name)
+    choreography.publish(using=DB, message=message)
+    hold = _hold(run)
+    if pivot is None or hold is None:
+        return
+    # The hold's answer (held, or refused) is owed: watch for it in place of the pivot's own
+    # event, which is not to be asked for any more.
     trigger = {"task": f"{hold.service}.react", "queue": hold.service, "payload": {**message, "reaction": hold.key}}
-    _watch(run, dispatch, run.definition.step(dispatch.name), trigger)
+    _watch(run, pivot, run.definition.step(pivot.name), trigger)
 
 
-def operator_retry(run: engine._Run) -> None:
+def operator_retry(run: Run) -> None:
     """Resume a parked choreographed saga: nudge again every step that stopped."""
     compensating = any(step.state == State.COMPENSATION_FAILED for _, step in run.action_steps())
     if compensating:
@@ -394,12 +388,12 @@ def operator_retry(run: engine._Run) -> None:
     for _, step in run.action_steps():
         if step.state == State.COMPENSATION_FAILED:
             step.retry_compensation()
-        if step.state in engine.IN_FLIGHT and step.trigger:
+        if step.state in IN_FLIGHT and step.trigger:
             step.attempts = 0
             nudge(run, step)
 
 
-def announce_skip(run: engine._Run, step: SagaStep) -> None:
+def announce_skip(run: Run, step: SagaStep) -> None:
     """An operator settled a compensation by hand: publish what its reaction would have, so the
     rest of the choreographed undo goes on."""
     undo = next((r for r in choreography.reactions() if r.step == step.name and r.op == COMPENSATE and r.emits), None)
@@ -407,8 +401,41 @@ def announce_skip(run: engine._Run, step: SagaStep) -> None:
         return
     emitter = {"service": undo.service, "step": step.name, "op": COMPENSATE, "status": SUCCEEDED, "skipped": True}
     choreography.publish(
-        using=engine.DB,
+        using=DB,
         message=choreography.event_message(
             event=undo.emits, saga_id=run.saga.id, context=run.saga.context, failure=run.saga.failure, emitter=emitter
         ),
     )
+
+
+class Choreography(Style):
+    name = "choreography"
+    coordinated = False  # the services start their own steps; the tracker only records
+
+    def advance(self, run: Run) -> None:
+        pass  # no coordinator: the services decide, the tracker records (`track`)
+
+    def lease_expired(self, run: Run, step: SagaStep, *, mark: attempts.Mark | None, known: bool, queue_idle) -> bool:
+        return nudge(run, step)
+
+    def cancel(self, run: Run, failure: dict) -> None:
+        cancel(run, failure)
+
+    def start_cancelled(self, *, saga_id, definition: SagaDefinition, context: dict, failure: dict) -> bool:
+        ensure_saga(saga_id=saga_id, context=context, definition=definition)
+        return False  # it runs now: the cancel is announced to the services like any other
+
+    def retry_parked(self, run: Run, reason: str) -> None:
+        run.record("operator_retry", from_state=Saga.State.PARKED, data={"reason": reason})
+        operator_retry(run)
+
+    def retry_waiting(self, run: Run, steps: list) -> None:
+        for _, step in steps:
+            if step.trigger:
+                nudge(run, step)
+
+    def skipped(self, run: Run, step: SagaStep) -> None:
+        announce_skip(run, step)
+
+
+register(Choreography())

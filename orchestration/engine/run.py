@@ -1,0 +1,193 @@
+"""The run plumbing: one engine transaction's working set (the locked saga, its steps, the events
+it appends) and what every style does with it (record, lease, send a command, park, flush).
+
+Every entry point runs in one transaction on the orchestrator's database with the saga row
+locked (`locked`): it applies the news to the steps, records an event per transition, and writes
+the next commands to the outbox, which publishes them after commit. Time comes from the database
+clock: leases, retry times and the saga deadline are stored as absolute database times.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models.functions import Now
+
+from sagaplatform.kernel import faults, outbox
+from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
+
+from .. import rules
+from ..definitions import SagaDefinition, StepSpec, get_definition
+from ..models import Alert, Saga, SagaEvent, SagaStep
+from . import style
+
+logger = logging.getLogger("orchestration.engine")
+
+DB = "default"
+State = SagaStep.State
+# The state sets are the rules' (orchestration/rules.py), named as the engine always has.
+IN_FLIGHT = rules.STEP_IN_FLIGHT
+DONE = rules.STEP_DONE
+CANCELLED = rules.CANCELLED  # the failure code of a saga a person cancelled
+
+# Called with every run about to commit (the live feed registers itself in AppConfig.ready).
+ON_FLUSH: list[Callable[[Run], None]] = []
+
+
+@dataclass
+class Run:
+    """One engine transaction's working set: the locked saga, its steps, the events to append."""
+
+    saga: Saga
+    definition: SagaDefinition
+    steps: dict[str, SagaStep]
+    now: datetime
+    actor: str = "engine"
+    events: list[SagaEvent] = field(default_factory=list)
+    dirty: set[str] = field(default_factory=set)
+    alerts: list[Alert] = field(default_factory=list)
+
+    def record(self, kind: str, *, step: SagaStep | None = None, from_state: str = "", data: dict | None = None):
+        self.saga.version += 1
+        if step is not None:
+            self.dirty.add(step.name)
+        self.events.append(
+            SagaEvent(
+                saga=self.saga,
+                seq=self.saga.version,
+                step=step.name if step else "",
+                kind=kind,
+                from_state=from_state,
+                to_state=step.state if step else self.saga.state,
+                data=data or {},
+                actor=self.actor,
+                created_at=self.now,
+            )
+        )
+        logger.info(
+            "saga %s %s %s",
+            self.saga.id,
+            kind,
+            step.name if step else "",
+            extra={"saga_id": str(self.saga.id), "step": step.name if step else "", "event": kind},
+        )
+
+    def flush(self) -> None:
+        self.saga.save(using=DB)
+        for name in self.dirty:
+            self.steps[name].save(using=DB)
+        SagaEvent.objects.using(DB).bulk_create(self.events)
+        Alert.objects.using(DB).bulk_create(self.alerts)
+        for hook in ON_FLUSH:
+            hook(self)
+
+    def action_steps(self) -> list[tuple[StepSpec, SagaStep]]:
+        return [(spec, self.steps[spec.name]) for spec in self.definition.steps]
+
+    def failure_steps(self) -> list[tuple[StepSpec, SagaStep]]:
+        return [(spec, self.steps[spec.name]) for spec in self.definition.on_failure]
+
+    def past_pivot(self) -> bool:
+        return any(spec.pivot and step.state == State.SUCCEEDED for spec, step in self.action_steps())
+
+
+def create_saga(*, saga_id: uuid.UUID | str, definition: SagaDefinition, context: dict, now: datetime | None) -> Run:
+    """Create a saga and its steps (pending), in the caller's transaction. With `now`, the saga
+    gets its deadline from it; without, it has none (no one could act on it)."""
+    saga = Saga.objects.using(DB).create(
+        id=saga_id,
+        definition=definition.name,
+        context=context,
+        deadline_at=now + timedelta(seconds=definition.effective_deadline()) if now else None,
+    )
+    steps = SagaStep.objects.using(DB).bulk_create(
+        [
+            SagaStep(saga=saga, name=s.name, kind=kind, position=i, service=s.service)
+            for kind, group in (
+                (SagaStep.Kind.ACTION, definition.steps),
+                (SagaStep.Kind.ON_FAILURE, definition.on_failure),
+            )
+            for i, s in enumerate(group)
+        ]
+    )
+    return Run(saga=saga, definition=definition, steps={s.name: s for s in steps}, now=now or saga.created_at)
+
+
+def load(saga_id, *, actor: str = "engine", skip_locked: bool = False) -> Run | None:
+    """Lock the saga and read its steps, in the caller's transaction (None: no such saga, or
+    locked by another with `skip_locked`)."""
+    # The database clock comes with the row lock: one round trip for both.
+    rows = Saga.objects.using(DB).select_for_update(skip_locked=skip_locked).filter(id=saga_id)
+    saga = rows.annotate(db_now=Now()).first()
+    if saga is None:
+        return None
+    steps = {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
+    return Run(saga=saga, definition=get_definition(saga.definition), steps=steps, now=saga.db_now, actor=actor)
+
+
+def locked(saga_id, apply: Callable[[Run], bool], *, actor: str = "engine", skip_locked: bool = False) -> bool:
+    """Run `apply` on the locked saga; if it changed anything, advance and save. Returns that."""
+    with transaction.atomic(using=DB):
+        run = load(saga_id, actor=actor, skip_locked=skip_locked)
+        if run is None or not apply(run):
+            return False
+        style.of(run.definition).advance(run)
+        run.flush()
+        return True
+
+
+def park(run: Run, message: str) -> None:
+    before = run.saga.state
+    run.saga.park()
+    run.saga.deadline_at = None
+    run.record("saga_parked", from_state=before, data={"message": message})
+    run.alerts.append(Alert(saga=run.saga, kind=Alert.Kind.SAGA_PARKED, message=message[:500]))
+    logger.error("saga %s parked: %s", run.saga.id, message, extra={"saga_id": str(run.saga.id)})
+
+
+def resolve_alerts(run: Run) -> None:
+    Alert.objects.using(DB).filter(saga=run.saga, resolved_at__isnull=True).update(
+        resolved_at=run.now, resolved_by=run.actor
+    )
+
+
+def lease(run: Run, step: SagaStep, spec: StepSpec, *, delay: float = 0.0) -> None:
+    step.sent_at = run.now + timedelta(seconds=delay)
+    step.deadline_at = step.sent_at + timedelta(seconds=spec.effective_timeout())
+    run.dirty.add(step.name)
+
+
+def attempt_in_flight(step: SagaStep) -> tuple[str, int]:
+    """The op and attempt number of the command a step in flight waits for."""
+    return {
+        State.COMPENSATING: (COMPENSATE, step.compensation_attempts),
+        State.CONFIRMING: (CONFIRM, step.confirm_attempts),
+    }.get(step.state, (ACTION, step.attempts))
+
+
+def send(run: Run, step: SagaStep, spec: StepSpec, op: str, *, attempt: int, delay: float = 0.0) -> None:
+    faults.arm_after_commit(faults.ORCHESTRATOR, step.name)  # chaos: die between the commit and the publish
+    payload = {key: run.saga.context.get(key) for key in spec.inputs}
+    if step.kind == SagaStep.Kind.ON_FAILURE:
+        payload["failure"] = run.saga.failure
+    command = Command(
+        saga_id=run.saga.id,
+        step=step.name,
+        op=op,
+        operation={ACTION: spec.action, COMPENSATE: spec.compensation, CONFIRM: spec.confirm}[op],
+        attempt=attempt,
+        payload=payload,
+    )
+    outbox.enqueue(
+        using=DB,
+        task=f"{spec.service}.execute",
+        queue=spec.service,
+        payload=command.to_message(),
+        delay=delay,
+        now=run.now,
+    )

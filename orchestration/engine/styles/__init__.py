@@ -1,0 +1,1 @@
+"""The transaction styles, one module each, registered by name in `orchestration.engine.style`."""
