@@ -114,9 +114,9 @@ def test_embedded_cancel_in_the_handling_window(embedded_server):
 
     def waiting_to_ship():
         _, detail = call(embedded_server, "GET", receipt["url"])
-        # The saga may not have started yet (no steps while the order is pending).
-        states = {s["name"]: s["state"] for s in detail["saga"]["steps"]}
-        return states.get("schedule_shipment") == "succeeded"
+        # Before its saga starts, the order already lists the steps it will run (pending).
+        steps = {s["name"]: s for s in detail["saga"]["steps"]}
+        return steps["schedule_shipment"]["state"] == "succeeded"
 
     wait_for(waiting_to_ship, timeout=20, message="the parcel to be booked")
     status, body = call(embedded_server, "POST", f"{receipt['url']}cancel/", {"reason": "ordered by mistake"})

@@ -490,3 +490,24 @@ def test_an_unknown_style_is_refused(alice_api, catalogue, broker):
     assert_error(response, 400, "invalid_request")
     assert "mode" in response.json()["details"]
     assert rows() == NOTHING
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("mode", ["orchestrated", "parallel", "tcc", "choreography"])
+def test_an_order_read_before_its_saga_starts_shows_the_steps_it_will_run(alice_api, catalogue, broker, mode):
+    """The start message is still on its way, so there is no saga yet: the order shows every step
+    of its flow, pending, the same steps the saga has once it runs (no saga without steps, which
+    made a client's lookup by step name fail at random)."""
+    receipt = post_json(alice_api, {**order_body(), "mode": mode}).json()
+
+    before = alice_api.get(receipt["url"]).json()["saga"]
+
+    assert before["state"] == "pending"
+    names = [s["name"] for s in before["steps"]]
+    assert "schedule_shipment" in names
+    assert {(s["state"], s["attempts"]) for s in before["steps"]} == {("pending", 0)}
+    broker.deliver()
+    after = alice_api.get(receipt["url"]).json()["saga"]
+    assert after["state"] == "completed"
+    assert [s["name"] for s in after["steps"]] == names
+    assert [s["kind"] for s in after["steps"]] == [s["kind"] for s in before["steps"]]

@@ -14,6 +14,12 @@ def saga_summary(saga_id) -> dict | None:
     return import_string(settings.SAGA_SUMMARY_READER)(saga_id)
 
 
+def saga_plan(*, mode: str) -> list[dict]:
+    """The steps (all pending) of the saga an order of `mode` runs, for an order read before its
+    saga has started."""
+    return import_string(settings.SAGA_PLAN_READER)(mode)
+
+
 def sagas_known(saga_ids: list) -> set[str]:
     """Which of these sagas the orchestrator has a record of (for a choreography: the tracker)."""
     return import_string(settings.SAGA_EXISTENCE_READER)(saga_ids)
