@@ -8,7 +8,7 @@ CONCURRENCY ?= 4
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test lint format bench bench-styles bench-feed ramp simulate audit web worker workers beat setup migrations clean
+.PHONY: help install install-dev run test test-fast lint format bench bench-styles bench-feed ramp simulate audit web worker workers beat setup migrations clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ run: setup ## Set up and serve the platform with demo data on http://127.0.0.1:$
 
 test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers when reachable)
 	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install-dev ## The fast tier: every test that starts no process or browser (-m "not slow"), ~1-2 min
+	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install-dev ## Lint, check formatting and check that migrations are up to date
 	$(BIN)/ruff check .

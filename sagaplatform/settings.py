@@ -91,6 +91,9 @@ INSTALLED_APPS = [
     "shipping",
     "notifications",
     "orchestration",
+    # Benchmarks, the load ramp and the simulation (their management commands); no tasks module,
+    # so production workers never import it (the benchmark's own worker includes its tasks).
+    "loadtest",
 ]
 
 MIDDLEWARE = [
@@ -345,8 +348,6 @@ CELERY_WORKER_CONSUMER = "sagaplatform.kernel.deadletters:Consumer"
 # after each task, which cost 4,000 new PostgreSQL sessions per 1,000 orders here.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1_000_000)
 SAGA_QUEUES = ("orchestrator", *SERVICE_ALIASES)
-# The benchmark's bare-chain tasks, so `make bench` can compare against the same workers.
-CELERY_IMPORTS = ("sagaplatform.bench",)
 SAGA_SWEEP_INTERVAL = env_float("SAGA_SWEEP_INTERVAL", 2.0)
 # Shorten every step timeout / saga deadline (seconds), for tests and demos of timeouts.
 SAGA_STEP_TIMEOUT_OVERRIDE = env_float("SAGA_STEP_TIMEOUT_OVERRIDE", 0.0)
