@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache as default_cache
@@ -281,13 +282,13 @@ EXAMPLE_DETAILS = {
 
 
 # What a list answers besides its results: a bad page, page size or filter; a page past the last.
-LIST_ERROR_EXAMPLES = {
+LIST_ERROR_EXAMPLES: dict[int, list[tuple[Any, ...]]] = {
     400: [("invalid_request", "The request is not valid.", {"page_size": ["At most 200."]})],
     404: [("not_found", "Invalid page.", {})],
 }
 
 
-def error_responses(*statuses: int, examples: dict[int, list[tuple[str, str]]] | None = None) -> dict:
+def error_responses(*statuses: int, examples: dict[int, list[tuple[Any, ...]]] | None = None) -> dict:
     """OpenAPI responses for the error statuses an endpoint can answer, with examples.
 
     `examples` adds endpoint-specific codes: `{409: [("already_shipped", "The order has shipped")]}`,

@@ -16,7 +16,12 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
+
+# Generic Django classes (`admin.ModelAdmin[Order]`, `QuerySet[Saga]`) subscriptable at run time,
+# as the type checker sees them (django-stubs).
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 

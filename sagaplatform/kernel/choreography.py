@@ -20,6 +20,7 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -62,7 +63,7 @@ class Reaction:
 _REACTIONS: list[Reaction] = []
 
 
-def reaction(**fields) -> Reaction:
+def reaction(**fields: Any) -> Reaction:
     declared = Reaction(**fields)
     if any(r.service == declared.service and r.key == declared.key for r in _REACTIONS):
         raise RuntimeError(f"reaction {declared.service}:{declared.key} declared twice")
@@ -83,8 +84,13 @@ def _find(service: str, key: str) -> Reaction:
 
 
 def event_message(
-    *, event: str, saga_id, context: dict, failure: dict | None = None, emitter: dict | None = None
-) -> dict:
+    *,
+    event: str,
+    saga_id: uuid.UUID | str,
+    context: dict[str, Any],
+    failure: dict[str, Any] | None = None,
+    emitter: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "event": event,
         "event_id": str(uuid.uuid4()),
@@ -95,7 +101,7 @@ def event_message(
     }
 
 
-def publish(*, using: str, message: dict) -> list:
+def publish(*, using: str, message: dict[str, Any]) -> list[Any]:
     """Fan an event out to its subscribers and the tracker, in the caller's transaction.
     Returns the outbox rows written, subscribers first."""
     written = []
@@ -113,7 +119,7 @@ def publish(*, using: str, message: dict) -> list:
     return written
 
 
-def react(*, service: str, message: dict) -> dict:
+def react(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     """Run one reaction to one event (a service's `react` task calls this)."""
     rule = _find(service, message["reaction"])
     attempt = int(message.get("attempt", 1))
@@ -148,7 +154,7 @@ def react(*, service: str, message: dict) -> dict:
         return {"status": "transient_error", "error": error}
 
 
-def _announce(service: str, rule: Reaction, message: dict, outcome: dict, command: Command) -> None:
+def _announce(service: str, rule: Reaction, message: dict[str, Any], outcome: dict[str, Any], command: Command) -> None:
     emitter = {
         "service": service,
         "step": rule.step,
@@ -159,7 +165,7 @@ def _announce(service: str, rule: Reaction, message: dict, outcome: dict, comman
     emitter["null_compensation"] = outcome.get("barrier") == "null_compensation"
     if outcome.get("replayed") and message.get("nudge") and _republish_give_up(service, rule, message, command):
         return
-    if (outcome.get("error") or {}).get("code") == barrier.REFUSED_AFTER_COMPENSATION["error"]["code"]:
+    if (outcome.get("error") or {}).get("code") == barrier.REFUSED_AFTER_COMPENSATION_CODE:
         # Overtaken by its compensation: it did nothing, and nothing follows from it.
         _track(service, message, emitter={**emitter, "status": "refused"})
         return
@@ -186,11 +192,11 @@ def _announce(service: str, rule: Reaction, message: dict, outcome: dict, comman
         _track(service, message, emitter=emitter)
 
 
-def _give_up(service: str, rule: Reaction, message: dict, command: Command, error: dict) -> None:
+def _give_up(service: str, rule: Reaction, message: dict[str, Any], command: Command, error: dict[str, Any]) -> None:
     """Out of attempts. The last one may have committed after all: undo this step too (the
     barrier makes that a no-op if it never ran, and refuses it should it run later)."""
     undo = _undo_of(service, rule)
-    undone = None
+    undone: str | None = None
     failure = {
         "code": "retries_exhausted",
         "message": f"{rule.step} failed after {command.attempt} attempt(s): {error['message']}",
@@ -225,7 +231,7 @@ def _undo_of(service: str, rule: Reaction) -> Reaction | None:
     return next((r for r in _REACTIONS if r.service == service and r.step == rule.step and r.op == COMPENSATE), None)
 
 
-def _republish_give_up(service: str, rule: Reaction, message: dict, command: Command) -> bool:
+def _republish_give_up(service: str, rule: Reaction, message: dict[str, Any], command: Command) -> bool:
     """A re-requested action that had given up: publish its failure again (it may have been lost
     after it was published), as a re-requested success publishes its success again."""
     if _undo_of(service, rule) is None:
@@ -245,7 +251,15 @@ def _republish_give_up(service: str, rule: Reaction, message: dict, command: Com
     return True
 
 
-def _publish_give_up(service: str, rule: Reaction, message: dict, *, failure: dict, undone, error: dict) -> None:
+def _publish_give_up(
+    service: str,
+    rule: Reaction,
+    message: dict[str, Any],
+    *,
+    failure: dict[str, Any],
+    undone: str | None,
+    error: dict[str, Any],
+) -> None:
     emitter = {"service": service, "step": rule.step, "op": rule.op, "status": "gave_up", "event": message["event"]}
     emitter["undone"] = undone
     if rule.emits_on_failure:
@@ -263,7 +277,7 @@ def _publish_give_up(service: str, rule: Reaction, message: dict, *, failure: di
         _track(service, message, emitter={**emitter, "error": error})
 
 
-def _track(service: str, message: dict, *, emitter: dict) -> None:
+def _track(service: str, message: dict[str, Any], *, emitter: dict[str, Any]) -> None:
     """Tell the tracker what happened when no event carries the news."""
     outbox.enqueue(
         using=service,
