@@ -42,9 +42,10 @@ test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers w
 test-fast: install-dev ## The fast tier: every test that starts no process or browser (-m "not slow"), ~1-2 min
 	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: install-dev ## Lint, check formatting and check that migrations are up to date
+lint: install-dev ## Lint, check formatting, type-check (mypy) and check that migrations are up to date
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python manage.py makemigrations --check --dry-run
 
 format: install-dev ## Fix lint findings and format the code
@@ -98,4 +99,4 @@ migrations: install-dev ## Make migrations for every app
 	$(BIN)/python manage.py makemigrations
 
 clean: ## Remove the embedded databases and caches (keeps the virtualenv)
-	rm -rf var .pytest_cache .ruff_cache test-artifacts
+	rm -rf var .pytest_cache .ruff_cache .mypy_cache test-artifacts

@@ -184,7 +184,7 @@ def run(*, rates: list[int], seconds: float, sagas: int, port: int, out) -> list
                 [
                     {
                         "name": settings.SESSION_COOKIE_NAME,
-                        "value": session.session_key,
+                        "value": session.session_key or "",  # set by create()
                         "url": f"http://127.0.0.1:{port}",
                     }
                 ]

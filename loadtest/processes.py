@@ -17,7 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,6 +92,7 @@ class Process:
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> Process:
+        out: int | IO[str]
         if self.log_path is None:
             out = subprocess.DEVNULL
         else:
@@ -102,7 +103,7 @@ class Process:
                 self.command, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         finally:
-            if out is not subprocess.DEVNULL:
+            if not isinstance(out, int):
                 out.close()  # the child has its own copy
         return self
 

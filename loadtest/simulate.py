@@ -122,7 +122,7 @@ def run_simulation(plan: Plan, out) -> int:
     rng = random.Random(plan.seed)
     customer_id = _seed()
     _install_faults(plan)
-    pool = None
+    pool: WorkerPool | None = None
     if plan.spawn_workers:
         pool = WorkerPool(plan.spawn_workers, plan.step_timeout, plan.handling_seconds, ROOT / "var")
         pool.start()
@@ -156,7 +156,7 @@ def run_simulation(plan: Plan, out) -> int:
         )
         with lock:
             placed.append(str(placement.order.saga_id))
-            if len(placed) in kill_at:
+            if pool is not None and len(placed) in kill_at:
                 victim = len(placed) % len(pool.workers)
                 out.write(f"  SIGKILL worker {victim} after {len(placed)} orders\n")
                 pool.kill_and_restart(victim)

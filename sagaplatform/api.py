@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 class ApiError(Exception):
     """A refusal a client can act on. Subclasses set `status` and `code`."""
 
-    status = status.HTTP_400_BAD_REQUEST
+    status: int = status.HTTP_400_BAD_REQUEST
     code = "bad_request"
 
     def __init__(self, message: str, *, details: dict | None = None) -> None:
@@ -139,8 +139,9 @@ def exception_handler(exc, context):
         detail = exc.detail if isinstance(exc, exceptions.APIException) else str(exc)
         code = _CODES.get(type(exc), getattr(exc, "default_code", "error"))
         message = str(detail)
-        if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-            details = {"retry_after": math.ceil(exc.wait)}
+        wait = getattr(exc, "wait", None)  # Throttled sets it (the stubs do not declare it)
+        if isinstance(exc, exceptions.Throttled) and wait is not None:
+            details = {"retry_after": math.ceil(wait)}
             response["Retry-After"] = str(details["retry_after"])  # DRF rounds down: 0 would invite a retry now
     response.data = {"code": code, "message": message, "details": details}
     return response
@@ -227,7 +228,7 @@ class ScopedThrottle(SimpleRateThrottle):
             return True
 
     def get_rate(self):
-        return api_settings.DEFAULT_THROTTLE_RATES[self.scope]
+        return api_settings.DEFAULT_THROTTLE_RATES[self.scope or ""]
 
     def get_cache_key(self, request, view):
         ident = request.user.pk if request.user and request.user.is_authenticated else self.get_ident(request)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import django_stubs_ext
@@ -538,7 +539,7 @@ INVENTORY_MAX_LOCK_ATTEMPTS = env_int("INVENTORY_MAX_LOCK_ATTEMPTS", 25)
 # --- Logging --------------------------------------------------------------------------------
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
-LOGGING = {
+LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {

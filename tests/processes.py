@@ -91,7 +91,7 @@ def wait_until_quiet(*, timeout: float = 30) -> bool:
     client = redis.Redis.from_url(settings.REDIS_URL)
     periodic = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
 
-    def task_of(raw: bytes) -> str:
+    def task_of(raw: bytes | str) -> str:
         message = json.loads(raw)
         message = message[0] if isinstance(message, list) else message  # unacked: [message, ...]
         return message.get("headers", {}).get("task", "")

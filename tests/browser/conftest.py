@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from django.db import connections
 try:
     from playwright.sync_api import expect  # re-exported: test modules import it from here
 except ImportError:  # skipped below with the reason (or, on CI, failed)
-    expect = None
+    expect = None  # type: ignore[assignment]
 
 from loadtest.feed_bench import CHROMIUM, CHROMIUM_ARGS  # one definition for tests and benchmark
 from loadtest.processes import Process, serve_command
@@ -145,7 +146,7 @@ def stop_stack(stack: LiveStack) -> None:
 
 
 @pytest.fixture(scope="package")
-def live_stack(django_db_setup, django_db_blocker, tmp_path_factory) -> LiveStack:
+def live_stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[LiveStack]:
     """One stack for the browser tests; every test's data is flushed after it, the processes stay."""
     stack = start_stack(tmp_path_factory.mktemp("browser-stack"))
     yield stack

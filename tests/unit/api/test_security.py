@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from axes.models import AccessAttempt
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.django_db(databases="__all__")
 ORDERS = "/api/orders/"
 
 
-def basic(username: str, password: str, *, address: str) -> int:
+def basic(username: str, password: str, *, address: str) -> Any:
     client = APIClient(REMOTE_ADDR=address)
     client.credentials(HTTP_AUTHORIZATION="Basic " + base64.b64encode(f"{username}:{password}".encode()).decode())
     return client.get(ORDERS)

@@ -121,7 +121,7 @@ def test_a_policy_cannot_be_changed_once_defined():
     policy = RetryPolicy()
 
     with pytest.raises(dataclasses.FrozenInstanceError):
-        policy.max_attempts = 99  # type: ignore[misc]
+        policy.max_attempts = 99
 
 
 # --- SagaDefinition validation -----------------------------------------------------------------

@@ -33,7 +33,7 @@ def money() -> dict:
     }
 
 
-NOTHING = {"charges": [], "ledger": []}
+NOTHING: dict[str, list[object]] = {"charges": [], "ledger": []}
 
 
 def declined_only() -> dict:

@@ -62,7 +62,7 @@ async def connect(path: str, user=None, origin=ORIGIN, host=HOST) -> WebsocketCo
 
 async def receive_until(communicator, predicate, *, timeout: float = 15.0) -> tuple[dict, list[dict]]:
     """Messages until one satisfies `predicate`; returns it and everything received."""
-    seen = []
+    seen: list[dict] = []
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
