@@ -143,9 +143,13 @@ class Process:
 
     def stop(self, *, timeout: float = 20, sig: int = signal.SIGTERM) -> None:
         """Ask it to stop (`sig`), and kill it if it has not after `timeout` seconds."""
+        self.send(sig)
+        self.wait_or_kill(timeout=timeout)
+
+    def wait_or_kill(self, *, timeout: float = 20) -> None:
+        """Wait for it to exit (after a signal sent with `send`), and kill it after `timeout`."""
         if self.popen is None:
             return
-        self.send(sig)
         try:
             self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

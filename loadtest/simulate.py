@@ -86,10 +86,10 @@ class WorkerPool:
 
     def stop(self) -> None:
         processes = [p for p in (self.web, *self.workers, self.beat) if p is not None]
-        for process in processes:
+        for process in processes:  # all at once, then wait for each
             process.send(signal.SIGTERM)
         for process in processes:
-            process.stop()
+            process.wait_or_kill()
 
 
 def _install_faults(plan: Plan) -> None:
