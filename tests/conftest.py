@@ -73,7 +73,8 @@ TESTS = Path(__file__).resolve().parent
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        parts = Path(item.fspath).resolve().relative_to(TESTS).parts
+        path = item.path.resolve()
+        parts = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()
         if parts and parts[0] in TIERS:
             item.add_marker(parts[0])
             item.add_marker("slow")
