@@ -14,7 +14,14 @@ from django.core.management import call_command
 from orchestration.models import Saga
 from tests.processes import ARTIFACTS, ROOT, database_urls, flush_broker
 
-pytestmark = [pytest.mark.production, pytest.mark.django_db(transaction=True, databases="__all__")]
+# The simulation may take the 300 s its subprocess is given (its orders the 240 s of --timeout):
+# pytest-timeout's default of 120 s killed `manage.py simulate` mid-run on a busy machine, and
+# its worker processes (sessions of their own) outlived it.
+pytestmark = [
+    pytest.mark.production,
+    pytest.mark.django_db(transaction=True, databases="__all__"),
+    pytest.mark.timeout(330),
+]
 
 
 @pytest.fixture(autouse=True)

@@ -163,6 +163,7 @@ def test_a_database_that_is_down_is_a_503_with_retry_after(loaded):
 @pytest.mark.production
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.timeout(270)  # the ramp's subprocess is given 240 s; pytest's 120 s would orphan its stack
 def test_a_short_ramp_has_no_5xx_refuses_past_the_limit_and_every_accepted_order_ends_well():
     for alias in settings.DATABASE_ALIASES:
         call_command("flush", database=alias, interactive=False, verbosity=0)
