@@ -8,7 +8,7 @@ CONCURRENCY ?= 4
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test lint format bench bench-styles bench-feed ramp simulate audit web worker workers beat setup migrations clean
+.PHONY: help install install-dev run test test-fast lint format bench bench-styles bench-feed ramp simulate audit web worker workers beat setup migrations clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -39,9 +39,13 @@ run: setup ## Set up and serve the platform with demo data on http://127.0.0.1:$
 test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers when reachable)
 	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install-dev ## Lint, check formatting and check that migrations are up to date
+test-fast: install-dev ## The fast tier: every test that starts no process or browser (-m "not slow"), ~1-2 min
+	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install-dev ## Lint, check formatting, type-check (mypy) and check that migrations are up to date
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python manage.py makemigrations --check --dry-run
 
 format: install-dev ## Fix lint findings and format the code
@@ -95,4 +99,4 @@ migrations: install-dev ## Make migrations for every app
 	$(BIN)/python manage.py makemigrations
 
 clean: ## Remove the embedded databases and caches (keeps the virtualenv)
-	rm -rf var .pytest_cache .ruff_cache test-artifacts
+	rm -rf var .pytest_cache .ruff_cache .mypy_cache test-artifacts

@@ -40,8 +40,8 @@ def run_audit() -> list[Violation]:
     found: list[Violation] = []
     sagas = {str(s.id): s for s in Saga.objects.all()}
     steps: dict[str, dict[str, SagaStep]] = defaultdict(dict)
-    for step in SagaStep.objects.filter(kind=SagaStep.Kind.ACTION):
-        steps[str(step.saga_id)][step.name] = step
+    for action_step in SagaStep.objects.filter(kind=SagaStep.Kind.ACTION):
+        steps[str(action_step.saga_id)][action_step.name] = action_step
     order_by_saga = orders.audit_orders()
     charges = payments.audit_charges()
     reservations = inventory.audit_reservations()
@@ -64,27 +64,27 @@ def run_audit() -> list[Violation]:
     for saga_id, saga in sagas.items():
         if not saga.is_terminal:
             flag("saga_not_terminal", saga_id, f"state={saga.state}")
-    for saga_id, order in order_by_saga.items():
+    for saga_id, placed in order_by_saga.items():
         if saga_id not in sagas:
-            flag("order_without_saga", order["order_id"], f"order is {order['status']} and its saga never started")
+            flag("order_without_saga", placed["order_id"], f"order is {placed['status']} and its saga never started")
 
     # Money is conserved: the ledger matches the charge, a completed order is paid in full, a
     # failed one costs nothing.
-    for saga_id, charge in charges.items():
-        expected = {
+    for saga_id, paid in charges.items():
+        ledger = {
             "authorized": ([], Decimal("0.00")),
-            "captured": (["charge"], charge["amount"]),
+            "captured": (["charge"], paid["amount"]),
             "voided": ([], Decimal("0.00")),
             "declined": ([], Decimal("0.00")),
             "cancelled": ([], Decimal("0.00")),
             "refunded": (["charge", "refund"], Decimal("0.00")),
         }
-        entries, net = expected.get(charge["state"], ([], None))
-        if charge["entries"] != entries or charge["net"] != net:
+        entries, net = ledger.get(paid["state"], ([], None))
+        if paid["entries"] != entries or paid["net"] != net:
             flag(
                 "ledger_mismatch",
                 saga_id,
-                f"charge {charge['state']} with entries {charge['entries']} net {charge['net']}",
+                f"charge {paid['state']} with entries {paid['entries']} net {paid['net']}",
             )
     for saga_id, saga in sagas.items():
         charge = charges.get(saga_id)
@@ -112,15 +112,15 @@ def run_audit() -> list[Violation]:
                 flag("status_mismatch", saga_id, f"{saga.state} saga, order {order['status']}")
             definition = get_definition(saga.definition)
             for spec in definition.steps:
-                step = steps[saga_id].get(spec.name)
-                if spec.compensation and step and step.state not in UNDONE and not _definitive(step):
-                    flag("step_not_compensated", saga_id, f"{spec.name} is {step.state}")
+                saga_step = steps[saga_id].get(spec.name)
+                if spec.compensation and saga_step and saga_step.state not in UNDONE and not _definitive(saga_step):
+                    flag("step_not_compensated", saga_id, f"{spec.name} is {saga_step.state}")
 
     # No shipment for an order that did not complete, and none dispatched for a cancelled one.
     for saga_id in live_shipments:
-        saga = sagas.get(saga_id)
-        if saga is None or saga.state in FAILED_OUTCOMES:
-            flag("shipment_for_unfulfilled_order", saga_id, f"saga {saga.state if saga else 'missing'}")
+        shipped_for = sagas.get(saga_id)
+        if shipped_for is None or shipped_for.state in FAILED_OUTCOMES:
+            flag("shipment_for_unfulfilled_order", saga_id, f"saga {shipped_for.state if shipped_for else 'missing'}")
 
     # Every compensation applied at most once (unique barrier rows) and only after its action.
     for alias in settings.SERVICE_ALIASES:

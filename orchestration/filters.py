@@ -79,7 +79,7 @@ class SagaFilter(FilterSet):
 
     class Meta:
         model = Saga
-        fields = []
+        fields: list[str] = []
 
     def filter_state(self, queryset, name, values):
         if not values:

@@ -6,7 +6,7 @@ from django.db.models import QuerySet
 from django.db.models.functions import Now
 
 from . import rules
-from .definitions import get_definition
+from .definitions import for_mode, get_definition
 from .models import Saga, SagaStep
 
 DB = "default"
@@ -75,6 +75,18 @@ def saga_summary(saga_id) -> dict | None:
         "cancellable": rules.cancel_verdict(saga, ordered, now=saga.db_now, definition=definition).allowed,
         "actions": rules.actions_view(rules.allowed_actions(saga, ordered, now=saga.db_now, definition=definition)),
     }
+
+
+def saga_plan(mode: str) -> list[dict]:
+    """The steps a saga for an order of `mode` will have, every one pending (through the kernel
+    port `saga_plan`). An order is readable before its saga exists (the start message is on its
+    way); it shows these steps then, so a reader never meets a saga without its steps."""
+    definition = for_mode(mode)
+    return [
+        step_view(SagaStep(name=spec.name, kind=kind, position=i, service=spec.service))
+        for kind, group in ((SagaStep.Kind.ACTION, definition.steps), (SagaStep.Kind.ON_FAILURE, definition.on_failure))
+        for i, spec in enumerate(group)
+    ]
 
 
 def sagas_ended_before(saga_ids, before) -> set[str]:

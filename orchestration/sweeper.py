@@ -38,7 +38,7 @@ BATCH = 500
 
 def sweep_once() -> dict:
     published = outbox.relay_due(using=engine.DB)
-    parked = []
+    parked: list[str] = []
     expired = list(
         SagaStep.objects.using(engine.DB)
         .filter(deadline_at__lte=Now())

@@ -407,7 +407,13 @@ class OrderDetailApi(APIView):
         order = selectors.order_get_for_customer(order_id=order_id, customer_id=request.user.id)
         if order is None:
             raise NotFound("No such order.")
-        saga = ports.saga_summary(order.saga_id) or {"id": order.saga_id, "state": "pending", "steps": []}
+        # Before its saga has started, the order shows the steps it will run, all pending: a
+        # client that looks a step up by name finds it from the first read.
+        saga = ports.saga_summary(order.saga_id) or {
+            "id": order.saga_id,
+            "state": "pending",
+            "steps": ports.saga_plan(mode=order.mode),
+        }
         data = {
             "id": order.id,
             "status": order.status,

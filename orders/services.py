@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connections, transaction
@@ -82,7 +83,7 @@ def order_place(
     still being processed is refused too (`IdempotencyKeyInFlight`, 409), so the client retries
     rather than waits. No two requests with one key can place two orders: see `_claim`.
     """
-    placing = {
+    placing: dict[str, Any] = {
         "customer_id": customer_id,
         "customer_email": customer_email,
         "items": items,

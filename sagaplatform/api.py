@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache as default_cache
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 class ApiError(Exception):
     """A refusal a client can act on. Subclasses set `status` and `code`."""
 
-    status = status.HTTP_400_BAD_REQUEST
+    status: int = status.HTTP_400_BAD_REQUEST
     code = "bad_request"
 
     def __init__(self, message: str, *, details: dict | None = None) -> None:
@@ -138,8 +139,9 @@ def exception_handler(exc, context):
         detail = exc.detail if isinstance(exc, exceptions.APIException) else str(exc)
         code = _CODES.get(type(exc), getattr(exc, "default_code", "error"))
         message = str(detail)
-        if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-            details = {"retry_after": math.ceil(exc.wait)}
+        wait = getattr(exc, "wait", None)  # Throttled sets it (the stubs do not declare it)
+        if isinstance(exc, exceptions.Throttled) and wait is not None:
+            details = {"retry_after": math.ceil(wait)}
             response["Retry-After"] = str(details["retry_after"])  # DRF rounds down: 0 would invite a retry now
     response.data = {"code": code, "message": message, "details": details}
     return response
@@ -226,7 +228,7 @@ class ScopedThrottle(SimpleRateThrottle):
             return True
 
     def get_rate(self):
-        return api_settings.DEFAULT_THROTTLE_RATES[self.scope]
+        return api_settings.DEFAULT_THROTTLE_RATES[self.scope or ""]
 
     def get_cache_key(self, request, view):
         ident = request.user.pk if request.user and request.user.is_authenticated else self.get_ident(request)
@@ -281,13 +283,13 @@ EXAMPLE_DETAILS = {
 
 
 # What a list answers besides its results: a bad page, page size or filter; a page past the last.
-LIST_ERROR_EXAMPLES = {
+LIST_ERROR_EXAMPLES: dict[int, list[tuple[Any, ...]]] = {
     400: [("invalid_request", "The request is not valid.", {"page_size": ["At most 200."]})],
     404: [("not_found", "Invalid page.", {})],
 }
 
 
-def error_responses(*statuses: int, examples: dict[int, list[tuple[str, str]]] | None = None) -> dict:
+def error_responses(*statuses: int, examples: dict[int, list[tuple[Any, ...]]] | None = None) -> dict:
     """OpenAPI responses for the error statuses an endpoint can answer, with examples.
 
     `examples` adds endpoint-specific codes: `{409: [("already_shipped", "The order has shipped")]}`,

@@ -14,9 +14,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
+
+# Generic Django classes (`admin.ModelAdmin[Order]`, `QuerySet[Saga]`) subscriptable at run time,
+# as the type checker sees them (django-stubs).
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -91,6 +97,9 @@ INSTALLED_APPS = [
     "shipping",
     "notifications",
     "orchestration",
+    # Benchmarks, the load ramp and the simulation (their management commands); no tasks module,
+    # so production workers never import it (the benchmark's own worker includes its tasks).
+    "loadtest",
 ]
 
 MIDDLEWARE = [
@@ -345,8 +354,6 @@ CELERY_WORKER_CONSUMER = "sagaplatform.kernel.deadletters:Consumer"
 # after each task, which cost 4,000 new PostgreSQL sessions per 1,000 orders here.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1_000_000)
 SAGA_QUEUES = ("orchestrator", *SERVICE_ALIASES)
-# The benchmark's bare-chain tasks, so `make bench` can compare against the same workers.
-CELERY_IMPORTS = ("sagaplatform.bench",)
 SAGA_SWEEP_INTERVAL = env_float("SAGA_SWEEP_INTERVAL", 2.0)
 # Shorten every step timeout / saga deadline (seconds), for tests and demos of timeouts.
 SAGA_STEP_TIMEOUT_OVERRIDE = env_float("SAGA_STEP_TIMEOUT_OVERRIDE", 0.0)
@@ -532,7 +539,7 @@ INVENTORY_MAX_LOCK_ATTEMPTS = env_int("INVENTORY_MAX_LOCK_ATTEMPTS", 25)
 # --- Logging --------------------------------------------------------------------------------
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
-LOGGING = {
+LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
@@ -559,6 +566,7 @@ LOGGING["loggers"]["django.request"] = {"filters": ["not_a_503"]}
 # --- Composition ----------------------------------------------------------------------------
 # Ports (sagaplatform/kernel/ports.py): how one part reads or asks another without importing it.
 SAGA_SUMMARY_READER = "orchestration.selectors.saga_summary"
+SAGA_PLAN_READER = "orchestration.selectors.saga_plan"
 SAGA_EXISTENCE_READER = "orchestration.selectors.sagas_known"
 SAGA_CANCELLER = "orchestration.engine.saga_cancel"
 STOCK_AVAILABILITY_READER = "inventory.selectors.stock_available"

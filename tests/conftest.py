@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -63,7 +64,20 @@ def pytest_configure(config):
     settings.PASSWORD_HASHERS = FAST_PASSWORD_HASHERS
 
 
+# The slow tiers, by directory: every test under tests/<tier>/ gets the tier's marker and `slow`
+# (`make test-fast` runs `-m "not slow"`: no child process, no browser).
+TIERS = ("e2e", "chaos", "browser")
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path.resolve()
+        parts = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()
+        if parts and parts[0] in TIERS:
+            item.add_marker(parts[0])
+            item.add_marker("slow")
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL; `make test` does when it answers)")
     skip_prod = pytest.mark.skip(reason="needs PostgreSQL and Redis (DATABASE_URL, REDIS_URL)")
     for item in items:
@@ -176,7 +190,7 @@ def _test_settings(settings):
     # Fault rules are cached for a second per process: forget the last test's.
     faults.clear_cache()
     # No worker runs in-process, so every order a test places stays pending: admission would
-    # refuse its 51st. Admission has its own tests (tests/test_web_load.py).
+    # refuse its 51st. Admission has its own tests (tests/unit/api/test_web_load.py).
     settings.ORDERS_MAX_PENDING = 0
 
 

@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 from urllib.parse import quote
 
 from django.conf import settings
 from django.db import connections
 
-ROOT = Path(__file__).resolve().parent.parent
+from loadtest.processes import ROOT, Process, free_port, wait_for, worker_command
+
+__all__ = ["ARTIFACTS", "ROOT", "Worker", "database_urls", "flush_broker", "free_port", "wait_for", "wait_until_quiet"]
+
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -29,22 +27,6 @@ def database_urls() -> dict[str, str]:
         auth = quote(db["USER"]) + (f":{quote(db['PASSWORD'])}" if db["PASSWORD"] else "")
         urls[f"DATABASE_URL_{alias.upper()}"] = f"postgres://{auth}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}"
     return urls
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, *, timeout: float, interval: float = 0.1, message: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
 class Worker:
@@ -59,14 +41,13 @@ class Worker:
         queues: tuple[str, ...] | None = None,
         beat: bool = True,
     ) -> None:
-        ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"worker-{name}.log"
         self.name = name
         self.concurrency = concurrency
         self.extra_env = extra_env or {}
         self.queues = queues or settings.SAGA_QUEUES
         self.beat = beat
-        self.process: subprocess.Popen | None = None
+        self.process: Process | None = None
 
     def start(self) -> Worker:
         env = {
@@ -79,31 +60,20 @@ class Worker:
             **self.extra_env,
         }
         env.pop("DATABASE_URL", None)
-        beat_schedule = ARTIFACTS / f"beat-{self.name}"
-        self.log = self.log_path.open("w")
-        command = [sys.executable, "-m", "celery", "-A", "sagaplatform", "worker"]
-        command += ["-Q", ",".join(self.queues), "-c", str(self.concurrency), "-n", f"{self.name}@%h"]
-        command += ["-B", "-s", str(beat_schedule)] if self.beat else []
-        command += ["--loglevel", "INFO"]
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(self._ready, timeout=60, message=f"worker {self.name} to be ready (log: {self.log_path})")
+        self.log_path.unlink(missing_ok=True)
+        command = worker_command(
+            queues=self.queues,
+            name=f"{self.name}@%h",
+            concurrency=self.concurrency,
+            beat_schedule=ARTIFACTS / f"beat-{self.name}" if self.beat else None,
+        )
+        self.process = Process(f"worker {self.name}", command, env=env, log_path=self.log_path).start()
+        self.process.wait_for_log(" ready.")
         return self
 
-    def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"worker exited with {self.process.returncode}; see {self.log_path}")
-        return " ready." in self.log_path.read_text()
-
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
         if self.process:
-            self.log.close()
+            self.process.stop()
 
 
 def flush_broker() -> None:
@@ -121,7 +91,7 @@ def wait_until_quiet(*, timeout: float = 30) -> bool:
     client = redis.Redis.from_url(settings.REDIS_URL)
     periodic = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
 
-    def task_of(raw: bytes) -> str:
+    def task_of(raw: bytes | str) -> str:
         message = json.loads(raw)
         message = message[0] if isinstance(message, list) else message  # unacked: [message, ...]
         return message.get("headers", {}).get("task", "")

@@ -12,15 +12,16 @@ between apps on different databases, and operator actions that ask for a reason 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import QueryDict
+from django.http import HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
@@ -34,7 +35,7 @@ from .models import Barrier, DeadLetter, FaultRule, OutboxMessage
 # --- Shared helpers ---------------------------------------------------------------------------
 
 
-def short_id(value) -> str:
+def short_id(value: object) -> str:
     """A UUID's first 8 characters, the whole of it on hover: lists stay readable, and the
     search still takes the whole id."""
     if value in (None, ""):
@@ -43,7 +44,7 @@ def short_id(value) -> str:
     return format_html('<span title="{}">{}</span>', text, text[:8]) if len(text) == 36 else text
 
 
-def admin_link(viewname: str, pk, text=None) -> str:
+def admin_link(viewname: str, pk: object, text: str | None = None) -> str:
     """A link to another admin page by URL: rows in different databases have no foreign key."""
     if pk in (None, ""):
         return "-"
@@ -54,15 +55,15 @@ def admin_link(viewname: str, pk, text=None) -> str:
     return format_html('<a href="{}">{}</a>', url, text or short_id(pk))
 
 
-def order_link(order_id) -> str:
+def order_link(order_id: object) -> str:
     return admin_link("admin:orders_order_change", order_id)
 
 
-def saga_link(saga_id) -> str:
+def saga_link(saga_id: object) -> str:
     return admin_link("admin:orchestration_saga_change", saga_id)
 
 
-def money(amount, currency: str) -> str:
+def money(amount: object, currency: str) -> str:
     return f"{amount} {currency}"
 
 
@@ -70,17 +71,17 @@ class ReadOnlyAdminMixin:
     """For append-only history (event logs, ledgers, barrier, outbox) and rows only a saga may
     change: listable and searchable, never added, edited or deleted by hand."""
 
-    def has_add_permission(self, request, obj=None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    def has_change_permission(self, request, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    def has_delete_permission(self, request, obj=None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
 
-class ReadOnlyInline(ReadOnlyAdminMixin, admin.TabularInline):
+class ReadOnlyInline(ReadOnlyAdminMixin, admin.TabularInline[Any, Any]):
     extra = 0
     can_delete = False
     show_change_link = False
@@ -99,10 +100,10 @@ def age_filter(field: str = "created_at", title: str = "age") -> type[admin.Simp
     class AgeFilter(admin.SimpleListFilter):
         parameter_name = f"{field}_age"
 
-        def lookups(self, request, model_admin):
+        def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
             return [(key, label) for key, label, _ in AGES] + [("older", "more than a day ago")]
 
-        def queryset(self, request, queryset):
+        def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
             value = self.value()
             if value is None:
                 return queryset
@@ -137,20 +138,20 @@ class ReasonForm(forms.Form):
 
 @dataclass
 class _Row:
-    obj: object
+    obj: Any
     refusal: str | None
 
 
 def action_with_reason(
-    modeladmin: admin.ModelAdmin,
-    request,
-    queryset: QuerySet,
+    modeladmin: admin.ModelAdmin[Any],
+    request: HttpRequest,
+    queryset: QuerySet[Any],
     *,
     title: str,
-    guard: Callable[[object], str | None],
-    apply: Callable[[object, str, str], object],
+    guard: Callable[[Any], str | None],
+    apply: Callable[[Any, str, str], object],
     done: str,
-):
+) -> HttpResponse | None:
     """Ask for a reason on an intermediate page, then apply the action row by row.
 
     `guard(obj)` returns why a row may not be acted on (the state machine refuses it), or None;
@@ -205,7 +206,7 @@ def action_with_reason(
 DATABASE_PARAM = "db"
 
 
-def selected_alias(request, aliases: Iterable[str]) -> str:
+def selected_alias(request: HttpRequest, aliases: Iterable[str]) -> str:
     """The alias the "database" filter names: in the changelist's own query string, or, on the
     change, add and delete pages, in the preserved `_changelist_filters`. The first alias when
     none (or an unknown one) is named."""
@@ -222,17 +223,17 @@ class DatabaseFilter(admin.SimpleListFilter):
     title = "database"
     parameter_name = DATABASE_PARAM
 
-    def __init__(self, request, params, model, model_admin) -> None:
+    def __init__(self, request: HttpRequest, params: dict[str, Any], model: Any, model_admin: Any) -> None:
         super().__init__(request, params, model, model_admin)
         self.current = selected_alias(request, model_admin.database_aliases)
 
-    def lookups(self, request, model_admin):
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         return [(alias, alias) for alias in model_admin.database_aliases]
 
-    def queryset(self, request, queryset):
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         return queryset  # `PerDatabaseAdmin.get_queryset` already chose the database
 
-    def choices(self, changelist):
+    def choices(self, changelist: Any) -> Iterator[Any]:
         for alias, label in self.lookup_choices:
             yield {
                 "selected": alias == self.current,
@@ -241,28 +242,28 @@ class DatabaseFilter(admin.SimpleListFilter):
             }
 
 
-class PerDatabaseAdmin(admin.ModelAdmin):
+class PerDatabaseAdmin(admin.ModelAdmin[Any]):
     """A model whose table exists in several databases; the "database" filter picks one."""
 
     database_aliases: tuple[str, ...] = tuple(settings.DATABASE_ALIASES)
 
-    def alias(self, request) -> str:
+    def alias(self, request: HttpRequest) -> str:
         return selected_alias(request, self.database_aliases)
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         return super().get_queryset(request).using(self.alias(request))
 
-    def get_list_filter(self, request):
+    def get_list_filter(self, request: HttpRequest) -> Any:
         return [DatabaseFilter, *super().get_list_filter(request)]
 
-    def changelist_view(self, request, extra_context=None):
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         extra_context = {**(extra_context or {}), "subtitle": f"Database: {self.alias(request)}"}
         return super().changelist_view(request, extra_context)
 
-    def save_model(self, request, obj, form, change) -> None:
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         obj.save(using=obj._state.db or self.alias(request))
 
-    def delete_model(self, request, obj) -> None:
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
         obj.delete(using=obj._state.db or self.alias(request))
 
 
@@ -287,10 +288,10 @@ class PublishedFilter(admin.SimpleListFilter):
     title = "published"
     parameter_name = "published"
 
-    def lookups(self, request, model_admin):
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         return [("yes", "published"), ("no", "waiting for the relay")]
 
-    def queryset(self, request, queryset):
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
         if self.value() in ("yes", "no"):
             return queryset.filter(published_at__isnull=self.value() == "no")
         return queryset
@@ -311,7 +312,7 @@ class OutboxMessageAdmin(ReadOnlyAdminMixin, PerDatabaseAdmin):
         return saga_link((obj.payload or {}).get("saga_id"))
 
 
-class FaultRuleForm(forms.ModelForm):
+class FaultRuleForm(forms.ModelForm[FaultRule]):
     # The same bounds as the fault API: a typo must not hang a worker for an hour.
     failure_rate = forms.FloatField(min_value=0.0, max_value=1.0, initial=0.0)
     hang_seconds = forms.FloatField(min_value=0.0, max_value=600.0, initial=0.0)
@@ -354,29 +355,29 @@ class FaultRuleAdmin(PerDatabaseAdmin):
     readonly_fields = ["service", "created_at"]
 
     # Off, and gone from the index, unless SAGA_FAULT_INJECTION is on (by default only with DEBUG).
-    def has_view_permission(self, request, obj=None) -> bool:
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return settings.SAGA_FAULT_INJECTION and super().has_view_permission(request, obj)
 
-    def has_add_permission(self, request) -> bool:
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return settings.SAGA_FAULT_INJECTION and super().has_add_permission(request)
 
-    def has_change_permission(self, request, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return settings.SAGA_FAULT_INJECTION and super().has_change_permission(request, obj)
 
-    def has_delete_permission(self, request, obj=None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return settings.SAGA_FAULT_INJECTION and super().has_delete_permission(request, obj)
 
-    def save_model(self, request, obj, form, change) -> None:
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         if not change:
             obj.service = self.alias(request)
         obj.save(using=obj.service)
         faults.clear_cache()
 
-    def delete_model(self, request, obj) -> None:
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
         super().delete_model(request, obj)
         faults.clear_cache()
 
-    def delete_queryset(self, request, queryset) -> None:
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         super().delete_queryset(request, queryset)
         faults.clear_cache()
 

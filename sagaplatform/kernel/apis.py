@@ -4,6 +4,8 @@ SAGA_FAULT_INJECTION is on (by default only with DEBUG)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.db import models
 from drf_spectacular.types import OpenApiTypes
@@ -11,6 +13,7 @@ from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schem
 from rest_framework import generics, serializers, status
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.permissions import BasePermission
+from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -28,7 +31,7 @@ from . import faults
 from .models import FaultRule
 
 
-class FaultRuleSerializer(serializers.ModelSerializer):
+class FaultRuleSerializer(serializers.ModelSerializer[FaultRule]):
     # Every field takes only its documented JSON type (`"is_enabled": "yes"` is refused).
     serializer_field_mapping = {
         **serializers.ModelSerializer.serializer_field_mapping,
@@ -89,13 +92,13 @@ class CanManageFaults(BasePermission):
         "DELETE": "kernel.delete_faultrule",
     }
 
-    def has_permission(self, request, view) -> bool:
+    def has_permission(self, request: Request, view: Any) -> bool:
         user = request.user
         if not (user and user.is_authenticated and user.is_staff):
             return False
         if not settings.SAGA_FAULT_INJECTION:
             raise FaultInjectionDisabled()
-        permission = self.PERMISSIONS.get(request.method)
+        permission = self.PERMISSIONS.get(request.method or "")
         # Another method goes on to its 405.
         return permission is None or user.has_perm(permission)
 
@@ -132,13 +135,13 @@ FAULT_EXAMPLE = {
         },
     )
 )
-class FaultsApi(generics.ListAPIView):
+class FaultsApi(generics.ListAPIView[FaultRule]):
     permission_classes = [CanManageFaults]
     serializer_class = FaultRuleSerializer
     # One list gathered from every service's database (each service keeps its own rules).
     filter_backends = []
 
-    def get_queryset(self):
+    def get_queryset(self) -> list[FaultRule]:  # type: ignore[override]  # rows of several databases
         return [rule for alias in settings.SERVICE_ALIASES for rule in FaultRule.objects.using(alias).all()]
 
     @extend_schema(
@@ -157,7 +160,7 @@ class FaultsApi(generics.ListAPIView):
             OpenApiExample("created", value=FAULT_EXAMPLE, response_only=True, status_codes=["201"]),
         ],
     )
-    def post(self, request):
+    def post(self, request: Request) -> Response:
         serializer = FaultRuleSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         rule = FaultRule.objects.using(serializer.validated_data["service"]).create(**serializer.validated_data)
@@ -186,7 +189,7 @@ class FaultDetailApi(APIView):
         ],
         responses={204: None, **error_responses(401, 403, 404)},
     )
-    def delete(self, request, service: str, rule_id: int):
+    def delete(self, request: Request, service: str, rule_id: int) -> Response:
         if (
             service not in settings.SERVICE_ALIASES
             or not FaultRule.objects.using(service).filter(id=rule_id).delete()[0]

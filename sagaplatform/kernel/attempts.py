@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from functools import cache
 
+import redis
 from django.conf import settings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class Mark:
     age: float  # seconds since the attempt started
 
 
-def key(saga_id, step: str, op: str, attempt: int) -> str:
+def key(saga_id: uuid.UUID | str, step: str, op: str, attempt: int) -> str:
     return f"saga:attempt:{saga_id}:{step}:{op}:{attempt}"
 
 
@@ -64,12 +66,10 @@ class _Memory:
 
 
 @cache
-def _store():
+def _store() -> _Memory | redis.Redis:
     cache_config = settings.CACHES["default"]
     if not cache_config["BACKEND"].endswith("RedisCache"):
         return _Memory()
-    import redis
-
     # Short timeouts: a mark is never worth holding up a command or a sweep for.
     return redis.Redis.from_url(cache_config["LOCATION"], socket_timeout=1, socket_connect_timeout=1)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from .clock import db_now
 from .models import Barrier, OutboxMessage
 
 
-def barrier_rows(*, using: str) -> list[tuple[str, str, str, dict | None, object]]:
+def barrier_rows(*, using: str) -> list[tuple[str, str, str, dict[str, Any] | None, object]]:
     return [
         (str(saga_id), step, op, outcome, created_at)
         for saga_id, step, op, outcome, created_at in Barrier.objects.using(using).values_list(

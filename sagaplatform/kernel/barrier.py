@@ -24,7 +24,9 @@ a pending action from elsewhere (a compensation that had to finish it first).
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from django.db import connections, transaction
 from django.utils import timezone
@@ -32,23 +34,29 @@ from django.utils import timezone
 from .errors import BusinessError, TransientError
 from .models import Barrier
 
+if TYPE_CHECKING:
+    from .commands import Command
+
+SagaId = uuid.UUID | str
+
 logger = logging.getLogger(__name__)
 
 ACTION = Barrier.Op.ACTION.value
 COMPENSATE = Barrier.Op.COMPENSATE.value
 CONFIRM = Barrier.Op.CONFIRM.value
 
+REFUSED_AFTER_COMPENSATION_CODE = "compensated_before_action"
 REFUSED_AFTER_COMPENSATION = {
     "status": "business_failure",
     "error": {
-        "code": "compensated_before_action",
+        "code": REFUSED_AFTER_COMPENSATION_CODE,
         "message": "The compensation arrived first; the action is refused.",
     },
 }
 NULL_COMPENSATION = {"status": "succeeded", "result": {}, "barrier": "null_compensation"}
 
 
-def _insert(using: str, saga_id, step: str, op: str, outcome: dict | None) -> bool:
+def _insert(using: str, saga_id: SagaId, step: str, op: str, outcome: dict[str, Any] | None) -> bool:
     connection = connections[using]
     fields = {f.name: f for f in Barrier._meta.concrete_fields}
     values = [
@@ -71,24 +79,24 @@ def _insert(using: str, saga_id, step: str, op: str, outcome: dict | None) -> bo
     sql = f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, {now_sql}) ON CONFLICT DO NOTHING"  # noqa: S608
     with connection.cursor() as cursor:
         cursor.execute(sql, values)
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
 
-def _action_failed(using: str, saga_id, step: str) -> bool:
+def _action_failed(using: str, saga_id: SagaId, step: str) -> bool:
     outcome = (
         Barrier.objects.using(using)
         .filter(saga_id=saga_id, step=step, op=ACTION)
         .values_list("outcome", flat=True)
         .first()
     )
-    return bool(outcome) and outcome.get("status") == "business_failure"
+    return outcome is not None and outcome.get("status") == "business_failure"
 
 
-def _store(using: str, saga_id, step: str, op: str, outcome: dict) -> None:
+def _store(using: str, saga_id: SagaId, step: str, op: str, outcome: dict[str, Any]) -> None:
     Barrier.objects.using(using).filter(saga_id=saga_id, step=step, op=op).update(outcome=outcome)
 
 
-def call(*, using: str, command, fn: Callable[..., dict | None]) -> dict:
+def call(*, using: str, command: Command, fn: Callable[..., dict[str, Any] | None]) -> dict[str, Any]:
     if not connections[using].in_atomic_block:
         raise RuntimeError("barrier.call must run inside transaction.atomic(using=...)")
     saga_id, step, op = command.saga_id, command.step, command.op
@@ -127,17 +135,20 @@ def call(*, using: str, command, fn: Callable[..., dict | None]) -> dict:
     return outcome
 
 
-def begin(*, using: str, command) -> dict | None:
+def begin(*, using: str, command: Command) -> dict[str, Any] | None:
     """Record the intent of an action that calls outside the platform: its barrier row, with no
     outcome yet, committed with the caller's transaction before the call. Returns the stored
     outcome if the action already ended or was refused (then make no call), else None."""
     if not connections[using].in_atomic_block:
         raise RuntimeError("barrier.begin must run inside transaction.atomic(using=...)")
     _insert(using, command.saga_id, command.step, ACTION, None)
-    return Barrier.objects.using(using).get(saga_id=command.saga_id, step=command.step, op=ACTION).outcome
+    outcome: dict[str, Any] | None = (
+        Barrier.objects.using(using).get(saga_id=command.saga_id, step=command.step, op=ACTION).outcome
+    )
+    return outcome
 
 
-def settle(*, using: str, saga_id, step: str, outcome: dict) -> bool:
+def settle(*, using: str, saga_id: SagaId, step: str, outcome: dict[str, Any]) -> bool:
     """Store the outcome of a pending action, unless it has one already."""
     return bool(
         Barrier.objects.using(using)

@@ -20,6 +20,7 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -62,7 +63,7 @@ class Reaction:
 _REACTIONS: list[Reaction] = []
 
 
-def reaction(**fields) -> Reaction:
+def reaction(**fields: Any) -> Reaction:
     declared = Reaction(**fields)
     for name in (*declared.on, declared.emits, declared.emits_on_failure):
         if name:
@@ -86,13 +87,25 @@ def _find(service: str, key: str) -> Reaction:
 
 
 def event_message(
-    *, event: str, saga_id, context: dict, failure: dict | None = None, emitter: dict | None = None
-) -> dict:
+    *,
+    event: str,
+    saga_id: uuid.UUID | str,
+    context: dict[str, Any],
+    failure: dict[str, Any] | None = None,
+    emitter: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     events.get(event)  # refuse a name no one declared (a typo would reach no subscriber)
     return _envelope(event=event, saga_id=saga_id, context=context, failure=failure, emitter=emitter)
 
 
-def _envelope(*, event: str, saga_id, context: dict, failure: dict | None, emitter: dict | None) -> dict:
+def _envelope(
+    *,
+    event: str,
+    saga_id: uuid.UUID | str,
+    context: dict[str, Any],
+    failure: dict[str, Any] | None,
+    emitter: dict[str, Any] | None,
+) -> dict[str, Any]:
     return {
         "event": event,
         "event_id": str(uuid.uuid4()),
@@ -103,7 +116,7 @@ def _envelope(*, event: str, saga_id, context: dict, failure: dict | None, emitt
     }
 
 
-def publish(*, using: str, message: dict) -> list:
+def publish(*, using: str, message: dict[str, Any]) -> list[Any]:
     """Fan an event out to its subscribers and the tracker, in the caller's transaction.
     Returns the outbox rows written, subscribers first."""
     written = []
@@ -121,7 +134,7 @@ def publish(*, using: str, message: dict) -> list:
     return written
 
 
-def react(*, service: str, message: dict) -> dict:
+def react(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     """Run one reaction to one event (a service's `react` task calls this)."""
     rule = _find(service, message["reaction"])
     attempt = int(message.get("attempt", 1))
@@ -156,7 +169,7 @@ def react(*, service: str, message: dict) -> dict:
         return {"status": "transient_error", "error": error}
 
 
-def _announce(service: str, rule: Reaction, message: dict, outcome: dict, command: Command) -> None:
+def _announce(service: str, rule: Reaction, message: dict[str, Any], outcome: dict[str, Any], command: Command) -> None:
     emitter = {
         "service": service,
         "step": rule.step,
@@ -167,7 +180,7 @@ def _announce(service: str, rule: Reaction, message: dict, outcome: dict, comman
     emitter["null_compensation"] = outcome.get("barrier") == "null_compensation"
     if outcome.get("replayed") and message.get("nudge") and _republish_give_up(service, rule, message, command):
         return
-    if (outcome.get("error") or {}).get("code") == barrier.REFUSED_AFTER_COMPENSATION["error"]["code"]:
+    if (outcome.get("error") or {}).get("code") == barrier.REFUSED_AFTER_COMPENSATION_CODE:
         # Overtaken by its compensation: it did nothing, and nothing follows from it.
         _track(service, message, emitter={**emitter, "status": "refused"})
         return
@@ -194,11 +207,11 @@ def _announce(service: str, rule: Reaction, message: dict, outcome: dict, comman
         _track(service, message, emitter=emitter)
 
 
-def _give_up(service: str, rule: Reaction, message: dict, command: Command, error: dict) -> None:
+def _give_up(service: str, rule: Reaction, message: dict[str, Any], command: Command, error: dict[str, Any]) -> None:
     """Out of attempts. The last one may have committed after all: undo this step too (the
     barrier makes that a no-op if it never ran, and refuses it should it run later)."""
     undo = _undo_of(service, rule)
-    undone = None
+    undone: str | None = None
     failure = {
         "code": "retries_exhausted",
         "message": f"{rule.step} failed after {command.attempt} attempt(s): {error['message']}",
@@ -233,7 +246,7 @@ def _undo_of(service: str, rule: Reaction) -> Reaction | None:
     return next((r for r in _REACTIONS if r.service == service and r.step == rule.step and r.op == COMPENSATE), None)
 
 
-def _republish_give_up(service: str, rule: Reaction, message: dict, command: Command) -> bool:
+def _republish_give_up(service: str, rule: Reaction, message: dict[str, Any], command: Command) -> bool:
     """A re-requested action that had given up: publish its failure again (it may have been lost
     after it was published), as a re-requested success publishes its success again."""
     if _undo_of(service, rule) is None:
@@ -253,7 +266,15 @@ def _republish_give_up(service: str, rule: Reaction, message: dict, command: Com
     return True
 
 
-def _publish_give_up(service: str, rule: Reaction, message: dict, *, failure: dict, undone, error: dict) -> None:
+def _publish_give_up(
+    service: str,
+    rule: Reaction,
+    message: dict[str, Any],
+    *,
+    failure: dict[str, Any],
+    undone: str | None,
+    error: dict[str, Any],
+) -> None:
     emitter = {"service": service, "step": rule.step, "op": rule.op, "status": "gave_up", "event": message["event"]}
     emitter["undone"] = undone
     if rule.emits_on_failure:
@@ -271,7 +292,7 @@ def _publish_give_up(service: str, rule: Reaction, message: dict, *, failure: di
         _track(service, message, emitter={**emitter, "error": error})
 
 
-def _track(service: str, message: dict, *, emitter: dict) -> None:
+def _track(service: str, message: dict[str, Any], *, emitter: dict[str, Any]) -> None:
     """Tell the tracker what happened when no event carries the news (a note for the tracker
     alone, `<step>.<status>`, not an event of the flow: no service subscribes to it)."""
     outbox.enqueue(

@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from django.db import transaction
 
@@ -39,10 +40,10 @@ class Command:
     op: str
     operation: str
     attempt: int
-    payload: dict = field(default_factory=dict)
+    payload: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_message(cls, message: dict) -> Command:
+    def from_message(cls, message: dict[str, Any]) -> Command:
         return cls(
             saga_id=uuid.UUID(str(message["saga_id"])),
             step=message["step"],
@@ -52,11 +53,11 @@ class Command:
             payload=message.get("payload") or {},
         )
 
-    def to_message(self) -> dict:
+    def to_message(self) -> dict[str, Any]:
         return {**asdict(self), "saga_id": str(self.saga_id)}
 
 
-Operation = Callable[..., dict | None]
+Operation = Callable[..., dict[str, Any] | None]
 _OPERATIONS: dict[tuple[str, str], Operation] = {}
 _OUTSIDE: dict[tuple[str, str], Callable[..., None]] = {}
 
@@ -64,7 +65,7 @@ _OUTSIDE: dict[tuple[str, str], Callable[..., None]] = {}
 def operation(
     service: str, name: str, *, outside: Callable[..., None] | None = None
 ) -> Callable[[Operation], Operation]:
-    """Register `fn(*, command) -> dict | None` as the service operation `name`.
+    """Register `fn(*, command) -> dict[str, Any] | None` as the service operation `name`.
 
     `outside(*, command)`, if given, makes the operation's calls outside the platform (a card
     gateway) before the operation's transaction and with none open, so no lock waits on the other
@@ -98,7 +99,7 @@ def call_outside(*, service: str, command: Command) -> None:
         hook(command=command)
 
 
-def _reply(command: Command, outcome: dict) -> dict:
+def _reply(command: Command, outcome: dict[str, Any]) -> dict[str, Any]:
     return {
         "saga_id": str(command.saga_id),
         "step": command.step,
@@ -108,7 +109,7 @@ def _reply(command: Command, outcome: dict) -> dict:
     }
 
 
-def execute(*, service: str, message: dict) -> dict:
+def execute(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     """Run one command on `service`'s database and queue the reply. Returns the outcome."""
     command = Command.from_message(message)
     # The step's lease runs from here, not from when the command was sent: the sweeper reads
@@ -157,7 +158,7 @@ def execute(*, service: str, message: dict) -> dict:
     return outcome
 
 
-def run(*, service: str, message: dict) -> dict:
+def run(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     """Run a command's operation directly (tests, tools), through the barrier, without a reply."""
     command = Command.from_message(message)
     call_outside(service=service, command=command)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from queue import Empty
+from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 from django.conf import settings
@@ -50,7 +51,14 @@ def alias_for(queue: str) -> str:
 
 
 def record(
-    *, queue: str, reason: str, raw, task: str = "", message_id: str = "", error: str = "", size: int | None = None
+    *,
+    queue: str,
+    reason: str,
+    raw: object,
+    task: str = "",
+    message_id: str = "",
+    error: str = "",
+    size: int | None = None,
 ) -> None:
     """Store one dead letter. Never raises: a worker must survive a database that is down too
     (the message is then only in the log line below)."""
@@ -90,7 +98,7 @@ def record(
         connections[alias].close()
 
 
-def _envelope_error(payload) -> str | None:
+def _envelope_error(payload: object) -> str | None:
     """Why `payload` cannot be turned into a kombu message, or None."""
     if not isinstance(payload, dict):
         return f"expected a JSON object, got {type(payload).__name__}"
@@ -103,7 +111,7 @@ def _envelope_error(payload) -> str | None:
 
 
 class RedisChannel(kombu_redis.Channel):
-    def _brpop_read(self, **options):
+    def _brpop_read(self, **options: Any) -> bool:
         """kombu 5.7's `_brpop_read`, with the item checked before it is delivered: a bad item
         was popped off the list already, so it is recorded here and the loop goes on (it never
         reached the unacknowledged set, so there is nothing left to acknowledge)."""
@@ -123,10 +131,10 @@ class RedisChannel(kombu_redis.Channel):
                 self.connection._deliver(payload, dest)
             return True
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]  # as kombu's own _brpop_read does
             self._flush_brpop_reauth()
 
-    def _checked(self, queue: str, item: bytes):
+    def _checked(self, queue: str, item: bytes) -> Any:
         if len(item) > settings.SAGA_MAX_MESSAGE_BYTES:
             record(
                 queue=queue,
@@ -167,12 +175,12 @@ class RedisTransport(kombu_redis.Transport):
     Channel = RedisChannel
 
 
-def _headers(message) -> dict:
+def _headers(message: Any) -> dict[str, Any]:
     headers = getattr(message, "headers", None)
     return headers if isinstance(headers, dict) else {}
 
 
-def _record_message(message, reason: str, exc) -> None:
+def _record_message(message: Any, reason: str, exc: BaseException | None) -> None:
     headers = _headers(message)
     delivery = getattr(message, "delivery_info", None) or {}
     record(
@@ -185,23 +193,23 @@ def _record_message(message, reason: str, exc) -> None:
     )
 
 
-class Consumer(CeleryConsumer):
+class Consumer(CeleryConsumer):  # type: ignore[misc]  # celery has no types
     """Celery's consumer, recording what it rejects as dead letters (settings:
     CELERY_WORKER_CONSUMER). Celery still logs, acknowledges or rejects each as before."""
 
-    def on_decode_error(self, message, exc):
+    def on_decode_error(self, message: Any, exc: BaseException) -> Any:
         _record_message(message, UNDECODABLE, exc)
         return super().on_decode_error(message, exc)
 
-    def on_unknown_message(self, body, message):
+    def on_unknown_message(self, body: Any, message: Any) -> Any:
         _record_message(message, MALFORMED, None)
         return super().on_unknown_message(body, message)
 
-    def on_unknown_task(self, body, message, exc):
+    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> Any:
         _record_message(message, UNKNOWN_TASK, exc)
         return super().on_unknown_task(body, message, exc)
 
-    def on_invalid_task(self, body, message, exc):
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> Any:
         _record_message(message, INVALID_TASK, exc)
         return super().on_invalid_task(body, message, exc)
 
@@ -219,7 +227,14 @@ def _is_outage(exc: BaseException) -> bool:
     ) or (isinstance(exc, DatabaseError) and "connection" in str(exc).lower())
 
 
-def record_failed_task(sender=None, task_id=None, exception=None, args=None, kwargs=None, **_) -> None:
+def record_failed_task(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
     """`task_failure`: a task that raised is acknowledged, not retried
     (CELERY_TASK_ACKS_ON_FAILURE_OR_TIMEOUT), so its message is gone. If it raised because of what
     the message says (a command with no saga id, a reply for a saga whose definition is gone), it
@@ -247,7 +262,7 @@ def record_failed_task(sender=None, task_id=None, exception=None, args=None, kwa
 # --- Read by the orchestrator, which raises an alert for each ------------------------------------
 
 
-def unalerted(*, using: str, limit: int = 100) -> list:
+def unalerted(*, using: str, limit: int = 100) -> list[Any]:
     from .models import DeadLetter
 
     return list(DeadLetter.objects.using(using).filter(alerted_at__isnull=True).order_by("created_at")[:limit])

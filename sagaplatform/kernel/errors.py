@@ -8,18 +8,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class StepError(Exception):
     code = "step_error"
 
-    def __init__(self, message: str, *, code: str | None = None, details: dict | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
         self.details = details or {}
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details}
 
 

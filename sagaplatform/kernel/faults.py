@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, fields
+from typing import Any
 
 from django.db import connections, transaction
 from django.db.models import F
@@ -67,7 +68,7 @@ def parse(spec: str) -> list[Rule]:
     for chunk in filter(None, (part.strip() for part in spec.split(";"))):
         target, _, options = chunk.partition(":")
         service, _, operation = target.partition(".")
-        values: dict = {"service": service, "operation": operation or "*"}
+        values: dict[str, Any] = {"service": service, "operation": operation or "*"}
         for option in filter(None, options.split(",")):
             key, _, raw = option.partition("=")
             if key not in types or key in ("service", "operation", "pk"):
@@ -163,18 +164,19 @@ def crash_in_relay(using: str) -> None:
 
 
 def _take_crash(rule: Rule) -> bool:
-    if rule.pk is None:  # from the environment: crash every time it matches
+    pk = rule.pk
+    if pk is None:  # from the environment: crash every time it matches
         return True
     # Decrement on a connection of its own (a new thread gets one), committed before the crash:
     # inside the doomed transaction it would roll back, and the redelivered message would crash
     # the restarted worker again, forever.
-    taken = []
+    taken: list[int] = []
 
     def decrement() -> None:
         try:
             taken.append(
                 FaultRule.objects.using(_alias(rule.service))
-                .filter(pk=rule.pk, crashes_left__gt=0)
+                .filter(pk=pk, crashes_left__gt=0)
                 .update(crashes_left=F("crashes_left") - 1)
             )
         finally:

@@ -28,7 +28,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import InMemoryChannelLayer, get_channel_layer
@@ -43,7 +45,7 @@ WATCH_KEY = "feed:watch:{}"
 WATCH_TTL = 60
 
 
-def saga_group(saga_id) -> str:
+def saga_group(saga_id: uuid.UUID | str) -> str:
     return f"saga.{saga_id}"
 
 
@@ -51,9 +53,9 @@ def now_ms() -> float:
     return time.time() * 1000
 
 
-def merge(deltas: Iterable[dict]) -> dict[str, dict]:
+def merge(deltas: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Keep the latest header and steps of each saga and every event, in order."""
-    merged: dict[str, dict] = {}
+    merged: dict[str, dict[str, Any]] = {}
     for delta in deltas:
         saga_id = delta["saga"]["id"]
         previous = merged.get(saga_id)
@@ -65,7 +67,7 @@ def merge(deltas: Iterable[dict]) -> dict[str, dict]:
     return merged
 
 
-def watch(saga_id) -> None:
+def watch(saga_id: uuid.UUID | str) -> None:
     """Ask publishers to send this saga's details (renew within WATCH_TTL)."""
     cache.set(WATCH_KEY.format(saga_id), 1, timeout=WATCH_TTL)
 
@@ -79,14 +81,14 @@ class Publisher:
     """A thread per process that batches committed changes and sends them to the channel layer."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
         self.server_loop: asyncio.AbstractEventLoop | None = None
         self.sent_batches = 0
 
-    def put(self, delta: dict) -> None:
+    def put(self, delta: dict[str, Any]) -> None:
         delta["saga"]["committed_at"] = now_ms()
         self._ensure_thread()
         self._queue.put(delta)
@@ -121,7 +123,7 @@ class Publisher:
             except Exception:  # the feed must never take anything down with it
                 logger.exception("live feed: could not send %d changes", len(batch))
 
-    def send(self, merged: dict[str, dict], *, loop: asyncio.AbstractEventLoop) -> None:
+    def send(self, merged: dict[str, dict[str, Any]], *, loop: asyncio.AbstractEventLoop) -> None:
         layer = get_channel_layer()
         if layer is None or not merged:
             return
@@ -137,7 +139,7 @@ class Publisher:
         self.sent_batches += 1
 
 
-async def _send_all(layer, merged: dict[str, dict], details: dict[str, dict]) -> None:
+async def _send_all(layer: Any, merged: dict[str, dict[str, Any]], details: dict[str, dict[str, Any]]) -> None:
     await layer.group_send(SAGAS_GROUP, {"type": "feed.headers", "headers": [d["saga"] for d in merged.values()]})
     for saga_id, delta in details.items():
         await layer.group_send(saga_group(saga_id), {"type": "feed.detail", "delta": delta})
@@ -146,13 +148,13 @@ async def _send_all(layer, merged: dict[str, dict], details: dict[str, dict]) ->
 publisher = Publisher()
 
 
-class FeedConsumer(AsyncJsonWebsocketConsumer):
+class FeedConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # channels has no types
     """What both live pages share: the checks on connect, the flush and reconcile loops."""
 
-    async def connect(self):
+    async def connect(self) -> None:
         # The in-memory layer (embedded mode) must be used from this loop; see live.py.
         publisher.attach_server_loop(asyncio.get_running_loop())
-        self.tasks: list[asyncio.Task] = []
+        self.tasks: list[asyncio.Task[None]] = []
         self.groups_joined: set[str] = set()
         user = self.scope.get("user")
         # Accept then close, so the browser sees why (a refused handshake carries no code).
@@ -169,7 +171,7 @@ class FeedConsumer(AsyncJsonWebsocketConsumer):
 
     refused_code = 4403
 
-    async def allowed(self, user) -> bool:
+    async def allowed(self, user: Any) -> bool:
         raise NotImplementedError
 
     async def start(self) -> None:
@@ -189,13 +191,13 @@ class FeedConsumer(AsyncJsonWebsocketConsumer):
         await self.channel_layer.group_discard(group, self.channel_name)
         self.groups_joined.discard(group)
 
-    async def disconnect(self, code):
+    async def disconnect(self, code: int) -> None:
         for task in self.tasks:
             task.cancel()
         for group in list(self.groups_joined):
             await self.leave(group)
 
-    async def _loop(self, every: float, work) -> None:
+    async def _loop(self, every: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(every)
             try:
@@ -205,6 +207,6 @@ class FeedConsumer(AsyncJsonWebsocketConsumer):
             except Exception:  # one bad tick must not end the feed
                 logger.exception("live feed: %s failed", work.__name__)
 
-    async def send_json(self, content, close=False):
+    async def send_json(self, content: Any, close: bool = False) -> None:
         with contextlib.suppress(Exception):  # the socket closed under us
             await super().send_json(content, close=close)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from celery import current_app
 from django.conf import settings
@@ -37,7 +38,7 @@ PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 
 
 
 def enqueue(
-    *, using: str, task: str, queue: str, payload: dict, delay: float = 0.0, now: datetime | None = None
+    *, using: str, task: str, queue: str, payload: dict[str, Any], delay: float = 0.0, now: datetime | None = None
 ) -> OutboxMessage:
     """Write a message to `using`'s outbox; it is published once the transaction commits, or,
     when delayed, by the relay once due.
@@ -91,7 +92,7 @@ def publish(*, using: str, messages: list[OutboxMessage]) -> int:
     return len(sent)
 
 
-def _mark_published(using: str, ids: list) -> None:
+def _mark_published(using: str, ids: list[Any]) -> None:
     connection = connections[using]
     own_transaction = not connection.in_atomic_block
     with transaction.atomic(using=using):
@@ -123,7 +124,7 @@ def relay_due(*, using: str, limit: int = 500) -> int:
         return sent
 
 
-def republish(*, using: str, ids: list) -> int:
+def republish(*, using: str, ids: list[Any]) -> int:
     """Publish these messages again, published or not: for a consumer that evidently never got
     one (a broker restart loses queued messages after they were published)."""
     return publish(using=using, messages=list(OutboxMessage.objects.using(using).filter(id__in=ids)))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db.models import Max
@@ -104,12 +105,15 @@ def purge_barrier(*, using: str, older_than: timedelta, batch: int = BATCH, unti
         if ended:
             # Whole groups only, checked again in the deleting statement: a saga with a row
             # written since the page was read (a late duplicate) keeps all its rows.
-            ended = list(ended)
-            young = Barrier.objects.using(using).filter(saga_id__in=ended, created_at__gte=cutoff).values("saga_id")
-            purged += Barrier.objects.using(using).filter(saga_id__in=ended).exclude(saga_id__in=young).delete()[0]
+            young = (
+                Barrier.objects.using(using).filter(saga_id__in=list(ended), created_at__gte=cutoff).values("saga_id")
+            )
+            purged += (
+                Barrier.objects.using(using).filter(saga_id__in=list(ended)).exclude(saga_id__in=young).delete()[0]
+            )
 
 
-def purge(*, using: str) -> dict:
+def purge(*, using: str) -> dict[str, Any]:
     """Apply the configured retention to one database."""
     until = time.monotonic() + RUN_BUDGET_SECONDS
     result = {

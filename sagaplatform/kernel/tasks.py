@@ -1,3 +1,5 @@
+from typing import Any
+
 from celery import shared_task
 
 from . import outbox, retention
@@ -10,6 +12,6 @@ def relay_outbox(alias: str) -> int:
 
 
 @shared_task(name="kernel.purge", ignore_result=True)
-def purge(alias: str) -> dict:
+def purge(alias: str) -> dict[str, Any]:
     """Apply the retention to `alias`: published outbox rows and barrier rows of ended sagas."""
     return retention.purge(using=alias)

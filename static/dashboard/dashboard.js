@@ -936,7 +936,7 @@ window.addEventListener("resize", () => state.overview && outcomeBars($("outcome
 const fromHash = /^#saga=([0-9a-fA-F-]{36})$/.exec(location.hash);
 if (fromHash) selectSaga(fromHash[1]);
 
-// For the browser tests and the feed benchmark (sagaplatform/feed_bench.py).
+// For the browser tests and the feed benchmark (loadtest/feed_bench.py).
 window.dashboard = {
   cy: graph.cy,
   platformCy: platform.cy,

@@ -21,10 +21,9 @@ Chromium is Debian's (`apt-get install chromium`), never `playwright install`. W
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +34,11 @@ from django.db import connections
 try:
     from playwright.sync_api import expect  # re-exported: test modules import it from here
 except ImportError:  # skipped below with the reason (or, on CI, failed)
-    expect = None
+    expect = None  # type: ignore[assignment]
 
-from sagaplatform.feed_bench import CHROMIUM, CHROMIUM_ARGS  # one definition for tests and benchmark
-from tests.processes import ARTIFACTS, ROOT, Worker, database_urls, flush_broker, free_port, wait_for, wait_until_quiet
+from loadtest.feed_bench import CHROMIUM, CHROMIUM_ARGS  # one definition for tests and benchmark
+from loadtest.processes import Process, serve_command
+from tests.processes import ARTIFACTS, Worker, database_urls, flush_broker, free_port, wait_for, wait_until_quiet
 
 SCREENSHOTS = ARTIFACTS / "screenshots"
 # Long enough for a browser test to cancel in, short enough for the happy path to wait out.
@@ -127,24 +127,13 @@ def start_stack(tmp: Path, *, extra_env: dict | None = None) -> LiveStack:
     else:
         env["SAGA_VAR_DIR"] = str(_embedded_var_dir(tmp))
     port = free_port()
-    log = (ARTIFACTS / "browser-web.log").open("w")
-    web = subprocess.Popen(
-        [sys.executable, "manage.py", "serve", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = ARTIFACTS / "browser-web.log"
+    log_path.unlink(missing_ok=True)
+    web = Process("the web process", serve_command(port=port), env=env, log_path=log_path).start()
     stack.processes.append(web)
     stack.url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if web.poll() is not None:
-            raise AssertionError(f"the web process exited with {web.returncode}; see {log.name}")
-        return _healthy(stack.url)
-
     try:
-        wait_for(up, timeout=60, interval=0.2, message=f"the web process to answer /healthz (log: {log.name})")
+        web.wait_until(lambda: _healthy(stack.url), timeout=60, message=f"/healthz (log: {log_path})")
     except BaseException:
         stop_stack(stack)
         raise
@@ -153,20 +142,11 @@ def start_stack(tmp: Path, *, extra_env: dict | None = None) -> LiveStack:
 
 def stop_stack(stack: LiveStack) -> None:
     for process in reversed(stack.processes):
-        if isinstance(process, Worker):
-            process.stop()
-            continue
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        process.stop()
 
 
 @pytest.fixture(scope="package")
-def live_stack(django_db_setup, django_db_blocker, tmp_path_factory) -> LiveStack:
+def live_stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[LiveStack]:
     """One stack for the browser tests; every test's data is flushed after it, the processes stay."""
     stack = start_stack(tmp_path_factory.mktemp("browser-stack"))
     yield stack

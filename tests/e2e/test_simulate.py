@@ -1,0 +1,76 @@
+"""`manage.py simulate` as CI runs it: a few hundred orders with transient failures, declines,
+latency and a SIGKILLed worker, on PostgreSQL and Redis, ending with a clean audit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+
+from orchestration.models import Saga
+from tests.processes import ARTIFACTS, ROOT, database_urls, flush_broker
+
+# The simulation may take the 300 s its subprocess is given (its orders the 240 s of --timeout):
+# pytest-timeout's default of 120 s killed `manage.py simulate` mid-run on a busy machine, and
+# its worker processes (sessions of their own) outlived it.
+pytestmark = [
+    pytest.mark.production,
+    pytest.mark.django_db(transaction=True, databases="__all__"),
+    pytest.mark.timeout(330),
+]
+
+
+@pytest.fixture(autouse=True)
+def empty_start(django_db_blocker):
+    """The audit is global: start from empty databases and an empty broker, whatever a worker
+    of an earlier test module wrote after that module's last flush."""
+    for alias in settings.DATABASE_ALIASES:
+        call_command("flush", database=alias, interactive=False, verbosity=0)
+    flush_broker()
+
+
+def simulate(*args: str, label: str) -> subprocess.CompletedProcess:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DATABASE_URL")},
+        **database_urls(),
+        "REDIS_URL": settings.REDIS_URL,
+        "EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "simulate", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"simulate-{label}.out").write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "audit: 0 violation(s)" in result.stdout
+    return result
+
+
+def test_simulation_with_faults_and_a_worker_kill_ends_with_zero_violations():
+    result = simulate(
+        *("-n", "200", "-c", "12", "--failure-rate", "0.2", "--decline-rate", "0.05", "--latency-ms", "10"),
+        *("--spawn-workers", "2", "--kill-workers", "1", "--step-timeout", "5", "--timeout", "240"),
+        label="kill",
+    )
+
+    assert "SIGKILL worker" in result.stdout
+    assert Saga.objects.count() == 200
+    assert Saga.objects.filter(state="completed").count() > 100
+
+
+@pytest.mark.parametrize("mode", ["orchestrated", "parallel", "tcc", "choreography"])
+def test_simulation_of_each_style_with_faults_ends_with_zero_violations(mode):
+    simulate(
+        *("--mode", mode, "-n", "60", "-c", "8", "--failure-rate", "0.2", "--decline-rate", "0.1"),
+        *("--spawn-workers", "1", "--step-timeout", "5", "--timeout", "120"),
+        label=mode,
+    )
+
+    sagas = Saga.objects.all()
+    assert sagas.count() == 60
+    assert sagas.filter(state="completed").exists()
+    assert sagas.filter(state="compensated").exists()
