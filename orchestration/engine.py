@@ -34,6 +34,7 @@ from sagaplatform.kernel.commands import (
     TRANSIENT_ERROR,
     Command,
 )
+from sagaplatform.observability import hooks as observability
 
 from . import live
 from .definitions import SagaDefinition, StepSpec, for_mode, get_definition
@@ -78,6 +79,7 @@ class _Run:
                 created_at=self.now,
             )
         )
+        observability.saga_event(self, self.events[-1], step)
         logger.info(
             "saga %s %s %s",
             self.saga.id,

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 from django.db import transaction
 
+from sagaplatform.observability import hooks as observability
+
 from . import attempts, barrier, faults, outbox
 from .errors import TransientError
 from .models import FaultRule
@@ -111,6 +113,13 @@ def _reply(command: Command, outcome: dict) -> dict:
 def execute(*, service: str, message: dict) -> dict:
     """Run one command on `service`'s database and queue the reply. Returns the outcome."""
     command = Command.from_message(message)
+    with observability.step_attempt(service, command) as attempt:
+        outcome = _execute(service, command)
+        attempt.done(outcome)
+    return outcome
+
+
+def _execute(service: str, command: Command) -> dict:
     # The step's lease runs from here, not from when the command was sent: the sweeper reads
     # this mark before it counts a lease as expired (a command still queued is not late).
     mark = attempts.key(command.saga_id, command.step, command.op, command.attempt)
