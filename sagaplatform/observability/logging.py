@@ -85,8 +85,6 @@ def add_trace_ids(logger, method_name, event_dict):
 
 
 def _drop_internal(logger, method_name, event_dict):
-    event_dict.pop("_record", None)
-    event_dict.pop("_from_structlog", None)
     # Celery's own lines carry their arguments in `data`: never logged (they hold the context).
     data = event_dict.get("data")
     if isinstance(data, dict) and ("args" in data or "kwargs" in data):
