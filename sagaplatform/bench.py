@@ -268,7 +268,7 @@ def drive(run: Run, *, n: int, concurrency: int, place, finished_ids, out, order
     out.write(f"  {run.name}: {json.dumps(run.figures())}\n")
 
 
-def start_worker(concurrency: int, log_path: Path) -> subprocess.Popen:
+def start_worker(concurrency: int, log_path: Path, extra_env: dict | None = None) -> subprocess.Popen:
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "sagaplatform.settings",
@@ -276,6 +276,7 @@ def start_worker(concurrency: int, log_path: Path) -> subprocess.Popen:
         # The saga's notification step sends its e-mail; measure the platform, not the console.
         "EMAIL_BACKEND": "django.core.mail.backends.dummy.EmailBackend",
         "SHIPPING_HANDLING_SECONDS": "0",
+        **(extra_env or {}),
     }
     command = [sys.executable, "-m", "celery", "-A", "sagaplatform", "worker", "-Q", ",".join(settings.SAGA_QUEUES)]
     command += ["-c", str(concurrency), "-n", "bench@%h", "--loglevel", "WARNING"]

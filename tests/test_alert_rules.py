@@ -45,4 +45,5 @@ def test_every_alert_has_a_runbook_in_the_operations_guide():
     guide = (ROOT / "docs" / "OPERATIONS.md").read_text()
     for rule in rules:
         anchor = rule["annotations"]["runbook"].split("#", 1)[1]
-        assert f"### {rule['alert']}" in guide and anchor == rule["alert"].lower(), rule["alert"]
+        assert f"### {rule['alert']}" in guide, rule["alert"]
+        assert anchor == rule["alert"].lower(), rule["alert"]

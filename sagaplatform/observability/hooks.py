@@ -34,6 +34,7 @@ class step_attempt:
         import time
 
         self._started = time.perf_counter()
+        saga_logging.bind_command(self.service, self.command)
         self._span = self._span_cm.__enter__()
         return self
 

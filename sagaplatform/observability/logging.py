@@ -48,7 +48,7 @@ REDACTED = "[redacted]"
 _PATTERNS = (
     re.compile(r"\btok_[A-Za-z0-9_]+"),
     re.compile(r"(?i)\b(token|bearer|basic)\s+[A-Za-z0-9+/=._-]{8,}"),
-    re.compile(r"\b(?:\d[ -]?){12,18}\d\b"),
+    re.compile(r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"),  # not inside an id (a UUID's digits)
 )
 SAGA_KEYS = ("saga_id", "order_id", "step", "attempt", "service")
 
@@ -177,9 +177,25 @@ def unbind_saga_fields(sender=None, context=None, **kwargs) -> None:
         context.pop(key, None)
 
 
+def bind_command(service: str, command) -> None:
+    """A service runs a step command (also when no Celery signal ran: tests, tools)."""
+    fields = {
+        "saga_id": str(command.saga_id),
+        "step": command.step,
+        "attempt": command.attempt,
+        "service": service,
+    }
+    order_id = (command.payload or {}).get("order_id")
+    if order_id:
+        fields["order_id"] = str(order_id)
+    else:
+        structlog.contextvars.unbind_contextvars("order_id")
+    structlog.contextvars.bind_contextvars(**fields)
+
+
 def bind_saga(saga, step=None) -> None:
     """The engine works on `saga` now (called from its event hook)."""
-    fields = {"saga_id": str(saga.id)}
+    fields = {"saga_id": str(saga.id), "service": "orchestrator"}
     order_id = (saga.context or {}).get("order_id")
     if order_id:
         fields["order_id"] = str(order_id)

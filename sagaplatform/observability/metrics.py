@@ -23,6 +23,8 @@ from django.db import transaction
 from prometheus_client import Counter, Gauge, Histogram
 
 PREFIX = "sagaplatform"
+# On unless SAGA_METRICS=off (the benchmark's baseline): then no hook counts anything.
+ENABLED = os.environ.get("SAGA_METRICS", "on").lower() != "off"
 
 SAGAS_STARTED = Counter(f"{PREFIX}_sagas_started", "Sagas started", ["definition", "style"])
 SAGAS_FINISHED = Counter(
@@ -157,12 +159,14 @@ def _apply(figures: list[tuple]) -> None:
 def saga_event(run, event, step=None) -> None:
     """Count one event the engine records, once its transaction commits (a rolled-back
     transaction counts nothing). Also stamps the trace id on the saga's first event."""
-    if event.kind == "saga_created":
+    if event.kind == "saga_created" and tracing_enabled():
         from . import tracing
 
         trace_id = tracing.current_trace_id()
         if trace_id:
             event.data = {**(event.data or {}), "trace_id": trace_id}
+    if not ENABLED:
+        return
     figures = _figures(run, event, step)
     if not figures:
         return
@@ -177,7 +181,15 @@ def saga_event(run, event, step=None) -> None:
 # --- Service side ---------------------------------------------------------------------------
 
 
+def tracing_enabled() -> bool:
+    from . import tracing
+
+    return tracing.ENABLED
+
+
 def queue_wait(queue: str, enqueued_at) -> None:
+    if not ENABLED:
+        return
     try:
         waited = time.time() - float(enqueued_at)
     except (TypeError, ValueError):
@@ -186,18 +198,21 @@ def queue_wait(queue: str, enqueued_at) -> None:
 
 
 def handler_done(service: str, step: str, op: str, started: float) -> None:
-    HANDLER_DURATION.labels(service, step, _OP_KIND.get(op, op)).observe(time.perf_counter() - started)
+    if ENABLED:
+        HANDLER_DURATION.labels(service, step, _OP_KIND.get(op, op)).observe(time.perf_counter() - started)
 
 
 _OP_KIND = {"action": "action", "compensate": "compensation", "confirm": "confirm"}
 
 
 def barrier_hit(service: str, kind: str) -> None:
-    BARRIER_HITS.labels(service, kind).inc()
+    if ENABLED:
+        BARRIER_HITS.labels(service, kind).inc()
 
 
 def lock_conflict(service: str) -> None:
-    LOCK_CONFLICTS.labels(service).inc()
+    if ENABLED:
+        LOCK_CONFLICTS.labels(service).inc()
 
 
 # --- Processes ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def _queue(task) -> str:
 
 
 def _task_started(sender=None, task=None, **kwargs) -> None:
-    if task is None:
+    if task is None or not metrics.ENABLED:
         return
     queue = _queue(task)
     metrics.TASKS_IN_PROGRESS.labels(queue).inc()
@@ -38,7 +38,7 @@ def _task_started(sender=None, task=None, **kwargs) -> None:
 
 
 def _task_finished(sender=None, task=None, **kwargs) -> None:
-    if task is not None:
+    if task is not None and metrics.ENABLED:
         metrics.TASKS_IN_PROGRESS.labels(_queue(task)).dec()
 
 

@@ -51,14 +51,15 @@ def wanted_exporter() -> str | None:
     return name if name in EXPORTERS else None
 
 
-def configure() -> bool:
-    """Set up the SDK and the instrumentations once per process, if the environment asks."""
+def configure(exporter: str | None = None) -> bool:
+    """Set up the SDK and the instrumentations once per process, if the environment asks (or
+    `exporter`, for a process that turns tracing on later: the benchmark)."""
     global ENABLED, _configured, _tracer
     with _lock:
-        if _configured:
+        if ENABLED or (_configured and exporter is None):
             return ENABLED
         _configured = True
-        exporter_name = wanted_exporter()
+        exporter_name = exporter or wanted_exporter()
         if exporter_name is None:
             return False
         from opentelemetry import trace
