@@ -4,7 +4,9 @@ every service.
 Off unless the standard environment asks for it (`OTEL_TRACES_EXPORTER`, or an
 `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`); then nothing is instrumented and every hook here returns
 at its first line. On, it instruments Django (the ASGI requests), Celery (publish and run spans,
-context in the message headers) and psycopg (one span per query), and adds:
+context in the message headers) and, with `SAGA_TRACE_DB_QUERIES=true`, psycopg (a span per
+query: a saga runs some two hundred queries, which costs more than the rest of the tracing
+together), and adds:
 
 - the trace context is captured when a message is appended to the outbox (`capture`, stored
   with the row) and restored around its publication (`restored`), so a message published by the
@@ -88,7 +90,7 @@ def configure(exporter: str | None = None) -> bool:
         _tracer = trace.get_tracer("sagaplatform")
         DjangoInstrumentor().instrument(tracer_provider=provider)
         CeleryInstrumentor().instrument(tracer_provider=provider)
-        if os.environ.get("SAGA_TRACE_DB_QUERIES", "true").lower() != "false":
+        if os.environ.get("SAGA_TRACE_DB_QUERIES", "").lower() == "true":  # a span per query: costly
             from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 
             PsycopgInstrumentor().instrument(tracer_provider=provider, skip_dep_check=True)
