@@ -127,3 +127,13 @@ def test_scrape_time_gauges_read_the_databases(client, open_metrics, alice_api, 
     assert total(values, "sagaplatform_collector_up", source="outbox") == 1
     saga = Saga.objects.get(id=receipt["saga"]["id"])
     assert saga.state == "running"
+
+
+def test_a_choreography_saga_is_counted_once_from_its_first_event(client, open_metrics, alice_api, catalogue, broker):
+    before = scrape(client)
+    body = {**order_body(), "mode": "choreography"}
+    assert alice_api.post("/api/orders/", body, format="json").status_code == 202
+    broker.deliver()
+    after = scrape(client)
+    assert delta(before, after, "sagaplatform_sagas_started_total", style="choreography") == 1
+    assert delta(before, after, "sagaplatform_sagas_finished_total", style="choreography", outcome="completed") == 1

@@ -116,9 +116,11 @@ def _figures(run, event, step) -> list[tuple]:
     definition, style = run.definition.name, run.definition.style
     data = event.data or {}
     out: list[tuple] = []
-    if kind == "saga_started" or (kind == "saga_created" and style == "choreography"):
+    if event.seq == 1:
+        # A saga's first event, whoever writes it (the engine's saga_created, or whatever event
+        # the choreography's tracker heard of first): one start per saga, as on the dashboard.
         out.append((SAGAS_STARTED, (definition, style), 1, False))
-    elif kind in _FINISHED:
+    if kind in _FINISHED:
         outcome = _FINISHED[kind]
         out.append((SAGAS_FINISHED, (definition, style, outcome), 1, False))
         created = run.saga.created_at
@@ -158,8 +160,8 @@ def _apply(figures: list[tuple]) -> None:
 
 def saga_event(run, event, step=None) -> None:
     """Count one event the engine records, once its transaction commits (a rolled-back
-    transaction counts nothing). Also stamps the trace id on the saga's first event."""
-    if event.kind == "saga_created" and tracing_enabled():
+    transaction counts nothing). Also stamps the trace id on the saga's first event (seq 1)."""
+    if event.seq == 1 and tracing_enabled():
         from . import tracing
 
         trace_id = tracing.current_trace_id()

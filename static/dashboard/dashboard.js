@@ -414,7 +414,7 @@ function renderMeta(header) {
 // kept once seen, since the timeline drops its oldest rows.
 function traceOf(w) {
   if (!w) return null;
-  if (!w.traceId) w.traceId = (w.events || []).find((e) => e.kind === "saga_created")?.data?.trace_id || null;
+  if (!w.traceId) w.traceId = (w.events || []).find((e) => e.seq === 1)?.data?.trace_id || null;
   return w.traceId;
 }
 
