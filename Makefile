@@ -6,6 +6,10 @@ PORT   ?= 8000
 QUEUES ?= orchestrator,inventory,payments,orders,shipping,notifications
 CONCURRENCY ?= 4
 PYTEST_ARGS ?=
+# Every process of this host (web, workers and their pool children, beat) writes its metric
+# samples here; /metrics merges them (docs/OPERATIONS.md, "Metrics").
+PROMETHEUS_MULTIPROC_DIR ?= $(CURDIR)/var/prometheus
+export PROMETHEUS_MULTIPROC_DIR
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev run test test-fast lint format bench bench-styles bench-feed ramp simulate audit web worker workers beat setup migrations clean

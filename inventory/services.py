@@ -12,6 +12,8 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 
+from sagaplatform.observability import hooks as observability
+
 from .exceptions import InsufficientStock, StockContention, UnknownSku
 from .models import Reservation, StockItem
 
@@ -58,6 +60,7 @@ def stock_reserve_line(*, sku: str, quantity: int) -> ReservedLine:
         if updated == 1:
             return ReservedLine(sku=sku, quantity=quantity, version=item["version"] + 1, lock_conflicts=conflicts)
         conflicts += 1
+        observability.lock_conflict(DB)
         logger.debug("version conflict on %s (attempt %d)", sku, attempt + 1)
         _backoff(attempt)
     raise StockContention(f"{sku} is too contended right now", details={"sku": sku, "conflicts": conflicts})

@@ -267,7 +267,7 @@ def drive(run: Run, *, n: int, concurrency: int, place, finished_ids, out, order
     out.write(f"  {run.name}: {json.dumps(run.figures())}\n")
 
 
-def start_worker(concurrency: int, log_path: Path) -> Process:
+def start_worker(concurrency: int, log_path: Path, extra_env: dict | None = None) -> Process:
     """A worker on every queue that also runs this module's bare-chain tasks (`--include`: no
     production worker imports them)."""
     env = {
@@ -277,6 +277,7 @@ def start_worker(concurrency: int, log_path: Path) -> Process:
         # The saga's notification step sends its e-mail; measure the platform, not the console.
         "EMAIL_BACKEND": "django.core.mail.backends.dummy.EmailBackend",
         "SHIPPING_HANDLING_SECONDS": "0",
+        **(extra_env or {}),
     }
     log_path.unlink(missing_ok=True)
     command = worker_command(

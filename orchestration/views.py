@@ -3,6 +3,7 @@ the `/ws/dashboard/` websocket (docs/LIVE_FEED.md), which checks the user again 
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import render
 
@@ -23,5 +24,7 @@ def dashboard(request):
             # the websocket's `hello.can_operate` is what the page acts on afterwards.
             "can_operate": request.user.has_perm(OPERATE),
             "ws_path": "/ws/dashboard/",
+            # The saga view links its trace id here (docs/OPERATIONS.md, "Traces").
+            "trace_url_template": settings.SAGA_TRACE_URL_TEMPLATE,
         },
     )

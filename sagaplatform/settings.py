@@ -11,6 +11,7 @@ Two ways to run, one codebase:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -89,6 +90,8 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    "django_structlog",
+    "sagaplatform.observability",  # metrics, structured logs, traces (after django_structlog)
     "sagaplatform",  # the composition root: operational commands (serve, setup, demo data)
     "sagaplatform.kernel",
     "orders",
@@ -109,6 +112,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # A request id and the user on every log line of a request, and one line per request.
+    "django_structlog.middlewares.RequestMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     # Turns a login refused for a lockout into its answer (429); the middlewares above it then
     # treat that answer as any other.
@@ -334,6 +339,9 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_TASK_RETRY_ON_WORKER_LOST = True
 CELERY_TASK_ACKS_ON_FAILURE_OR_TIMEOUT = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Recycle a pool child after this many tasks (0: never). Metrics stay right across recycling:
+# docs/OPERATIONS.md, "Metrics".
+CELERY_WORKER_MAX_TASKS_PER_CHILD = env_int("CELERY_WORKER_MAX_TASKS_PER_CHILD", 0) or None
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
@@ -539,19 +547,50 @@ INVENTORY_MAX_LOCK_ATTEMPTS = env_int("INVENTORY_MAX_LOCK_ATTEMPTS", 25)
 # --- Logging --------------------------------------------------------------------------------
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+# Structured logs (sagaplatform/observability/logging.py): JSON lines in production, readable
+# key=value lines in the embedded mode (DJANGO_DEBUG on), unless LOG_FORMAT says otherwise.
+LOG_FORMAT = env_str("LOG_FORMAT", "console" if DEBUG else "json")
+if LOG_FORMAT not in ("json", "console"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or console, got {LOG_FORMAT!r}")
+
+
+def _log_formatter():
+    from sagaplatform.observability.logging import formatter
+
+    return formatter(json=LOG_FORMAT == "json")
+
+
 LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {"structured": _log_formatter()},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "structured"}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         app: {"level": LOG_LEVEL}
-        for app in ("sagaplatform", "orders", "inventory", "payments", "shipping", "notifications", "orchestration")
+        for app in (
+            "sagaplatform",
+            "orders",
+            "inventory",
+            "payments",
+            "shipping",
+            "notifications",
+            "orchestration",
+            "django_structlog",
+        )
     },
 }
+# django-structlog's per-task lines (enqueued, started, succeeded) at DEBUG: a saga's own lines
+# say what happened; its request lines stay at INFO.
+DJANGO_STRUCTLOG_CELERY_DEFAULT_LOG_LEVEL = logging.DEBUG
+DJANGO_STRUCTLOG_CELERY_TASK_FAILURE_LOG_LEVEL = logging.WARNING
+
+# --- Observability --------------------------------------------------------------------------
+# docs/OPERATIONS.md. /metrics needs this bearer token; without one it is open only with
+# DJANGO_DEBUG on. Tracing is configured by the standard OTEL_* variables (off by default).
+SAGA_METRICS_TOKEN = env_str("SAGA_METRICS_TOKEN", "")
+# The dashboard links a saga's trace id here, e.g. http://jaeger:16686/trace/{trace_id}
+SAGA_TRACE_URL_TEMPLATE = env_str("SAGA_TRACE_URL_TEMPLATE", "")
 
 
 def _not_a_503(record) -> bool:

@@ -8,10 +8,12 @@ from orchestration import views as orchestration_views
 from . import views
 from .auth_apis import TokenApi
 from .kernel.apis import FaultDetailApi, FaultsApi
+from .observability.views import metrics_view
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),
     path("favicon.ico", views.favicon),
     path("admin/", admin.site.urls),
     path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),

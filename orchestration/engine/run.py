@@ -20,6 +20,7 @@ from django.db.models.functions import Now
 
 from sagaplatform.kernel import faults, outbox
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
+from sagaplatform.observability import hooks as observability
 
 from .. import rules
 from ..definitions import SagaDefinition, StepSpec, get_definition
@@ -51,6 +52,8 @@ class Run:
     events: list[SagaEvent] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
     alerts: list[Alert] = field(default_factory=list)
+    # The metrics of this transaction's events, counted when it commits (observability hooks).
+    metrics_pending: list | None = None
 
     def record(self, kind: str, *, step: SagaStep | None = None, from_state: str = "", data: dict | None = None):
         self.saga.version += 1
@@ -69,6 +72,7 @@ class Run:
                 created_at=self.now,
             )
         )
+        observability.saga_event(self, self.events[-1], step)
         logger.info(
             "saga %s %s %s",
             self.saga.id,

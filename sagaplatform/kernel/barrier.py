@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 from django.db import connections, transaction
 from django.utils import timezone
 
+from sagaplatform.observability import hooks as observability
+
 from .errors import BusinessError, TransientError
 from .models import Barrier
 
@@ -104,6 +106,7 @@ def call(*, using: str, command: Command, fn: Callable[..., dict[str, Any] | Non
     if op == COMPENSATE and _insert(using, saga_id, step, ACTION, REFUSED_AFTER_COMPENSATION):
         _insert(using, saga_id, step, COMPENSATE, NULL_COMPENSATION)
         logger.info("null compensation for %s/%s", saga_id, step)
+        observability.barrier_hit(using, "null_compensation")
         return NULL_COMPENSATION
     # The action failed, and a failure is stored without its effects: nothing to undo. (A TCC
     # cancel sent to a try still in flight that then failed ends here.)
@@ -112,6 +115,7 @@ def call(*, using: str, command: Command, fn: Callable[..., dict[str, Any] | Non
         and _action_failed(using, saga_id, step)
         and _insert(using, saga_id, step, COMPENSATE, NULL_COMPENSATION)
     ):
+        observability.barrier_hit(using, "null_compensation")
         return NULL_COMPENSATION
 
     if not _insert(using, saga_id, step, op, None):
@@ -119,6 +123,7 @@ def call(*, using: str, command: Command, fn: Callable[..., dict[str, Any] | Non
         stored = Barrier.objects.using(using).select_for_update().get(saga_id=saga_id, step=step, op=op).outcome
         if stored is not None:
             logger.info("barrier replay for %s/%s/%s", saga_id, step, op)
+            observability.barrier_hit(using, "hanging_refused" if stored == REFUSED_AFTER_COMPENSATION else "duplicate")
             return {**stored, "replayed": True}
 
     try:

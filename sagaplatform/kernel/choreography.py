@@ -25,6 +25,8 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from sagaplatform.observability import hooks as observability
+
 from . import barrier, events, faults, outbox
 from .commands import ACTION, BUSINESS_FAILURE, COMPENSATE, SUCCEEDED, Command, get_operation
 from .errors import TransientError
@@ -146,6 +148,13 @@ def react(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
         attempt=attempt,
         payload={**message["context"], "failure": message.get("failure")},
     )
+    with observability.step_attempt(service, command, reaction=rule.key) as step_attempt:
+        outcome = _react(service, rule, message, command, attempt)
+        step_attempt.done(outcome)
+    return outcome
+
+
+def _react(service: str, rule: Reaction, message: dict, command: Command, attempt: int) -> dict:
     try:
         faults.before(service, rule.operation, attempt)
         with transaction.atomic(using=service):

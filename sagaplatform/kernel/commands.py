@@ -15,6 +15,8 @@ from typing import Any
 
 from django.db import transaction
 
+from sagaplatform.observability import hooks as observability
+
 from . import attempts, barrier, faults, outbox
 from .errors import TransientError
 from .models import FaultRule
@@ -112,6 +114,13 @@ def _reply(command: Command, outcome: dict[str, Any]) -> dict[str, Any]:
 def execute(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     """Run one command on `service`'s database and queue the reply. Returns the outcome."""
     command = Command.from_message(message)
+    with observability.step_attempt(service, command) as attempt:
+        outcome = _execute(service, command)
+        attempt.done(outcome)
+    return outcome
+
+
+def _execute(service: str, command: Command) -> dict:
     # The step's lease runs from here, not from when the command was sent: the sweeper reads
     # this mark before it counts a lease as expired (a command still queued is not late).
     mark = attempts.key(command.saga_id, command.step, command.op, command.attempt)

@@ -56,6 +56,10 @@ class OutboxMessage(models.Model):
     delayed = models.BooleanField(default=False)
     published_at = models.DateTimeField(null=True, blank=True)
     publish_attempts = models.PositiveIntegerField(default=0)
+    # The trace context (W3C headers) current when the row was written, so the message joins
+    # its order's trace whoever publishes it (sagaplatform/observability/tracing.py). Null when
+    # tracing is off.
+    trace_context = models.JSONField(null=True, blank=True)
 
     class Meta:
         indexes = [

@@ -23,6 +23,9 @@ from django.db import connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from sagaplatform.observability import hooks as observability
+from sagaplatform.observability import tracing
+
 from . import faults
 from .clock import db_now
 from .models import OutboxMessage
@@ -55,7 +58,7 @@ def enqueue(
     elif delay > 0:
         due["available_at"] = db_now(using) + timedelta(seconds=delay)
     message = OutboxMessage.objects.using(using).create(
-        task=task, queue=queue, payload=payload, delayed=delay > 0, **due
+        task=task, queue=queue, payload=payload, delayed=delay > 0, trace_context=observability.trace_context(), **due
     )
     if delay <= 0:
         transaction.on_commit(lambda: publish(using=using, messages=[message]), using=using, robust=True)
@@ -65,13 +68,15 @@ def enqueue(
 def _send(message: OutboxMessage) -> None:
     # No countdown, ever: a delayed message reaches this point only once it is due.
     for _ in range(2 if settings.SAGA_FAULT_DUPLICATE_DELIVERY else 1):
-        current_app.send_task(
-            message.task,
-            args=[message.payload],
-            queue=message.queue,
-            task_id=str(message.id),
-            retry_policy=PUBLISH_RETRY_POLICY,
-        )
+        with tracing.restored(message.trace_context):  # the trace of the transaction that wrote it
+            current_app.send_task(
+                message.task,
+                args=[message.payload],
+                queue=message.queue,
+                task_id=str(message.id),
+                retry_policy=PUBLISH_RETRY_POLICY,
+                headers=observability.message_headers(message),
+            )
 
 
 def publish(*, using: str, messages: list[OutboxMessage]) -> int:

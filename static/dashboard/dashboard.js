@@ -402,9 +402,26 @@ function renderMeta(header) {
     ["Progress", `${header.steps_done ?? 0}/${header.steps_total ?? 0}${header.active_step ? ` · ${header.active_step}` : ""}`],
     ["Version", String(header.version ?? "—")],
   ];
+  const trace = traceOf(state.watched);
+  if (trace) items.push(["Trace", traceLink(trace)]);
   if (header.stuck && header.state !== "parked") items.push(["Flag", badge("stuck")]);
   if (isRetrying(header, state.watched)) items.push(["Flag", badge("retrying")]);
   $("saga-meta").replaceChildren(...items.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
+}
+
+// The trace id is stamped on the saga's first event when tracing is on (docs/OPERATIONS.md);
+// kept once seen, since the timeline drops its oldest rows.
+function traceOf(w) {
+  if (!w) return null;
+  if (!w.traceId) w.traceId = (w.events || []).find((e) => e.seq === 1)?.data?.trace_id || null;
+  return w.traceId;
+}
+
+function traceLink(traceId) {
+  const template = root.dataset.traceUrl;
+  const code = h("code", { title: traceId }, traceId);
+  if (!template) return code;
+  return h("a", { href: template.replace("{trace_id}", encodeURIComponent(traceId)), target: "_blank", rel: "noopener" }, code);
 }
 
 // Screen readers get the graph as text: one line per step.

@@ -13,12 +13,29 @@ class Command(BaseCommand):
         parser.add_argument("--warmup", type=int, default=20)
         parser.add_argument("--styles", action="store_true", help="compare the four transaction styles instead")
         parser.add_argument(
+            "--observability",
+            action="store_true",
+            help="the saga with metrics and tracing (null exporter) on vs off, in alternating rounds",
+        )
+        parser.add_argument("--rounds", type=int, default=2, help="with --observability: off/on rounds")
+        parser.add_argument(
             "--latency-ms", type=int, default=50, help="with --styles: added to every service operation"
         )
 
     def handle(self, *args, orders, concurrency, worker_concurrency, warmup, styles, latency_ms, **options):
         try:
-            if styles:
+            if options["observability"]:
+                from loadtest.observability_bench import run_observability_benchmark
+
+                run_observability_benchmark(
+                    n=orders,
+                    concurrency=concurrency,
+                    worker_concurrency=worker_concurrency,
+                    warmup=warmup,
+                    rounds=options["rounds"],
+                    out=self.stdout,
+                )
+            elif styles:
                 run_styles_benchmark(
                     n=orders,
                     concurrency=concurrency,

@@ -1,0 +1,120 @@
+"""Gauges read from the databases and the broker at scrape time (the same in the embedded mode).
+
+Each family is read on its own: a database or a broker that does not answer drops its families
+from this scrape (and sets `sagaplatform_collector_up{source=...}` to 0), never the scrape."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client.core import GaugeMetricFamily
+
+logger = logging.getLogger(__name__)
+PREFIX = "sagaplatform"
+
+
+class DatabaseCollector:
+    def collect(self):
+        up = GaugeMetricFamily(f"{PREFIX}_collector_up", "1 if the source answered this scrape", labels=["source"])
+        for source, read in (("sagas", self._sagas), ("outbox", self._outbox), ("broker", self._broker)):
+            try:
+                families = list(read())
+            except Exception:
+                logger.warning("metrics: %s not readable", source, exc_info=True)
+                up.add_metric([source], 0)
+                continue
+            up.add_metric([source], 1)
+            yield from families
+        yield up
+
+    def describe(self):
+        return []  # collected at scrape time only
+
+    @staticmethod
+    def _sagas():
+        from django.db.models import Count, Min
+
+        from orchestration.models import Alert, Saga
+        from sagaplatform.kernel.clock import db_now
+
+        now = db_now("default")
+        live = Saga.objects.using("default").exclude(state__in=Saga.TERMINAL_STATES)
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_sagas_in_flight", "Sagas not ended, by definition and state", labels=["definition", "state"]
+        )
+        for row in live.values("definition", "state").annotate(n=Count("id")).order_by():
+            in_flight.add_metric([row["definition"], row["state"]], row["n"])
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}_saga_oldest_in_flight_age_seconds",
+            "Age of the oldest saga not ended, per state",
+            labels=["state"],
+        )
+        for row in live.values("state").annotate(first=Min("created_at")).order_by():
+            oldest.add_metric([row["state"]], max(0.0, (now - row["first"]).total_seconds()))
+        overdue = GaugeMetricFamily(
+            f"{PREFIX}_sagas_past_deadline", "Running sagas past their global deadline", labels=["definition"]
+        )
+        rows = live.filter(state=Saga.State.RUNNING, deadline_at__lt=now).values("definition").annotate(n=Count("id"))
+        for row in rows.order_by():
+            overdue.add_metric([row["definition"]], row["n"])
+        alerts = GaugeMetricFamily(f"{PREFIX}_alerts_open", "Alerts not resolved, by kind", labels=["kind"])
+        counts = dict.fromkeys(Alert.Kind.values, 0)
+        rows = Alert.objects.using("default").filter(resolved_at__isnull=True).values("kind").annotate(n=Count("id"))
+        for row in rows.order_by():
+            counts[row["kind"]] = row["n"]
+        for kind, n in counts.items():
+            alerts.add_metric([kind], n)
+        return [in_flight, oldest, overdue, alerts]
+
+    @staticmethod
+    def _outbox():
+        from django.conf import settings
+        from django.db.models import Count, Min, Q
+
+        from sagaplatform.kernel.clock import db_now
+        from sagaplatform.kernel.models import OutboxMessage
+
+        unpublished = GaugeMetricFamily(
+            f"{PREFIX}_outbox_unpublished", "Outbox rows not yet published, per database", labels=["database"]
+        )
+        overdue = GaugeMetricFamily(
+            f"{PREFIX}_outbox_oldest_due_age_seconds",
+            "How long the oldest due, unpublished outbox row has waited (0 if none)",
+            labels=["database"],
+        )
+        for alias in settings.DATABASE_ALIASES:
+            now = db_now(alias)
+            row = (
+                OutboxMessage.objects.using(alias)
+                .filter(published_at__isnull=True)
+                .aggregate(n=Count("id"), first_due=Min("available_at", filter=Q(available_at__lte=now)))
+            )
+            unpublished.add_metric([alias], row["n"])
+            first = row["first_due"]
+            overdue.add_metric([alias], max(0.0, (now - first).total_seconds()) if first else 0.0)
+        return [unpublished, overdue]
+
+    @staticmethod
+    def _broker():
+        from django.conf import settings
+
+        from sagaplatform import workers
+
+        families = []
+        depths = workers.queue_depths()
+        if any(v is not None for v in depths.values()):
+            depth = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Messages waiting in a queue", labels=["queue"])
+            for queue, n in depths.items():
+                if n is not None:
+                    depth.add_metric([queue], n)
+            families.append(depth)
+        live = dict.fromkeys(settings.SAGA_QUEUES, 0)
+        for worker in workers.live_workers():
+            for queue in worker.get("queues") or ():
+                if queue in live:
+                    live[queue] += 1
+        alive = GaugeMetricFamily(f"{PREFIX}_live_workers", "Workers consuming a queue", labels=["queue"])
+        for queue, n in live.items():
+            alive.add_metric([queue], n)
+        families.append(alive)
+        return families

@@ -1,0 +1,253 @@
+"""OpenTelemetry traces: one trace per order, across the web process, the outbox, the broker and
+every service.
+
+Off unless the standard environment asks for it (`OTEL_TRACES_EXPORTER`, or an
+`OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`); then nothing is instrumented and every hook here returns
+at its first line. On, it instruments Django (the ASGI requests), Celery (publish and run spans,
+context in the message headers) and, with `SAGA_TRACE_DB_QUERIES=true`, psycopg (a span per
+query: a saga runs some two hundred queries, which costs more than the rest of the tracing
+together), and adds:
+
+- the trace context is captured when a message is appended to the outbox (`capture`, stored
+  with the row) and restored around its publication (`restored`), so a message published by the
+  sweeper, or after a crash, still joins its order's trace;
+- a span per step attempt, compensation and confirm, on the service that runs it (`step_span`),
+  with the saga id, step, op, attempt and outcome as attributes; a retry is another span.
+
+A malformed `traceparent` (in a request or a message) is ignored: a new trace starts.
+
+Exporters (`OTEL_TRACES_EXPORTER`): `otlp` (OTLP over HTTP, `OTEL_EXPORTER_OTLP_ENDPOINT`),
+`console`, `file` (JSON lines appended to `SAGA_TRACE_FILE`; tests), `null` (spans made, then
+dropped; the benchmark), `none` (off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+
+logger = logging.getLogger(__name__)
+
+ENABLED = False
+_configured = False
+_lock = threading.Lock()
+_tracer = None
+
+EXPORTERS = ("otlp", "console", "file", "null")
+
+
+def wanted_exporter() -> str | None:
+    """The exporter the environment asks for, or None when tracing is off."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if name in ("", "otlp_proto_http") and (
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    ):
+        return "otlp"
+    if name == "otlp_proto_http":
+        return "otlp"
+    return name if name in EXPORTERS else None
+
+
+def configure(exporter: str | None = None) -> bool:
+    """Set up the SDK and the instrumentations once per process, if the environment asks (or
+    `exporter`, for a process that turns tracing on later: the benchmark)."""
+    global ENABLED, _configured, _tracer
+    with _lock:
+        if ENABLED or (_configured and exporter is None):
+            return ENABLED
+        _configured = True
+        if _tracer is not None:  # set up before, then switched off (the benchmark)
+            ENABLED = True
+            return True
+        exporter_name = exporter or wanted_exporter()
+        if exporter_name is None:
+            return False
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+        from opentelemetry.instrumentation.django import DjangoInstrumentor
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+        os.environ.setdefault("OTEL_SERVICE_NAME", "sagaplatform")
+        provider = TracerProvider(resource=Resource.create())
+        if exporter_name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        elif exporter_name == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        elif exporter_name == "file":
+            # Written as each span ends, so nothing is lost when a pool child is recycled.
+            provider.add_span_processor(SimpleSpanProcessor(FileSpanExporter(os.environ["SAGA_TRACE_FILE"])))
+        else:
+            provider.add_span_processor(BatchSpanProcessor(NullSpanExporter()))
+        trace.set_tracer_provider(provider)
+        _tracer = trace.get_tracer("sagaplatform")
+        DjangoInstrumentor().instrument(tracer_provider=provider)
+        CeleryInstrumentor().instrument(tracer_provider=provider)
+        if os.environ.get("SAGA_TRACE_DB_QUERIES", "").lower() == "true":  # a span per query: costly
+            from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+
+            PsycopgInstrumentor().instrument(tracer_provider=provider, skip_dep_check=True)
+        ENABLED = True
+        return True
+
+
+# --- The outbox ------------------------------------------------------------------------------
+
+
+def capture() -> dict | None:
+    """The current trace context as W3C headers, to store with an outbox row (None when off or
+    outside any span)."""
+    if not ENABLED:
+        return None
+    from opentelemetry.propagate import inject
+
+    carrier: dict = {}
+    inject(carrier)
+    return carrier or None
+
+
+@contextlib.contextmanager
+def restored(carrier):
+    """Make a stored trace context current (a message being published by the relay joins the
+    trace of the transaction that wrote it). Anything malformed is ignored."""
+    if not ENABLED or not isinstance(carrier, dict) or not carrier:
+        yield
+        return
+    from opentelemetry import context
+    from opentelemetry.propagate import extract
+
+    try:
+        token = context.attach(extract({str(k): str(v) for k, v in carrier.items()}))
+    except Exception:  # never let a bad context fail a publication
+        yield
+        return
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+# --- Steps -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def step_span(service: str, command, *, reaction: str = ""):
+    """A span for one step attempt (an action, a compensation or a confirm) on its service. The
+    caller reports the outcome with `outcome(span, status)`."""
+    if not ENABLED:
+        yield None
+        return
+    attributes = {
+        "saga.id": str(command.saga_id),
+        "saga.step": command.step,
+        "saga.op": command.op,
+        "saga.attempt": int(command.attempt),
+        "saga.service": service,
+    }
+    if reaction:
+        attributes["saga.reaction"] = reaction
+    with _tracer.start_as_current_span(f"{service} {command.op} {command.step}", attributes=attributes) as span:
+        yield span
+
+
+def outcome(span, status: str) -> None:
+    if span is not None:
+        span.set_attribute("saga.outcome", status)
+        if status != "succeeded":
+            from opentelemetry.trace import Status, StatusCode
+
+            span.set_status(Status(StatusCode.ERROR, status))
+
+
+def current_ids() -> tuple[str, str] | None:
+    """(trace_id, span_id) of the current span, as hex, or None."""
+    if not ENABLED:
+        return None
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
+
+
+def current_trace_id() -> str | None:
+    ids = current_ids()
+    return ids[0] if ids else None
+
+
+def trace_url(trace_id: str | None) -> str | None:
+    from django.conf import settings
+
+    template = getattr(settings, "SAGA_TRACE_URL_TEMPLATE", "")
+    if not trace_id or not template:
+        return None
+    return template.replace("{trace_id}", trace_id)
+
+
+# --- Exporters ---------------------------------------------------------------------------------
+
+
+class FileSpanExporter:
+    """Appends one JSON line per span (one write() each, so processes can share the file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def export(self, spans):
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        lines = []
+        for span in spans:
+            parent = span.parent
+            lines.append(
+                json.dumps(
+                    {
+                        "name": span.name,
+                        "trace_id": format(span.context.trace_id, "032x"),
+                        "span_id": format(span.context.span_id, "016x"),
+                        "parent_span_id": format(parent.span_id, "016x") if parent else None,
+                        "kind": span.kind.name,
+                        "pid": os.getpid(),
+                        "start": span.start_time,
+                        "end": span.end_time,
+                        "status": span.status.status_code.name,
+                        "attributes": dict((span.attributes or {}).items()),
+                    },
+                    default=str,
+                )
+            )
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write("".join(line + "\n" for line in lines))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+class NullSpanExporter:
+    """Drops every span: the cost of making them, without a collector (the benchmark)."""
+
+    def export(self, spans):
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
