@@ -15,7 +15,7 @@ from datetime import timedelta
 import django_filters
 from django import forms
 from django.db import connections
-from django.db.models import Exists, OuterRef, Q, TextField
+from django.db.models import Q, TextField
 from django.db.models.functions import Cast, Upper
 from drf_spectacular.utils import extend_schema_field
 
@@ -76,7 +76,10 @@ class SagaFilter(FilterSet):
         help_text="The order's transaction style: orchestrated, parallel, tcc or choreography.",
     )
     definition = django_filters.MultipleChoiceFilter(
-        choices=[(name, name) for name in DEFINITIONS], help_text="The saga definition's name."
+        # No join, so no DISTINCT (which costs a sort of every match).
+        choices=[(name, name) for name in DEFINITIONS],
+        distinct=False,
+        help_text="The saga definition's name.",
     )
     order_id = django_filters.UUIDFilter(
         field_name="context__order_id", method="filter_order", help_text="The saga of this order."
@@ -184,10 +187,12 @@ class SagaFilter(FilterSet):
         return queryset.alias(failure_code=key_text("failure__code")).filter(failure_code=value)
 
     def filter_step(self, queryset, name, value):
-        steps = SagaStep.objects.using(queryset.db).filter(saga=OuterRef("pk"), name=value)
+        # The few matching steps first (indexes `saga_step_name_state`, `saga_step_name_error`),
+        # then their sagas: not a probe of every saga's steps.
+        steps = SagaStep.objects.using(queryset.db).filter(name=value)
         wanted = self.form.cleaned_data.get("step_state")
         steps = steps.filter(state__in=wanted) if wanted else steps.filter(STEP_TROUBLE)
-        return queryset.filter(Exists(steps))
+        return queryset.filter(pk__in=steps.values("saga_id"))
 
     def filter_nothing(self, queryset, name, value):
         return queryset  # read by filter_step

@@ -60,6 +60,7 @@ class Saga(FSMModelMixin, models.Model):
             # SKU is found through a GIN index on `context`, PostgreSQL only: migration 0004.)
             models.Index(key_text("context__order_id"), name="saga_order_id"),
             models.Index(Upper(key_text("context__customer_email")), name="saga_customer_email"),
+            models.Index(key_text("context__customer_id"), name="saga_customer_id"),
             models.Index(key_text("failure__code"), "created_at", name="saga_failure_code"),
             models.Index(fields=["definition", "-created_at"], name="saga_definition_created"),
             models.Index(fields=["state", "-created_at"], name="saga_state_created"),
@@ -174,6 +175,17 @@ class SagaStep(FSMModelMixin, models.Model):
             # Serves the sweeper's "which leases have expired".
             models.Index(
                 fields=["deadline_at"], name="saga_step_lease_open", condition=models.Q(deadline_at__isnull=False)
+            ),
+            # The operators' search by step (orchestration/filters.py): a step in a state, or
+            # with an error recorded.
+            models.Index(fields=["name", "state"], name="saga_step_name_state"),
+            models.Index(fields=["name"], name="saga_step_name_error", condition=models.Q(error__isnull=False)),
+            # The `retrying` flag of every saga list (selectors.saga_list): the few steps
+            # waiting out a backoff, rather than a scan of every step.
+            models.Index(
+                fields=["saga"],
+                name="saga_step_backing_off",
+                condition=models.Q(state="retrying") | models.Q(next_attempt_at__isnull=False),
             ),
         ]
 

@@ -75,4 +75,31 @@ class Migration(migrations.Migration):
             constraint=models.UniqueConstraint(fields=('user', 'name'), name='saved_view_unique_name'),
         ),
         migrations.RunPython(create_gin, drop_gin),
+        migrations.AddIndex(
+            model_name="sagastep",
+            index=models.Index(fields=["name", "state"], name="saga_step_name_state"),
+        ),
+        migrations.AddIndex(
+            model_name="sagastep",
+            index=models.Index(
+                condition=models.Q(("error__isnull", False)), fields=["name"], name="saga_step_name_error"
+            ),
+        ),
+        migrations.AddIndex(
+            model_name="saga",
+            index=models.Index(
+                django.db.models.functions.comparison.Cast(
+                    django.db.models.fields.json.KT("context__customer_id"), output_field=models.TextField()
+                ),
+                name="saga_customer_id",
+            ),
+        ),
+        migrations.AddIndex(
+            model_name="sagastep",
+            index=models.Index(
+                condition=models.Q(("state", "retrying"), ("next_attempt_at__isnull", False), _connector="OR"),
+                fields=["saga"],
+                name="saga_step_backing_off",
+            ),
+        ),
     ]
