@@ -1,32 +1,33 @@
 """The inventory service's part in the choreographed order flow."""
 
+from sagaplatform.kernel import events
 from sagaplatform.kernel.choreography import reaction
 from sagaplatform.kernel.commands import ACTION, COMPENSATE
 
 reaction(
     service="inventory",
-    on=("order.placed",),
+    on=(events.ORDER_PLACED,),
     step="reserve_stock",
     op=ACTION,
     operation="reserve",
-    emits="stock.reserved",
-    emits_on_failure="stock.rejected",
+    emits=events.STOCK_RESERVED,
+    emits_on_failure=events.STOCK_REJECTED,
 )
 reaction(
     service="inventory",
-    on=("payment.failed", "payment.refunded"),
+    on=(events.PAYMENT_FAILED, events.PAYMENT_REFUNDED),
     step="reserve_stock",
     op=COMPENSATE,
     operation="release",
-    emits="stock.released",
+    emits=events.STOCK_RELEASED,
     max_attempts=10,
 )
 reaction(
     service="inventory",
-    on=("shipment.dispatched",),
+    on=(events.SHIPMENT_DISPATCHED,),
     step="commit_stock",
     op=ACTION,
     operation="commit",
-    emits="stock.committed",
+    emits=events.STOCK_COMMITTED,
     max_attempts=30,
 )

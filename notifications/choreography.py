@@ -1,23 +1,24 @@
 """The notification service's part in the choreographed order flow."""
 
+from sagaplatform.kernel import events
 from sagaplatform.kernel.choreography import reaction
 from sagaplatform.kernel.commands import ACTION
 
 reaction(
     service="notifications",
-    on=("shipment.dispatched",),
+    on=(events.SHIPMENT_DISPATCHED,),
     step="notify_customer",
     op=ACTION,
     operation="send_confirmation",
-    emits="customer.notified",
+    emits=events.CUSTOMER_NOTIFIED,
     max_attempts=10,
 )
 reaction(
     service="notifications",
-    on=("order.rejected",),
+    on=(events.ORDER_REJECTED,),
     step="notify_failure",
     op=ACTION,
     operation="send_failure",
-    emits="customer.told",
+    emits=events.CUSTOMER_TOLD,
     max_attempts=20,
 )

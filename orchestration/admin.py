@@ -2,8 +2,8 @@
 
 Every action goes through the engine (`saga_retry`, `saga_skip`, `saga_cancel`), which decides
 again under the saga's row lock and records the operator's name and reason as a `SagaEvent`.
-Before that, the saga's state machine screens the selection: a row whose transition the machine
-does not allow is left alone and reported, never sent to the engine. Nothing here writes a saga
+Before that, the engine's own rules (`rules.py`) screen the selection: a row they refuse is left
+alone and reported with the engine's reason, never sent to the engine. Nothing here writes a saga
 or a step directly, so the invariants `manage.py audit` checks hold whatever an operator clicks.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 from django.db.models import Exists, OuterRef
+from django.db.models.functions import Now
 from django.utils.html import format_html
-from django_fsm import can_proceed
 
 from sagaplatform.api import operator_actor
 from sagaplatform.kernel.admin import (
@@ -27,8 +27,8 @@ from sagaplatform.kernel.admin import (
 )
 from sagaplatform.kernel.clock import db_now
 
-from . import engine, live, selectors
-from .definitions import DEFINITIONS, MODES
+from . import engine, rules, selectors
+from .definitions import MODES
 from .exceptions import OperationNotAllowed
 from .models import Alert, Saga, SagaEvent, SagaStep
 from .permissions import OPERATE
@@ -44,37 +44,28 @@ def style_of(saga: Saga) -> str:
     return STYLE_OF_DEFINITION.get(saga.definition, "?")
 
 
-# --- The state machine's guards ----------------------------------------------------------------
+# --- The guards: the rules the engine applies (orchestration/rules.py) --------------------------
+
+
+def _said(verdict: rules.Verdict) -> str | None:
+    """None if allowed, else the engine's reason (as a clause: "left alone (a ...)")."""
+    return None if verdict.allowed else verdict.message[:1].lower() + verdict.message[1:]
+
+
+def _now(saga: Saga):
+    return getattr(saga, "db_now", None) or db_now(DB)
 
 
 def retry_refusal(saga: Saga) -> str | None:
-    # Parked: the machine resumes it forward, back to compensating or to confirming.
-    if any(can_proceed(t) for t in (saga.resume_forward, saga.resume_compensation, saga.resume_confirm)):
-        return None
-    if saga.is_terminal:
-        return f"a {saga.state} saga cannot be retried"
-    if not saga.retrying:
-        return f"the saga is {saga.state} with no step waiting to retry"
-    return None
+    return _said(rules.retry_verdict(saga, saga.steps.all()))
 
 
 def skip_refusal(saga: Saga) -> str | None:
-    if not can_proceed(saga.resume_compensation):
-        return f"only a parked saga has compensations to skip; it is {saga.state}"
-    if not any(can_proceed(step.skip_compensation) for step in saga.steps.all()):
-        return "no compensation is parked"
-    return None
+    return _said(rules.skip_verdict(saga, saga.steps.all()))
 
 
 def cancel_refusal(saga: Saga) -> str | None:
-    if (saga.failure or {}).get("code") == engine.CANCELLED:
-        return "already cancelled"
-    if not can_proceed(saga.begin_compensation):
-        return f"only a running saga can be cancelled; it is {saga.state}"
-    definition = DEFINITIONS.get(saga.definition)
-    if definition is None or not live.cancellable(saga, saga.steps.all(), definition):
-        return "the parcel has left, or is leaving, the warehouse"
-    return None  # the engine decides again under the saga's row lock
+    return _said(rules.cancel_verdict(saga, saga.steps.all(), now=_now(saga)))  # the engine decides again
 
 
 def _engine(call):
@@ -105,12 +96,14 @@ def retry_sagas(modeladmin, request, queryset):
 @admin.action(description="Skip the parked compensations of the selected sagas", permissions=["operate"])
 def skip_parked_compensations(modeladmin, request, queryset):
     def skip(saga, actor, reason):
-        parked = [s for s in saga.steps.using(DB).all() if can_proceed(s.skip_compensation)]
-        if not parked:
-            raise ActionRefused("no compensation is parked")
-        for step in parked:
+        verdict = rules.skip_verdict(saga, saga.steps.using(DB).all())
+        if not verdict.allowed:
+            raise ActionRefused(_said(verdict))
+        for step_name in verdict.steps:
             _engine(
-                lambda step=step: engine.saga_skip(saga_id=saga.id, step_name=step.name, actor=actor, reason=reason)
+                lambda step_name=step_name: engine.saga_skip(
+                    saga_id=saga.id, step_name=step_name, actor=actor, reason=reason
+                )
             )
 
     return action_with_reason(
@@ -246,7 +239,7 @@ class SagaAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         # The steps come along for the operator-actions column and the guards (one query).
-        return selectors.saga_list().prefetch_related("steps")
+        return selectors.saga_list().annotate(db_now=Now()).prefetch_related("steps")
 
     def has_add_permission(self, request) -> bool:
         return False  # sagas start from orders, never by hand

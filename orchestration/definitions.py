@@ -92,6 +92,12 @@ class SagaDefinition:
     # Global deadline in seconds from the start: before the pivot the saga is compensated,
     # after it the deadline no longer applies.
     deadline: float = 600.0
+    # A cancel this many seconds or less before the pivot's scheduled start is refused: the
+    # style cannot stop the pivot that late (choreography: the services would race it).
+    cancel_margin: float = 0.0
+    # The refusal messages of operator actions, by code (`orchestration/rules.py`); `{state}`
+    # is the saga's state. Codes missing here get the generic message.
+    refusals: dict = field(default_factory=dict)
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +181,14 @@ def _order_steps(*, parallel: bool) -> tuple[StepSpec, ...]:
     )
 
 
+# What an order's refusals say (the codes are in orchestration/rules.py).
+ORDER_REFUSALS = {
+    "already_cancelled": "This order is already cancelled",
+    "not_cancellable": "This order can no longer be cancelled (it is {state})",
+    "already_shipped": "The order has shipped; it can no longer be cancelled",
+    "shipment_in_progress": "The parcel is leaving the warehouse right now; it can no longer be cancelled",
+}
+
 # After the pivot a step must eventually succeed; past this policy the saga is parked.
 FOREVER_ISH = RetryPolicy(max_attempts=30, max_interval=60.0)
 
@@ -195,6 +209,7 @@ PLACE_ORDER = SagaDefinition(
     description="Reserve stock, then take payment; approve, book and dispatch; commit stock, mark shipped, tell the customer.",
     steps=_order_steps(parallel=False),
     on_failure=ON_ORDER_FAILURE,
+    refusals=ORDER_REFUSALS,
 )
 
 PLACE_ORDER_PARALLEL = SagaDefinition(
@@ -202,6 +217,7 @@ PLACE_ORDER_PARALLEL = SagaDefinition(
     description="As place_order, with stock reservation and payment side by side.",
     steps=_order_steps(parallel=True),
     on_failure=ON_ORDER_FAILURE,
+    refusals=ORDER_REFUSALS,
 )
 
 PLACE_ORDER_TCC = SagaDefinition(
@@ -239,6 +255,7 @@ PLACE_ORDER_TCC = SagaDefinition(
     ),
     on_failure=ON_ORDER_FAILURE,
     outcome={"order": "approved", "shipment": "scheduled"},
+    refusals=ORDER_REFUSALS,
 )
 
 
@@ -251,6 +268,10 @@ PLACE_ORDER_CHOREOGRAPHY = SagaDefinition(
     description="The order flow with no coordinator: services react to each other's events.",
     steps=_order_steps(parallel=False),
     on_failure=ON_ORDER_FAILURE,
+    refusals=ORDER_REFUSALS,
+    # The tracker cannot stop a dispatch the services are about to start: it refuses a cancel
+    # this close to it.
+    cancel_margin=1.0,
 )
 
 # The order's `mode` (chosen per order through the API) and the definition that runs it.

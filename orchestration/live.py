@@ -16,20 +16,13 @@ from django.db import transaction
 
 from sagaplatform.kernel import feed
 
+from . import rules, selectors
 from .definitions import SagaDefinition, get_definition
 from .models import Saga, SagaEvent, SagaStep
 
 logger = logging.getLogger(__name__)
 
 DB = "default"
-
-STEP_IN_FLIGHT = {
-    SagaStep.State.RUNNING,
-    SagaStep.State.RETRYING,
-    SagaStep.State.COMPENSATING,
-    SagaStep.State.CONFIRMING,
-}
-STEP_DONE = {SagaStep.State.SUCCEEDED, SagaStep.State.CONFIRMED}
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -40,21 +33,9 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def step_view(step: SagaStep) -> dict:
+    """The API's step view (`selectors.step_view`), with its times in ISO 8601."""
     return {
-        "name": step.name,
-        "kind": step.kind,
-        "service": step.service,
-        "position": step.position,
-        "state": step.state,
-        "attempts": step.attempts,
-        "compensation_attempts": step.compensation_attempts,
-        "confirm_attempts": step.confirm_attempts,
-        "next_attempt_at": _iso(step.next_attempt_at),
-        "deadline_at": _iso(step.deadline_at),
-        "started_at": _iso(step.started_at),
-        "finished_at": _iso(step.finished_at),
-        "error": step.error,
-        "acted": step.result is not None,  # as in selectors.step_view
+        key: _iso(value) if isinstance(value, datetime) else value for key, value in selectors.step_view(step).items()
     }
 
 
@@ -75,8 +56,8 @@ def saga_header(saga: Saga, steps: Iterable[SagaStep], *, now: datetime) -> dict
     definition = get_definition(saga.definition)
     steps = list(steps)
     actions = [s for s in steps if s.kind == SagaStep.Kind.ACTION]
-    active = sorted((s for s in actions if s.state in STEP_IN_FLIGHT), key=lambda s: s.position)
-    lease_passed = any(s.deadline_at is not None and s.deadline_at < now and s.state in STEP_IN_FLIGHT for s in steps)
+    active = sorted((s for s in actions if rules.step_in_flight(s)), key=lambda s: s.position)
+    allowed = rules.allowed_actions(saga, steps, now=now, definition=definition)
     failure = saga.failure
     return {
         "id": str(saga.id),
@@ -90,27 +71,16 @@ def saga_header(saga: Saga, steps: Iterable[SagaStep], *, now: datetime) -> dict
         "finished_at": _iso(saga.finished_at),
         "failure": {"code": failure.get("code"), "message": failure.get("message")} if failure else None,
         "active_step": active[0].name if active else None,
-        "steps_done": sum(1 for s in actions if s.state in STEP_DONE),
+        "steps_done": sum(1 for s in actions if s.state in rules.STEP_DONE),
         "steps_total": len(actions),
-        "stuck": saga.state == Saga.State.PARKED or (not saga.is_terminal and lease_passed),
+        "stuck": rules.saga_stuck(saga, steps, now),
         # A step waiting out a backoff before its next attempt (action, compensation or confirm).
-        "retrying": any(
-            s.state == SagaStep.State.RETRYING
-            or (s.state in (SagaStep.State.COMPENSATING, SagaStep.State.CONFIRMING) and s.next_attempt_at is not None)
-            for s in steps
-        ),
-        "cancellable": cancellable(saga, steps, definition),
+        "retrying": rules.saga_retrying(saga, steps),
+        "cancellable": allowed["cancel"].allowed,
+        # What an operator may do now, and why not otherwise (the engine's refusal).
+        "actions": rules.actions_view(allowed),
         "committed_at": None,
     }
-
-
-def cancellable(saga: Saga, steps: Iterable[SagaStep], definition: SagaDefinition) -> bool:
-    """Whether a cancel would be accepted now (the engine decides again under the row lock)."""
-    if saga.state != Saga.State.RUNNING:
-        return False
-    pivots = {s.name for s in definition.steps if s.pivot}
-    passing = {SagaStep.State.SUCCEEDED, SagaStep.State.RUNNING, SagaStep.State.RETRYING}
-    return not any(s.name in pivots and s.state in passing for s in steps)
 
 
 def style_of(definition: SagaDefinition) -> str:

@@ -16,6 +16,7 @@ from django.db.models.functions import TruncMinute
 from sagaplatform import workers
 from sagaplatform.kernel.clock import db_now
 
+from . import rules
 from .definitions import DEFINITIONS
 from .live import style_of
 from .models import Alert, Saga, SagaEvent, SagaStep
@@ -37,7 +38,8 @@ COUNTED = {
     "saga_parked": "parked",
 }
 SERIES = ("started", *COUNTED.values())
-STEP_OUT = {SagaStep.State.RUNNING, SagaStep.State.COMPENSATING, SagaStep.State.CONFIRMING}
+# A message out (a step in flight, not one waiting out a backoff: that counts as a failure).
+STEP_OUT = rules.STEP_IN_FLIGHT - {SagaStep.State.RETRYING}
 STEP_OK = {SagaStep.State.SUCCEEDED, SagaStep.State.COMPENSATED, SagaStep.State.CONFIRMED, SagaStep.State.SKIPPED}
 STEP_BAD = {
     SagaStep.State.RETRYING,
@@ -144,7 +146,7 @@ def overview() -> dict:
     now = db_now(DB)
     by_state = dict(
         Saga.objects.using(DB)
-        .exclude(state__in=Saga.TERMINAL_STATES)
+        .exclude(state__in=rules.SAGA_TERMINAL)
         .values_list("state")
         .annotate(n=Count("id"))
         .order_by()

@@ -2,27 +2,18 @@ from __future__ import annotations
 
 import uuid
 
-from django.db.models import BooleanField, Case, Exists, OuterRef, Q, QuerySet, Value, When
+from django.db.models import QuerySet
 from django.db.models.functions import Now
 
-from . import live
+from . import rules
 from .definitions import get_definition
 from .models import Saga, SagaStep
 
 DB = "default"
 
 
-# Steps with an attempt in flight (their lease, `deadline_at`, decides when it has timed out).
-STEP_IN_FLIGHT = (
-    SagaStep.State.RUNNING,
-    SagaStep.State.RETRYING,
-    SagaStep.State.COMPENSATING,
-    SagaStep.State.CONFIRMING,
-)
-
-
 def saga_list() -> QuerySet[Saga]:
-    """Every saga, newest first, annotated with what an operator looks for:
+    """Every saga, newest first, annotated with what an operator looks for (`rules`):
 
     - `stuck`: not ended, and parked or with an attempt whose lease has passed (the sweeper
       should have timed it out: a sign that no sweeper or worker is running);
@@ -30,28 +21,7 @@ def saga_list() -> QuerySet[Saga]:
 
     Leases are compared with the database clock (`Now()`), as the sweeper does.
     """
-    steps = SagaStep.objects.using(DB).filter(saga=OuterRef("pk"))
-    lease_passed = Exists(steps.filter(state__in=STEP_IN_FLIGHT, deadline_at__lt=Now()))
-    backing_off = Exists(
-        steps.filter(
-            Q(state=SagaStep.State.RETRYING)
-            | Q(state__in=(SagaStep.State.COMPENSATING, SagaStep.State.CONFIRMING), next_attempt_at__isnull=False)
-        )
-    )
-    ended = Q(state__in=Saga.TERMINAL_STATES)
-    return (
-        Saga.objects.using(DB)
-        .annotate(
-            stuck=Case(
-                When(ended, then=Value(False)),
-                When(state=Saga.State.PARKED, then=Value(True)),
-                default=lease_passed,
-                output_field=BooleanField(),
-            ),
-            retrying=Case(When(ended, then=Value(False)), default=backing_off, output_field=BooleanField()),
-        )
-        .order_by("-created_at", "-id")
-    )
+    return Saga.objects.using(DB).annotate(**rules.saga_annotations(DB)).order_by("-created_at", "-id")
 
 
 def saga_get(*, saga_id) -> Saga | None:
@@ -59,15 +29,18 @@ def saga_get(*, saga_id) -> Saga | None:
 
 
 def step_view(step: SagaStep) -> dict:
+    """A step as the API and the live feed show it (the feed writes the times in ISO 8601)."""
     return {
         "name": step.name,
         "kind": step.kind,
         "service": step.service,
+        "position": step.position,
         "state": step.state,
         "attempts": step.attempts,
         "compensation_attempts": step.compensation_attempts,
         "confirm_attempts": step.confirm_attempts,
         "next_attempt_at": step.next_attempt_at,
+        "deadline_at": step.deadline_at,
         "started_at": step.started_at,
         "finished_at": step.finished_at,
         "error": step.error,
@@ -84,7 +57,7 @@ def sagas_known(saga_ids: list) -> set[str]:
 
 def saga_summary(saga_id) -> dict | None:
     """The saga's state and steps, for read views in other apps (through the kernel port)."""
-    saga = Saga.objects.using(DB).filter(id=saga_id).first()
+    saga = Saga.objects.using(DB).filter(id=saga_id).annotate(db_now=Now()).first()
     if saga is None:
         return None
     definition = get_definition(saga.definition)
@@ -99,7 +72,8 @@ def saga_summary(saga_id) -> dict | None:
         "created_at": saga.created_at,
         "finished_at": saga.finished_at,
         "steps": [step_view(step) for step in ordered],
-        "cancellable": live.cancellable(saga, ordered, definition),
+        "cancellable": rules.cancel_verdict(saga, ordered, now=saga.db_now, definition=definition).allowed,
+        "actions": rules.actions_view(rules.allowed_actions(saga, ordered, now=saga.db_now, definition=definition)),
     }
 
 

@@ -27,7 +27,7 @@ from django.db.models.functions import Now
 
 from sagaplatform.kernel import attempts, outbox
 
-from . import engine
+from . import engine, rules
 from .definitions import DEFINITIONS
 from .models import Saga, SagaStep
 
@@ -45,7 +45,7 @@ def sweep_once() -> dict:
         SagaStep.objects.using(engine.DB)
         .filter(deadline_at__lte=Now())
         # In flight, or (choreography) scheduled to start and watched for its start.
-        .filter(Q(state__in=engine.IN_FLIGHT) | Q(state=SagaStep.State.PENDING))
+        .filter(rules.STEP_IN_FLIGHT_Q | Q(state=SagaStep.State.PENDING))
         .exclude(saga__state=Saga.State.PARKED)
         .only("saga_id", "name", "state", "attempts", "compensation_attempts", "confirm_attempts", "sent_at")
         .order_by("deadline_at")[:BATCH]
@@ -114,7 +114,7 @@ def _attempt_marks(steps: list[SagaStep]) -> dict | None:
     keys = {
         step.pk: attempts.key(step.saga_id, step.name, *engine.attempt_in_flight(step))
         for step in steps
-        if step.state in engine.IN_FLIGHT and step.sent_at
+        if rules.step_in_flight(step) and step.sent_at
     }
     if not keys:
         return {}

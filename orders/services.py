@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from sagaplatform.kernel import choreography, outbox, ports
+from sagaplatform.kernel import choreography, events, outbox, ports
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.commands import ORCHESTRATOR_QUEUE
 from sagaplatform.kernel.models import OutboxMessage
@@ -30,7 +30,7 @@ from .models import CANCELLED_CODE, IdempotencyKey, Order, OrderLine, OrderStatu
 
 DB = "orders"
 START_SAGA_TASK = "orchestration.start_saga"
-ORDER_PLACED = "order.placed"
+ORDER_PLACED = events.ORDER_PLACED
 # What Order.total (12 digits, 2 decimals) can hold.
 MAX_ORDER_TOTAL = Decimal("9999999999.99")
 

@@ -1,23 +1,24 @@
 """The payment service's part in the choreographed order flow."""
 
+from sagaplatform.kernel import events
 from sagaplatform.kernel.choreography import reaction
 from sagaplatform.kernel.commands import ACTION, COMPENSATE
 
 reaction(
     service="payments",
-    on=("stock.reserved",),
+    on=(events.STOCK_RESERVED,),
     step="charge_payment",
     op=ACTION,
     operation="charge",
-    emits="payment.captured",
-    emits_on_failure="payment.failed",
+    emits=events.PAYMENT_CAPTURED,
+    emits_on_failure=events.PAYMENT_FAILED,
 )
 reaction(
     service="payments",
-    on=("order.revoked", "order.approval_failed"),
+    on=(events.ORDER_REVOKED, events.ORDER_APPROVAL_FAILED),
     step="charge_payment",
     op=COMPENSATE,
     operation="refund",
-    emits="payment.refunded",
+    emits=events.PAYMENT_REFUNDED,
     max_attempts=10,
 )

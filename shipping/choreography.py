@@ -5,44 +5,45 @@ turns into a block on the dispatch, unless the parcel already left, which refuse
 cancellation), then cancels the booking, which starts the chain of compensations.
 """
 
+from sagaplatform.kernel import events
 from sagaplatform.kernel.choreography import reaction
 from sagaplatform.kernel.commands import ACTION, COMPENSATE
 
 reaction(
     service="shipping",
-    on=("order.approved",),
+    on=(events.ORDER_APPROVED,),
     step="schedule_shipment",
     op=ACTION,
     operation="schedule",
-    emits="shipment.scheduled",
-    emits_on_failure="shipment.failed",
+    emits=events.SHIPMENT_SCHEDULED,
+    emits_on_failure=events.SHIPMENT_FAILED,
 )
 reaction(
     service="shipping",
-    on=("shipment.scheduled",),
+    on=(events.SHIPMENT_SCHEDULED,),
     step="dispatch_shipment",
     op=ACTION,
     operation="dispatch",
-    emits="shipment.dispatched",
-    emits_on_failure="shipment.dispatch_failed",
+    emits=events.SHIPMENT_DISPATCHED,
+    emits_on_failure=events.SHIPMENT_DISPATCH_FAILED,
     max_attempts=10,
     start_after="SHIPPING_HANDLING_SECONDS",
 )
 reaction(
     service="shipping",
-    on=("order.cancel_requested",),
+    on=(events.ORDER_CANCEL_REQUESTED,),
     step="dispatch_shipment",
     op=COMPENSATE,
     operation="hold_dispatch",
-    emits="shipment.held",
-    emits_on_failure="cancellation.refused",
+    emits=events.SHIPMENT_HELD,
+    emits_on_failure=events.CANCELLATION_REFUSED,
 )
 reaction(
     service="shipping",
-    on=("shipment.held", "shipment.dispatch_failed"),
+    on=(events.SHIPMENT_HELD, events.SHIPMENT_DISPATCH_FAILED),
     step="schedule_shipment",
     op=COMPENSATE,
     operation="cancel",
-    emits="shipment.cancelled",
+    emits=events.SHIPMENT_CANCELLED,
     max_attempts=10,
 )

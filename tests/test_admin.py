@@ -362,7 +362,9 @@ def test_saga_cancel_compensates_through_the_engine_and_reports_refusals(
     assert Order.objects.using("orders").get(id=receipt["id"]).status == "cancelled"
     assert operator_events(running, "saga_cancel_requested") == [("user:admin", "fraud check")]
     assert Saga.objects.get(id=done).state == "completed"
-    assert f"1 saga left alone (only a running saga can be cancelled; it is completed): {done}" in messages_of(response)
+    assert f"1 saga left alone (this order can no longer be cancelled (it is completed)): {done}" in messages_of(
+        response
+    )
     assert run_audit() == []
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import transaction
 
-from . import barrier, faults, outbox
+from . import barrier, events, faults, outbox
 from .commands import ACTION, BUSINESS_FAILURE, COMPENSATE, SUCCEEDED, Command, get_operation
 from .errors import TransientError
 from .models import Barrier
@@ -64,6 +64,9 @@ _REACTIONS: list[Reaction] = []
 
 def reaction(**fields) -> Reaction:
     declared = Reaction(**fields)
+    for name in (*declared.on, declared.emits, declared.emits_on_failure):
+        if name:
+            events.get(name)  # every event name is declared once, in events.py
     if any(r.service == declared.service and r.key == declared.key for r in _REACTIONS):
         raise RuntimeError(f"reaction {declared.service}:{declared.key} declared twice")
     _REACTIONS.append(declared)
@@ -85,6 +88,11 @@ def _find(service: str, key: str) -> Reaction:
 def event_message(
     *, event: str, saga_id, context: dict, failure: dict | None = None, emitter: dict | None = None
 ) -> dict:
+    events.get(event)  # refuse a name no one declared (a typo would reach no subscriber)
+    return _envelope(event=event, saga_id=saga_id, context=context, failure=failure, emitter=emitter)
+
+
+def _envelope(*, event: str, saga_id, context: dict, failure: dict | None, emitter: dict | None) -> dict:
     return {
         "event": event,
         "event_id": str(uuid.uuid4()),
@@ -264,12 +272,13 @@ def _publish_give_up(service: str, rule: Reaction, message: dict, *, failure: di
 
 
 def _track(service: str, message: dict, *, emitter: dict) -> None:
-    """Tell the tracker what happened when no event carries the news."""
+    """Tell the tracker what happened when no event carries the news (a note for the tracker
+    alone, `<step>.<status>`, not an event of the flow: no service subscribes to it)."""
     outbox.enqueue(
         using=service,
         task=TRACK_TASK,
         queue=TRACK_QUEUE,
-        payload=event_message(
+        payload=_envelope(
             event=f"{emitter['step']}.{emitter['status']}",
             saga_id=message["saga_id"],
             context=message["context"],

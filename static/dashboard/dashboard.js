@@ -22,7 +22,6 @@ const root = $("dashboard");
 const MAX_HEADERS = 5000;
 const HISTORY = 450; // overview samples kept for the sparklines (15 min at one per 2 s)
 const TERMINAL = new Set(["completed", "compensated", "failed", "cancelled"]);
-const PIVOT_PASSED = new Set(["succeeded", "running", "retrying"]);
 
 const state = {
   user: null,
@@ -440,7 +439,7 @@ function renderSaga(timelineMode) {
   graph.setDefinition(definitionFor(header, steps));
   graph.update(header, steps);
   describeSteps(header, steps);
-  renderActions(header, steps);
+  renderActions(header);
   if (timelineMode) renderTimeline(timelineMode);
   if (graph.picked) renderPicked(graph.picked);
 }
@@ -476,36 +475,25 @@ function describeSteps(header, steps) {
   $("graph-steps").textContent = lines.join(". ");
 }
 
-// What the operator may do now, and why not otherwise.
-function allowedActions(header, steps) {
-  const list = [...steps.values()];
-  const def = state.definitions[header.definition];
-  const pivotPassed = def ? def.steps.some((s) => s.pivot && PIVOT_PASSED.has(steps.get(s.name)?.state)) : false;
-  const waiting = list.some((s) => s.state === "retrying" || ((s.state === "compensating" || s.state === "confirming") && s.next_attempt_at));
-  const givenUp = list.filter((s) => s.state === "compensation_failed");
-  const out = {
-    cancel: { ok: header.cancellable ?? (header.state === "running" && !pivotPassed) },
-    retry: {
-      ok: header.state === "parked" || (["running", "compensating", "confirming"].includes(header.state) && (waiting || !!header.stuck)),
-    },
-    skip: { ok: header.state === "parked" && givenUp.length > 0, steps: givenUp.map((s) => s.name) },
-  };
-  out.cancel.why = out.cancel.ok
-    ? "Stop the saga and undo what succeeded"
-    : header.state !== "running"
-      ? `A ${header.state} saga cannot be cancelled`
-      : "The point of no return is passed";
-  out.retry.why = out.retry.ok
-    ? header.state === "parked"
-      ? "Resume the parked saga where it stopped"
-      : "Give the steps waiting out a backoff their next attempt now"
-    : "Nothing is parked or waiting to retry";
-  out.skip.why = out.skip.ok ? "Settle a compensation that gave up, after fixing it by hand" : "No parked compensation to skip";
+// What the operator may do now, and why not otherwise: the server's answer, sent with each saga
+// (`actions`, from orchestration/rules.py), never derived here. An allowed cancel with `until`
+// turns into its `then` refusal at that time (a pivot about to start), with no message to say so.
+function allowedActions(header) {
+  const out = {};
+  for (const kind of ["cancel", "retry", "skip"]) {
+    const a = header.actions?.[kind];
+    if (!a) {
+      out[kind] = { ok: false, why: "Waiting for the server's answer", steps: [] };
+      continue;
+    }
+    const expired = a.allowed && a.until && serverNow() >= ts(a.until);
+    out[kind] = { ok: a.allowed && !expired, why: expired ? a.then?.message || a.message : a.message, steps: a.steps || [] };
+  }
   return out;
 }
 
-function renderActions(header, steps) {
-  const allowed = allowedActions(header, steps);
+function renderActions(header) {
+  const allowed = allowedActions(header);
   const loaded = !!state.watched?.loaded;
   for (const kind of ["cancel", "retry", "skip"]) {
     const btn = $(`act-${kind}`);
@@ -861,7 +849,7 @@ for (const btn of document.querySelectorAll(".actions [data-action]")) {
 function openAction(kind) {
   const header = state.watched?.header;
   if (!header) return;
-  const allowed = allowedActions(header, state.watched.steps);
+  const allowed = allowedActions(header);
   if (!allowed[kind].ok) return;
   dialogAction = { kind, saga: header.id };
   const text = ACTION_TEXT[kind];
@@ -976,6 +964,7 @@ function tick() {
   if (w?.loaded && w.header) {
     graph.update(w.header, w.steps);
     renderMeta(w.header);
+    renderActions(w.header); // an allowed cancel may expire (`until`)
     if (graph.picked) renderPicked(graph.picked);
   }
 }

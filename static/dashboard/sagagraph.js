@@ -29,7 +29,6 @@ const COMP_CLASS = {
 };
 
 const NARROW_PX = 600;
-const PIVOT_PASSED = new Set(["succeeded", "running", "retrying"]);
 const IN_MOTION = new Set(["running", "retrying", "compensating", "confirming"]);
 
 const STYLE = [
@@ -283,7 +282,9 @@ export class SagaGraph {
     if (!def) return;
     const cy = this.cy;
     const now = serverNow();
-    const cancellable = header && header.state === "running" && !def.steps.some((s) => s.pivot && PIVOT_PASSED.has(steps.get(s.name)?.state));
+    // Where a cancel now would undo a step: the server's answer (`actions`, docs/LIVE_FEED.md).
+    const cancel = header?.actions?.cancel;
+    const cancellable = !!cancel?.allowed && !(cancel.until && now >= ts(cancel.until));
     const specs = new Map([...def.steps, ...(def.on_failure || [])].map((s) => [s.name, s]));
     cy.batch(() => {
       cy.nodes(".step").forEach((node) => {
