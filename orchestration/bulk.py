@@ -11,15 +11,13 @@ action does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from django.db.models import Prefetch
 
 from sagaplatform.api import ApiError
 from sagaplatform.kernel import ports
+from sagaplatform.kernel.clock import db_now
 
-from . import engine
-from .definitions import get_definition
+from . import engine, rules
 from .exceptions import OperationNotAllowed
 from .models import Saga, SagaStep
 
@@ -31,66 +29,17 @@ MAX_IDS = 500
 # At most this many sagas matched by a filter in one preview.
 MAX_MATCHED = 5000
 
-IN_FLIGHT = (SagaStep.State.RUNNING, SagaStep.State.RETRYING)
 
-
-@dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    code: str = "eligible"
-    message: str = ""
-
-
-def _steps_of(saga: Saga) -> list[SagaStep]:
-    return list(saga.steps.all())
-
-
-def eligibility(saga: Saga, action: str, *, step: str | None = None) -> Verdict:
-    """Whether the engine would accept `action` on this saga now, and if not why: the same
-    codes and checks as engine.saga_cancel / saga_retry / saga_skip. (The engine decides again
-    under the row lock when the action is applied.)"""
-    steps = _steps_of(saga)
-    definition = get_definition(saga.definition)
+def eligibility(saga: Saga, action: str, *, now, step: str | None = None) -> rules.Verdict:
+    """Whether the engine would accept `action` on this saga now, and if not why: the rules
+    module's verdict, the one the engine gives (it decides again under the row lock when the
+    action is applied)."""
+    steps = list(saga.steps.all())
     if action == "cancel":
-        if saga.state == Saga.State.CANCELLED or (saga.failure or {}).get("code") == "cancelled":
-            return Verdict(False, "already_cancelled", "This order is already cancelled")
-        if saga.state != Saga.State.RUNNING:
-            return Verdict(False, "not_cancellable", f"This order can no longer be cancelled (it is {saga.state})")
-        pivots = {s.name for s in definition.steps if s.pivot}
-        for s in steps:
-            if s.name in pivots and s.state == SagaStep.State.SUCCEEDED:
-                return Verdict(False, "already_shipped", "The order has shipped; it can no longer be cancelled")
-            if s.name in pivots and s.state in IN_FLIGHT:
-                return Verdict(False, "shipment_in_progress", "The parcel is leaving the warehouse right now")
-        return Verdict(True)
+        return rules.cancel_verdict(saga, steps, now=now)
     if action == "retry":
-        if saga.state == Saga.State.PARKED:
-            return Verdict(True)
-        if saga.state in (Saga.State.RUNNING, Saga.State.COMPENSATING, Saga.State.CONFIRMING):
-            waiting = [
-                s
-                for s in steps
-                if s.kind == SagaStep.Kind.ACTION
-                and (
-                    s.state == SagaStep.State.RETRYING
-                    or (s.state in (SagaStep.State.COMPENSATING, SagaStep.State.CONFIRMING) and s.next_attempt_at)
-                )
-            ]
-            if waiting:
-                return Verdict(True)
-            return Verdict(False, "saga_not_stuck", f"Saga is {saga.state} with no step waiting to retry")
-        return Verdict(False, "saga_not_retryable", f"A {saga.state} saga cannot be retried")
-    # skip
-    given_up = _given_up(saga, steps, step)
-    if saga.state != Saga.State.PARKED or not given_up:
-        what = f"Step {step!r} is not" if step else "No step is"
-        return Verdict(False, "nothing_to_skip", f"{what} a parked compensation of this saga")
-    return Verdict(True)
-
-
-def _given_up(saga: Saga, steps: list[SagaStep], step: str | None) -> list[str]:
-    names = [s.name for s in sorted(steps, key=lambda s: -s.position) if s.state == SagaStep.State.COMPENSATION_FAILED]
-    return [n for n in names if n == step] if step else names
+        return rules.retry_verdict(saga, steps)
+    return rules.skip_verdict(saga, steps, step)
 
 
 def load(ids) -> dict[str, Saga]:
@@ -101,14 +50,15 @@ def load(ids) -> dict[str, Saga]:
 
 def preview(ids: list[str], action: str, *, step: str | None = None) -> dict:
     sagas = load(ids)
+    now = db_now(DB)
     eligible, ineligible = [], []
     for saga_id in ids:
         saga = sagas.get(saga_id)
         if saga is None:
             ineligible.append({"id": saga_id, "code": "not_found", "message": "No such saga."})
             continue
-        verdict = eligibility(saga, action, step=step)
-        if verdict.ok:
+        verdict = eligibility(saga, action, now=now, step=step)
+        if verdict.allowed:
             eligible.append(saga_id)
         else:
             ineligible.append({"id": saga_id, "code": verdict.code, "message": verdict.message, "state": saga.state})
@@ -139,10 +89,9 @@ def _apply_one(saga_id: str, action: str, *, actor: str, reason: str, step: str 
     if action == "retry":
         engine.saga_retry(saga_id=saga.id, actor=actor, reason=reason)
         return "Retrying."
-    names = _given_up(saga, list(SagaStep.objects.using(DB).filter(saga=saga)), step)
-    if not names:
-        # Let the engine refuse it in its own words (the saga may have changed meanwhile).
-        names = [step or ""]
+    verdict = rules.skip_verdict(saga, SagaStep.objects.using(DB).filter(saga=saga), step)
+    verdict.check()  # the engine's refusal, in its words (the saga may have changed meanwhile)
+    names = list(verdict.steps)
     for name in names:
         engine.saga_skip(saga_id=saga.id, step_name=name, actor=actor, reason=reason)
     return f"Skipped the compensation of {', '.join(names)}."

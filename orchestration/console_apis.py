@@ -302,6 +302,8 @@ class SagaCsvApi(generics.GenericAPIView):
 
 
 class SavedViewSerializer(serializers.ModelSerializer):
+    id = serializers.IntegerField(read_only=True, help_text="The view's id (for DELETE).")
+    created_at = serializers.DateTimeField(read_only=True, help_text="When it was saved.")
     name = StrictCharField(max_length=80, help_text="Your name for it (unique among your views).")
     query = StrictCharField(
         max_length=2000, allow_blank=True, help_text="The filters, as the dashboard's URL query string."
@@ -318,12 +320,17 @@ class SavedViewSerializer(serializers.ModelSerializer):
 
 
 @extend_schema_view(
-    get=extend_schema(operation_id="saga_views_list", tags=["sagas"], summary="Your saved dashboard views"),
+    get=extend_schema(
+        operation_id="saga_views_list",
+        tags=["sagas"],
+        summary="Your saved dashboard views",
+        responses={200: SavedViewSerializer(many=True), **error_responses(401, 403)},
+    ),
     post=extend_schema(
         operation_id="saga_views_create",
         tags=["sagas"],
         summary="Save a dashboard view",
-        responses={201: SavedViewSerializer, **error_responses(400, 401, 403, 409)},
+        responses={201: SavedViewSerializer, **error_responses(400, 401, 403, 409, 413, 415)},
     ),
 )
 class SavedViewListApi(generics.ListCreateAPIView):
