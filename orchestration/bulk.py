@@ -84,11 +84,14 @@ def _apply_one(saga_id: str, action: str, *, actor: str, reason: str, step: str 
     if saga is None:
         raise OperationNotAllowed("not_found", "No such saga.", status=404)
     if action == "cancel":
+        reason = reason.strip() or "Cancelled by an operator"  # as the dashboard's single cancel
         ports.saga_cancel(saga_id=saga.id, context=saga.context, actor=actor, reason=reason)
         return "Cancellation started."
     if action == "retry":
         engine.saga_retry(saga_id=saga.id, actor=actor, reason=reason)
         return "Retrying."
+    if not reason.strip():
+        raise OperationNotAllowed("reason_required", "Skipping a compensation needs a reason", status=400)
     verdict = rules.skip_verdict(saga, SagaStep.objects.using(DB).filter(saga=saga), step)
     verdict.check()  # the engine's refusal, in its words (the saga may have changed meanwhile)
     names = list(verdict.steps)

@@ -92,20 +92,24 @@ class BulkInputSerializer(serializers.Serializer):
         required=False,
         min_length=1,
         max_length=bulk.MAX_IDS,
-        help_text=f"The sagas (at most {bulk.MAX_IDS}). Give `ids` or `filter`.",
+        help_text=f"The sagas (at most {bulk.MAX_IDS}). With `filter` too: those of them that match it; "
+        "with neither, no saga.",
     )
     filter = StrictCharField(
         required=False,
         max_length=2000,
         allow_blank=True,
-        help_text="Every saga matching this query string of `GET /api/sagas/` filters, e.g. `state=parked`.",
+        help_text="Every saga matching this query string of `GET /api/sagas/` filters, e.g. `state=parked` "
+        "(an empty string: every saga).",
     )
     reason = StrictCharField(
         required=False,
         allow_blank=True,
         default="",
         max_length=500,
-        help_text="One reason, recorded in each saga's timeline. Required to cancel or skip.",
+        help_text="One reason, recorded in each saga's timeline. A skip without one is refused for each "
+        "saga (`reason_required`), as a single skip is; a cancel without one records "
+        '"Cancelled by an operator".',
     )
     step = serializers.ChoiceField(
         choices=STEP_NAMES,
@@ -115,13 +119,6 @@ class BulkInputSerializer(serializers.Serializer):
     dry_run = serializers.BooleanField(
         default=False, help_text="true: only say which sagas are eligible and why the others are not."
     )
-
-    def validate(self, data):
-        if ("ids" in data) == ("filter" in data):
-            raise ValidationError({"ids": ["Give either `ids` or `filter`."]})
-        if data["action"] in ("cancel", "skip") and not data["reason"].strip():
-            raise ValidationError({"reason": [f"A reason is required to {data['action']}."]})
-        return data
 
 
 BULK_PREVIEW_EXAMPLE = {
@@ -174,8 +171,8 @@ class SagaBulkApi(APIView):
             "why not (the codes of the single actions). Otherwise each saga is acted on in its own "
             "transaction under its row lock and the answer reports each one's outcome: a saga that "
             "changed meanwhile (another operator acted first) is refused with the engine's reason, never "
-            f"acted on twice. At most {bulk.MAX_IDS} sagas per request (a `filter` matching more is a 400 "
-            f"unless `dry_run`, which takes up to {bulk.MAX_MATCHED}); each saga's timeline records the action."
+            f"acted on twice. At most {bulk.MAX_IDS} sagas per request (a `filter` matching more is a 409 "
+            f"`too_many_sagas`; with `dry_run`, up to {bulk.MAX_MATCHED}); each saga's timeline records the action."
         ),
         request=BulkInputSerializer,
         examples=[
@@ -192,7 +189,15 @@ class SagaBulkApi(APIView):
         ],
         responses={
             200: OpenApiResponse(OpenApiTypes.OBJECT, description="The preview, or each saga's outcome."),
-            **error_responses(400, 401, 403, 413, 415),
+            **error_responses(
+                400,
+                401,
+                403,
+                409,
+                413,
+                415,
+                examples={409: [("too_many_sagas", "The filter matches more than 500 sagas: narrow it.")]},
+            ),
         },
     )
     def post(self, request):
@@ -200,13 +205,17 @@ class SagaBulkApi(APIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         action, dry_run = data["action"], data["dry_run"]
-        if "ids" in data:
-            ids = list(dict.fromkeys(str(i) for i in data["ids"]))
-        else:
-            limit = bulk.MAX_MATCHED if dry_run else bulk.MAX_IDS
-            ids = [str(i) for i in filtered(data["filter"], field="filter").values_list("id", flat=True)[: limit + 1]]
-            if len(ids) > limit:
-                raise TooMany(limit)
+        ids = list(dict.fromkeys(str(i) for i in data.get("ids", [])))
+        if "filter" in data:
+            matches = filtered(data["filter"], field="filter")
+            if ids:  # the chosen sagas that (still) match
+                matched = {str(i) for i in matches.filter(id__in=ids).values_list("id", flat=True)}
+                ids = [i for i in ids if i in matched]
+            else:
+                limit = bulk.MAX_MATCHED if dry_run else bulk.MAX_IDS
+                ids = [str(i) for i in matches.values_list("id", flat=True)[: limit + 1]]
+                if len(ids) > limit:
+                    raise TooMany(limit)
         step = data.get("step")
         if dry_run:
             verdicts = bulk.preview(ids, action, step=step)
@@ -226,7 +235,9 @@ class SagaBulkApi(APIView):
 
 
 class TooMany(ApiError):
-    status = status.HTTP_400_BAD_REQUEST
+    """How many sagas a filter matches is the server's state, not the request's form: 409."""
+
+    status = status.HTTP_409_CONFLICT
     code = "too_many_sagas"
 
     def __init__(self, limit: int) -> None:

@@ -54,7 +54,7 @@ def step_input(saga: Saga, step: SagaStep) -> dict:
     """What the engine sends the service for this step (as engine._send builds it), masked."""
     try:
         spec = get_definition(saga.definition).step(step.name)
-    except KeyError:
+    except LookupError:  # a definition or step no longer declared
         return {}
     payload = {key: (saga.context or {}).get(key) for key in spec.inputs}
     if step.kind == SagaStep.Kind.ON_FAILURE:
@@ -73,7 +73,7 @@ def saga_export(saga: Saga) -> dict:
         "saga": {
             "id": str(saga.id),
             "definition": saga.definition,
-            "style": style_of(get_definition(saga.definition)),
+            "style": _style(saga.definition),
             "order_id": (saga.context or {}).get("order_id"),
             "state": saga.state,
             "version": saga.version,
@@ -137,10 +137,7 @@ def csv_rows(sagas: Iterable[Saga]) -> Iterator[str]:
         context = saga.context or {}
         failure = saga.failure or {}
         if saga.definition not in styles:
-            try:
-                styles[saga.definition] = style_of(get_definition(saga.definition))
-            except KeyError:
-                styles[saga.definition] = ""
+            styles[saga.definition] = _style(saga.definition)
         yield writer.writerow(
             [
                 saga.id,
@@ -159,6 +156,13 @@ def csv_rows(sagas: Iterable[Saga]) -> Iterator[str]:
                 _iso(saga.finished_at) or "",
             ]
         )
+
+
+def _style(name: str) -> str:
+    try:
+        return style_of(get_definition(name))
+    except LookupError:
+        return ""
 
 
 def _cell(value) -> str:

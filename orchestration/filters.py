@@ -109,8 +109,9 @@ class SagaFilter(FilterSet):
     )
     step_state = django_filters.MultipleChoiceFilter(
         choices=SagaStep.State.choices,
-        method="filter_nothing",
-        help_text="With `step`: the state(s) that step is in (repeat for several).",
+        method="filter_step_state",
+        help_text="Sagas with a step in any of these states (repeat for several), e.g. `compensation_failed`; "
+        "with `step`, that step.",
     )
     created_after = DateTimeFilter(
         field_name="created_at", lookup_expr="gte", help_text="Started at or after (ISO 8601)."
@@ -194,15 +195,11 @@ class SagaFilter(FilterSet):
         steps = steps.filter(state__in=wanted) if wanted else steps.filter(STEP_TROUBLE)
         return queryset.filter(pk__in=steps.values("saga_id"))
 
-    def filter_nothing(self, queryset, name, value):
-        return queryset  # read by filter_step
-
-    def is_valid(self) -> bool:
-        valid = super().is_valid()
-        if valid and self.form.cleaned_data.get("step_state") and not self.form.cleaned_data.get("step"):
-            self.form.add_error("step_state", forms.ValidationError("Give the step too (`step`).", code="required"))
-            return False
-        return valid
+    def filter_step_state(self, queryset, name, values):
+        if not values or self.form.cleaned_data.get("step"):
+            return queryset  # with a step: read by filter_step
+        steps = SagaStep.objects.using(queryset.db).filter(state__in=values)
+        return queryset.filter(pk__in=steps.values("saga_id"))
 
     def filter_older_than(self, queryset, name, value):
         return queryset.filter(created_at__lte=db_now(queryset.db) - timedelta(seconds=value))

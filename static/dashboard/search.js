@@ -105,8 +105,6 @@ export class SearchPanel {
     for (const key of ["definition", "state", "step", "step_state", "failure_code"]) {
       if (text(`f-${key}`)) q.set(key, text(`f-${key}`));
     }
-    // A step state alone means nothing: the API would refuse it, the form does not send it.
-    if (!q.get("step")) q.delete("step_state");
     const range = this.$("f-range").value;
     if (range === "custom") {
       const after = localToIso(this.$("f-after").value);
