@@ -7,6 +7,8 @@ Reading (search, export, saved views) is for staff, as the dashboard is; acting 
 
 from __future__ import annotations
 
+import re
+
 from django.db import IntegrityError, transaction
 from django.db.models import Prefetch
 from django.http import JsonResponse, QueryDict, StreamingHttpResponse
@@ -20,7 +22,9 @@ from rest_framework.views import APIView
 from sagaplatform.api import (
     LIST_ERROR_EXAMPLES,
     ApiError,
+    StrictBooleanField,
     StrictCharField,
+    StrictChoiceField,
     error_responses,
     operator_actor,
 )
@@ -85,10 +89,22 @@ class SagaSearchApi(generics.ListAPIView):
 # --- bulk actions ---------------------------------------------------------------------------------
 
 
+class StrictUUIDField(serializers.UUIDField):
+    """A JSON string in the canonical form `8-4-4-4-12` (DRF would also take an integer, or hex
+    without dashes)."""
+
+    CANONICAL = re.compile(r"\A[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str) or not self.CANONICAL.match(data):
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
 class BulkInputSerializer(serializers.Serializer):
-    action = serializers.ChoiceField(choices=bulk.ACTIONS, help_text="retry, cancel or skip.")
+    action = StrictChoiceField(choices=bulk.ACTIONS, help_text="retry, cancel or skip.")
     ids = serializers.ListField(
-        child=serializers.UUIDField(),
+        child=StrictUUIDField(),
         required=False,
         min_length=1,
         max_length=bulk.MAX_IDS,
@@ -111,12 +127,12 @@ class BulkInputSerializer(serializers.Serializer):
         "saga (`reason_required`), as a single skip is; a cancel without one records "
         '"Cancelled by an operator".',
     )
-    step = serializers.ChoiceField(
+    step = StrictChoiceField(
         choices=STEP_NAMES,
         required=False,
         help_text="skip: only this step's parked compensation (default: every parked compensation).",
     )
-    dry_run = serializers.BooleanField(
+    dry_run = StrictBooleanField(
         default=False, help_text="true: only say which sagas are eligible and why the others are not."
     )
 
