@@ -12,7 +12,7 @@ PROMETHEUS_MULTIPROC_DIR ?= $(CURDIR)/var/prometheus
 export PROMETHEUS_MULTIPROC_DIR
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test test-fast lint format bench bench-styles bench-feed ramp simulate audit web worker workers beat setup migrations clean
+.PHONY: help install install-dev run test test-fast lint format bench bench-styles bench-feed bench-search ramp simulate audit web worker workers beat setup migrations clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -72,6 +72,12 @@ FEED_ARGS ?= --rates 100,1000,10000 --seconds 5
 bench-feed: install-dev ## The live feed: events/s from commit to a painted dashboard, delay p50/p95 (headless Chromium)
 	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
 	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench_feed $(FEED_ARGS)
+
+BENCH_SEARCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/sagasearch
+SEARCH_ARGS ?=
+bench-search: install-dev ## Operators' search over 10,000 stored sagas: median/p95 per query kind (a fresh PostgreSQL DB; SEARCH_ARGS)
+	@export DATABASE_URL=$(BENCH_SEARCH_DATABASE_URL) && unset REDIS_URL && \
+	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench_search $(SEARCH_ARGS)
 
 RAMP_ARGS ?=
 ramp: install-dev ## Load ramp over HTTP (5-80 orders/s, 15 s each): accepted, refused, 5xx, p50/p99, outcomes (PostgreSQL + Redis; RAMP_ARGS)

@@ -30,7 +30,7 @@ from sagaplatform.kernel.clock import db_now
 from . import engine, live, rules, selectors
 from .definitions import DEFINITIONS, MODES
 from .exceptions import OperationNotAllowed
-from .models import Alert, Saga, SagaEvent, SagaStep
+from .models import Alert, Saga, SagaEvent, SagaStep, SavedView
 from .permissions import OPERATE
 
 DB = "default"
@@ -369,3 +369,13 @@ class AlertAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         if alert.saga is None:
             return "-"  # a dead letter: no saga could be read from it
         return format_html("<b>{}</b>", alert.saga.state) if alert.saga.state == Saga.State.PARKED else alert.saga.state
+
+
+@admin.register(SavedView)
+class SavedViewAdmin(admin.ModelAdmin):
+    """Operators' saved dashboard views (each their own; made on the dashboard)."""
+
+    list_display = ["name", "user", "query", "created_at"]
+    list_filter = ["user"]
+    search_fields = ["name", "query", "user__username"]
+    raw_id_fields = ["user"]

@@ -2,9 +2,18 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.db import models
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast, Upper
 from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
+
+
+def key_text(path: str) -> Cast:
+    """The text of a JSON key (`context__order_id`), compared as plain text on every backend
+    (SQLite reads a bare KT's right-hand side as JSON) and indexed as such."""
+    return Cast(KT(path), models.TextField())
 
 
 class Saga(FSMModelMixin, models.Model):
@@ -46,6 +55,15 @@ class Saga(FSMModelMixin, models.Model):
             models.Index(
                 fields=["deadline_at"], name="saga_deadline_open", condition=models.Q(deadline_at__isnull=False)
             ),
+            # The operators' search (orchestration/filters.py) over the whole history: an order,
+            # a customer, a failure code; the newest first within a definition or a state. (A
+            # SKU is found through a GIN index on `context`, PostgreSQL only: migration 0004.)
+            models.Index(key_text("context__order_id"), name="saga_order_id"),
+            models.Index(Upper(key_text("context__customer_email")), name="saga_customer_email"),
+            models.Index(key_text("context__customer_id"), name="saga_customer_id"),
+            models.Index(key_text("failure__code"), "created_at", name="saga_failure_code"),
+            models.Index(fields=["definition", "-created_at"], name="saga_definition_created"),
+            models.Index(fields=["state", "-created_at"], name="saga_state_created"),
         ]
         permissions = [("operate_saga", "Can retry, skip and cancel sagas")]
 
@@ -157,6 +175,17 @@ class SagaStep(FSMModelMixin, models.Model):
             # Serves the sweeper's "which leases have expired".
             models.Index(
                 fields=["deadline_at"], name="saga_step_lease_open", condition=models.Q(deadline_at__isnull=False)
+            ),
+            # The operators' search by step (orchestration/filters.py): a step in a state, or
+            # with an error recorded.
+            models.Index(fields=["name", "state"], name="saga_step_name_state"),
+            models.Index(fields=["name"], name="saga_step_name_error", condition=models.Q(error__isnull=False)),
+            # The `retrying` flag of every saga list (selectors.saga_list): the few steps
+            # waiting out a backoff, rather than a scan of every step.
+            models.Index(
+                fields=["saga"],
+                name="saga_step_backing_off",
+                condition=models.Q(state="retrying") | models.Q(next_attempt_at__isnull=False),
             ),
         ]
 
@@ -295,3 +324,19 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
+
+
+class SavedView(models.Model):
+    """An operator's saved dashboard view: a name and the filters' query string."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="saga_views")
+    name = models.CharField(max_length=80)
+    query = models.CharField(max_length=2000, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["user", "name"], name="saved_view_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.user_id})"

@@ -9,3 +9,11 @@ class IsOperator(BasePermission):
     def has_permission(self, request, view) -> bool:
         user = request.user
         return bool(user and user.is_authenticated and user.is_staff and user.has_perm(OPERATE))
+
+
+class IsStaff(BasePermission):
+    """Staff, as the dashboard: reading sagas (search, export, saved views), not acting on them."""
+
+    def has_permission(self, request, view) -> bool:
+        user = request.user
+        return bool(user and user.is_authenticated and user.is_staff)

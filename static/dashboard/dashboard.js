@@ -5,12 +5,16 @@
 // sequence number: a gap (a message the channel layer dropped) makes the page ask for the saga
 // again, and a reconnect re-watches it, so what is on screen converges on the database.
 
+import { BulkActions } from "./bulk.js";
 import { OUTCOME_SERIES, outcomeBars, sparkline } from "./charts.js";
 import { Feed } from "./feed.js";
 import { badge, fmtClock, fmtCountdown, fmtDuration, fmtMs, fmtNumber, h, human, serverNow, setServerTime, shortId, ts } from "./format.js";
 import { SagaList, isRetrying } from "./list.js";
+import { Inspector } from "./inspect.js";
 import { PlatformGraph } from "./platform.js";
 import { STATE_COLORS, SagaGraph, statusLine } from "./sagagraph.js";
+import { SearchPanel } from "./search.js";
+import { initTheme } from "./theme.js";
 
 const $ = (id) => document.getElementById(id);
 const root = $("dashboard");
@@ -126,6 +130,7 @@ function apply(msg, dirty, applied) {
   switch (msg.type) {
     case "hello":
       state.user = msg.user;
+      if (state.canOperate !== !!msg.can_operate) setSelectable(!!msg.can_operate);
       state.canOperate = !!msg.can_operate;
       state.definitions = msg.definitions || {};
       if (msg.server_time) setServerTime(msg.server_time);
@@ -158,6 +163,7 @@ function apply(msg, dirty, applied) {
           else expectEvents(header.version);
         }
       }
+      if (search.onHeaders(msg.sagas || [])) dirty.list = true;
       dirty.list = true;
       prune();
       break;
@@ -202,6 +208,7 @@ function applySaga(msg, dirty, applied) {
   if (msg.sent_at != null && header.sent_at == null) header.sent_at = msg.sent_at;
   applied.push(header);
   mergeHeader(header);
+  search.onHeaders([header]);
   dirty.list = true;
   dirty.saga = true;
   const events = [...(msg.events || [])].sort((a, b) => a.seq - b.seq);
@@ -292,6 +299,58 @@ const list = new SagaList(
   { onSelect: selectSaga, getContext: () => ({ watched: state.watched }) },
 );
 list.onChange = () => render({ list: true });
+list.selectable = state.canOperate;
+
+function setSelectable(on) {
+  // Rows are built once: rebuild them with (or without) their checkbox.
+  list.selectable = on;
+  for (const row of list.rows.values()) row.li.remove();
+  list.rows.clear();
+  list.order = [];
+  bulk.render();
+}
+
+// Same-origin JSON calls to the operator API (the session cookie and its CSRF token).
+async function api(path, body, method = "POST") {
+  try {
+    const response = await fetch(path, {
+      method,
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRFToken": root.dataset.csrf || "" },
+      body: body == null ? undefined : JSON.stringify(body),
+    });
+    const text = await response.text();
+    return { ok: response.ok, status: response.status, body: text ? JSON.parse(text) : null };
+  } catch (err) {
+    return { ok: false, status: 0, body: { code: "network", message: `The server did not answer (${err.message || err}).` } };
+  }
+}
+
+// Bad filters (in the URL, or refused by the search): a notice above the list, never a blank.
+function showNotice(details, title = "These filters cannot be used:") {
+  const notice = $("notice");
+  if (!details) {
+    notice.hidden = true;
+    return;
+  }
+  notice.querySelector("b").textContent = title;
+  $("notice-list").replaceChildren(...Object.entries(details).map(([name, errors]) => h("li", {}, h("code", {}, name), `: ${[].concat(errors).map((e) => (typeof e === "object" ? JSON.stringify(e) : e)).join(" ")}`)));
+  notice.hidden = false;
+}
+
+const search = new SearchPanel(root, {
+  api,
+  onNotice: showNotice,
+  onResults() {
+    list.fixed = search.active ? search.order : null;
+    render({ list: true });
+    bulk.render();
+  },
+});
+const bulk = new BulkActions(root, { list, search, api, toast: (...args) => toast(...args), canOperate: () => state.canOperate });
+list.onPickChange = () => bulk.render();
+const inspector = new Inspector(root);
+inspector.onClose = () => graph.pick(null);
 
 const graph = new SagaGraph($("saga-graph"), { onPick: (name) => renderPicked(name) });
 const platform = new PlatformGraph($("platform-graph"));
@@ -311,7 +370,7 @@ document.addEventListener("keydown", (event) => {
 
 function render(dirty) {
   if (dirty.list) {
-    list.render(state.sagas);
+    list.render(search.active ? search.headers : state.sagas);
     renderAttention();
   }
   if (dirty.saga || dirty.timeline) renderSaga(dirty.timeline);
@@ -360,6 +419,7 @@ function renderSaga(timelineMode) {
     return;
   }
   $("saga-id").textContent = header.id;
+  $("export-json").href = `/api/sagas/${header.id}/export/?download=1`;
   setBadge($("saga-state"), header.state);
   renderMeta(header);
   const failure = $("saga-failure");
@@ -565,7 +625,7 @@ function eventRow(ev, start, fresh) {
   const transition = ev.from_state && ev.from_state !== ev.to_state ? `${human(ev.from_state)} → ${human(ev.to_state)}` : human(ev.to_state);
   return h(
     "tr",
-    { class: cls, dataset: { step: ev.step || "", seq: ev.seq, kind: ev.kind } },
+    { class: cls, tabindex: ev.step ? "0" : null, title: ev.step ? "Show this step's input, result and attempts" : null, dataset: { step: ev.step || "", seq: ev.seq, kind: ev.kind } },
     h(
       "td",
       { class: "t", title: `${ev.created_at} · event ${ev.seq}` },
@@ -643,6 +703,7 @@ function applyTimelineFilter() {
 
 function renderPicked(name) {
   applyTimelineFilter();
+  inspector.show(name ? state.selectedId : null, name, state.watched?.header?.version ?? 0);
   const card = $("step-card");
   const w = state.watched;
   const step = name && w?.steps.get(name);
@@ -761,7 +822,7 @@ function selectSaga(id) {
   state.watched = { id, header: state.sagas.get(id) || null, steps: new Map(), events: [], lastSeq: 0, loaded: false, rendered: 0 };
   graph.pick(null);
   list.select(id);
-  history.replaceState(null, "", `#saga=${id}`);
+  history.replaceState(null, "", `${location.pathname}${location.search}#saga=${id}`);
   sendWatch(id, { force: true });
   renderSaga("full");
 }
@@ -950,11 +1011,70 @@ $("follow").addEventListener("change", () => {
 });
 window.addEventListener("resize", () => state.overview && outcomeBars($("outcomes-chart"), state.overview.minutes || []));
 
-const fromHash = /^#saga=([0-9a-fA-F-]{36})$/.exec(location.hash);
-if (fromHash) selectSaga(fromHash[1]);
+// The timeline opens a step's details too (click, or Enter on a focused row).
+function pickFromTimeline(event) {
+  const row = event.target.closest("tr[data-step]");
+  if (!row || !row.dataset.step) return;
+  if (event.type === "keydown" && event.key !== "Enter" && event.key !== " ") return;
+  event.preventDefault();
+  graph.pick(row.dataset.step === graph.picked ? null : row.dataset.step);
+}
+$("timeline").addEventListener("click", pickFromTimeline);
+$("timeline").addEventListener("keydown", pickFromTimeline);
+
+// The graph from the keyboard: arrows move across the steps (definition order), Enter or Space
+// opens the picked one's details (already open once picked), Escape closes them.
+$("saga-graph").addEventListener("keydown", (event) => {
+  const def = graph.definition;
+  if (!def) return;
+  const names = [...def.steps, ...(def.on_failure || [])].map((s) => s.name);
+  const at = names.indexOf(graph.picked);
+  let next = null;
+  if (event.key === "ArrowRight" || event.key === "ArrowDown") next = names[Math.min(names.length - 1, at + 1)];
+  else if (event.key === "ArrowLeft" || event.key === "ArrowUp") next = names[Math.max(0, at < 0 ? 0 : at - 1)];
+  else if (event.key === "Home") next = names[0];
+  else if (event.key === "End") next = names[names.length - 1];
+  else if (event.key === "Escape" && graph.picked) next = "";
+  else if ((event.key === "Enter" || event.key === " ") && graph.picked) {
+    event.preventDefault();
+    $("inspector").scrollIntoView({ block: "nearest" });
+    return;
+  } else return;
+  event.preventDefault();
+  graph.pick(next || null);
+  $("graph-steps").textContent = next ? `${next}: ${statusLine(state.watched?.steps.get(next))}` : "No step picked";
+});
+
+// Keys anywhere (outside a field): / searches the whole history, Escape closes the step.
+document.addEventListener("keydown", (event) => {
+  if (event.target.closest("input, textarea, select, [contenteditable]") || event.ctrlKey || event.metaKey || event.altKey) return;
+  if (event.key === "/") {
+    event.preventDefault();
+    $("f-q").focus();
+  } else if (event.key === "Escape" && graph.picked && !document.querySelector("dialog[open]")) {
+    graph.pick(null);
+  }
+});
+
+initTheme($("theme-toggle"));
+search.fromUrl();
+search.loadViews();
+bulk.render();
+
+// A link to a saga (`#saga=<id>`), on load or followed later.
+function selectFromHash() {
+  const fromHash = /^#saga=([0-9a-fA-F-]{36})$/.exec(location.hash);
+  if (fromHash) selectSaga(fromHash[1]);
+}
+window.addEventListener("hashchange", selectFromHash);
+selectFromHash();
 
 // For the browser tests and the feed benchmark (loadtest/feed_bench.py).
 window.dashboard = {
+  search,
+  bulk,
+  inspector,
+  list,
   cy: graph.cy,
   platformCy: platform.cy,
   state,

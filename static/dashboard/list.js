@@ -53,6 +53,12 @@ export class SagaList {
     this.selectedId = null;
     this.chipEls = new Map();
     this.onChange = () => {};
+    // Search results (search.js): the server's page, in its order, instead of the live set.
+    this.fixed = null;
+    // Bulk selection (bulk.js): the ids ticked, and whether rows show a checkbox at all.
+    this.picked = new Set();
+    this.selectable = false;
+    this.onPickChange = () => {};
 
     for (const f of STATE_FILTERS) {
       const chip = h(
@@ -89,8 +95,13 @@ export class SagaList {
       this.onChange();
     });
     list.addEventListener("click", (e) => {
+      if (e.target.closest("input.pick")) return; // the checkbox ticks, it does not open
       const li = e.target.closest("li.saga-row");
       if (li) this.onSelect(li.dataset.id);
+    });
+    list.addEventListener("change", (e) => {
+      const box = e.target.closest("input.pick");
+      if (box) this.setPicked(box.closest("li.saga-row").dataset.id, box.checked);
     });
     list.addEventListener("keydown", (e) => this.onKey(e));
   }
@@ -104,9 +115,14 @@ export class SagaList {
   onKey(e) {
     const li = e.target.closest("li.saga-row");
     if (!li) return;
+    if (e.target.closest("input.pick")) return;
     if (e.key === "Enter" || e.key === " ") {
       e.preventDefault();
       this.onSelect(li.dataset.id);
+    } else if (e.key === "x" && this.selectable) {
+      // x ticks the row for a bulk action (as in a mail client).
+      e.preventDefault();
+      this.setPicked(li.dataset.id, !this.picked.has(li.dataset.id));
     } else if (e.key === "ArrowDown" || e.key === "ArrowUp") {
       e.preventDefault();
       const next = e.key === "ArrowDown" ? li.nextElementSibling : li.previousElementSibling;
@@ -136,20 +152,39 @@ export class SagaList {
     return true;
   }
 
-  // sagas: Map id -> header. Redraws the rows that changed and puts them in order.
+  setPicked(id, on) {
+    if (on) this.picked.add(id);
+    else this.picked.delete(id);
+    const box = this.rows.get(id)?.el.pick;
+    if (box) box.checked = on;
+    this.onPickChange();
+  }
+
+  clearPicked() {
+    this.picked.clear();
+    for (const row of this.rows.values()) if (row.el.pick) row.el.pick.checked = false;
+    this.onPickChange();
+  }
+
+  // sagas: Map id -> header. Redraws the rows that changed and puts them in order. With search
+  // results (`this.fixed`: the page's ids), those rows in the server's order, unfiltered.
   render(sagas) {
     const ctx = this.getContext();
     const now = serverNow();
-    const stateTest = STATE_FILTERS.find((f) => f.key === this.filter.state)?.test || (() => true);
-    const counts = new Map(STATE_FILTERS.map((f) => [f.key, 0]));
-    const shown = [];
-    for (const h of sagas.values()) {
-      if (!this.matches(h, ctx, now)) continue;
-      for (const f of STATE_FILTERS) if (f.test(h, ctx)) counts.set(f.key, counts.get(f.key) + 1);
-      if (stateTest(h, ctx)) shown.push(h);
+    let shown = [];
+    if (this.fixed) {
+      shown = this.fixed.map((id) => sagas.get(id)).filter(Boolean);
+    } else {
+      const stateTest = STATE_FILTERS.find((f) => f.key === this.filter.state)?.test || (() => true);
+      const counts = new Map(STATE_FILTERS.map((f) => [f.key, 0]));
+      for (const h of sagas.values()) {
+        if (!this.matches(h, ctx, now)) continue;
+        for (const f of STATE_FILTERS) if (f.test(h, ctx)) counts.set(f.key, counts.get(f.key) + 1);
+        if (stateTest(h, ctx)) shown.push(h);
+      }
+      for (const [key, chip] of this.chipEls) chip.querySelector(".n").textContent = counts.get(key) ? counts.get(key).toLocaleString("en-US") : "";
+      shown.sort((a, b) => (b.created_at || "").localeCompare(a.created_at || "") || b.id.localeCompare(a.id));
     }
-    for (const [key, chip] of this.chipEls) chip.querySelector(".n").textContent = counts.get(key) ? counts.get(key).toLocaleString("en-US") : "";
-    shown.sort((a, b) => (b.created_at || "").localeCompare(a.created_at || "") || b.id.localeCompare(a.id));
     const visible = shown.slice(0, MAX_ROWS);
     const ids = visible.map((h) => h.id);
     const keep = new Set(ids);
@@ -170,6 +205,13 @@ export class SagaList {
       this.order = ids;
     }
     this.ensureTabStop();
+    if (this.fixed) {
+      // The search says how many match over every page (search.js); here only the page.
+      this.emptyEl.hidden = shown.length > 0;
+      this.emptyEl.textContent = "No saga matches this search.";
+      this.moreEl.hidden = true;
+      return;
+    }
     this.countEl.textContent = `${shown.length.toLocaleString("en-US")} of ${sagas.size.toLocaleString("en-US")}`;
     this.emptyEl.hidden = shown.length > 0;
     this.emptyEl.textContent = sagas.size
@@ -196,14 +238,20 @@ export class SagaList {
       style: h("span", { class: "style-tag" }),
       failure: h("div", { class: "r3 err", hidden: true }),
       progress: null,
+      pick: null,
     };
     el.progress = h("span", { class: "sprog", role: "presentation" }, el.bar);
+    if (this.selectable) {
+      el.pick = h("input", { type: "checkbox", class: "pick", tabindex: "-1", "aria-label": `Select saga ${shortId(header.id)} for a bulk action` });
+      el.pick.checked = this.picked.has(header.id);
+    }
     const li = h(
       "li",
       { class: "saga-row", role: "option", tabindex: "-1", id: `saga-${header.id}`, dataset: { id: header.id } },
       h(
         "div",
         { class: "r1" },
+        el.pick,
         el.badge,
         el.flags,
         h("span", { class: "sid", title: header.id }, shortId(header.id)),
