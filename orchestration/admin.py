@@ -376,3 +376,6 @@ class AlertAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         if alert.saga is None:
             return "-"  # a dead letter: no saga could be read from it
         return format_html("<b>{}</b>", alert.saga.state) if alert.saga.state == Saga.State.PARKED else alert.saga.state
+
+
+from . import alerting_admin  # noqa: E402, F401  (alert channels, groups and deliveries)

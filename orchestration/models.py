@@ -295,3 +295,7 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
+
+
+# Alert delivery (channels, notification groups, deliveries): orchestration/alerting.py.
+from .alerting_models import AlertChannel, AlertDelivery, AlertGroup  # noqa: E402, F401

@@ -16,6 +16,7 @@ from django.db.models.functions import TruncMinute
 from sagaplatform import workers
 from sagaplatform.kernel.clock import db_now
 
+from . import alerting
 from .definitions import DEFINITIONS
 from .live import style_of
 from .models import Alert, Saga, SagaEvent, SagaStep
@@ -164,6 +165,7 @@ def overview() -> dict:
         ],
         "flow": flow(now),
         "dead_letters": dead_letters(),
+        "alerting": alerting.recent(),
     }
 
 

@@ -9,6 +9,7 @@ import { OUTCOME_SERIES, outcomeBars, sparkline } from "./charts.js";
 import { Feed } from "./feed.js";
 import { badge, fmtClock, fmtCountdown, fmtDuration, fmtMs, fmtNumber, h, human, serverNow, setServerTime, shortId, ts } from "./format.js";
 import { SagaList, isRetrying } from "./list.js";
+import { renderOps } from "./ops.js";
 import { PlatformGraph } from "./platform.js";
 import { STATE_COLORS, SagaGraph, statusLine } from "./sagagraph.js";
 
@@ -707,6 +708,7 @@ function renderOverview() {
 
   outcomeBars($("outcomes-chart"), minutes);
   renderQueues(o.queues || {}, o.workers || [], o.dead_letters);
+  renderOps(o); // alerts and stock contention (ops.js)
   platform.update(o.flow, o.queues || {}, o.workers || []);
   const total = (o.flow?.edges || []).reduce((s, e) => s + (e.per_min || 0), 0);
   const failing = (o.flow?.edges || []).reduce((s, e) => s + (e.failures_per_min || 0), 0);
