@@ -12,6 +12,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 
+from . import contention
 from .exceptions import InsufficientStock, StockContention, UnknownSku
 from .models import Reservation, StockItem
 
@@ -56,10 +57,12 @@ def stock_reserve_line(*, sku: str, quantity: int) -> ReservedLine:
             .update(reserved=F("reserved") + quantity, version=F("version") + 1)
         )
         if updated == 1:
+            contention.record(sku=sku, conflicts=conflicts, reserved=True)
             return ReservedLine(sku=sku, quantity=quantity, version=item["version"] + 1, lock_conflicts=conflicts)
         conflicts += 1
         logger.debug("version conflict on %s (attempt %d)", sku, attempt + 1)
         _backoff(attempt)
+    contention.record(sku=sku, conflicts=conflicts, exhausted=True)
     raise StockContention(f"{sku} is too contended right now", details={"sku": sku, "conflicts": conflicts})
 
 

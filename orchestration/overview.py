@@ -14,6 +14,7 @@ from django.db.models import Count
 from django.db.models.functions import TruncMinute
 
 from sagaplatform import workers
+from sagaplatform.kernel import ports
 from sagaplatform.kernel.clock import db_now
 
 from . import alerting
@@ -166,6 +167,7 @@ def overview() -> dict:
         "flow": flow(now),
         "dead_letters": dead_letters(),
         "alerting": alerting.recent(),
+        "contention": ports.stock_contention(),
     }
 
 
