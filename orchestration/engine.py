@@ -35,7 +35,7 @@ from sagaplatform.kernel.commands import (
     Command,
 )
 
-from . import live
+from . import deferral, live
 from .definitions import SagaDefinition, StepSpec, for_mode, get_definition
 from .exceptions import OperationNotAllowed
 from .models import Alert, Saga, SagaEvent, SagaStep
@@ -493,6 +493,7 @@ def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
         return False
     spec = run.definition.step(step.name)
     status = reply["status"]
+    deferral.record_reply(spec.service, status)  # circuit breaker: count the outcome
     before = step.state
     data = {"attempt": step.attempts, "replayed": bool(reply.get("replayed"))}
     if status == SUCCEEDED:
@@ -515,8 +516,9 @@ def _apply_action_reply(run: _Run, step: SagaStep, reply: dict) -> bool:
     # Once the saga unwinds, a forward step stops retrying; its failure steps keep going (and
     # so do the steps after TCC's confirms: the saga is not unwinding then).
     unwinding = run.saga.state == Saga.State.COMPENSATING and step.kind == SagaStep.Kind.ACTION
-    if not unwinding and spec.retry.allows_another(step.attempts):
-        delay = spec.retry.delay(step.attempts)
+    hold = 0.0 if unwinding else deferral.hold_retry(run, step, spec)  # breaker open: not counted
+    if not unwinding and spec.retry.allows_another(step.attempts - step.deferrals):
+        delay = max(spec.retry.delay(step.attempts), hold)
         step.schedule_retry(error=error, next_attempt_at=run.now + timedelta(seconds=delay))
         _lease(run, step, spec, delay=delay)
         run.record(
@@ -746,6 +748,8 @@ def _dispatch_ready(run: _Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
                 continue
             if step.next_attempt_at and step.next_attempt_at > run.now:
                 continue
+            if run.saga.state == Saga.State.RUNNING and deferral.defer_start(run, step, spec):
+                continue  # its service's circuit breaker refuses calls: wait, attempt nothing
             step.dispatch()
             step.started_at = run.now
             _lease(run, step, spec)

@@ -558,6 +558,20 @@ CELERY_BEAT_SCHEDULE["orchestrator-alerts"] = _periodic(
     "orchestration.evaluate_alerts", "orchestrator", ALERT_EVALUATION_INTERVAL
 )
 
+# --- Circuit breakers (sagaplatform/kernel/breakers.py, orchestration/deferral.py) -----------
+# Per service and around the payment gateway: open at BREAKER_FAILURE_RATE of transient failures
+# over BREAKER_WINDOW seconds (at least BREAKER_MIN_CALLS calls), stay open BREAKER_OPEN_SECONDS,
+# then admit BREAKER_HALF_OPEN_PROBES probes. Deferred steps resume spread over
+# BREAKER_RESUME_SPREAD seconds.
+BREAKER_ENABLED = env_bool("BREAKER_ENABLED", default=True)
+BREAKER_WINDOW = env_int("BREAKER_WINDOW", 30)
+BREAKER_MIN_CALLS = env_int("BREAKER_MIN_CALLS", 10)
+BREAKER_FAILURE_RATE = env_float("BREAKER_FAILURE_RATE", 0.5)
+BREAKER_OPEN_SECONDS = env_float("BREAKER_OPEN_SECONDS", 10.0)
+BREAKER_HALF_OPEN_PROBES = env_int("BREAKER_HALF_OPEN_PROBES", 3)
+BREAKER_PROBE_WAIT = env_float("BREAKER_PROBE_WAIT", 2.0)
+BREAKER_RESUME_SPREAD = env_float("BREAKER_RESUME_SPREAD", 10.0)
+
 # --- Logging --------------------------------------------------------------------------------
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
