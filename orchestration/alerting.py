@@ -243,6 +243,25 @@ def dead_letters(now) -> list[Firing]:
     ]
 
 
+def breaker_open(now) -> list[Firing]:
+    """A circuit breaker that refuses calls (open, or half-open while it probes)."""
+    from sagaplatform.kernel import breakers
+
+    return [
+        Firing(
+            "breaker_open",
+            {"breaker": name},
+            1,
+            f"The {name} circuit breaker is {state['state'].replace('_', '-')}",
+            f"Calls to {name} failed too often: its steps wait instead of failing, and resume spread "
+            f"over {settings.BREAKER_RESUME_SPREAD:g} s once its probes succeed. Opened {state['opened']} time(s).",
+            "critical",
+        )
+        for name, state in breakers.states().items()
+        if state["state"] != breakers.CLOSED
+    ]
+
+
 RULES: dict[str, Rule] = {
     rule.name: rule
     for rule in (
@@ -252,6 +271,7 @@ RULES: dict[str, Rule] = {
         Rule("outbox_backlog", outbox_backlog, "outbox-backlog"),
         Rule("no_live_worker", no_live_worker, "no-live-worker"),
         Rule("dead_letter", dead_letters, "dead-letter"),
+        Rule("breaker_open", breaker_open, "breaker-open"),
     )
 }
 

@@ -136,3 +136,22 @@ def test_steps_wait_for_an_open_breaker_without_consuming_retries(alice_api, cat
 
     wait_for(finished, timeout=30, interval=0.2, message="every order to complete after the recovery")
     assert all(s.attempts - s.deferrals <= 5 for s in SagaStep.objects.filter(saga_id__in=ids, name="charge_payment"))
+
+
+def test_the_payment_gateway_is_not_called_while_its_breaker_is_open(alice_api, catalogue, broker, settings):
+    from payments.models import Charge
+
+    settings.BREAKER_OPEN_SECONDS = 60
+    for _ in range(4):
+        breakers.record(breakers.GATEWAY, False)
+    response = alice_api.post("/api/orders/", order_body(), format="json")
+    saga_id = response.json()["saga"]["id"]
+    while not SagaEvent.objects.filter(saga_id=saga_id, kind="retry_scheduled", step="charge_payment").exists():
+        assert broker.queue or broker.release_delayed(), list(
+            SagaEvent.objects.filter(saga_id=saga_id).values_list("step", "kind", "data")
+        )
+        broker.run(broker.queue.pop(0))
+    retry = SagaEvent.objects.get(saga_id=saga_id, kind="retry_scheduled", step="charge_payment")
+    assert retry.data["error"]["code"] == "gateway_unavailable"
+    assert "circuit breaker is open" in retry.data["error"]["message"]
+    assert Charge.objects.using("payments").get().calls_in_doubt == 0  # no call was started

@@ -709,7 +709,7 @@ function renderOverview() {
   outcomeBars($("outcomes-chart"), minutes);
   renderQueues(o.queues || {}, o.workers || [], o.dead_letters);
   renderOps(o); // alerts and stock contention (ops.js)
-  platform.update(o.flow, o.queues || {}, o.workers || []);
+  platform.update(o.flow, o.queues || {}, o.workers || [], o.breakers || {});
   const total = (o.flow?.edges || []).reduce((s, e) => s + (e.per_min || 0), 0);
   const failing = (o.flow?.edges || []).reduce((s, e) => s + (e.failures_per_min || 0), 0);
   $("flow-total").textContent = `${fmtNumber(total, 1)} msg/min${failing ? ` · ${fmtNumber(failing, 1)} failing` : ""}`;
