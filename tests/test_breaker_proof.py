@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.timeout(600),
 ]
 
-ARGS = ("-n", "200", "-c", "100", "--failure-rate", "0", "--decline-rate", "0", "--payments-outage", "30")
+ARGS = ("-n", "200", "-c", "40", "--failure-rate", "0", "--decline-rate", "0", "--payments-outage", "30")
 ARGS += ("--spawn-workers", "2", "--step-timeout", "10", "--timeout", "240")
 
 
