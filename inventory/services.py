@@ -14,6 +14,7 @@ from django.db.models import F
 
 from sagaplatform.observability import hooks as observability
 
+from . import contention
 from .exceptions import InsufficientStock, StockContention, UnknownSku
 from .models import Reservation, StockItem
 
@@ -58,11 +59,13 @@ def stock_reserve_line(*, sku: str, quantity: int) -> ReservedLine:
             .update(reserved=F("reserved") + quantity, version=F("version") + 1)
         )
         if updated == 1:
+            contention.record(sku=sku, conflicts=conflicts, reserved=True)
             return ReservedLine(sku=sku, quantity=quantity, version=item["version"] + 1, lock_conflicts=conflicts)
         conflicts += 1
         observability.lock_conflict(DB)
         logger.debug("version conflict on %s (attempt %d)", sku, attempt + 1)
         _backoff(attempt)
+    contention.record(sku=sku, conflicts=conflicts, exhausted=True)
     raise StockContention(f"{sku} is too contended right now", details={"sku": sku, "conflicts": conflicts})
 
 

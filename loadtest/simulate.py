@@ -52,14 +52,21 @@ class Plan:
     mode: str = "orchestrated"  # or parallel, tcc, choreography; "mixed" picks one per order
     timeout: float = 600.0  # the longest one order may take to come to rest
     seed: int = 1
+    # A payments outage: every charge fails (transient) for this many seconds from the start,
+    # then payments recovers; with or without the circuit breakers (spawned workers).
+    payments_outage: float = 0.0
+    breaker: bool = True
 
 
 class WorkerPool:
     """Worker processes (and one beat) this simulation starts, kills and restarts itself."""
 
-    def __init__(self, count: int, step_timeout: float, handling_seconds: float, log_dir: Path) -> None:
+    def __init__(
+        self, count: int, step_timeout: float, handling_seconds: float, log_dir: Path, breaker: bool = True
+    ) -> None:
         self.count, self.log_dir = count, log_dir
         self.env = {**os.environ, "SAGA_STEP_TIMEOUT_OVERRIDE": str(step_timeout), "SAGA_SWEEP_INTERVAL": "1"}
+        self.env["BREAKER_ENABLED"] = "true" if breaker else "false"
         self.env["SHIPPING_HANDLING_SECONDS"] = str(handling_seconds)
         self.workers: list[Process] = []
         self.beat: Process | None = None
@@ -124,7 +131,7 @@ def run_simulation(plan: Plan, out) -> int:
     _install_faults(plan)
     pool: WorkerPool | None = None
     if plan.spawn_workers:
-        pool = WorkerPool(plan.spawn_workers, plan.step_timeout, plan.handling_seconds, ROOT / "var")
+        pool = WorkerPool(plan.spawn_workers, plan.step_timeout, plan.handling_seconds, ROOT / "var", plan.breaker)
         pool.start()
     elif settings.SAGA_EMBEDDED_WORKER:
         from sagaplatform import embedded
@@ -137,13 +144,16 @@ def run_simulation(plan: Plan, out) -> int:
     )
     tokens = ["tok_declined" if rng.random() < plan.decline_rate else "tok_visa" for _ in range(plan.orders)]
     modes = [rng.choice(MODES) if plan.mode == "mixed" else plan.mode for _ in range(plan.orders)]
+    # In an outage run every order can complete: no scarce SKU (its refusals would blur the figures).
+    skus = sorted(k for k in SKUS if not (plan.payments_outage and k == "SIM-SCARCE"))
     baskets = [
-        [{"sku": sku, "quantity": rng.randint(1, 3)} for sku in rng.sample(sorted(SKUS), rng.randint(1, 2))]
+        [{"sku": sku, "quantity": rng.randint(1, 3)} for sku in rng.sample(skus, rng.randint(1, 2))]
         for _ in range(plan.orders)
     ]
     kill_at = {plan.orders * (k + 1) // (plan.kill_workers + 1) for k in range(plan.kill_workers)} if pool else set()
     placed: list[str] = []
     lock = threading.Lock()
+    outage = _start_outage(plan, out) if plan.payments_outage else None
 
     def place(i: int) -> tuple[str, str]:
         placement = order_place(
@@ -178,11 +188,16 @@ def run_simulation(plan: Plan, out) -> int:
         )
         time.sleep(2 * settings.SAGA_SWEEP_INTERVAL + 1)  # let the last deliveries and relays land
     finally:
+        if outage:
+            outage["timer"].cancel()
+            _end_outage(outage)
         if pool:
             pool.stop()
         _clear_faults()
 
     _report(placed, run.figures(), out)
+    if outage:
+        _report_outage(placed, outage, plan, out)
     violations = run_audit()
     for violation in violations:
         out.write(f"  VIOLATION {violation}\n")
@@ -205,3 +220,64 @@ def _report(placed: list[str], figures: dict, out) -> None:
         f"  retries {events['retry_scheduled']}, timeouts {events['step_timed_out']}, compensations "
         f"{events['step_compensated']}, compensation retries {events['compensation_retry_scheduled']}, parked {events['saga_parked']}\n"
     )
+
+
+# --- A payments outage (`--payments-outage`), for the circuit breakers ------------------------
+
+
+def _start_outage(plan: Plan, out) -> dict:
+    from sagaplatform.kernel import breakers
+
+    breakers.reset()
+    FaultRule.objects.using("payments").create(service="payments", operation="charge", failure_rate=1.0)
+    faults.clear_cache()
+    out.write(
+        f"  payments fails every charge for {plan.payments_outage:g} s; "
+        f"circuit breakers {'on' if plan.breaker else 'off'}\n"
+    )
+    outage: dict = {"ended_at": None}
+    outage["timer"] = threading.Timer(plan.payments_outage, _end_outage, args=(outage,))
+    outage["timer"].start()
+    return outage
+
+
+def _end_outage(outage: dict) -> None:
+    from django.db import connections
+
+    from sagaplatform.kernel.clock import db_now
+
+    if outage["ended_at"] is None:
+        FaultRule.objects.using("payments").filter(operation="charge").delete()
+        faults.clear_cache()
+        outage["ended_at"] = db_now("default")
+        connections.close_all()
+
+
+def _report_outage(placed: list[str], outage: dict, plan: Plan, out) -> None:
+    """What the outage did: orders rejected for exhausted retries, the breaker's transitions,
+    and payments' answers per second after the recovery (from the charge steps' events)."""
+    from orchestration.models import SagaStep
+    from sagaplatform.kernel import breakers
+
+    exhausted = SagaEvent.objects.filter(
+        saga_id__in=placed, kind="step_failed", step="charge_payment", data__reason="retries_exhausted"
+    ).count()
+    deferred = SagaEvent.objects.filter(saga_id__in=placed, kind="step_deferred").count()
+    state = breakers.states(["payments"]).get("payments", {})
+    steps = SagaStep.objects.filter(saga_id__in=placed, name="charge_payment")
+    not_counted = sum(s.deferrals for s in steps)
+    out.write(
+        f"  outage: {exhausted} charge(s) rejected for exhausted retries; {deferred} deferral(s), "
+        f"{not_counted} failure(s) not counted; payments breaker opened {state.get('opened', 0)} time(s), "
+        f"now {state.get('state', 'closed')}\n"
+    )
+    answers = SagaEvent.objects.filter(
+        saga_id__in=placed,
+        step="charge_payment",
+        kind__in=["step_succeeded", "retry_scheduled", "step_failed"],
+        created_at__gte=outage["ended_at"],
+    ).values_list("created_at", flat=True)
+    per_second = Counter(int((t - outage["ended_at"]).total_seconds()) for t in answers)
+    out.write("  payments answers per second after the recovery:\n")
+    for second in range(max(per_second, default=-1) + 1):
+        out.write(f"    +{second:3d}s {per_second[second]:4d} {'#' * min(per_second[second], 60)}\n")

@@ -379,3 +379,6 @@ class SavedViewAdmin(admin.ModelAdmin):
     list_filter = ["user"]
     search_fields = ["name", "query", "user__username"]
     raw_id_fields = ["user"]
+
+
+from . import alerting_admin  # noqa: E402, F401  (alert channels, groups and deliveries)

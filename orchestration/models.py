@@ -151,6 +151,9 @@ class SagaStep(FSMModelMixin, models.Model):
     attempts = models.PositiveIntegerField(default=0)
     compensation_attempts = models.PositiveIntegerField(default=0)
     confirm_attempts = models.PositiveIntegerField(default=0)
+    # Transient failures met while the service's circuit breaker refused calls: not counted
+    # against the retry policy (orchestration/engine/deferral.py).
+    deferrals = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     # The lease on the attempt in flight (database clock): past it without a reply, the attempt
     # counts as timed out. Set while running, retrying or compensating; cleared otherwise.
@@ -340,3 +343,7 @@ class SavedView(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.user_id})"
+
+
+# Alert delivery (channels, notification groups, deliveries): orchestration/alerting.py.
+from .alerting_models import AlertChannel, AlertDelivery, AlertGroup  # noqa: E402, F401

@@ -14,9 +14,10 @@ from django.db.models import Count
 from django.db.models.functions import TruncMinute
 
 from sagaplatform import workers
+from sagaplatform.kernel import breakers, ports
 from sagaplatform.kernel.clock import db_now
 
-from . import rules
+from . import alerting, rules
 from .definitions import DEFINITIONS
 from .engine import style
 from .models import Alert, Saga, SagaEvent, SagaStep
@@ -142,6 +143,10 @@ def flow(now) -> dict:
     }
 
 
+def services_of() -> list[str]:
+    return sorted({s.service for d in DEFINITIONS.values() for s in (*d.steps, *d.on_failure)})
+
+
 def overview() -> dict:
     now = db_now(DB)
     by_state = dict(
@@ -166,6 +171,10 @@ def overview() -> dict:
         ],
         "flow": flow(now),
         "dead_letters": dead_letters(),
+        "alerting": alerting.recent(),
+        "contention": ports.stock_contention(),
+        # Each service's circuit breaker, and the payment gateway's (closed, open, half_open).
+        "breakers": breakers.states([*services_of(), breakers.GATEWAY]),
     }
 
 

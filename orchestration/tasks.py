@@ -28,3 +28,17 @@ def sweep() -> dict:
 @shared_task(name="orchestration.alert_dead_letters", ignore_result=True)
 def alert_dead_letters() -> int:
     return deadletters.alert_dead_letters()
+
+
+@shared_task(name="orchestration.evaluate_alerts", ignore_result=True)
+def evaluate_alerts() -> dict:
+    from . import alerting
+
+    return alerting.evaluate()
+
+
+@shared_task(name="orchestration.deliver_alert", ignore_result=True)
+def deliver_alert(message: dict) -> None:
+    from . import alerting
+
+    alerting.deliver(delivery_id=message["delivery"], attempt=int(message["attempt"]))

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from sagaplatform.kernel import barrier, faults
+from sagaplatform.kernel import barrier, breakers, faults
 from sagaplatform.kernel.models import FaultRule
 
 from . import gateway
@@ -61,6 +61,9 @@ def charge_call(*, saga_id: uuid.UUID, attempt: int, operation: str = "charge") 
     if charge is None:
         return None
     pending = Charge.objects.using(DB).filter(id=charge.id, state=Charge.State.PENDING)
+    if charge.state == Charge.State.PENDING and not breakers.admit(breakers.GATEWAY).admitted:
+        # The gateway's circuit breaker is open: do not call it; a transient error, retried later.
+        raise GatewayUnavailable("The payment gateway's circuit breaker is open; it was not called")
     # Counted before the call, and only while pending: once a compensation has cancelled the
     # charge, no call starts.
     if not pending.update(calls_in_doubt=F("calls_in_doubt") + 1):
@@ -70,13 +73,16 @@ def charge_call(*, saga_id: uuid.UUID, attempt: int, operation: str = "charge") 
         result = gateway.charge(
             token=charge.payment_token, amount=charge.amount, idempotency_key=charge.idempotency_key, attempt=attempt
         )
+        breakers.record(breakers.GATEWAY, True)
     except GatewayUnavailable:
+        breakers.record(breakers.GATEWAY, False)
         # A definite "not processed, try again": this call took nothing.
         Charge.objects.using(DB).filter(id=charge.id, calls_in_doubt__gt=0).update(
             calls_in_doubt=F("calls_in_doubt") - 1
         )
         raise
     except CardDeclined as exc:
+        breakers.record(breakers.GATEWAY, True)  # a refusal is an answer: the gateway works
         faults.crash_if(FaultRule.CrashPoint.AFTER_CALL, DB, operation)
         pending.update(
             state=Charge.State.DECLINED,

@@ -544,6 +544,49 @@ SHIPPING_HANDLING_SECONDS = env_float("SHIPPING_HANDLING_SECONDS", 10.0)
 # Optimistic locking on stock: attempts before a reservation gives up as a transient error.
 INVENTORY_MAX_LOCK_ATTEMPTS = env_int("INVENTORY_MAX_LOCK_ATTEMPTS", 25)
 
+# --- Alert delivery (orchestration/alerting.py, docs/OPERATIONS.md "Alerts") ---------------
+# Rules are evaluated by beat this often; a firing group is notified again after the repeat
+# interval; a webhook or e-mail delivery is tried this many times, backing off exponentially.
+ALERT_EVALUATION_INTERVAL = env_float("ALERT_EVALUATION_INTERVAL", 15.0)
+ALERT_REPEAT_INTERVAL = env_float("ALERT_REPEAT_INTERVAL", 4 * 3600.0)
+ALERT_DELIVERY_MAX_ATTEMPTS = env_int("ALERT_DELIVERY_MAX_ATTEMPTS", 6)
+ALERT_DELIVERY_BACKOFF = env_float("ALERT_DELIVERY_BACKOFF", 2.0)  # first retry after this, then doubled
+ALERT_DELIVERY_BACKOFF_MAX = env_float("ALERT_DELIVERY_BACKOFF_MAX", 300.0)
+ALERT_WEBHOOK_TIMEOUT = env_float("ALERT_WEBHOOK_TIMEOUT", 5.0)
+# Channels from the environment (kept as channels named `env-email` and `env-webhook`).
+ALERT_EMAIL_TO = env_str("ALERT_EMAIL_TO")
+ALERT_WEBHOOK_URL = env_str("ALERT_WEBHOOK_URL")
+ALERT_WEBHOOK_SECRET = env_str("ALERT_WEBHOOK_SECRET")
+if ALERT_WEBHOOK_URL and not ALERT_WEBHOOK_SECRET.startswith("whsec_"):
+    raise ImproperlyConfigured("ALERT_WEBHOOK_URL needs ALERT_WEBHOOK_SECRET, a Standard Webhooks key (whsec_...)")
+# The rules' thresholds.
+ALERT_STUCK_GRACE = env_float("ALERT_STUCK_GRACE", 60.0)  # past its deadline this long: stuck
+ALERT_FAILURE_WINDOW = env_float("ALERT_FAILURE_WINDOW", 300.0)
+ALERT_FAILURE_RATE = env_float("ALERT_FAILURE_RATE", 0.2)
+ALERT_FAILURE_MIN_STEPS = env_int("ALERT_FAILURE_MIN_STEPS", 5)
+ALERT_OUTBOX_AGE = env_float("ALERT_OUTBOX_AGE", 60.0)
+# Where the runbook links point (docs/OPERATIONS.md in the repository by default).
+ALERT_RUNBOOK_BASE = env_str("ALERT_RUNBOOK_BASE", "docs/OPERATIONS.md")
+# A link back to the platform in each notification (Alertmanager's externalURL).
+ALERT_EXTERNAL_URL = env_str("ALERT_EXTERNAL_URL", "http://127.0.0.1:8000/dashboard/")
+CELERY_BEAT_SCHEDULE["orchestrator-alerts"] = _periodic(
+    "orchestration.evaluate_alerts", "orchestrator", ALERT_EVALUATION_INTERVAL
+)
+
+# --- Circuit breakers (sagaplatform/kernel/breakers.py, orchestration/engine/deferral.py) -----------
+# Per service and around the payment gateway: open at BREAKER_FAILURE_RATE of transient failures
+# over BREAKER_WINDOW seconds (at least BREAKER_MIN_CALLS calls), stay open BREAKER_OPEN_SECONDS,
+# then admit BREAKER_HALF_OPEN_PROBES probes. Deferred steps resume spread over
+# BREAKER_RESUME_SPREAD seconds.
+BREAKER_ENABLED = env_bool("BREAKER_ENABLED", default=True)
+BREAKER_WINDOW = env_int("BREAKER_WINDOW", 30)
+BREAKER_MIN_CALLS = env_int("BREAKER_MIN_CALLS", 10)
+BREAKER_FAILURE_RATE = env_float("BREAKER_FAILURE_RATE", 0.5)
+BREAKER_OPEN_SECONDS = env_float("BREAKER_OPEN_SECONDS", 10.0)
+BREAKER_HALF_OPEN_PROBES = env_int("BREAKER_HALF_OPEN_PROBES", 3)
+BREAKER_PROBE_WAIT = env_float("BREAKER_PROBE_WAIT", 2.0)
+BREAKER_RESUME_SPREAD = env_float("BREAKER_RESUME_SPREAD", 10.0)
+
 # --- Logging --------------------------------------------------------------------------------
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
@@ -609,4 +652,5 @@ SAGA_PLAN_READER = "orchestration.selectors.saga_plan"
 SAGA_EXISTENCE_READER = "orchestration.selectors.sagas_known"
 SAGA_CANCELLER = "orchestration.engine.saga_cancel"
 STOCK_AVAILABILITY_READER = "inventory.selectors.stock_available"
+STOCK_CONTENTION_READER = "inventory.contention.summary"
 SAGA_ENDED_READER = "orchestration.selectors.sagas_ended_before"

@@ -24,6 +24,7 @@ urlpatterns = [
     path("api/orders/", include("orders.urls")),
     path("api/inventory/", include("inventory.urls")),
     path("api/sagas/", include("orchestration.urls")),
+    path("api/alerts/", include("orchestration.alerting_urls")),
     path("api/faults/", FaultsApi.as_view(), name="faults"),
     path("api/faults/<str:service>/<int:rule_id>/", FaultDetailApi.as_view(), name="fault-detail"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -62,6 +62,11 @@ def pytest_configure(config):
     # processes the tests start (servers, workers) inherit the variable and accept these hashes.
     os.environ["SAGA_INSECURE_FAST_PASSWORDS"] = "true"
     settings.PASSWORD_HASHERS = FAST_PASSWORD_HASHERS
+    # Circuit breakers off unless a test turns them on (tests/test_breakers.py): the suite's many
+    # injected failures would otherwise open them and defer the steps the tests watch fail. The
+    # processes the tests start inherit the variable.
+    os.environ["BREAKER_ENABLED"] = "false"
+    settings.BREAKER_ENABLED = False
 
 
 # The slow tiers, by directory: every test under tests/<tier>/ gets the tier's marker and `slow`

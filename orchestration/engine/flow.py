@@ -10,6 +10,7 @@ from sagaplatform.kernel.commands import ACTION, COMPENSATE
 
 from ..definitions import StepSpec
 from ..models import Saga, SagaStep
+from . import deferral
 from .replies import abandon
 from .run import CANCELLED, DONE, Run, State, lease, park, send
 
@@ -43,6 +44,8 @@ def start_ready(run: Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
                 continue
             if step.next_attempt_at and step.next_attempt_at > run.now:
                 continue
+            if run.saga.state == Saga.State.RUNNING and deferral.defer_start(run, step, spec):
+                continue  # its service's circuit breaker refuses calls: wait, attempt nothing
             step.dispatch()
             step.started_at = run.now
             lease(run, step, spec)

@@ -24,6 +24,7 @@ from sagaplatform.kernel.commands import (
 )
 
 from ..models import Saga, SagaStep
+from . import deferral
 from .run import IN_FLIGHT, Run, State, attempt_in_flight, lease, locked, send
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def apply_action_reply(run: Run, step: SagaStep, reply: dict) -> bool:
         return False
     spec = run.definition.step(step.name)
     status = reply["status"]
+    deferral.record_reply(spec.service, status)  # circuit breaker: count the outcome
     before = step.state
     data = {"attempt": step.attempts, "replayed": bool(reply.get("replayed"))}
     if status == SUCCEEDED:
@@ -121,8 +123,9 @@ def apply_action_reply(run: Run, step: SagaStep, reply: dict) -> bool:
     # Once the saga unwinds, a forward step stops retrying; its failure steps keep going (and
     # so do the steps after TCC's confirms: the saga is not unwinding then).
     unwinding = run.saga.state == Saga.State.COMPENSATING and step.kind == SagaStep.Kind.ACTION
-    if not unwinding and spec.retry.allows_another(step.attempts):
-        delay = spec.retry.delay(step.attempts)
+    hold = 0.0 if unwinding else deferral.hold_retry(run, step, spec)  # breaker open: not counted
+    if not unwinding and spec.retry.allows_another(step.attempts - step.deferrals):
+        delay = max(spec.retry.delay(step.attempts), hold)
         step.schedule_retry(error=error, next_attempt_at=run.now + timedelta(seconds=delay))
         lease(run, step, spec, delay=delay)
         run.record(

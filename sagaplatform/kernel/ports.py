@@ -52,3 +52,9 @@ def sagas_ended_before(saga_ids: set[str], before: datetime) -> set[str]:
     if not saga_ids:
         return set()
     return cast("set[str]", import_string(settings.SAGA_ENDED_READER)(saga_ids, before))
+
+
+def stock_contention() -> dict[str, Any]:
+    """Optimistic-lock conflicts on stock per minute and the hottest SKUs, as the inventory
+    service recorded them (`inventory/contention.py`)."""
+    return cast("dict[str, Any]", import_string(settings.STOCK_CONTENTION_READER)())

@@ -11,6 +11,7 @@ import { Feed } from "./feed.js";
 import { badge, fmtClock, fmtCountdown, fmtDuration, fmtMs, fmtNumber, h, human, serverNow, setServerTime, shortId, ts } from "./format.js";
 import { SagaList, isRetrying } from "./list.js";
 import { Inspector } from "./inspect.js";
+import { renderOps } from "./ops.js";
 import { PlatformGraph } from "./platform.js";
 import { STATE_COLORS, SagaGraph, statusLine } from "./sagagraph.js";
 import { SearchPanel } from "./search.js";
@@ -773,7 +774,8 @@ function renderOverview() {
 
   outcomeBars($("outcomes-chart"), minutes);
   renderQueues(o.queues || {}, o.workers || [], o.dead_letters);
-  platform.update(o.flow, o.queues || {}, o.workers || []);
+  renderOps(o); // alerts and stock contention (ops.js)
+  platform.update(o.flow, o.queues || {}, o.workers || [], o.breakers || {});
   const total = (o.flow?.edges || []).reduce((s, e) => s + (e.per_min || 0), 0);
   const failing = (o.flow?.edges || []).reduce((s, e) => s + (e.failures_per_min || 0), 0);
   $("flow-total").textContent = `${fmtNumber(total, 1)} msg/min${failing ? ` · ${fmtNumber(failing, 1)} failing` : ""}`;

@@ -25,6 +25,7 @@ const STYLE = [
   },
   { selector: "node.hub", style: { shape: "ellipse", width: 124, height: 76, "background-color": "#1b2d55" } },
   { selector: "node.down", style: { "border-style": "dashed" } },
+  { selector: "node.breaker-open", style: { "border-width": 4, "border-style": "double" } },
   { selector: "node.failing", style: { "background-color": "#2b1620" } },
   {
     selector: "edge",
@@ -76,8 +77,9 @@ export class PlatformGraph {
     });
   }
 
-  // flow: overview.flow; queues: overview.queues; workers: overview.workers
-  update(flow, queues = {}, workers = []) {
+  // flow: overview.flow; queues: overview.queues; workers: overview.workers;
+  // breakers: overview.breakers ({service: {state}}: closed, open or half_open)
+  update(flow, queues = {}, workers = [], breakers = {}) {
     if (!flow) return;
     const cy = this.cy;
     const names = flow.nodes || [];
@@ -122,7 +124,10 @@ export class PlatformGraph {
           .filter(Boolean)
           .join(" · ");
         if (status) lines.push(status);
-        node.data({ label: lines.join("\n"), border: t.failing ? "#f0524f" : !known ? "#3a4a72" : up ? "#2fc26b" : "#f0524f" });
+        const breaker = breakers[name]?.state;
+        if (breaker) lines.push(`breaker ${breaker.replace("_", "-")}`);
+        node.data({ label: lines.join("\n"), breaker: breaker || "", border: breaker && breaker !== "closed" ? "#f5a524" : t.failing ? "#f0524f" : !known ? "#3a4a72" : up ? "#2fc26b" : "#f0524f" });
+        node.toggleClass("breaker-open", breaker === "open" || breaker === "half_open");
         node.toggleClass("down", known && !up);
         node.toggleClass("failing", t.failing > 0);
       }

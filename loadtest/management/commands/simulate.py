@@ -21,6 +21,12 @@ class Command(BaseCommand):
         )
         parser.add_argument("--seed", type=int, default=Plan.seed)
         parser.add_argument(
+            "--payments-outage", type=float, default=0.0, help="every charge fails for this many seconds, then recovers"
+        )
+        parser.add_argument(
+            "--no-breaker", dest="breaker", action="store_false", help="spawned workers run without circuit breakers"
+        )
+        parser.add_argument(
             "--mode", default=Plan.mode, choices=["orchestrated", "parallel", "tcc", "choreography", "mixed"]
         )
 

@@ -62,6 +62,12 @@ def test_every_endpoint_is_in_the_schema(schema):
         ("/api/faults/", "get"),
         ("/api/faults/", "post"),
         ("/api/faults/{service}/{rule_id}/", "delete"),
+        ("/api/alerts/channels/", "get"),
+        ("/api/alerts/channels/", "post"),
+        ("/api/alerts/channels/{id}/", "get"),
+        ("/api/alerts/channels/{id}/", "patch"),
+        ("/api/alerts/channels/{id}/", "delete"),
+        ("/api/alerts/notifications/", "get"),
     }
 
 

@@ -20,7 +20,7 @@ from rest_framework.test import APIClient
 
 from inventory.models import StockItem
 from orchestration import engine
-from orchestration.models import Alert, Saga, SagaEvent, SagaStep
+from orchestration.models import Alert, AlertChannel, Saga, SagaEvent, SagaStep
 from orders.models import IdempotencyKey, Order
 from sagaplatform.kernel.models import FaultRule, OutboxMessage
 from tests.conftest import make_operator, make_user, order_body
@@ -43,6 +43,7 @@ class World:
     running_saga: str
     parked_saga: str
     fault: FaultRule
+    channel: AlertChannel
 
 
 def start_saga(context: dict) -> str:
@@ -72,7 +73,8 @@ def world(alice, bob, alice_api, catalogue, broker) -> World:
         "staff": make_user("staff", staff=True),
         "superuser": superuser,
     }
-    return World(users=users, order=order, running_saga=running, parked_saga=parked, fault=fault)
+    channel = AlertChannel.objects.create(name="ops-mail", kind="email", target="ops@example.com")
+    return World(users=users, order=order, running_saga=running, parked_saga=parked, fault=fault, channel=channel)
 
 
 def client_for(world: World, persona: str) -> APIClient:
@@ -95,6 +97,7 @@ def snapshot() -> dict:
         "stock": sorted(StockItem.objects.using("inventory").values_list("sku", "on_hand", "reserved", "version")),
         "faults": {alias: FaultRule.objects.using(alias).count() for alias in settings.SERVICE_ALIASES},
         "tokens": Token.objects.count(),
+        "alert_channels": sorted(AlertChannel.objects.values_list("id", "name", "target", "enabled")),
     }
 
 
@@ -142,6 +145,24 @@ MATRIX = [
         row(200, 200, 200, 200, 200, 200),
     ),
     ("token revoke", "delete", "/api/auth/token/", None, row(401, 204, 204, 204, 204, 204)),
+    ("alert channels", "get", "/api/alerts/channels/", None, row(401, 403, 403, 200, 403, 200)),
+    (
+        "alert channel create",
+        "post",
+        "/api/alerts/channels/",
+        {"name": "oncall", "kind": "email", "target": "oncall@example.com"},
+        row(401, 403, 403, 201, 403, 201),
+    ),
+    ("alert channel", "get", "/api/alerts/channels/{channel}/", None, row(401, 403, 403, 200, 403, 200)),
+    (
+        "alert channel change",
+        "patch",
+        "/api/alerts/channels/{channel}/",
+        {"enabled": False},
+        row(401, 403, 403, 200, 403, 200),
+    ),
+    ("alert channel delete", "delete", "/api/alerts/channels/{channel}/", None, row(401, 403, 403, 204, 403, 204)),
+    ("alert notifications", "get", "/api/alerts/notifications/", None, row(401, 403, 403, 200, 403, 200)),
     ("schema", "get", "/api/schema/", None, row(200, 200, 200, 200, 200, 200)),
     ("docs", "get", "/api/docs/", None, row(200, 200, 200, 200, 200, 200)),
 ]
@@ -159,7 +180,11 @@ CASES = [
 @pytest.mark.parametrize(("name", "method", "path", "body", "persona", "expected"), CASES)
 def test_permission_matrix(world, name, method, path, body, persona, expected):
     url = path.format(
-        order=world.order["id"], running=world.running_saga, parked=world.parked_saga, fault=world.fault.id
+        order=world.order["id"],
+        running=world.running_saga,
+        parked=world.parked_saga,
+        fault=world.fault.id,
+        channel=world.channel.id,
     )
     before = snapshot()
 

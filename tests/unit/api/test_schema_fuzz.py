@@ -50,8 +50,9 @@ CHECKS = [
 ]
 
 # Refusals of well-formed requests that depend on what the server holds, which no schema can
-# promise: whether a user with that password exists, whether the key was used with another body.
-STATE_REFUSALS = {"invalid_credentials", "idempotency_key_reused"}
+# promise: whether a user with that password exists, whether the key was used with another body,
+# whether an alert channel's target is a real address or http(s) URL for its kind.
+STATE_REFUSALS = {"invalid_credentials", "idempotency_key_reused", "invalid_channel"}
 # Enough products for the longest order the schema allows, each line a different SKU.
 FUZZ_SKUS = [f"SKU-FUZZ-{n:02}" for n in range(50)]
 

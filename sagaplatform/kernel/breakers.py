@@ -1,0 +1,283 @@
+"""Circuit breakers: one per service (driven by the orchestrator from its steps' replies) and one
+around the payment gateway (driven by the payments service), shared by every worker.
+
+A breaker counts calls and transient failures in one-second buckets over a sliding window of
+BREAKER_WINDOW seconds. Closed, it opens once the window holds at least BREAKER_MIN_CALLS calls
+of which at least BREAKER_FAILURE_RATE failed. Open, it admits nothing for BREAKER_OPEN_SECONDS;
+then it is half-open and admits at most BREAKER_HALF_OPEN_PROBES calls (a reservation every
+worker shares, so many workers cannot all probe at once). The probes' outcomes decide: as many
+successes close it, one failure opens it again. Business failures (a declined card, no stock)
+are successes here: the service answered.
+
+State and counters live in Redis (the cache's server), each change one Lua script on the Redis
+clock, so workers agree; in the embedded mode (one process, no Redis) in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from functools import cache
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "breaker:"
+INDEX = PREFIX + "index"
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+GATEWAY = "payment_gateway"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admitted: bool
+    state: str
+    retry_at: float = 0.0  # epoch seconds (Redis clock) when to ask again, if not admitted
+    now: float = 0.0
+
+
+def _config() -> list:
+    return [
+        settings.BREAKER_WINDOW,
+        settings.BREAKER_MIN_CALLS,
+        settings.BREAKER_FAILURE_RATE,
+        settings.BREAKER_OPEN_SECONDS,
+        settings.BREAKER_HALF_OPEN_PROBES,
+        settings.BREAKER_PROBE_WAIT,
+    ]
+
+
+# KEYS[1] = the breaker's prefix; ARGV = ok (1/0), window, min_calls, rate, open_s, probes, probe_wait
+_RECORD = """
+local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local sec = math.floor(now)
+local ok = tonumber(ARGV[1]); local window = tonumber(ARGV[2])
+local b = KEYS[1] .. 'w:' .. sec
+redis.call('HINCRBY', b, 'calls', 1)
+if ok == 0 then redis.call('HINCRBY', b, 'failures', 1) end
+redis.call('EXPIRE', b, window + 5)
+local s = KEYS[1] .. 'state'
+local state = redis.call('HGET', s, 'state') or 'closed'
+if state == 'open' and ok == 0 and now >= tonumber(redis.call('HGET', s, 'until') or '0') then
+  state = 'half_open'  -- the open period is over and the service still fails: as a failed probe
+end
+if state == 'half_open' then
+  if ok == 1 then
+    if redis.call('HINCRBY', s, 'probes_ok', 1) >= tonumber(ARGV[6]) then
+      -- closed afresh: what happened before (the outage) no longer counts
+      for i = sec - window, sec do redis.call('DEL', KEYS[1] .. 'w:' .. i) end
+      redis.call('HSET', s, 'state', 'closed', 'changed_at', now, 'probes', 0, 'probes_ok', 0)
+      return 'closed'
+    end
+  else
+    redis.call('HSET', s, 'state', 'open', 'changed_at', now, 'until', now + tonumber(ARGV[5]), 'probes', 0, 'probes_ok', 0)
+    redis.call('HINCRBY', s, 'opened', 1)
+    return 'open'
+  end
+  return ''
+end
+if state == 'closed' then
+  local calls, failures = 0, 0
+  for i = sec - window + 1, sec do
+    local v = redis.call('HMGET', KEYS[1] .. 'w:' .. i, 'calls', 'failures')
+    calls = calls + tonumber(v[1] or '0'); failures = failures + tonumber(v[2] or '0')
+  end
+  if calls >= tonumber(ARGV[3]) and failures >= tonumber(ARGV[4]) * calls then
+    redis.call('HSET', s, 'state', 'open', 'changed_at', now, 'until', now + tonumber(ARGV[5]), 'probes', 0, 'probes_ok', 0)
+    redis.call('HINCRBY', s, 'opened', 1)
+    return 'open'
+  end
+end
+return ''
+"""
+# The same ARGV (ok unused); returns {admitted, state, retry_at, now} (numbers as strings).
+_ADMIT = """
+local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local s = KEYS[1] .. 'state'
+local state = redis.call('HGET', s, 'state') or 'closed'
+if state == 'closed' then return {1, state, '0', tostring(now)} end
+if state == 'open' then
+  local u = tonumber(redis.call('HGET', s, 'until') or '0')
+  if now < u then return {0, state, tostring(u), tostring(now)} end
+  redis.call('HSET', s, 'state', 'half_open', 'changed_at', now, 'probes', 0, 'probes_ok', 0)
+  state = 'half_open'
+end
+if redis.call('HINCRBY', s, 'probes', 1) <= tonumber(ARGV[6]) then return {1, state, '0', tostring(now)} end
+redis.call('HINCRBY', s, 'probes', -1)
+return {0, state, tostring(now + tonumber(ARGV[7])), tostring(now)}
+"""
+
+
+class _Memory:
+    """The embedded mode's breakers (one process): the same rules, under a lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buckets: dict[str, dict[int, list[int]]] = {}
+        self.states: dict[str, dict] = {}
+
+    def _state(self, name: str) -> dict:
+        return self.states.setdefault(name, {"state": CLOSED, "opened": 0})
+
+    def record(self, name: str, ok: bool, config: list) -> str:
+        window, min_calls, rate, open_s, probes, _ = config
+        now = time.time()
+        with self.lock:
+            buckets = self.buckets.setdefault(name, {})
+            bucket = buckets.setdefault(int(now), [0, 0])
+            bucket[0] += 1
+            bucket[1] += 0 if ok else 1
+            for old in [b for b in buckets if b <= now - window - 5]:
+                del buckets[old]
+            s = self._state(name)
+            if s["state"] == OPEN and not ok and now >= s["until"]:
+                s["state"] = HALF_OPEN  # the open period is over and it still fails: a failed probe
+            if s["state"] == HALF_OPEN:
+                if not ok:
+                    s.update(state=OPEN, changed_at=now, until=now + open_s, probes=0, probes_ok=0)
+                    s["opened"] += 1
+                    return OPEN
+                s["probes_ok"] = s.get("probes_ok", 0) + 1
+                if s["probes_ok"] >= probes:
+                    buckets.clear()  # closed afresh: the outage no longer counts
+                    s.update(state=CLOSED, changed_at=now, probes=0, probes_ok=0)
+                    return CLOSED
+                return ""
+            if s["state"] == CLOSED:
+                seen = [v for b, v in buckets.items() if b > now - window]
+                calls, failures = sum(v[0] for v in seen), sum(v[1] for v in seen)
+                if calls >= min_calls and failures >= rate * calls:
+                    s.update(state=OPEN, changed_at=now, until=now + open_s, probes=0, probes_ok=0)
+                    s["opened"] += 1
+                    return OPEN
+            return ""
+
+    def admit(self, name: str, config: list) -> Verdict:
+        probes, probe_wait = config[4], config[5]
+        now = time.time()
+        with self.lock:
+            s = self._state(name)
+            if s["state"] == CLOSED:
+                return Verdict(True, CLOSED, 0.0, now)
+            if s["state"] == OPEN:
+                if now < s["until"]:
+                    return Verdict(False, OPEN, s["until"], now)
+                s.update(state=HALF_OPEN, changed_at=now, probes=0, probes_ok=0)
+            if s["probes"] < probes:
+                s["probes"] += 1
+                return Verdict(True, HALF_OPEN, 0.0, now)
+            return Verdict(False, HALF_OPEN, now + probe_wait, now)
+
+    def read(self, names: list[str]) -> dict[str, dict]:
+        with self.lock:
+            found = {n: self.states.get(n, {}) for n in names}
+        return {
+            n: {
+                "state": s.get("state", CLOSED),
+                "changed_at": s.get("changed_at"),
+                "until": s.get("until"),
+                "opened": s.get("opened", 0),
+            }
+            for n, s in found.items()
+        }
+
+
+@cache
+def _store():
+    config = settings.CACHES["default"]
+    if not config["BACKEND"].endswith("RedisCache"):
+        return _Memory()
+    import redis
+
+    return redis.Redis.from_url(config["LOCATION"], socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
+
+
+def enabled() -> bool:
+    return settings.BREAKER_ENABLED
+
+
+def record(name: str, ok: bool) -> str:
+    """Count one call's outcome; returns the state it moved to ("" if none). Never raises."""
+    if not enabled():
+        return ""
+    store = _store()
+    try:
+        if isinstance(store, _Memory):
+            moved = store.record(name, ok, _config())
+        else:
+            pipe = store.pipeline(transaction=False)
+            pipe.sadd(INDEX, name)
+            pipe.eval(_RECORD, 1, f"{PREFIX}{name}:", int(ok), *_config())
+            moved = pipe.execute()[1]
+    except Exception:
+        logger.warning("breaker %s: outcome not recorded", name, exc_info=True)
+        return ""
+    if moved:
+        logger.warning("circuit breaker %s is now %s", name, moved, extra={"breaker": name})
+    return moved
+
+
+def admit(name: str) -> Verdict:
+    """May a call go to `name` now? Closed: yes. Open: no, until the open period ends. Half-open:
+    yes for the first BREAKER_HALF_OPEN_PROBES askers, then no. Unknown (Redis down): yes."""
+    if not enabled():
+        return Verdict(True, CLOSED)
+    store = _store()
+    try:
+        if isinstance(store, _Memory):
+            return store.admit(name, _config())
+        admitted, state, retry_at, now = store.eval(_ADMIT, 1, f"{PREFIX}{name}:", 0, *_config())
+        return Verdict(bool(int(admitted)), state, float(retry_at), float(now))
+    except Exception:
+        logger.warning("breaker %s: state not readable; admitting", name, exc_info=True)
+        return Verdict(True, CLOSED)
+
+
+def resume_delay(verdict: Verdict) -> float:
+    """Seconds a call refused by `verdict` waits: until the breaker may admit again, plus a
+    jitter spread over BREAKER_RESUME_SPREAD so the backlog does not return all at once."""
+    wait = max(0.0, verdict.retry_at - verdict.now) if verdict.retry_at else settings.BREAKER_PROBE_WAIT
+    return wait + random.uniform(0, settings.BREAKER_RESUME_SPREAD)
+
+
+def states(names: list[str] | None = None) -> dict[str, dict]:
+    """Each known breaker's state: {name: {state, changed_at, until, opened}}."""
+    store = _store()
+    try:
+        if isinstance(store, _Memory):
+            names = names or sorted(store.states)
+            return store.read(names)
+        names = names or sorted(store.smembers(INDEX))
+        pipe = store.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(f"{PREFIX}{name}:state")
+        found = pipe.execute()
+    except Exception:
+        logger.warning("breaker states not readable", exc_info=True)
+        return {}
+    out = {}
+    for name, raw in zip(names, found, strict=True):
+        out[name] = {
+            "state": raw.get("state", CLOSED),
+            "changed_at": float(raw["changed_at"]) if raw.get("changed_at") else None,
+            "until": float(raw["until"]) if raw.get("until") else None,
+            "opened": int(raw.get("opened", 0)),
+        }
+    return out
+
+
+def reset() -> None:
+    """Forget every breaker (tests, and the simulation between its runs)."""
+    store = _store()
+    if isinstance(store, _Memory):
+        with store.lock:
+            store.buckets.clear()
+            store.states.clear()
+        return
+    keys = list(store.scan_iter(f"{PREFIX}*"))
+    if keys:
+        store.delete(*keys)
