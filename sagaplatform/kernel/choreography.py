@@ -47,6 +47,8 @@ class Reaction:
     max_attempts: int = 5
     # Seconds, or the name of a setting: how long after the event the reaction starts.
     start_after: float | str = 0.0
+    # The context keys its operation receives (as a step's `inputs`); `failure` always comes too.
+    inputs: tuple[str, ...] = ("order_id",)
 
     @property
     def key(self) -> str:
@@ -81,6 +83,32 @@ def subscribers(event: str) -> list[Reaction]:
     return [r for r in _REACTIONS if event in r.on]
 
 
+def relayed(rule: Reaction) -> frozenset[str]:
+    """The context keys a subscriber's copy of an event carries: its own `inputs`, and those of
+    every reaction down the chains its events start (the service passes the context on, as there
+    is no coordinator to hold it). Nothing else of the saga context reaches it."""
+    keys, seen, todo = set(), set(), [rule]
+    while todo:
+        current = todo.pop()
+        if (current.service, current.key) in seen:
+            continue
+        seen.add((current.service, current.key))
+        keys.update(current.inputs)
+        for event in (current.emits, current.emits_on_failure):
+            if event:
+                todo.extend(subscribers(event))
+    return frozenset(keys)
+
+
+def _only(context: dict, keys) -> dict:
+    return {k: v for k, v in context.items() if k in keys}
+
+
+def payload_for(rule: Reaction, message: dict) -> dict:
+    """What the reaction's operation receives: its declared `inputs` and the failure, if any."""
+    return {**_only(message.get("context") or {}, rule.inputs), "failure": message.get("failure")}
+
+
 def _find(service: str, key: str) -> Reaction:
     return next(r for r in _REACTIONS if r.service == service and r.key == key)
 
@@ -105,7 +133,9 @@ def _envelope(*, event: str, saga_id, context: dict, failure: dict | None, emitt
 
 def publish(*, using: str, message: dict) -> list:
     """Fan an event out to its subscribers and the tracker, in the caller's transaction.
-    Returns the outbox rows written, subscribers first."""
+    Returns the outbox rows written, subscribers first. Each subscriber's copy carries only the
+    context keys it and the reactions after it need (`relayed`); the tracker's, the whole
+    context it was given (it keeps the saga's context, to rebuild an event it must nudge)."""
     written = []
     for subscriber in subscribers(message["event"]):
         written.append(
@@ -113,7 +143,12 @@ def publish(*, using: str, message: dict) -> list:
                 using=using,
                 task=f"{subscriber.service}.react",
                 queue=subscriber.service,
-                payload={**message, "reaction": subscriber.key, "attempt": 1},
+                payload={
+                    **message,
+                    "context": _only(message["context"], relayed(subscriber)),
+                    "reaction": subscriber.key,
+                    "attempt": 1,
+                },
                 delay=subscriber.start_delay(),
             )
         )
@@ -131,7 +166,7 @@ def react(*, service: str, message: dict) -> dict:
         op=rule.op,
         operation=rule.operation,
         attempt=attempt,
-        payload={**message["context"], "failure": message.get("failure")},
+        payload=payload_for(rule, message),
     )
     try:
         faults.before(service, rule.operation, attempt)
