@@ -104,6 +104,13 @@ def _only(context: dict, keys) -> dict:
     return {k: v for k, v in context.items() if k in keys}
 
 
+def subscriber_copy(message: dict, rule: Reaction) -> dict:
+    """The event as one subscriber receives it: addressed to its reaction, with only the context
+    keys it and the reactions after it need (`relayed`). Whoever sends an event to a reaction
+    builds the message with this (`publish`; the tracker's nudges should too)."""
+    return {**message, "context": _only(message.get("context") or {}, relayed(rule)), "reaction": rule.key}
+
+
 def payload_for(rule: Reaction, message: dict) -> dict:
     """What the reaction's operation receives: its declared `inputs` and the failure, if any."""
     return {**_only(message.get("context") or {}, rule.inputs), "failure": message.get("failure")}
@@ -143,12 +150,7 @@ def publish(*, using: str, message: dict) -> list:
                 using=using,
                 task=f"{subscriber.service}.react",
                 queue=subscriber.service,
-                payload={
-                    **message,
-                    "context": _only(message["context"], relayed(subscriber)),
-                    "reaction": subscriber.key,
-                    "attempt": 1,
-                },
+                payload={**subscriber_copy(message, subscriber), "attempt": 1},
                 delay=subscriber.start_delay(),
             )
         )
