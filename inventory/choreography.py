@@ -12,6 +12,7 @@ reaction(
     operation="reserve",
     emits=events.STOCK_RESERVED,
     emits_on_failure=events.STOCK_REJECTED,
+    inputs=("order_id", "items"),
 )
 reaction(
     service="inventory",
@@ -21,6 +22,7 @@ reaction(
     operation="release",
     emits=events.STOCK_RELEASED,
     max_attempts=10,
+    inputs=("order_id", "items"),
 )
 reaction(
     service="inventory",

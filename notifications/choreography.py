@@ -12,6 +12,7 @@ reaction(
     operation="send_confirmation",
     emits=events.CUSTOMER_NOTIFIED,
     max_attempts=10,
+    inputs=("order_id", "customer_email", "shipping_address"),
 )
 reaction(
     service="notifications",
@@ -21,4 +22,5 @@ reaction(
     operation="send_failure",
     emits=events.CUSTOMER_TOLD,
     max_attempts=20,
+    inputs=("order_id", "customer_email", "shipping_address"),
 )

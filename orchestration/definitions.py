@@ -56,7 +56,7 @@ class StepSpec:
     retry: RetryPolicy = RetryPolicy()
     compensation_retry: RetryPolicy = RetryPolicy(max_attempts=10, max_interval=60.0)
     # Keys of the saga context the service receives (least privilege: only the payments
-    # service sees the payment token).
+    # service sees the payment method's reference; the card token is never in the context).
     inputs: tuple[str, ...] = ("order_id",)
     # Start-to-close timeout of one attempt: past it with no reply, the attempt counts as a
     # transient failure (the barrier makes a late reply harmless).
@@ -164,7 +164,7 @@ def _order_steps(*, parallel: bool) -> tuple[StepSpec, ...]:
             "charge",
             "refund",
             depends_on=() if parallel else ("reserve_stock",),
-            inputs=("order_id", "amount", "currency", "payment_token"),
+            inputs=("order_id", "amount", "currency", "payment_method"),
         ),
         StepSpec(
             "approve_order",
@@ -265,7 +265,7 @@ PLACE_ORDER_TCC = SagaDefinition(
             "authorize",
             "void",
             confirm="capture",
-            inputs=("order_id", "amount", "currency", "payment_token"),
+            inputs=("order_id", "amount", "currency", "payment_method"),
         ),
         StepSpec(
             "schedule_shipment",

@@ -10,7 +10,7 @@ The rules depend on the definition only through its properties (the pivot, the p
 window, `cancel_margin`, `refusals`), never on a definition's or a step's name.
 
 Each rule exists twice, as plain Python on loaded rows and as an ORM filter for the database
-(`*_q`, `saga_annotations`); `tests/test_rules.py` holds the two to the same answers.
+(`*_q`, `saga_annotations`); `tests/unit/engine/test_rules.py` holds the two to the same answers.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ ENDED = (Order.Status.REJECTED, Order.Status.CANCELLED)
 # dashboard.
 FAILURE_TEXTS = {
     "card_declined": "Your card was declined, so nothing was charged.",
+    "payment_method_unknown": "We could not use your card, so nothing was charged. Please order again.",
     "insufficient_stock": "We do not have enough stock for one of the items you ordered.",
     "unknown_sku": "One of the items you ordered is no longer sold.",
     "deadline_exceeded": "Your order took too long to complete, so we stopped it.",

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from sagaplatform.kernel import choreography, events, outbox, ports
+from sagaplatform.kernel import choreography, events, outbox, ports, sealing
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.commands import ORCHESTRATOR_QUEUE
 from sagaplatform.kernel.models import OutboxMessage
@@ -31,6 +31,8 @@ from .models import CANCELLED_CODE, IdempotencyKey, Order, OrderLine, OrderStatu
 
 DB = "orders"
 START_SAGA_TASK = "orchestration.start_saga"
+REGISTER_PAYMENT_METHOD_TASK = "payments.register_payment_method"
+PAYMENTS_QUEUE = "payments"
 ORDER_PLACED = events.ORDER_PLACED
 # What Order.total (12 digits, 2 decimals) can hold.
 MAX_ORDER_TOTAL = Decimal("9999999999.99")
@@ -200,6 +202,7 @@ def _create(
         ]
     )
     OrderStatusChange.objects.using(DB).create(order=order, from_status="", to_status=order.status, reason="accepted")
+    payment_method = f"pm_{uuid.uuid4().hex}"
     context = {
         "order_id": str(order.id),
         "customer_id": customer_id,
@@ -207,7 +210,7 @@ def _create(
         "items": [{"sku": i["sku"], "quantity": i["quantity"]} for i in items],
         "amount": str(total),
         "currency": order.currency,
-        "payment_token": payment_token,
+        "payment_method": payment_method,
         "shipping_address": shipping_address,
         "mode": mode,
     }
@@ -223,12 +226,46 @@ def _create(
             queue=ORCHESTRATOR_QUEUE,
             payload={"saga_id": str(order.saga_id), "mode": mode, "context": context},
         )
+    # After the start (tests and tools that step through messages expect the start first), in
+    # the same transaction: the charge comes several hops later.
+    _register_payment_method(order, payment_method, payment_token)
     Order.objects.using(DB).filter(id=order.id).update(
         start_message_id=message.id,
         announced_at=message.available_at,
         reannounce_at=message.available_at + REANNOUNCE_AFTER,
     )
     return order
+
+
+def _register_payment_method(order: Order, reference: str, payment_token: str) -> None:
+    """Send the card token to the payments service alone, in the order's transaction, under the
+    opaque reference (`pm_<uuid>`) that everything else carries instead.
+
+    The token is sealed for payments (`kernel.sealing`): the orders outbox row and the broker
+    message never show it, and this service keeps nothing of it. Payments registers it
+    idempotently by reference; a charge that arrives first waits for it (section 10)."""
+    outbox.enqueue(
+        using=DB,
+        task=REGISTER_PAYMENT_METHOD_TASK,
+        queue=PAYMENTS_QUEUE,
+        payload={
+            "reference": reference,
+            "order_id": str(order.id),
+            # Its saga's: the retention keeps the row (for a re-announcement) until the saga ends.
+            "saga_id": str(order.saga_id),
+            "sealed_token": sealing.seal(payment_token),
+        },
+    )
+
+
+def _reannounce_registrations(order_ids) -> int:
+    """Publish again the payment-method registrations of these orders (lost with their start)."""
+    ids = list(
+        OutboxMessage.objects.using(DB)
+        .filter(task=REGISTER_PAYMENT_METHOD_TASK, payload__order_id__in=[str(o) for o in order_ids])
+        .values_list("id", flat=True)
+    )
+    return outbox.republish(using=DB, ids=ids) if ids else 0
 
 
 def _admit() -> None:
@@ -360,6 +397,7 @@ def order_reannounce_pending() -> int:
     if not stale:
         return reannounced
     _reannounced([(order_id, created_at) for order_id, created_at, _ in stale], now)
+    _reannounce_registrations([order_id for order_id, _, _ in stale])
     return reannounced + outbox.republish(using=DB, ids=[message_id for _, _, message_id in stale])
 
 
@@ -390,6 +428,7 @@ def _reannounce_untracked(now) -> int:
         for _, message_id, _ in untracked:
             if message_id in events:
                 choreography.publish(using=DB, message={**events[message_id], "nudge": True})
+    _reannounce_registrations([order_id for order_id, _, _ in untracked])
     return len(untracked)
 
 

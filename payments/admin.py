@@ -16,7 +16,7 @@ from sagaplatform.kernel.admin import (
     short_id,
 )
 
-from .models import Charge, LedgerEntry
+from .models import Charge, LedgerEntry, PaymentMethod
 
 
 class LedgerEntryInline(ReadOnlyInline):
@@ -77,3 +77,20 @@ class LedgerEntryAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description="saga")
     def saga(self, entry: LedgerEntry) -> str:
         return saga_link(entry.charge.saga_id)
+
+
+@admin.register(PaymentMethod)
+class PaymentMethodAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """The cards registered by orders, by reference. The token itself is never shown."""
+
+    list_display = ["reference", "order", "registered", "registered_at", "awaited_at"]
+    search_fields = ["reference", "order_id"]
+    exclude = ["token"]
+
+    @admin.display(description="order", ordering="order_id")
+    def order(self, method: PaymentMethod) -> str:
+        return order_link(method.order_id) if method.order_id else "-"
+
+    @admin.display(description="registered", boolean=True)
+    def registered(self, method: PaymentMethod) -> bool:
+        return bool(method.token)

@@ -12,6 +12,7 @@ reaction(
     operation="charge",
     emits=events.PAYMENT_CAPTURED,
     emits_on_failure=events.PAYMENT_FAILED,
+    inputs=("order_id", "amount", "currency", "payment_method"),
 )
 reaction(
     service="payments",
@@ -21,4 +22,5 @@ reaction(
     operation="refund",
     emits=events.PAYMENT_REFUNDED,
     max_attempts=10,
+    inputs=("order_id", "amount", "currency", "payment_method"),
 )

@@ -15,3 +15,15 @@ class GatewayUnavailable(TransientError):
 
 class ChargeCancelled(BusinessError):
     code = "charge_cancelled"
+
+
+class PaymentMethodPending(TransientError):
+    """The charge arrived before its payment method's registration: retried."""
+
+    code = "payment_method_pending"
+
+
+class PaymentMethodUnknown(BusinessError):
+    """The payment method was never registered: the charge fails for good."""
+
+    code = "payment_method_unknown"

@@ -11,11 +11,15 @@ from sagaplatform.kernel import barrier
 from sagaplatform.kernel.commands import Command, operation
 
 from . import services
+from .models import Charge
 
 DB = services.DB
 
 
 def _take_outside(*, command: Command) -> None:
+    token = services.payment_method_token(reference=command.payload["payment_method"])
+    if not token:
+        return  # not registered (yet): no intent and no call; the operation says what that means
     with transaction.atomic(using=DB):
         # The barrier row and the pending charge commit together: a compensation arriving from
         # now on finds an action to undo, and one that came first has refused this one.
@@ -27,7 +31,7 @@ def _take_outside(*, command: Command) -> None:
             order_id=payload["order_id"],
             amount=Decimal(payload["amount"]),
             currency=payload.get("currency", "EUR"),
-            token=payload["payment_token"],
+            token=token,
             capture=command.operation == "charge",
         )
     services.charge_call(saga_id=command.saga_id, attempt=command.attempt, operation=command.operation)
@@ -40,6 +44,9 @@ def _undo_outside(*, command: Command) -> None:
 
 
 def _take(command: Command) -> dict:
+    if not Charge.objects.using(DB).filter(saga_id=command.saga_id).exists():
+        # No intent: the payment method was not registered when the outside step looked.
+        services.payment_method_missing(reference=command.payload["payment_method"], attempt=command.attempt)
     return services.charge_result(services.charge_outcome(saga_id=command.saga_id))
 
 

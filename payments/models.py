@@ -51,6 +51,27 @@ class Charge(models.Model):
         return f"{self.amount} {self.currency} ({self.state})"
 
 
+class PaymentMethod(models.Model):
+    """A customer's card, registered by the orders service under an opaque reference (`pm_<uuid>`).
+
+    Only this service ever holds the card token: the saga context, the events and the other
+    services carry the reference. The row is also written, without a token, by a charge that
+    arrives before the registration (`awaited_at`), so the charge knows how long it has waited."""
+
+    reference = models.CharField(max_length=64, unique=True)
+    token = models.CharField(max_length=64, blank=True, default="")
+    order_id = models.UUIDField(null=True, blank=True, db_index=True)
+    registered_at = models.DateTimeField(null=True, blank=True)
+    # Set by the first charge that looked for it before it was registered.
+    awaited_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return self.reference
+
+
 class LedgerEntry(models.Model):
     """Append-only money movements: a charge is +amount, a refund -amount. Never updated."""
 

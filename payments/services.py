@@ -13,20 +13,93 @@ from __future__ import annotations
 import uuid
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from sagaplatform.kernel import barrier, breakers, faults
+from sagaplatform.kernel import barrier, breakers, faults, sealing
+from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.models import FaultRule
 
 from . import gateway
-from .exceptions import CardDeclined, ChargeCancelled, GatewayUnavailable, PaymentNotCapturable
-from .models import Charge, LedgerEntry
+from .exceptions import (
+    CardDeclined,
+    ChargeCancelled,
+    GatewayUnavailable,
+    PaymentMethodPending,
+    PaymentMethodUnknown,
+    PaymentNotCapturable,
+)
+from .models import Charge, LedgerEntry, PaymentMethod
 
 DB = "payments"
 DECLINED_MESSAGE = "The card was declined"
 CANCELLED_MESSAGE = "The charge was given up before the gateway took anything"
+
+
+def payment_method_register(*, reference: str, sealed_token: str, order_id=None) -> PaymentMethod:
+    """Keep the card token under its reference (the orders service's registration message).
+
+    Idempotent by reference: a redelivered registration changes nothing, and one that arrives
+    after a charge already waited for it fills in the awaited row. A registration whose seal does
+    not open is refused (`InvalidToken`): the message was not sealed with our key."""
+    token = sealing.unseal(sealed_token)
+    with transaction.atomic(using=DB):
+        method, created = PaymentMethod.objects.using(DB).get_or_create(
+            reference=reference,
+            defaults={"token": token, "order_id": order_id, "registered_at": timezone.now()},
+        )
+        if not created and not method.token:
+            PaymentMethod.objects.using(DB).filter(id=method.id, token="").update(
+                token=token, order_id=order_id, registered_at=timezone.now()
+            )
+            method.refresh_from_db(using=DB)
+    return method
+
+
+def payment_method_add(*, token: str, order_id=None) -> str:
+    """Register a card directly, for tools and tests (orders send a sealed registration
+    instead). Returns its new reference."""
+    reference = f"pm_{uuid.uuid4().hex}"
+    PaymentMethod.objects.using(DB).create(
+        reference=reference, token=token, order_id=order_id, registered_at=timezone.now()
+    )
+    return reference
+
+
+def payment_method_token(*, reference: str) -> str:
+    """The card token registered under `reference`, or "" if it is not registered (yet).
+
+    A miss is remembered (`awaited_at`, on the database clock, in its own committed
+    transaction), so a later attempt knows how long the charge has waited for it. A charge that
+    names no reference at all can never find one: a business failure at once."""
+    if not isinstance(reference, str) or not reference:
+        raise PaymentMethodUnknown("The charge names no payment method", details={"payment_method": reference})
+    method = PaymentMethod.objects.using(DB).filter(reference=reference).first()
+    if method is not None and method.token:
+        return method.token
+    if method is None:
+        with transaction.atomic(using=DB):
+            PaymentMethod.objects.using(DB).get_or_create(reference=reference, defaults={"awaited_at": db_now(DB)})
+    return ""
+
+
+def payment_method_missing(*, reference: str, attempt: int) -> None:
+    """A charge found no intent: if its payment method is not registered, raise what that means
+    (read only).
+
+    Transient (`payment_method_pending`, retried) while the registration may still be on its
+    way; a business failure (`payment_method_unknown`) once the charge has waited
+    `PAYMENT_METHOD_WAIT_SECONDS` for it or reached attempt `PAYMENT_METHOD_WAIT_ATTEMPTS`."""
+    method = PaymentMethod.objects.using(DB).filter(reference=reference).first()
+    if method is not None and method.token:
+        return  # registered: the charge itself is what is missing (its call was not made)
+    details = {"payment_method": reference}
+    waited = (db_now(DB) - method.awaited_at).total_seconds() if method and method.awaited_at else 0.0
+    if waited >= settings.PAYMENT_METHOD_WAIT_SECONDS or attempt >= settings.PAYMENT_METHOD_WAIT_ATTEMPTS:
+        raise PaymentMethodUnknown(f"No payment method is registered as {reference}", details=details)
+    raise PaymentMethodPending(f"The payment method {reference} is not registered yet", details=details)
 
 
 def idempotency_key(saga_id: uuid.UUID) -> str:

@@ -36,7 +36,7 @@ def _call_outside(message: dict) -> None:
             op=rule.op,
             operation=rule.operation,
             attempt=attempt,
-            payload={**(message.get("context") or {}), "failure": message.get("failure")},
+            payload=choreography.payload_for(rule, message),
         )
         commands.call_outside(service="payments", command=command)
     except Exception as exc:  # the reaction itself reports the failure and retries
@@ -46,3 +46,11 @@ def _call_outside(message: dict) -> None:
             # reaction fails for good (`charge_cancelled`) instead of giving up on a charge
             # still pending, whose undo would have to wait on the gateway.
             services.charge_abandon(saga_id=uuid.UUID(str(message["saga_id"])))
+
+
+@shared_task(name="payments.register_payment_method", ignore_result=True)
+def register_payment_method(message: dict) -> None:
+    """The orders service's registration of a card: `{"reference", "order_id", "sealed_token"}`."""
+    services.payment_method_register(
+        reference=message["reference"], sealed_token=message["sealed_token"], order_id=message.get("order_id")
+    )

@@ -201,6 +201,9 @@ CSRF_TRUSTED_ORIGINS = [o for o in env_str("DJANGO_CSRF_TRUSTED_ORIGINS").split(
 SAGA_FAULT_INJECTION = env_bool("SAGA_FAULT_INJECTION", default=DEBUG)
 # `/healthz` shows anonymous callers only its status; staff, or this bearer token, see details.
 SAGA_HEALTHZ_TOKEN = env_str("SAGA_HEALTHZ_TOKEN")
+# Seals the card token in the message that registers it with payments (a Fernet key; derived
+# from SECRET_KEY when empty). Every process that places orders or runs payments needs the same.
+PAYMENT_TOKEN_SEAL_KEY = env_str("PAYMENT_TOKEN_SEAL_KEY")
 
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/orders/"
@@ -541,6 +544,11 @@ PAYMENT_GATEWAY_HANG_SECONDS = env_float("PAYMENT_GATEWAY_HANG_SECONDS", 30.0)
 # How long a booked parcel waits before it is dispatched (the point of no return); customers can
 # cancel until then.
 SHIPPING_HANDLING_SECONDS = env_float("SHIPPING_HANDLING_SECONDS", 10.0)
+# A charge whose payment method is not registered yet fails transiently (and is retried) until
+# it has waited this long (on the payments database's clock, from the first attempt that missed
+# it) or reaches this attempt; then it fails for good with `payment_method_unknown`.
+PAYMENT_METHOD_WAIT_SECONDS = env_float("PAYMENT_METHOD_WAIT_SECONDS", 10.0)
+PAYMENT_METHOD_WAIT_ATTEMPTS = env_int("PAYMENT_METHOD_WAIT_ATTEMPTS", 4)
 # Optimistic locking on stock: attempts before a reservation gives up as a transient error.
 INVENTORY_MAX_LOCK_ATTEMPTS = env_int("INVENTORY_MAX_LOCK_ATTEMPTS", 25)
 

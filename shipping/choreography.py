@@ -17,6 +17,7 @@ reaction(
     operation="schedule",
     emits=events.SHIPMENT_SCHEDULED,
     emits_on_failure=events.SHIPMENT_FAILED,
+    inputs=("order_id", "shipping_address"),
 )
 reaction(
     service="shipping",
@@ -46,4 +47,5 @@ reaction(
     operation="cancel",
     emits=events.SHIPMENT_CANCELLED,
     max_attempts=10,
+    inputs=("order_id", "shipping_address"),
 )

@@ -62,7 +62,7 @@ def pytest_configure(config):
     # processes the tests start (servers, workers) inherit the variable and accept these hashes.
     os.environ["SAGA_INSECURE_FAST_PASSWORDS"] = "true"
     settings.PASSWORD_HASHERS = FAST_PASSWORD_HASHERS
-    # Circuit breakers off unless a test turns them on (tests/test_breakers.py): the suite's many
+    # Circuit breakers off unless a test turns them on (tests/unit/ops/test_breakers.py): the suite's many
     # injected failures would otherwise open them and defer the steps the tests watch fail. The
     # processes the tests start inherit the variable.
     os.environ["BREAKER_ENABLED"] = "false"

@@ -50,6 +50,8 @@ class Reaction:
     max_attempts: int = 5
     # Seconds, or the name of a setting: how long after the event the reaction starts.
     start_after: float | str = 0.0
+    # The context keys its operation receives (as a step's `inputs`); `failure` always comes too.
+    inputs: tuple[str, ...] = ("order_id",)
 
     @property
     def key(self) -> str:
@@ -82,6 +84,33 @@ def reactions() -> list[Reaction]:
 
 def subscribers(event: str) -> list[Reaction]:
     return [r for r in _REACTIONS if event in r.on]
+
+
+def relayed(rule: Reaction) -> frozenset[str]:
+    """The context keys a subscriber's copy of an event carries: the declared `inputs` of every
+    reaction. A service passes the context on (there is no coordinator to hold it), and the
+    tracker rebuilds an earlier step's trigger from whatever context reached it, even when it
+    first hears of a saga at its end; so every event carries what any step of the flow needs,
+    and nothing that no step declares. Each operation still receives only its own `inputs`
+    (`payload_for`)."""
+    del rule  # the same keys for every subscriber: see above
+    return frozenset(key for reaction in _REACTIONS for key in reaction.inputs)
+
+
+def _only(context: dict, keys) -> dict:
+    return {k: v for k, v in context.items() if k in keys}
+
+
+def subscriber_copy(message: dict, rule: Reaction) -> dict:
+    """The event as one subscriber receives it: addressed to its reaction, with only the context
+    keys some reaction declares (`relayed`). Whoever sends an event to a reaction
+    builds the message with this (`publish`, and the tracker's nudges)."""
+    return {**message, "context": _only(message.get("context") or {}, relayed(rule)), "reaction": rule.key}
+
+
+def payload_for(rule: Reaction, message: dict) -> dict:
+    """What the reaction's operation receives: its declared `inputs` and the failure, if any."""
+    return {**_only(message.get("context") or {}, rule.inputs), "failure": message.get("failure")}
 
 
 def _find(service: str, key: str) -> Reaction:
@@ -120,7 +149,9 @@ def _envelope(
 
 def publish(*, using: str, message: dict[str, Any]) -> list[Any]:
     """Fan an event out to its subscribers and the tracker, in the caller's transaction.
-    Returns the outbox rows written, subscribers first."""
+    Returns the outbox rows written, subscribers first. Each subscriber's copy carries only the
+    context keys some reaction declares (`relayed`); the tracker's, the whole
+    context it was given (it keeps the saga's context, to rebuild an event it must nudge)."""
     written = []
     for subscriber in subscribers(message["event"]):
         written.append(
@@ -128,7 +159,7 @@ def publish(*, using: str, message: dict[str, Any]) -> list[Any]:
                 using=using,
                 task=f"{subscriber.service}.react",
                 queue=subscriber.service,
-                payload={**message, "reaction": subscriber.key, "attempt": 1},
+                payload={**subscriber_copy(message, subscriber), "attempt": 1},
                 delay=subscriber.start_delay(),
             )
         )
@@ -146,7 +177,7 @@ def react(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
         op=rule.op,
         operation=rule.operation,
         attempt=attempt,
-        payload={**message["context"], "failure": message.get("failure")},
+        payload=payload_for(rule, message),
     )
     with observability.step_attempt(service, command, reaction=rule.key) as step_attempt:
         outcome = _react(service, rule, message, command, attempt)

@@ -6,7 +6,7 @@ refuse an undeclared name. An event is published by a reaction (its `emits` or
 `emits_on_failure`), or outside any reaction by the module named in `published_by` (the start of
 the flow, the tracker's cancellation). Every published event has a subscriber, unless it is
 `final`: the end of a chain, which only the tracker records. `problems()` checks all of that
-(`tests/test_events_registry.py`).
+(`tests/unit/kernel/test_events_registry.py`).
 """
 
 from __future__ import annotations

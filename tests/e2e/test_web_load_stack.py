@@ -131,7 +131,7 @@ def test_the_web_process_holds_a_bounded_pool_and_a_saturated_one_is_a_503(loade
             assert set(data) == {"code", "message", "details"}
             assert headers["Retry-After"] == str(data["details"]["retry_after"])
     assert orders() == 1
-    assert OutboxMessage.objects.using("orders").count() == 1
+    assert OutboxMessage.objects.using("orders").count() == 2  # the order's start and card
 
 
 @pytest.mark.production

@@ -168,7 +168,7 @@ def _observe_start(run: Run, reaction, message: dict) -> None:
     trigger = {
         "task": f"{reaction.service}.react",
         "queue": reaction.service,
-        "payload": {**message, "reaction": reaction.key},
+        "payload": choreography.subscriber_copy(message, reaction),
     }
     if reaction.op == ACTION and step.state == State.PENDING:
         delay = reaction.start_delay()
@@ -238,12 +238,12 @@ def _start_implied(run: Run, step: SagaStep, reaction, *, implied_by: str) -> No
     trigger = step.trigger or {
         "task": f"{reaction.service}.react",
         "queue": reaction.service,
-        "payload": {
-            **choreography.event_message(
+        "payload": choreography.subscriber_copy(
+            choreography.event_message(
                 event=reaction.on[0], saga_id=run.saga.id, context=run.saga.context, failure=run.saga.failure
             ),
-            "reaction": reaction.key,
-        },
+            reaction,
+        ),
     }
     step.dispatch()
     step.started_at = step.started_at or run.now
@@ -374,7 +374,11 @@ def cancel(run: Run, failure: dict) -> None:
         return
     # The hold's answer (held, or refused) is owed: watch for it in place of the pivot's own
     # event, which is not to be asked for any more.
-    trigger = {"task": f"{hold.service}.react", "queue": hold.service, "payload": {**message, "reaction": hold.key}}
+    trigger = {
+        "task": f"{hold.service}.react",
+        "queue": hold.service,
+        "payload": choreography.subscriber_copy(message, hold),
+    }
     _watch(run, pivot, run.definition.step(pivot.name), trigger)
 
 

@@ -40,7 +40,7 @@ def rows() -> dict[str, int]:
         "orders": Order.objects.using("orders").count(),
         "lines": OrderLine.objects.using("orders").count(),
         "keys": IdempotencyKey.objects.using("orders").count(),
-        "outbox": OutboxMessage.objects.using("orders").count(),
+        "outbox": OutboxMessage.objects.using("orders").count(),  # two an order: start, card
     }
 
 
@@ -83,8 +83,8 @@ def test_concurrent_requests_with_one_key_place_exactly_one_order(alice, catalog
     assert all(body == first[0] for body in replays)
     assert all(body["code"] == "idempotency_key_in_flight" for body in refused)
     assert len(first) + len(replays) + len(refused) == THREADS
-    assert rows() == {"orders": 1, "lines": 1, "keys": 1, "outbox": 1}
-    assert [m["task"] for m in broker.queue] == ["orchestration.start_saga"]
+    assert rows() == {"orders": 1, "lines": 1, "keys": 1, "outbox": 2}
+    assert [m["task"] for m in broker.queue] == ["orchestration.start_saga", "payments.register_payment_method"]
 
 
 @pytest.mark.django_db(transaction=True, databases="__all__")
@@ -107,7 +107,7 @@ def test_concurrent_requests_with_one_key_and_two_bodies_place_the_first_one(ali
         else:
             assert (status, body["code"]) == (409, "idempotency_key_in_flight")
     assert [line.sku for line in order.lines.all()] == [winner["items"][0]["sku"]]
-    assert rows() == {"orders": 1, "lines": 1, "keys": 1, "outbox": 1}
+    assert rows() == {"orders": 1, "lines": 1, "keys": 1, "outbox": 2}
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ def test_a_request_while_the_first_with_its_key_is_in_flight_is_409(alice, bob, 
     assert "Idempotent-Replayed" not in placed
     again = post(alice, order_body(), key="order-123")
     assert (again.status_code, again["Idempotent-Replayed"], again.json()) == (202, "true", placed.json())
-    assert rows() == {"orders": 3, "lines": 3, "keys": 3, "outbox": 3}
+    assert rows() == {"orders": 3, "lines": 3, "keys": 3, "outbox": 6}
 
 
 # --- expiry ------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def test_an_expired_key_places_a_new_order_and_the_old_order_stays(alice, catalo
     key = IdempotencyKey.objects.using("orders").get()
     assert str(key.order_id) == again.json()["id"]
     assert Order.objects.using("orders").filter(id=first.json()["id"]).exists()
-    assert rows() == {"orders": 2, "lines": 2, "keys": 1, "outbox": 2}
+    assert rows() == {"orders": 2, "lines": 2, "keys": 1, "outbox": 4}
     # And the new key is remembered in turn.
     assert post(alice, order_body(items=[{"sku": "SKU-BOOK", "quantity": 1}]), key="order-123").json() == again.json()
 

@@ -23,15 +23,19 @@ pytestmark = pytest.mark.django_db(databases="__all__", transaction=False)
 URL = "/api/sagas/"
 
 
-def context(*, email="alice@example.com", customer_id=7, skus=("SKU-MUG",), token="tok_visa_4242") -> dict:
+def context(*, email="alice@example.com", customer_id=7, skus=("SKU-MUG",), token=None) -> dict:
+    # A saga's context carries the card's reference (payments keeps the token); `token` puts a raw
+    # one in as well, as a context from an older release or a careless definition might.
+    secret = {"payment_token": token} if token else {}
     return {
+        **secret,
         "order_id": str(uuid.uuid4()),
         "customer_id": customer_id,
         "customer_email": email,
         "items": [{"sku": sku, "quantity": 1} for sku in skus],
         "amount": "12.50",
         "currency": "EUR",
-        "payment_token": token,
+        "payment_method": "pm_" + uuid.uuid4().hex,
         "shipping_address": {"name": "A", "line1": "1 rue", "city": "Paris", "postal_code": "75001", "country": "FR"},
         "mode": "orchestrated",
     }
@@ -345,7 +349,8 @@ def test_export_a_saga_with_step_inputs_masked(staff_api, broker):
     assert body["saga"]["id"] == str(saga.id)
     assert "tok_live_secret_9876" not in response.content.decode()
     steps = {s["name"]: s for s in body["steps"]}
-    assert steps["charge_payment"]["input"]["payment_token"] == "••••9876"
+    assert body["saga"]["context"]["payment_token"] == "••••9876"
+    assert steps["charge_payment"]["input"]["payment_method"] == saga.context["payment_method"]
     assert steps["charge_payment"]["input"]["amount"] == "12.50"
     assert steps["reserve_stock"]["input"]["items"] == [{"sku": "SKU-MUG", "quantity": 1}]
     assert steps["reserve_stock"]["error"] == {"code": "gateway_timeout", "message": "Gateway timeout"}

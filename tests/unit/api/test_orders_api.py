@@ -279,9 +279,13 @@ def test_a_valid_order_is_accepted_pending_with_its_saga(alice_api, alice, catal
         ("SKU-BOOK", 1, Decimal("44.00")),
         (MUG, 2, Decimal("12.50")),
     ]
-    assert rows() == {"orders": 1, "lines": 2, "history": 1, "keys": 0, "outbox": 1}
-    start = OutboxMessage.objects.using("orders").get()
+    # The start, and the card's registration with payments (sealed: the token is not in it).
+    assert rows() == {"orders": 1, "lines": 2, "history": 1, "keys": 0, "outbox": 2}
+    start, registration = OutboxMessage.objects.using("orders").order_by("created_at", "task")
     assert (start.task, start.queue) == ("orchestration.start_saga", "orchestrator")
+    assert (registration.task, registration.queue) == ("payments.register_payment_method", "payments")
+    assert registration.payload["reference"] == start.payload["context"]["payment_method"]
+    assert "tok_visa" not in json.dumps(registration.payload)
     assert start.payload["saga_id"] == str(order.saga_id)
     assert start.payload["context"]["amount"] == "69.00"
 
@@ -356,9 +360,9 @@ def test_the_same_key_and_body_return_the_same_order_once(alice_api, catalogue, 
     assert second["Idempotent-Replayed"] == "true"
     assert second.json() == first.json()
     assert second["Location"] == first["Location"]
-    assert rows() == {"orders": 1, "lines": 1, "history": 1, "keys": 1, "outbox": 1}
+    assert rows() == {"orders": 1, "lines": 1, "history": 1, "keys": 1, "outbox": 2}
     # One saga started: the replay publishes nothing.
-    assert [m["task"] for m in broker.queue] == ["orchestration.start_saga"]
+    assert [m["task"] for m in broker.queue] == ["orchestration.start_saga", "payments.register_payment_method"]
 
 
 def test_the_same_body_in_another_key_order_is_still_a_replay(alice_api, catalogue, broker):
@@ -418,7 +422,7 @@ def test_without_a_key_the_same_body_places_two_orders(alice_api, catalogue, bro
     second = post_json(alice_api, order_body())
 
     assert first.json()["id"] != second.json()["id"]
-    assert rows() == {"orders": 2, "lines": 2, "history": 2, "keys": 0, "outbox": 2}
+    assert rows() == {"orders": 2, "lines": 2, "history": 2, "keys": 0, "outbox": 4}
 
 
 # --- inventory ---------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_orders_past_the_pending_limit_are_refused_with_503_and_retry_after_and_
     }
     assert refused["Retry-After"] == str(settings.API_RETRY_AFTER)
     assert orders() == 2
-    assert OutboxMessage.objects.using("orders").count() == 2
+    assert OutboxMessage.objects.using("orders").count() == 4  # two an order: the start and the card
     assert list(IdempotencyKey.objects.using("orders").values_list("key", flat=True)) == ["first"]
     # A replay is not new work: it is answered whatever the load.
     replay = alice_api.post(URL, order_body(), format="json", HTTP_IDEMPOTENCY_KEY="first")

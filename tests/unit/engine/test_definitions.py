@@ -289,8 +289,8 @@ def test_the_saga_deadline_can_be_overridden(settings):
     assert PLACE_ORDER.effective_deadline() == 5.0
 
 
-def test_only_the_payment_step_sees_the_payment_token():
-    assert [s.name for s in (*PLACE_ORDER.steps, *PLACE_ORDER.on_failure) if "payment_token" in s.inputs] == [
+def test_only_the_payment_step_sees_the_payment_method():
+    assert [s.name for s in (*PLACE_ORDER.steps, *PLACE_ORDER.on_failure) if "payment_method" in s.inputs] == [
         "charge_payment"
     ]
     assert all("order_id" in s.inputs for s in (*PLACE_ORDER.steps, *PLACE_ORDER.on_failure))

@@ -22,6 +22,7 @@ from inventory.services import stock_set
 from notifications.models import Notification
 from orders.models import Order, OrderStatusChange
 from payments.models import Charge, LedgerEntry
+from payments.services import payment_method_add
 from sagaplatform.kernel import barrier, commands
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, REPLY_TASK
 from sagaplatform.kernel.errors import TransientError
@@ -190,7 +191,7 @@ def new_saga(catalogue, broker):
                 "items": items or [{"sku": "SKU-MUG", "quantity": 2}],
                 "amount": "25.00",
                 "currency": "EUR",
-                "payment_token": token,
+                "payment_method": payment_method_add(token=token),
                 "customer_email": "alice@example.com",
                 "shipping_address": {**ADDRESS, "phone": "+33612345678"},
                 "failure": {"code": "card_declined", "message": "The card was declined"},

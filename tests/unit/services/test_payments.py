@@ -15,7 +15,7 @@ from django.db.models.query import QuerySet
 from payments import gateway, selectors
 from payments.exceptions import CardDeclined, GatewayUnavailable
 from payments.models import Charge, LedgerEntry
-from payments.services import charge_create, charge_undo_call
+from payments.services import charge_create, charge_undo_call, payment_method_add
 from payments.services import charge_refund as record_refund
 from sagaplatform.kernel import commands
 from sagaplatform.kernel.models import Barrier
@@ -73,7 +73,7 @@ def charge_command(*, saga_id, token: str = "tok_visa", amount: str = "25.00", a
         order_id=str(order_id or uuid.uuid4()),
         amount=amount,
         currency="EUR",
-        payment_token=token,
+        payment_method=payment_method_add(token=token),
     )
 
 
