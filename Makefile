@@ -43,6 +43,7 @@ lint: install-dev ## Lint, check formatting and check that migrations are up to 
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python manage.py makemigrations --check --dry-run
+	$(BIN)/python manage.py check --database default
 
 format: install-dev ## Fix lint findings and format the code
 	$(BIN)/ruff check --fix .

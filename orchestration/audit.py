@@ -19,7 +19,7 @@ from payments import selectors as payments
 from sagaplatform.kernel import audit as kernel
 from shipping import selectors as shipping
 
-from .definitions import get_definition
+from .definitions import for_saga
 from .models import Saga, SagaStep
 
 FAILED_OUTCOMES = (Saga.State.COMPENSATED, Saga.State.FAILED, Saga.State.CANCELLED)
@@ -90,7 +90,7 @@ def run_audit() -> list[Violation]:
         charge = charges.get(saga_id)
         order = order_by_saga.get(saga_id)
         if saga.state == Saga.State.COMPLETED:
-            expected = get_definition(saga.definition).outcome
+            expected = for_saga(saga).outcome
             if charge is None or charge["state"] != "captured" or (order and charge["amount"] != order["total"]):
                 flag("money_not_captured", saga_id, f"completed saga with charge {charge}")
             if order and order["status"] != expected["order"]:
@@ -110,7 +110,7 @@ def run_audit() -> list[Violation]:
                 )
             if order and order["status"] not in ("rejected", "cancelled"):
                 flag("status_mismatch", saga_id, f"{saga.state} saga, order {order['status']}")
-            definition = get_definition(saga.definition)
+            definition = for_saga(saga)
             for spec in definition.steps:
                 step = steps[saga_id].get(spec.name)
                 if spec.compensation and step and step.state not in UNDONE and not _definitive(step):

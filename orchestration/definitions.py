@@ -7,8 +7,12 @@ every completed step has been compensated (they tell the order and the customer 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from django.conf import settings
 
@@ -111,6 +115,10 @@ class SagaDefinition:
     refusals: dict = field(default_factory=dict)
     # Choreography: the event that announces a cancellation to the services.
     cancel_event: str = ""
+    # The human half of the definition's version (`label`); the other half is the content hash
+    # (`digest`). Bump it with every change to the definition: `manage.py check --database
+    # default` fails when the content changed under a label a saga still runs.
+    version: str = "1"
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +136,47 @@ class SagaDefinition:
         if len(set(all_names)) != len(all_names):
             raise ValueError(f"{self.name}: a failure step shares a name with a step")
         self._index.update({s.name: s for s in (*self.steps, *self.on_failure)})
+
+    def graph(self) -> dict:
+        """The definition as data (JSON): what a saga's version snapshot stores."""
+        data = dataclasses.asdict(self)
+        data.pop("_index")
+        return json.loads(json.dumps(data))
+
+    @cached_property
+    def digest(self) -> str:
+        """The content hash: sha256 of the canonical JSON of `graph()`."""
+        return hashlib.sha256(json.dumps(self.graph(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    @classmethod
+    def from_graph(cls, data: dict) -> SagaDefinition:
+        """Rebuild a definition from `graph()` (a stored snapshot)."""
+
+        def step(raw: dict) -> StepSpec:
+            return StepSpec(
+                **{
+                    **raw,
+                    "depends_on": tuple(raw["depends_on"]),
+                    "inputs": tuple(raw["inputs"]),
+                    "retry": RetryPolicy(**raw["retry"]),
+                    "compensation_retry": RetryPolicy(**raw["compensation_retry"]),
+                    "confirm_retry": RetryPolicy(**raw["confirm_retry"]),
+                }
+            )
+
+        known = {f.name for f in dataclasses.fields(cls)} - {"_index"}
+        fields = {k: v for k, v in data.items() if k in known}
+        return cls(
+            **{
+                **fields,
+                "steps": tuple(step(s) for s in data["steps"]),
+                "on_failure": tuple(step(s) for s in data["on_failure"]),
+            }
+        )
 
     @property
     def parallel(self) -> bool:
@@ -333,6 +382,57 @@ def get_definition(name: str) -> SagaDefinition:
         return DEFINITIONS[name]
     except KeyError:
         raise LookupError(f"no saga definition named {name!r}") from None
+
+
+class UnknownDefinitionVersion(LookupError):
+    """A saga names a definition version that is neither in the code nor among the snapshots."""
+
+
+# Snapshots already read from, or written to, the database by this process (by digest).
+_LOADED: dict[str, SagaDefinition] = {}
+
+
+def record(definition: SagaDefinition, *, using: str = "default") -> None:
+    """Keep a snapshot of `definition` (idempotent), in the caller's transaction: a saga that
+    starts on it can load it for the rest of its life, whatever the code says by then."""
+    from .models import DefinitionSnapshot
+
+    # INSERT ... ON CONFLICT DO NOTHING: one statement, and concurrent starts never collide.
+    DefinitionSnapshot.objects.using(using).bulk_create(
+        [
+            DefinitionSnapshot(
+                digest=definition.digest, name=definition.name, version=definition.version, graph=definition.graph()
+            )
+        ],
+        ignore_conflicts=True,
+    )
+
+
+def for_saga(saga) -> SagaDefinition:
+    """The exact definition `saga` runs: the version it recorded at its start, for its whole
+    life. The code's definition when its content is unchanged, else the stored snapshot (the
+    step graph is data; the operations it names stay in the services' code). A saga from before
+    versions (no digest) runs the code's definition of its name."""
+    digest = getattr(saga, "definition_hash", "")
+    if not digest:
+        return get_definition(saga.definition)
+    current = DEFINITIONS.get(saga.definition)
+    if current is not None and current.digest == digest:
+        return current
+    if digest in _LOADED:
+        return _LOADED[digest]
+    from .models import DefinitionSnapshot
+
+    row = DefinitionSnapshot.objects.using("default").filter(digest=digest).first()
+    if row is None:
+        raise UnknownDefinitionVersion(
+            f"no saga definition version {saga.definition} {digest[:12]} (neither in the code nor stored)"
+        )
+    definition = SagaDefinition.from_graph(row.graph)
+    if definition.digest != digest:
+        raise UnknownDefinitionVersion(f"the stored snapshot {digest[:12]} does not rebuild to itself")
+    _LOADED[digest] = definition
+    return definition
 
 
 def for_context(context: dict) -> SagaDefinition:

@@ -17,7 +17,7 @@ from django.db import transaction
 from sagaplatform.kernel import feed
 
 from . import rules, selectors
-from .definitions import SagaDefinition, get_definition
+from .definitions import SagaDefinition, for_saga
 from .engine import style
 from .models import Saga, SagaEvent, SagaStep
 
@@ -54,7 +54,7 @@ def event_view(event: SagaEvent) -> dict:
 
 
 def saga_header(saga: Saga, steps: Iterable[SagaStep], *, now: datetime) -> dict:
-    definition = get_definition(saga.definition)
+    definition = for_saga(saga)
     steps = list(steps)
     actions = [s for s in steps if s.kind == SagaStep.Kind.ACTION]
     active = sorted((s for s in actions if rules.step_in_flight(s)), key=lambda s: s.position)
@@ -64,6 +64,8 @@ def saga_header(saga: Saga, steps: Iterable[SagaStep], *, now: datetime) -> dict
         "id": str(saga.id),
         "order_id": saga.context.get("order_id"),
         "definition": saga.definition,
+        "definition_version": saga.definition_label,
+        "definition_hash": saga.definition_hash,
         "style": style_of(definition),
         "state": saga.state,
         "version": saga.version,
