@@ -13,6 +13,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from functools import cached_property
+from importlib import import_module
 
 from django.conf import settings
 
@@ -366,6 +367,8 @@ MODES = {
     "choreography": PLACE_ORDER_CHOREOGRAPHY,
 }
 
+if settings.SAGA_DEFINITIONS_MODULE:
+    MODES = import_module(settings.SAGA_DEFINITIONS_MODULE).modes(dict(MODES))
 
 DEFINITIONS: dict[str, SagaDefinition] = {d.name: d for d in MODES.values()}
 

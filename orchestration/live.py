@@ -17,7 +17,7 @@ from django.db import transaction
 from sagaplatform.kernel import feed
 
 from . import rules, selectors
-from .definitions import SagaDefinition, for_saga
+from .definitions import DEFINITIONS, SagaDefinition, for_saga
 from .engine import style
 from .models import Saga, SagaEvent, SagaStep
 
@@ -66,6 +66,8 @@ def saga_header(saga: Saga, steps: Iterable[SagaStep], *, now: datetime) -> dict
         "definition": saga.definition,
         "definition_version": saga.definition_label,
         "definition_hash": saga.definition_hash,
+        # The graph of an older version than the code's (the dashboard has the current ones).
+        "definition_graph": None if DEFINITIONS.get(saga.definition) is definition else definition_graph(definition),
         "style": style_of(definition),
         "state": saga.state,
         "version": saga.version,
@@ -105,6 +107,8 @@ def definition_graph(definition: SagaDefinition) -> dict:
 
     return {
         "name": definition.name,
+        "label": definition.label,
+        "digest": definition.digest,
         "style": style_of(definition),
         "description": definition.description,
         "steps": [node(s) for s in definition.steps],
