@@ -39,7 +39,7 @@ run: setup ## Set up and serve the platform with demo data on http://127.0.0.1:$
 test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers when reachable)
 	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install-dev ## Lint, check formatting and check that migrations are up to date
+lint: install-dev ## Lint, check formatting, migrations and saga definition versions (needs the database)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python manage.py makemigrations --check --dry-run

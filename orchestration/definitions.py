@@ -17,6 +17,7 @@ from importlib import import_module
 
 from django.conf import settings
 
+from sagaplatform.api import ApiError
 from sagaplatform.kernel import events
 
 
@@ -387,8 +388,16 @@ def get_definition(name: str) -> SagaDefinition:
         raise LookupError(f"no saga definition named {name!r}") from None
 
 
-class UnknownDefinitionVersion(LookupError):
-    """A saga names a definition version that is neither in the code nor among the snapshots."""
+class UnknownDefinitionVersion(LookupError, ApiError):
+    """A saga names a definition version that is neither in the code nor among the snapshots.
+    The engine fails on it (the sweeper parks the saga with an alert); an operator action on it
+    is answered 409."""
+
+    status = 409
+    code = "unknown_definition_version"
+
+    def __init__(self, message: str) -> None:
+        ApiError.__init__(self, message)
 
 
 # Snapshots already read from, or written to, the database by this process (by digest).

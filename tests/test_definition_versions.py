@@ -14,15 +14,18 @@ import pytest
 from django.core.checks import Error
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.utils import timezone
+from rest_framework.test import APIClient
 
-from orchestration import checks, definitions, engine
+from orchestration import checks, definitions, engine, live
 from orchestration.deadletters import alert_dead_letters
 from orchestration.definitions import SagaDefinition, UnknownDefinitionVersion
-from orchestration.models import Alert, DefinitionSnapshot, Saga
+from orchestration.models import Alert, DefinitionSnapshot, Saga, SagaStep
 from payments.models import Charge
 from sagaplatform.kernel import choreography, events
 from sagaplatform.kernel.models import Barrier, DeadLetter, OutboxMessage
 from tests import definitions_changed
+from tests.conftest import make_operator
 
 pytestmark = pytest.mark.django_db(databases="__all__")
 
@@ -58,6 +61,11 @@ def test_a_saga_records_its_version_and_keeps_it_after_the_code_changes(monkeypa
     assert [s.name for s in resolved.steps] == [s.name for s in v1.steps]
     # The engine reads it too: an advance on the new code finds every step of the old graph.
     engine.saga_advance(saga_id=saga_id)
+    # The dashboard's header names the version and brings the old graph along.
+    header = live.saga_header(saga, SagaStep.objects.using("default").filter(saga=saga), now=timezone.now())
+    assert (header["definition_version"], header["definition_hash"]) == ("place_order v1", v1.digest)
+    assert [s["name"] for s in header["definition_graph"]["steps"]] == [s.name for s in v1.steps]
+    assert header["definition_graph"]["digest"] == v1.digest
     # A new saga takes the new version.
     engine.saga_start(saga_id=uuid.uuid4(), definition="place_order", context=CONTEXT)
     assert Saga.objects.using("default").filter(definition_label="place_order v2").count() == 1
@@ -70,6 +78,18 @@ def test_an_unknown_version_is_a_recorded_error_and_parks_the_saga(monkeypatch):
     monkeypatch.setattr(definitions, "_LOADED", {})
     with pytest.raises(UnknownDefinitionVersion, match="no saga definition version place_order ffffffffffff"):
         engine.saga_advance(saga_id=saga_id)
+    # Read views still show it; an operator action on it is a clear 409, not a 500.
+    operator = make_operator()
+    api = APIClient()
+    api.force_authenticate(operator)
+    detail = api.get(f"/api/sagas/{saga_id}/")
+    assert detail.status_code == 200
+    assert [s["name"] for s in detail.json()["steps"]][:2] == ["reserve_stock", "charge_payment"]
+    header = live.saga_header(Saga.objects.using("default").get(id=saga_id), [], now=timezone.now())
+    assert header["definition_version"] == "place_order v1"
+    refused = api.post(f"/api/sagas/{saga_id}/cancel/", {"reason": "test"}, format="json")
+    assert refused.status_code == 409, refused.content
+    assert refused.json()["code"] == "unknown_definition_version"
     # The sweeper's answer to a saga the engine fails on: parked, with an alert.
     assert engine.saga_park_broken(saga_id=saga_id, error=UnknownDefinitionVersion("gone"))
     assert Saga.objects.using("default").get(id=saga_id).state == Saga.State.PARKED
