@@ -173,3 +173,17 @@ def test_the_tracker_parks_an_unversioned_or_unknown_schema_event():
     assert not Saga.objects.using("default").exists()
     assert sorted(DeadLetter.objects.using("default").values_list("reason", flat=True)) == ["failed", "malformed"]
     assert alert_dead_letters() == 2
+
+
+def test_a_definition_removed_from_the_code_still_runs_its_sagas(monkeypatch):
+    saga_id = uuid.uuid4()
+    engine.saga_start(saga_id=saga_id, definition="place_order_parallel", context=CONTEXT)
+    monkeypatch.delitem(definitions.DEFINITIONS, "place_order_parallel")
+    monkeypatch.setattr(definitions, "_LOADED", {})
+    with pytest.raises(LookupError):
+        definitions.get_definition("place_order_parallel")  # no new saga can take it
+
+    engine.saga_advance(saga_id=saga_id)
+    saga = Saga.objects.using("default").get(id=saga_id)
+    assert definitions.for_saga(saga).digest == definitions.PLACE_ORDER_PARALLEL.digest
+    assert saga.state == Saga.State.RUNNING
