@@ -156,22 +156,29 @@ class SagaDefinition:
 
     @classmethod
     def from_graph(cls, data: dict) -> SagaDefinition:
-        """Rebuild a definition from `graph()` (a stored snapshot)."""
+        """Rebuild a definition from `graph()` (a stored snapshot). A field the code no longer
+        has is left out, and one added since takes its default."""
+
+        def known(kind, raw: dict) -> dict:
+            names = {f.name for f in dataclasses.fields(kind)} - {"_index"}
+            return {k: v for k, v in raw.items() if k in names}
+
+        def policy(raw: dict | None) -> RetryPolicy:
+            return RetryPolicy(**known(RetryPolicy, raw or {}))
 
         def step(raw: dict) -> StepSpec:
             return StepSpec(
                 **{
-                    **raw,
-                    "depends_on": tuple(raw["depends_on"]),
-                    "inputs": tuple(raw["inputs"]),
-                    "retry": RetryPolicy(**raw["retry"]),
-                    "compensation_retry": RetryPolicy(**raw["compensation_retry"]),
-                    "confirm_retry": RetryPolicy(**raw["confirm_retry"]),
+                    **known(StepSpec, raw),
+                    "depends_on": tuple(raw.get("depends_on", ())),
+                    "inputs": tuple(raw.get("inputs", ("order_id",))),
+                    "retry": policy(raw.get("retry")),
+                    "compensation_retry": policy(raw.get("compensation_retry")),
+                    "confirm_retry": policy(raw.get("confirm_retry")),
                 }
             )
 
-        known = {f.name for f in dataclasses.fields(cls)} - {"_index"}
-        fields = {k: v for k, v in data.items() if k in known}
+        fields = known(cls, data)
         return cls(
             **{
                 **fields,
@@ -400,7 +407,7 @@ class UnknownDefinitionVersion(LookupError, ApiError):
         ApiError.__init__(self, message)
 
 
-# Snapshots already read from, or written to, the database by this process (by digest).
+# Snapshots this process has read (by digest; a snapshot never changes).
 _LOADED: dict[str, SagaDefinition] = {}
 
 
@@ -440,9 +447,9 @@ def for_saga(saga) -> SagaDefinition:
         raise UnknownDefinitionVersion(
             f"no saga definition version {saga.definition} {digest[:12]} (neither in the code nor stored)"
         )
+    # Keyed by the digest it was stored under (a later code may add fields with defaults, which
+    # would change a recomputed hash, not what the saga runs).
     definition = SagaDefinition.from_graph(row.graph)
-    if definition.digest != digest:
-        raise UnknownDefinitionVersion(f"the stored snapshot {digest[:12]} does not rebuild to itself")
     _LOADED[digest] = definition
     return definition
 

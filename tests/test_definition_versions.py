@@ -40,6 +40,13 @@ def test_a_snapshot_rebuilds_the_same_definition(mode):
     assert [s.name for s in rebuilt.steps] == [s.name for s in definition.steps]
     assert rebuilt.step("charge_payment") == definition.step("charge_payment")
     assert definition.label == f"{definition.name} v1"
+    # A snapshot written by other code: a field since removed is left out, one added takes its default.
+    older = definition.graph()
+    older["retired"] = True
+    older["steps"][0]["retired"] = 1
+    del older["steps"][0]["timeout"], older["steps"][0]["retry"]["jitter"]
+    rebuilt = SagaDefinition.from_graph(older)
+    assert (rebuilt.steps[0].timeout, rebuilt.steps[0].retry.jitter) == (30.0, True)
     changed = definitions_changed.modes(dict(definitions.MODES))[mode]
     assert (changed.label, changed.digest != definition.digest) == (f"{definition.name} v2", True)
 
