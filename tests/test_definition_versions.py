@@ -194,3 +194,14 @@ def test_a_definition_removed_from_the_code_still_runs_its_sagas(monkeypatch):
     saga = Saga.objects.using("default").get(id=saga_id)
     assert definitions.for_saga(saga).digest == definitions.PLACE_ORDER_PARALLEL.digest
     assert saga.state == Saga.State.RUNNING
+
+
+def test_the_audit_reports_a_saga_whose_version_cannot_be_loaded(monkeypatch):
+    from orchestration.audit import run_audit
+
+    saga_id = uuid.uuid4()
+    engine.saga_start(saga_id=saga_id, definition="place_order", context=CONTEXT)
+    Saga.objects.using("default").filter(id=saga_id).update(definition_hash="e" * 64)
+    monkeypatch.setattr(definitions, "_LOADED", {})
+    rules = [finding.rule for finding in run_audit()]
+    assert "unknown_definition_version" in rules
