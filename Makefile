@@ -46,11 +46,12 @@ test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers w
 test-fast: install-dev ## The fast tier: every test that starts no process or browser (-m "not slow"), ~1-2 min
 	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: install-dev ## Lint, check formatting, type-check (mypy) and check that migrations are up to date
+lint: install-dev ## Lint, check formatting, type-check (mypy), check migrations and saga definition versions (needs the database)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python manage.py makemigrations --check --dry-run
+	$(BIN)/python manage.py check --database default
 
 format: install-dev ## Fix lint findings and format the code
 	$(BIN)/ruff check --fix .

@@ -30,7 +30,7 @@ from sagaplatform.kernel.clock import db_now
 from . import engine, live, rules, selectors
 from .definitions import DEFINITIONS, MODES
 from .exceptions import OperationNotAllowed
-from .models import Alert, Saga, SagaEvent, SagaStep, SavedView
+from .models import Alert, DefinitionSnapshot, Saga, SagaEvent, SagaStep, SavedView
 from .permissions import OPERATE
 
 DB = "default"
@@ -221,6 +221,8 @@ class SagaAdmin(admin.ModelAdmin):
         "id",
         "order",
         "definition",
+        "definition_label",
+        "definition_hash",
         "style",
         "state",
         "operator_actions",
@@ -301,6 +303,20 @@ class SagaStepAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description="saga", ordering="saga_id")
     def saga_ref(self, step: SagaStep) -> str:
         return saga_link(step.saga_id)
+
+
+@admin.register(DefinitionSnapshot)
+class DefinitionSnapshotAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """The definition versions sagas started on (written by the engine, never changed)."""
+
+    list_display = ["name", "version", "short_digest", "created_at"]
+    list_filter = ["name"]
+    search_fields = ["digest", "name"]
+    ordering = ["name", "created_at"]
+
+    @admin.display(description="digest", ordering="digest")
+    def short_digest(self, snapshot: DefinitionSnapshot) -> str:
+        return snapshot.digest[:12]
 
 
 @admin.register(SagaEvent)

@@ -28,6 +28,8 @@ ORDER_ID = "3f2c9a4e-8d1b-4c6a-9f0e-2b7d5a1c8e64"
 SUMMARY_EXAMPLE = {
     "id": SAGA_ID,
     "definition": "place_order",
+    "definition_version": "place_order v1",
+    "definition_hash": "16e0e0e0a196c3f1a2b4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7081920",
     "style": "orchestrated",
     "order_id": ORDER_ID,
     "state": "parked",
@@ -58,6 +60,12 @@ class SagaSummarySerializer(serializers.Serializer):
 
     id = serializers.UUIDField(help_text="The saga's id: every service's idempotency key for its work.")
     definition = serializers.CharField(help_text="The saga definition, e.g. `place_order_tcc`.")
+    definition_version = serializers.CharField(
+        source="definition_label",
+        help_text="The version of the definition the saga runs, for its whole life (`place_order v2`); "
+        "empty for a saga started before definitions were versioned.",
+    )
+    definition_hash = serializers.CharField(help_text="The content hash of that version's step graph.")
     style = serializers.SerializerMethodField(help_text="orchestrated, parallel, tcc or choreography.")
     order_id = serializers.SerializerMethodField(help_text="The order the saga runs.")
     state = serializers.ChoiceField(choices=Saga.State.choices)

@@ -6,7 +6,7 @@ class OrchestrationConfig(AppConfig):
     verbose_name = "Saga orchestration"
 
     def ready(self) -> None:
-        from . import live
+        from . import checks, live  # noqa: F401  (checks registers the definition version check)
         from .engine import run
 
         # The live feed publishes every engine transaction once it commits.

@@ -19,7 +19,7 @@ from payments import selectors as payments
 from sagaplatform.kernel import audit as kernel
 from shipping import selectors as shipping
 
-from .definitions import get_definition
+from .definitions import UnknownDefinitionVersion, for_saga
 from .models import Saga, SagaStep
 
 FAILED_OUTCOMES = (Saga.State.COMPENSATED, Saga.State.FAILED, Saga.State.CANCELLED)
@@ -89,8 +89,13 @@ def run_audit() -> list[Violation]:
     for saga_id, saga in sagas.items():
         charge = charges.get(saga_id)
         order = order_by_saga.get(saga_id)
+        try:
+            definition = for_saga(saga)
+        except UnknownDefinitionVersion as exc:
+            flag("unknown_definition_version", saga_id, str(exc))
+            continue
         if saga.state == Saga.State.COMPLETED:
-            expected = get_definition(saga.definition).outcome
+            expected = definition.outcome
             if charge is None or charge["state"] != "captured" or (order and charge["amount"] != order["total"]):
                 flag("money_not_captured", saga_id, f"completed saga with charge {charge}")
             if order and order["status"] != expected["order"]:
@@ -110,7 +115,6 @@ def run_audit() -> list[Violation]:
                 )
             if order and order["status"] not in ("rejected", "cancelled"):
                 flag("status_mismatch", saga_id, f"{saga.state} saga, order {order['status']}")
-            definition = get_definition(saga.definition)
             for spec in definition.steps:
                 saga_step = steps[saga_id].get(spec.name)
                 if spec.compensation and saga_step and saga_step.state not in UNDONE and not _definitive(saga_step):

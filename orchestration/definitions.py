@@ -7,11 +7,17 @@ every completed step has been compensated (they tell the order and the customer 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import import_module
 
 from django.conf import settings
 
+from sagaplatform.api import ApiError
 from sagaplatform.kernel import events
 
 
@@ -111,6 +117,10 @@ class SagaDefinition:
     refusals: dict = field(default_factory=dict)
     # Choreography: the event that announces a cancellation to the services.
     cancel_event: str = ""
+    # The human half of the definition's version (`label`); the other half is the content hash
+    # (`digest`). Bump it with every change to the definition: `manage.py check --database
+    # default` fails when the content changed under a label a saga still runs.
+    version: str = "1"
     _index: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +138,54 @@ class SagaDefinition:
         if len(set(all_names)) != len(all_names):
             raise ValueError(f"{self.name}: a failure step shares a name with a step")
         self._index.update({s.name: s for s in (*self.steps, *self.on_failure)})
+
+    def graph(self) -> dict:
+        """The definition as data (JSON): what a saga's version snapshot stores."""
+        data = dataclasses.asdict(self)
+        data.pop("_index")
+        return json.loads(json.dumps(data))
+
+    @cached_property
+    def digest(self) -> str:
+        """The content hash: sha256 of the canonical JSON of `graph()`."""
+        return hashlib.sha256(json.dumps(self.graph(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    @classmethod
+    def from_graph(cls, data: dict) -> SagaDefinition:
+        """Rebuild a definition from `graph()` (a stored snapshot). A field the code no longer
+        has is left out, and one added since takes its default."""
+
+        def known(kind, raw: dict) -> dict:
+            names = {f.name for f in dataclasses.fields(kind)} - {"_index"}
+            return {k: v for k, v in raw.items() if k in names}
+
+        def policy(raw: dict | None) -> RetryPolicy:
+            return RetryPolicy(**known(RetryPolicy, raw or {}))
+
+        def step(raw: dict) -> StepSpec:
+            return StepSpec(
+                **{
+                    **known(StepSpec, raw),
+                    "depends_on": tuple(raw.get("depends_on", ())),
+                    "inputs": tuple(raw.get("inputs", ("order_id",))),
+                    "retry": policy(raw.get("retry")),
+                    "compensation_retry": policy(raw.get("compensation_retry")),
+                    "confirm_retry": policy(raw.get("confirm_retry")),
+                }
+            )
+
+        fields = known(cls, data)
+        return cls(
+            **{
+                **fields,
+                "steps": tuple(step(s) for s in data["steps"]),
+                "on_failure": tuple(step(s) for s in data["on_failure"]),
+            }
+        )
 
     @property
     def parallel(self) -> bool:
@@ -317,6 +375,8 @@ MODES = {
     "choreography": PLACE_ORDER_CHOREOGRAPHY,
 }
 
+if settings.SAGA_DEFINITIONS_MODULE:
+    MODES = import_module(settings.SAGA_DEFINITIONS_MODULE).modes(dict(MODES))
 
 DEFINITIONS: dict[str, SagaDefinition] = {d.name: d for d in MODES.values()}
 
@@ -333,6 +393,65 @@ def get_definition(name: str) -> SagaDefinition:
         return DEFINITIONS[name]
     except KeyError:
         raise LookupError(f"no saga definition named {name!r}") from None
+
+
+class UnknownDefinitionVersion(LookupError, ApiError):
+    """A saga names a definition version that is neither in the code nor among the snapshots.
+    The engine fails on it (the sweeper parks the saga with an alert); an operator action on it
+    is answered 409."""
+
+    status = 409
+    code = "unknown_definition_version"
+
+    def __init__(self, message: str) -> None:
+        ApiError.__init__(self, message)
+
+
+# Snapshots this process has read (by digest; a snapshot never changes).
+_LOADED: dict[str, SagaDefinition] = {}
+
+
+def record(definition: SagaDefinition, *, using: str = "default") -> None:
+    """Keep a snapshot of `definition` (idempotent), in the caller's transaction: a saga that
+    starts on it can load it for the rest of its life, whatever the code says by then."""
+    from .models import DefinitionSnapshot
+
+    # INSERT ... ON CONFLICT DO NOTHING: one statement, and concurrent starts never collide.
+    DefinitionSnapshot.objects.using(using).bulk_create(
+        [
+            DefinitionSnapshot(
+                digest=definition.digest, name=definition.name, version=definition.version, graph=definition.graph()
+            )
+        ],
+        ignore_conflicts=True,
+    )
+
+
+def for_saga(saga) -> SagaDefinition:
+    """The exact definition `saga` runs: the version it recorded at its start, for its whole
+    life. The code's definition when its content is unchanged, else the stored snapshot (the
+    step graph is data; the operations it names stay in the services' code). A saga from before
+    versions (no digest) runs the code's definition of its name."""
+    digest = getattr(saga, "definition_hash", "")
+    if not digest:
+        return get_definition(saga.definition)
+    current = DEFINITIONS.get(saga.definition)
+    if current is not None and current.digest == digest:
+        return current
+    if digest in _LOADED:
+        return _LOADED[digest]
+    from .models import DefinitionSnapshot
+
+    row = DefinitionSnapshot.objects.using("default").filter(digest=digest).first()
+    if row is None:
+        raise UnknownDefinitionVersion(
+            f"no saga definition version {saga.definition} {digest[:12]} (neither in the code nor stored)"
+        )
+    # Keyed by the digest it was stored under (a later code may add fields with defaults, which
+    # would change a recomputed hash, not what the saga runs).
+    definition = SagaDefinition.from_graph(row.graph)
+    _LOADED[digest] = definition
+    return definition
 
 
 def for_context(context: dict) -> SagaDefinition:

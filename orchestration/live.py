@@ -17,7 +17,7 @@ from django.db import transaction
 from sagaplatform.kernel import feed
 
 from . import rules, selectors
-from .definitions import SagaDefinition, get_definition
+from .definitions import DEFINITIONS, SagaDefinition, UnknownDefinitionVersion, for_saga
 from .engine import style
 from .models import Saga, SagaEvent, SagaStep
 
@@ -54,7 +54,10 @@ def event_view(event: SagaEvent) -> dict:
 
 
 def saga_header(saga: Saga, steps: Iterable[SagaStep], *, now: datetime) -> dict:
-    definition = get_definition(saga.definition)
+    try:
+        definition = for_saga(saga)
+    except UnknownDefinitionVersion:
+        definition = None  # shown all the same (the saga is parked with an alert)
     steps = list(steps)
     actions = [s for s in steps if s.kind == SagaStep.Kind.ACTION]
     active = sorted((s for s in actions if rules.step_in_flight(s)), key=lambda s: s.position)
@@ -64,7 +67,15 @@ def saga_header(saga: Saga, steps: Iterable[SagaStep], *, now: datetime) -> dict
         "id": str(saga.id),
         "order_id": saga.context.get("order_id"),
         "definition": saga.definition,
-        "style": style_of(definition),
+        "definition_version": saga.definition_label,
+        "definition_hash": saga.definition_hash,
+        # The graph of an older version than the code's (the dashboard has the current ones).
+        "definition_graph": (
+            None
+            if definition is None or DEFINITIONS.get(saga.definition) is definition
+            else definition_graph(definition)
+        ),
+        "style": style_of(definition) if definition else "",
         "state": saga.state,
         "version": saga.version,
         "created_at": _iso(saga.created_at),
@@ -103,6 +114,8 @@ def definition_graph(definition: SagaDefinition) -> dict:
 
     return {
         "name": definition.name,
+        "label": definition.label,
+        "digest": definition.digest,
         "style": style_of(definition),
         "description": definition.description,
         "steps": [node(s) for s in definition.steps],

@@ -35,6 +35,11 @@ class Saga(FSMModelMixin, models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     definition = models.CharField(max_length=64)
+    # The exact definition it runs, recorded at its start (`definitions.for_saga`): the content
+    # hash of the step graph (a `DefinitionSnapshot`) and its human label ("place_order v1").
+    # Empty for a saga started before definitions were versioned (it runs the code's).
+    definition_hash = models.CharField(max_length=64, blank=True, default="")
+    definition_label = models.CharField(max_length=96, blank=True, default="")
     state = FSMField(default=State.PENDING, choices=State.choices, protected=True, db_index=True)
     context = models.JSONField(default=dict)
     failure = models.JSONField(null=True, blank=True)
@@ -121,6 +126,28 @@ class Saga(FSMModelMixin, models.Model):
     @transition(field=state, source=[State.PENDING, State.RUNNING, State.COMPENSATING], target=State.FAILED)
     def fail(self, *, failure: dict) -> None:
         self.failure = failure
+
+
+class DefinitionSnapshot(models.Model):
+    """A saga definition as it was when a saga started on it: its graph as data, keyed by its
+    content hash. Written once per version (`definitions.record`), never changed; a saga loads
+    its own (`definitions.for_saga`) however the code changed since."""
+
+    digest = models.CharField(max_length=64, primary_key=True)
+    name = models.CharField(max_length=64)
+    version = models.CharField(max_length=32)
+    graph = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version} ({self.digest[:12]})"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
 
 
 class SagaStep(FSMModelMixin, models.Model):

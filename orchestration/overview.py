@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 from django.db.models import Count
 from django.db.models.functions import TruncMinute
@@ -18,7 +19,7 @@ from sagaplatform.kernel import breakers, ports
 from sagaplatform.kernel.clock import db_now
 
 from . import alerting, rules
-from .definitions import DEFINITIONS
+from .definitions import DEFINITIONS, for_saga
 from .engine import style
 from .models import Alert, Saga, SagaEvent, SagaStep
 
@@ -48,6 +49,14 @@ STEP_BAD = {
     SagaStep.State.COMPENSATION_FAILED,
     SagaStep.State.CONFIRM_FAILED,
 }
+
+
+def _version(name: str, digest: str):
+    """The definition version a saga ran (its step graph), or None if it cannot be loaded."""
+    try:
+        return for_saga(SimpleNamespace(definition=name, definition_hash=digest))
+    except LookupError:
+        return None
 
 
 def percentile(sorted_values: list[float], p: float) -> float | None:
@@ -100,14 +109,14 @@ def flow(now) -> dict:
         SagaEvent.objects.using(DB)
         .filter(created_at__gte=now - FLOW_WINDOW)
         .exclude(step="")
-        .values("saga__definition", "step", "to_state")
+        .values("saga__definition", "saga__definition_hash", "step", "to_state")
         .annotate(n=Count("id"))
         .order_by()
     )
     per_min = FLOW_WINDOW.total_seconds() / 60
     edges: dict[tuple[str, str, str], dict] = defaultdict(lambda: {"count": 0, "failures": 0})
     for row in rows:
-        definition = DEFINITIONS.get(row["saga__definition"])
+        definition = _version(row["saga__definition"], row["saga__definition_hash"])
         if definition is None or not definition.has_step(row["step"]):
             continue
         spec = definition.step(row["step"])

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from django.db.models import BooleanField, Case, Exists, OuterRef, Q, Value, When
 from django.db.models.functions import Now
 
-from .definitions import SagaDefinition, get_definition
+from .definitions import SagaDefinition, for_saga
 from .exceptions import OperationNotAllowed
 from .models import Saga, SagaStep
 
@@ -166,7 +166,7 @@ def _definition(saga: Saga, definition: SagaDefinition | None) -> SagaDefinition
     if definition is not None:
         return definition
     try:
-        return get_definition(saga.definition)
+        return for_saga(saga)
     except LookupError:
         return None
 

@@ -6,7 +6,7 @@ from django.db.models import QuerySet
 from django.db.models.functions import Now
 
 from . import rules
-from .definitions import for_mode, get_definition
+from .definitions import UnknownDefinitionVersion, for_mode, for_saga
 from .models import Saga, SagaStep
 
 DB = "default"
@@ -60,12 +60,20 @@ def saga_summary(saga_id) -> dict | None:
     saga = Saga.objects.using(DB).filter(id=saga_id).annotate(db_now=Now()).first()
     if saga is None:
         return None
-    definition = get_definition(saga.definition)
+    try:
+        definition = for_saga(saga)
+    except UnknownDefinitionVersion:
+        definition = None  # still shown (steps in their stored order); the saga is parked
     steps = {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
-    ordered = [steps[s.name] for s in (*definition.steps, *definition.on_failure) if s.name in steps]
+    if definition is None:
+        ordered = sorted(steps.values(), key=lambda s: (s.kind != SagaStep.Kind.ACTION, s.position))
+    else:
+        ordered = [steps[s.name] for s in (*definition.steps, *definition.on_failure) if s.name in steps]
     return {
         "id": str(saga.id),
         "definition": saga.definition,
+        "definition_version": saga.definition_label,
+        "definition_hash": saga.definition_hash,
         "state": saga.state,
         "version": saga.version,
         "failure": saga.failure,

@@ -17,6 +17,8 @@ def execute(message: dict) -> None:
 
 @shared_task(name="payments.react", ignore_result=True)
 def react(message: dict) -> None:
+    if choreography.park_unrunnable(service="payments", message=message):
+        return  # no gateway call for an event no reaction accepts
     _call_outside(message)
     choreography.react(service="payments", message=message)
 

@@ -366,6 +366,9 @@ CELERY_WORKER_CONSUMER = "sagaplatform.kernel.deadletters:Consumer"
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1_000_000)
 SAGA_QUEUES = ("orchestrator", *SERVICE_ALIASES)
 SAGA_SWEEP_INTERVAL = env_float("SAGA_SWEEP_INTERVAL", 2.0)
+# A module whose `modes(current)` returns the definitions to run instead of the built-in ones,
+# by mode (`orchestration.definitions`): the tests deploy changed definitions with it.
+SAGA_DEFINITIONS_MODULE = env_str("SAGA_DEFINITIONS_MODULE")
 # Shorten every step timeout / saga deadline (seconds), for tests and demos of timeouts.
 SAGA_STEP_TIMEOUT_OVERRIDE = env_float("SAGA_STEP_TIMEOUT_OVERRIDE", 0.0)
 # A step's lease runs from when a worker starts the attempt: a command (or its answer) still

@@ -15,7 +15,7 @@ What to do next is decided from the stored state alone (the style's `advance`), 
 reply, a restarted worker, the sweeper or an operator can call it again and get the same answer.
 """
 
-from ..definitions import get_definition
+from ..definitions import for_saga, get_definition
 from ..exceptions import OperationNotAllowed
 from . import style
 from .actions import saga_cancel, saga_retry, saga_skip
@@ -33,6 +33,7 @@ __all__ = [
     "OperationNotAllowed",
     "State",
     "attempt_in_flight",
+    "for_saga",
     "get_definition",
     "reply_handle",
     "saga_advance",

@@ -22,8 +22,8 @@ from sagaplatform.kernel import faults, outbox
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
 from sagaplatform.observability import hooks as observability
 
-from .. import rules
-from ..definitions import SagaDefinition, StepSpec, get_definition
+from .. import definitions, rules
+from ..definitions import SagaDefinition, StepSpec
 from ..models import Alert, Saga, SagaEvent, SagaStep
 from . import style
 
@@ -103,9 +103,12 @@ class Run:
 def create_saga(*, saga_id: uuid.UUID | str, definition: SagaDefinition, context: dict, now: datetime | None) -> Run:
     """Create a saga and its steps (pending), in the caller's transaction. With `now`, the saga
     gets its deadline from it; without, it has none (no one could act on it)."""
+    definitions.record(definition, using=DB)
     saga = Saga.objects.using(DB).create(
         id=saga_id,
         definition=definition.name,
+        definition_hash=definition.digest,
+        definition_label=definition.label,
         context=context,
         deadline_at=now + timedelta(seconds=definition.effective_deadline()) if now else None,
     )
@@ -131,7 +134,7 @@ def load(saga_id, *, actor: str = "engine", skip_locked: bool = False) -> Run | 
     if saga is None:
         return None
     steps = {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
-    return Run(saga=saga, definition=get_definition(saga.definition), steps=steps, now=saga.db_now, actor=actor)
+    return Run(saga=saga, definition=definitions.for_saga(saga), steps=steps, now=saga.db_now, actor=actor)
 
 
 def locked(saga_id, apply: Callable[[Run], bool], *, actor: str = "engine", skip_locked: bool = False) -> bool:

@@ -16,6 +16,7 @@ services compensate.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import uuid
@@ -52,6 +53,9 @@ class Reaction:
     start_after: float | str = 0.0
     # The context keys its operation receives (as a step's `inputs`); `failure` always comes too.
     inputs: tuple[str, ...] = ("order_id",)
+    # The event schema versions it can run on (`events.SCHEMA`): a reaction that starts
+    # reading a new field accepts only the schema that carries it.
+    accepts: tuple[int, ...] = (events.SCHEMA,)
 
     @property
     def key(self) -> str:
@@ -139,12 +143,88 @@ def _envelope(
 ) -> dict[str, Any]:
     return {
         "event": event,
+        "schema": events.SCHEMA,
         "event_id": str(uuid.uuid4()),
         "saga_id": str(saga_id),
         "context": context,
         "failure": failure,
         "emitter": emitter,
     }
+
+
+def _malformed(message, required: tuple[str, ...]) -> str | None:
+    if not isinstance(message, dict):
+        return f"an event message must be an object, got {type(message).__name__}"
+    missing = [k for k in required if k not in message]
+    if missing:
+        return f"event message without {', '.join(missing)}"
+    if not isinstance(message["context"], dict):
+        return "the event's context is not an object"
+    try:
+        uuid.UUID(str(message["saga_id"]))
+    except ValueError:
+        return f"saga_id {str(message['saga_id'])[:64]!r} is not a UUID"
+    if "schema" not in message:
+        return f"unversioned event {str(message['event'])[:64]!r} (no schema)"
+    return None
+
+
+def unrunnable(*, service: str, message) -> tuple[str, str] | None:
+    """Why `service` cannot run this event message: (dead-letter reason, what is wrong), or None.
+    A malformed or unversioned message, a reaction the service no longer has, or a schema
+    version the reaction does not accept."""
+    problem = _malformed(message, ("event", "saga_id", "context", "reaction"))
+    if problem:
+        return "malformed", problem
+    rule = next((r for r in _REACTIONS if r.service == service and r.key == message["reaction"]), None)
+    if rule is None:
+        return "failed", f"{service} has no reaction {message['reaction']!r} (to {message['event']!r})"
+    if message["schema"] not in rule.accepts:
+        return "failed", (
+            f"no live reaction accepts {message['event']!r} schema {message['schema']!r}: "
+            f"{service}:{rule.key} accepts {list(rule.accepts)}"
+        )
+    return None
+
+
+# The event schema versions the tracker records.
+TRACKED_SCHEMAS = (events.SCHEMA,)
+
+
+def tracker_problem(message) -> tuple[str, str] | None:
+    """Why the tracker cannot record this event message (as `unrunnable`), or None."""
+    problem = _malformed(message, ("event", "saga_id", "context"))
+    if problem:
+        return "malformed", problem
+    if message["schema"] not in TRACKED_SCHEMAS:
+        return "failed", f"the tracker does not know {message['event']!r} schema {message['schema']!r}"
+    return None
+
+
+def park(*, queue: str, task: str, message, problem: tuple[str, str]) -> None:
+    """Park an event message as a dead letter in the database of `queue` (the orchestrator
+    raises an alert for each), instead of failing on it or dropping it."""
+    from . import deadletters
+
+    reason, error = problem
+    deadletters.record(
+        queue=queue,
+        reason=reason,
+        raw=json.dumps(message, default=str),
+        task=task,
+        message_id=str(message.get("event_id", "")) if isinstance(message, dict) else "",
+        error=error,
+        in_task=True,
+    )
+
+
+def park_unrunnable(*, service: str, message) -> bool:
+    """Park an event `service` cannot run (`unrunnable`). True if parked."""
+    problem = unrunnable(service=service, message=message)
+    if problem is None:
+        return False
+    park(queue=service, task=f"{service}.react", message=message, problem=problem)
+    return True
 
 
 def publish(*, using: str, message: dict[str, Any]) -> list[Any]:
@@ -168,7 +248,10 @@ def publish(*, using: str, message: dict[str, Any]) -> list[Any]:
 
 
 def react(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
-    """Run one reaction to one event (a service's `react` task calls this)."""
+    """Run one reaction to one event (a service's `react` task calls this). An event it cannot
+    run is parked (`park_unrunnable`)."""
+    if park_unrunnable(service=service, message=message):
+        return {"status": "parked"}
     rule = _find(service, message["reaction"])
     attempt = int(message.get("attempt", 1))
     command = Command(

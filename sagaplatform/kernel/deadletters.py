@@ -59,6 +59,7 @@ def record(
     message_id: str = "",
     error: str = "",
     size: int | None = None,
+    in_task: bool = False,
 ) -> None:
     """Store one dead letter. Never raises: a worker must survive a database that is down too
     (the message is then only in the log line below)."""
@@ -94,8 +95,10 @@ def record(
         logger.exception("could not record a dead letter on queue %s", queue)
     finally:
         # The worker's parent process (the event loop) does not otherwise use the database:
-        # hold no connection there (a forked child would inherit it).
-        connections[alias].close()
+        # hold no connection there (a forked child would inherit it). A task (`in_task`) keeps
+        # its connection, as any task does.
+        if not in_task:
+            connections[alias].close()
 
 
 def _envelope_error(payload: object) -> str | None:

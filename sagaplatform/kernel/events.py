@@ -27,6 +27,13 @@ class Event:
 
 EVENTS: dict[str, Event] = {}
 
+# The version of the event message's schema (its envelope and the context it carries), sent in
+# every event as `schema`. A change to what an event carries gets a new number; each reaction
+# declares the numbers it accepts (`Reaction.accepts`), and an event that no reaction of the
+# receiving service accepts (or that carries no number) is parked as a dead letter, with an
+# alert, never run on a guess nor dropped.
+SCHEMA = 1
+
 
 def declare(name: str, meaning: str, *, published_by: str = "", final: bool = False) -> str:
     """Declare an event; returns its name (the constant the services use)."""

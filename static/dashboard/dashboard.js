@@ -392,13 +392,15 @@ function renderAttention() {
 }
 
 function definitionFor(header, steps) {
+  // A saga runs the version it started on: an older one comes with its own graph.
+  if (header?.definition_graph) return header.definition_graph;
   const def = state.definitions[header?.definition];
-  if (def) return def;
+  if (def && (!header?.definition_hash || def.digest === header.definition_hash)) return def;
   // Not in hello (an older definition): draw the steps as a chain, which is what they were.
   const actions = [...steps.values()].filter((s) => s.kind !== "on_failure").sort((a, b) => a.position - b.position);
   const failure = [...steps.values()].filter((s) => s.kind === "on_failure").sort((a, b) => a.position - b.position);
   const chain = (arr) => arr.map((s, i) => ({ name: s.name, service: s.service, after: i ? [arr[i - 1].name] : [], pivot: false, compensation: null }));
-  return { name: `?${header?.definition}`, style: header?.style, steps: chain(actions), on_failure: chain(failure) };
+  return { name: `?${header?.definition}`, digest: header?.definition_hash, style: header?.style, steps: chain(actions), on_failure: chain(failure) };
 }
 
 function renderSaga(timelineMode) {
@@ -458,6 +460,7 @@ function renderMeta(header) {
     ["Order", header.order_id ? h("code", { title: header.order_id }, header.order_id) : "—"],
     ["Style", header.style || "—"],
     ["Definition", header.definition || "—"],
+    ["Version", header.definition_version ? h("span", { title: header.definition_hash || "" }, header.definition_version) : "—"],
     ["Started", created ? fmtClock(created) : "—"],
     [finished ? "Took" : "Running for", created ? fmtDuration((finished ?? now) - created) : "—"],
     ["Progress", `${header.steps_done ?? 0}/${header.steps_total ?? 0}${header.active_step ? ` · ${header.active_step}` : ""}`],

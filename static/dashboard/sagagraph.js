@@ -191,7 +191,7 @@ export class SagaGraph {
   }
 
   setDefinition(def) {
-    if (this.definition && def && this.definition.name === def.name) return;
+    if (this.definition && def && this.definition.name === def.name && this.definition.digest === def.digest) return;
     this.definition = def;
     this.picked = null;
     const cy = this.cy;

@@ -27,7 +27,7 @@ from django.db.models.functions import Now
 from sagaplatform.kernel import attempts, choreography, outbox
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, SUCCEEDED
 
-from ...definitions import SagaDefinition, for_context, get_definition
+from ...definitions import SagaDefinition, for_context, for_saga
 from ...models import Saga, SagaStep
 from ..run import CANCELLED, DB, IN_FLIGHT, Run, create_saga, park
 from ..style import Style, register
@@ -42,7 +42,12 @@ HOLD_REQUESTED, HELD, HOLD_REFUSED = "dispatch_hold_requested", "dispatch_held",
 
 
 def track(*, message: dict) -> None:
-    """Record one published event (the tracker's task calls this)."""
+    """Record one published event (the tracker's task calls this). A malformed or unversioned
+    event, or one of a schema the tracker does not know, is parked as a dead letter (alerted)."""
+    problem = choreography.tracker_problem(message)
+    if problem is not None:
+        choreography.park(queue="orchestrator", task=choreography.TRACK_TASK, message=message, problem=problem)
+        return
     ensure_saga(saga_id=message["saga_id"], context=message["context"])
     _track(message)
 
@@ -51,7 +56,7 @@ def _track(message: dict) -> None:
     with transaction.atomic(using=DB):
         saga = Saga.objects.using(DB).select_for_update().annotate(db_now=Now()).get(id=message["saga_id"])
         steps = {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
-        run = Run(saga=saga, definition=get_definition(saga.definition), steps=steps, now=saga.db_now, actor="tracker")
+        run = Run(saga=saga, definition=for_saga(saga), steps=steps, now=saga.db_now, actor="tracker")
         run.record("event_observed", data={"event": message["event"], "emitter": message.get("emitter")})
         emitter = message.get("emitter")
         if emitter and emitter.get("step") in steps:

@@ -98,6 +98,8 @@ def test_the_list_shows_style_order_and_what_needs_an_operator(operator_api):
     assert row == {
         "id": str(saga.id),
         "definition": "place_order_tcc",
+        "definition_version": "",  # a saga made by hand, without a recorded version
+        "definition_hash": "",
         "style": "tcc",
         "order_id": str(order_id),
         "state": "parked",
