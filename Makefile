@@ -6,6 +6,8 @@ PORT   ?= 8000
 QUEUES ?= orchestrator,inventory,payments,orders,shipping,notifications
 CONCURRENCY ?= 4
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test-fast` (each with its own test databases); 0: in the pytest process.
+TEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev run test test-fast lint format bench bench-styles bench-feed ramp simulate audit web worker workers beat setup migrations clean
@@ -39,8 +41,8 @@ run: setup ## Set up and serve the platform with demo data on http://127.0.0.1:$
 test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers when reachable)
 	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install-dev ## The fast tier: every test that starts no process or browser (-m "not slow"), ~1-2 min
-	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: install-dev ## The fast tier: every test that starts no process or browser (-m "not slow"), on TEST_WORKERS xdist workers
+	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install-dev ## Lint, check formatting, type-check (mypy) and check that migrations are up to date
 	$(BIN)/ruff check .
