@@ -10,6 +10,8 @@ PYTEST_ARGS ?=
 # samples here; /metrics merges them (docs/OPERATIONS.md, "Metrics").
 PROMETHEUS_MULTIPROC_DIR ?= $(CURDIR)/var/prometheus
 export PROMETHEUS_MULTIPROC_DIR
+# pytest-xdist workers for `make test-fast` (each with its own test databases); 0: in the pytest process.
+TEST_WORKERS ?= auto
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev run test test-fast lint format bench bench-styles bench-feed bench-search ramp simulate audit web worker workers beat setup migrations clean
@@ -43,8 +45,8 @@ run: setup ## Set up and serve the platform with demo data on http://127.0.0.1:$
 test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers when reachable)
 	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install-dev ## The fast tier: every test that starts no process or browser (-m "not slow"), ~1-2 min
-	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: install-dev ## The fast tier: every test that starts no process or browser (-m "not slow"), on TEST_WORKERS xdist workers
+	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install-dev ## Lint, check formatting, type-check (mypy), check migrations and saga definition versions (needs the database)
 	$(BIN)/ruff check .

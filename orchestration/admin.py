@@ -97,8 +97,9 @@ def retry_sagas(modeladmin, request, queryset):
 def skip_parked_compensations(modeladmin, request, queryset):
     def skip(saga, actor, reason):
         verdict = rules.skip_verdict(saga, saga.steps.using(DB).all())
-        if not verdict.allowed:
-            raise ActionRefused(_said(verdict))
+        refusal = _said(verdict)  # None: allowed
+        if refusal is not None:
+            raise ActionRefused(refusal)
         for step_name in verdict.steps:
             _engine(
                 lambda step_name=step_name: engine.saga_skip(

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db.models import BooleanField, Case, Exists, OuterRef, Q, Value, When
 from django.db.models.functions import Now
@@ -138,9 +139,9 @@ class Verdict:
     def __bool__(self) -> bool:
         return self.allowed
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """The wire shape (the live feed's `actions`)."""
-        out = {"allowed": self.allowed, "code": self.code or None, "message": self.message}
+        out: dict[str, Any] = {"allowed": self.allowed, "code": self.code or None, "message": self.message}
         out["until"] = self.until.isoformat() if self.until else None
         if self.then is not None:
             out["then"] = {"code": self.then.code, "message": self.then.message}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -67,6 +68,22 @@ def pytest_configure(config):
     # processes the tests start inherit the variable.
     os.environ["BREAKER_ENABLED"] = "false"
     settings.BREAKER_ENABLED = False
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        isolate_xdist_worker(worker)
+
+
+def isolate_xdist_worker(worker: str) -> None:
+    """`make test-fast` runs on pytest-xdist workers (gw0, gw1...). pytest-django gives each its
+    own test databases (`test_<name>_gw0`...); the Redis database is shared, so each worker gets
+    its own cache key prefix (worker heartbeats, live-feed watch marks) and channel-layer prefix
+    (live-feed groups). Attempt marks need none: their keys hold the saga's id."""
+    for cache in settings.CACHES.values():
+        cache["KEY_PREFIX"] = f"{cache.get('KEY_PREFIX', '')}-{worker}"
+    layers: dict[str, dict[str, Any]] = settings.CHANNEL_LAYERS
+    for layer in layers.values():
+        if "CONFIG" in layer:  # channels_redis (the in-memory layer is the process's own)
+            layer["CONFIG"]["prefix"] = f"asgi-{worker}"
 
 
 # The slow tiers, by directory: every test under tests/<tier>/ gets the tier's marker and `slow`

@@ -12,15 +12,15 @@ from ..definitions import for_context
 from ..exceptions import OperationNotAllowed
 from ..models import Saga, SagaStep
 from . import style
-from .run import CANCELLED, DB, Run, locked, resolve_alerts
+from .run import CANCELLED, DB, JSON, Run, SagaId, locked, resolve_alerts
 
 
-def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = "") -> Saga:
+def saga_cancel(*, saga_id: SagaId, context: JSON, actor: str, reason: str = "") -> Saga:
     """Cancel a saga: stop starting steps, let steps in flight finish (or time out), and
     compensate what succeeded. Refused (409) once the point of no return is passed or being
     passed, and for a saga that already ended. `context` is what the caller knows of the saga,
     used only when the cancel arrives before the saga exists."""
-    outcome: dict = {}
+    outcome: dict[str, Saga] = {}
 
     def apply(run: Run) -> bool:
         saga = outcome["saga"] = run.saga
@@ -43,10 +43,10 @@ def saga_cancel(*, saga_id, context: dict, actor: str, reason: str = "") -> Saga
     return outcome["saga"]
 
 
-def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
+def saga_retry(*, saga_id: SagaId, actor: str, reason: str = "") -> Saga:
     """Resume a parked or stuck saga from where it stopped. Safe to call twice at once: the
     second caller finds the saga no longer parked (or its steps no longer stuck) and is refused."""
-    outcome: dict = {}
+    outcome: dict[str, Saga] = {}
 
     def apply(run: Run) -> bool:
         saga = run.saga
@@ -70,11 +70,11 @@ def saga_retry(*, saga_id, actor: str, reason: str = "") -> Saga:
     return outcome["saga"]
 
 
-def saga_skip(*, saga_id, step_name: str, actor: str, reason: str) -> Saga:
+def saga_skip(*, saga_id: SagaId, step_name: str, actor: str, reason: str) -> Saga:
     """Settle a parked compensation by hand (the operator fixed it outside the platform)."""
     if not reason.strip():
         raise OperationNotAllowed("reason_required", "Skipping a compensation needs a reason", status=400)
-    outcome: dict = {}
+    outcome: dict[str, Saga] = {}
 
     def apply(run: Run) -> bool:
         outcome["saga"] = run.saga

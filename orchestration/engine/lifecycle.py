@@ -4,7 +4,6 @@ passed deadline, a step whose start time came) and parking a saga the engine fai
 from __future__ import annotations
 
 import logging
-import uuid
 
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
@@ -15,12 +14,12 @@ from sagaplatform.kernel.clock import db_now
 from ..definitions import get_definition
 from ..models import Alert, Saga, SagaEvent
 from . import style
-from .run import DB, Run, State, create_saga, locked
+from .run import DB, JSON, QueueIdle, Run, SagaId, State, create_saga, locked
 
 logger = logging.getLogger(__name__)
 
 
-def saga_start(*, saga_id: uuid.UUID | str, definition: str, context: dict, cancel: dict | None = None) -> bool:
+def saga_start(*, saga_id: SagaId, definition: str, context: JSON, cancel: JSON | None = None) -> bool:
     """Create and start a saga. Idempotent on `saga_id`: a repeated start message does nothing.
 
     With `cancel`, the saga is created already cancelled (a cancel that overtook the start)."""
@@ -48,7 +47,12 @@ def saga_start(*, saga_id: uuid.UUID | str, definition: str, context: dict, canc
 
 
 def step_lease_expire(
-    *, saga_id, step_name: str, mark: attempts.Mark | None = None, known: bool = False, queue_idle=None
+    *,
+    saga_id: SagaId,
+    step_name: str,
+    mark: attempts.Mark | None = None,
+    known: bool = False,
+    queue_idle: QueueIdle | None = None,
 ) -> bool:
     """The sweeper found a step whose lease passed: its style decides (time the attempt out,
     extend the lease, or ask again for an event)."""
@@ -62,7 +66,7 @@ def step_lease_expire(
     return locked(saga_id, apply, skip_locked=True)
 
 
-def saga_deadline_expire(*, saga_id) -> bool:
+def saga_deadline_expire(*, saga_id: SagaId) -> bool:
     """Past its global deadline: compensate before the pivot; after it, only go forward."""
 
     def apply(run: Run) -> bool:
@@ -88,12 +92,12 @@ def saga_deadline_expire(*, saga_id) -> bool:
     return locked(saga_id, apply, skip_locked=True)
 
 
-def saga_advance(*, saga_id) -> bool:
+def saga_advance(*, saga_id: SagaId) -> bool:
     """Re-decide from the stored state (the sweeper, for steps whose start time has come)."""
     return locked(saga_id, lambda run: True, skip_locked=True)
 
 
-def saga_park_broken(*, saga_id, error: Exception) -> bool:
+def saga_park_broken(*, saga_id: SagaId, error: Exception) -> bool:
     """Park a saga the engine failed on (an unknown definition, a step it no longer has), with
     an alert, so that the sweeper leaves it out instead of failing on it at every run. Written
     without the definition, which may be what is missing."""

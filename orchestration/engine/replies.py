@@ -25,12 +25,12 @@ from sagaplatform.kernel.commands import (
 
 from ..models import Saga, SagaStep
 from . import deferral
-from .run import IN_FLIGHT, Run, State, attempt_in_flight, lease, locked, send
+from .run import IN_FLIGHT, JSON, QueueIdle, Run, State, attempt_in_flight, lease, locked, send
 
 logger = logging.getLogger(__name__)
 
 
-def reply_handle(*, reply: dict) -> bool:
+def reply_handle(*, reply: JSON) -> bool:
     """Apply one service reply to its saga. Stale or duplicate replies change nothing."""
 
     def apply(run: Run) -> bool:
@@ -47,7 +47,9 @@ def reply_handle(*, reply: dict) -> bool:
     return locked(reply["saga_id"], apply)
 
 
-def expire_lease(run: Run, step: SagaStep, *, mark: attempts.Mark | None, known: bool, queue_idle) -> bool:
+def expire_lease(
+    run: Run, step: SagaStep, *, mark: attempts.Mark | None, known: bool, queue_idle: QueueIdle | None
+) -> bool:
     """The verdict on an attempt that outlived its lease: a transient failure, unless the
     attempt's mark (`known`: the sweeper could read the marks) shows that it is still queued,
     running within its time, or answered with the answer still queued."""
@@ -66,12 +68,14 @@ def expire_lease(run: Run, step: SagaStep, *, mark: attempts.Mark | None, known:
     return handler(run, step, reply)
 
 
-def lease_extend(run: Run, step: SagaStep, mark: attempts.Mark | None, queue_idle) -> bool:
+def lease_extend(run: Run, step: SagaStep, mark: attempts.Mark | None, queue_idle: QueueIdle | None) -> bool:
     """Extend an expired lease whose attempt is not late: its command still waits in the
     service's queue, it started less than a timeout ago, or it answered and the answer still
     waits in the orchestrator's queue. A command or answer the broker lost is sent again (the
     same attempt: the barrier replays or waits for it) when nothing is queued ahead of it. Past
     SAGA_QUEUE_WAIT_LIMIT from the sending, the attempt counts as timed out after all."""
+    if step.sent_at is None:
+        return False  # never sent (the caller asks only for a sent attempt)
     spec = run.definition.step(step.name)
     timeout = spec.effective_timeout()
     waited = (run.now - step.sent_at).total_seconds()
@@ -95,7 +99,7 @@ def lease_extend(run: Run, step: SagaStep, mark: attempts.Mark | None, queue_idl
     return True
 
 
-def apply_action_reply(run: Run, step: SagaStep, reply: dict) -> bool:
+def apply_action_reply(run: Run, step: SagaStep, reply: JSON) -> bool:
     if step.state not in (State.RUNNING, State.RETRYING) or reply.get("attempt") != step.attempts:
         return False
     spec = run.definition.step(step.name)
@@ -144,7 +148,7 @@ def apply_action_reply(run: Run, step: SagaStep, reply: dict) -> bool:
     return True
 
 
-def abandon(run: Run, step: SagaStep, error: dict, *, reason: str) -> None:
+def abandon(run: Run, step: SagaStep, error: JSON, *, reason: str) -> None:
     before = step.state
     step.fail(
         error={
@@ -188,15 +192,15 @@ CONFIRMATION = Settling(
 )  # fmt: skip
 
 
-def apply_compensation_reply(run: Run, step: SagaStep, reply: dict) -> bool:
+def apply_compensation_reply(run: Run, step: SagaStep, reply: JSON) -> bool:
     return apply_settling_reply(run, step, reply, COMPENSATION)
 
 
-def apply_confirm_reply(run: Run, step: SagaStep, reply: dict) -> bool:
+def apply_confirm_reply(run: Run, step: SagaStep, reply: JSON) -> bool:
     return apply_settling_reply(run, step, reply, CONFIRMATION)
 
 
-def apply_settling_reply(run: Run, step: SagaStep, reply: dict, phase: Settling) -> bool:
+def apply_settling_reply(run: Run, step: SagaStep, reply: JSON, phase: Settling) -> bool:
     attempt = getattr(step, phase.attempts)
     if step.state != phase.state or reply.get("attempt") != attempt:
         return False

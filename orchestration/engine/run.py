@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import transaction
 from django.db.models.functions import Now
@@ -39,6 +40,13 @@ CANCELLED = rules.CANCELLED  # the failure code of a saga a person cancelled
 # Called with every run about to commit (the live feed registers itself in AppConfig.ready).
 ON_FLUSH: list[Callable[[Run], None]] = []
 
+# A JSON object as the engine stores and passes it on (a saga's context, a failure, a reply,
+# an event's data): its shape is the definition's and the wire format's, not the engine's.
+JSON = dict[str, Any]
+SagaId = uuid.UUID | str
+# Whether a queue has nothing waiting in it (the sweeper's, asked before sending an attempt again).
+QueueIdle = Callable[[str], bool]
+
 
 @dataclass
 class Run:
@@ -55,7 +63,9 @@ class Run:
     # The metrics of this transaction's events, counted when it commits (observability hooks).
     metrics_pending: list | None = None
 
-    def record(self, kind: str, *, step: SagaStep | None = None, from_state: str = "", data: dict | None = None):
+    def record(
+        self, kind: str, *, step: SagaStep | None = None, from_state: str = "", data: JSON | None = None
+    ) -> None:
         self.saga.version += 1
         if step is not None:
             self.dirty.add(step.name)
@@ -100,7 +110,7 @@ class Run:
         return any(spec.pivot and step.state == State.SUCCEEDED for spec, step in self.action_steps())
 
 
-def create_saga(*, saga_id: uuid.UUID | str, definition: SagaDefinition, context: dict, now: datetime | None) -> Run:
+def create_saga(*, saga_id: SagaId, definition: SagaDefinition, context: JSON, now: datetime | None) -> Run:
     """Create a saga and its steps (pending), in the caller's transaction. With `now`, the saga
     gets its deadline from it; without, it has none (no one could act on it)."""
     definitions.record(definition, using=DB)
@@ -125,7 +135,7 @@ def create_saga(*, saga_id: uuid.UUID | str, definition: SagaDefinition, context
     return Run(saga=saga, definition=definition, steps={s.name: s for s in steps}, now=now or saga.created_at)
 
 
-def load(saga_id, *, actor: str = "engine", skip_locked: bool = False) -> Run | None:
+def load(saga_id: SagaId, *, actor: str = "engine", skip_locked: bool = False) -> Run | None:
     """Lock the saga and read its steps, in the caller's transaction (None: no such saga, or
     locked by another with `skip_locked`)."""
     # The database clock comes with the row lock: one round trip for both.
@@ -137,7 +147,7 @@ def load(saga_id, *, actor: str = "engine", skip_locked: bool = False) -> Run | 
     return Run(saga=saga, definition=definitions.for_saga(saga), steps=steps, now=saga.db_now, actor=actor)
 
 
-def locked(saga_id, apply: Callable[[Run], bool], *, actor: str = "engine", skip_locked: bool = False) -> bool:
+def locked(saga_id: SagaId, apply: Callable[[Run], bool], *, actor: str = "engine", skip_locked: bool = False) -> bool:
     """Run `apply` on the locked saga; if it changed anything, advance and save. Returns that."""
     with transaction.atomic(using=DB):
         run = load(saga_id, actor=actor, skip_locked=skip_locked)
@@ -182,11 +192,14 @@ def send(run: Run, step: SagaStep, spec: StepSpec, op: str, *, attempt: int, del
     payload = {key: run.saga.context.get(key) for key in spec.inputs}
     if step.kind == SagaStep.Kind.ON_FAILURE:
         payload["failure"] = run.saga.failure
+    operation = {ACTION: spec.action, COMPENSATE: spec.compensation, CONFIRM: spec.confirm}[op]
+    if operation is None:  # the styles send only the operations a step has
+        raise ValueError(f"step {step.name} has no {op} operation")
     command = Command(
         saga_id=run.saga.id,
         step=step.name,
         op=op,
-        operation={ACTION: spec.action, COMPENSATE: spec.compensation, CONFIRM: spec.confirm}[op],
+        operation=operation,
         attempt=attempt,
         payload=payload,
     )

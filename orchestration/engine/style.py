@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sagaplatform.kernel import attempts
 
-    from ..definitions import SagaDefinition
+    from ..definitions import SagaDefinition, StepSpec
     from ..models import SagaStep
-    from .run import Run
+    from .run import JSON, QueueIdle, Run, SagaId
 
 
 class Style:
@@ -34,15 +34,17 @@ class Style:
         """Decide what comes next from the stored state (idempotent)."""
         raise NotImplementedError
 
-    def lease_expired(self, run: Run, step: SagaStep, *, mark: attempts.Mark | None, known: bool, queue_idle) -> bool:
+    def lease_expired(
+        self, run: Run, step: SagaStep, *, mark: attempts.Mark | None, known: bool, queue_idle: QueueIdle | None
+    ) -> bool:
         """A step's lease has passed (the sweeper); return whether anything changed."""
         raise NotImplementedError
 
-    def cancel(self, run: Run, failure: dict) -> None:
+    def cancel(self, run: Run, failure: JSON) -> None:
         """Start cancelling a running saga the rules allowed (`rules.cancel_verdict`)."""
         raise NotImplementedError
 
-    def start_cancelled(self, *, saga_id, definition: SagaDefinition, context: dict, failure: dict) -> bool:
+    def start_cancelled(self, *, saga_id: SagaId, definition: SagaDefinition, context: JSON, failure: JSON) -> bool:
         """A cancel arrived before the saga exists. Return True if this created it cancelled;
         False if it exists now (created here or by the start) and the cancel is to be decided
         on it like any other."""
@@ -52,7 +54,7 @@ class Style:
         """An operator resumes a parked saga."""
         raise NotImplementedError
 
-    def retry_waiting(self, run: Run, steps: list) -> None:
+    def retry_waiting(self, run: Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
         """An operator asks for the next attempt of these (spec, step) pairs waiting out a backoff now."""
         raise NotImplementedError
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .choreography import Reaction
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ def get(name: str) -> Event:
         ) from None
 
 
-def problems(reactions: Iterable, events: dict[str, Event] | None = None) -> list[str]:
+def problems(reactions: Iterable[Reaction], events: dict[str, Event] | None = None) -> list[str]:
     """What is wrong with `reactions` against the declared `events`: a name not declared, an
     event subscribed to that no one publishes, one published that no one handles (and is not
     final), a declared event that nothing uses. Empty when the flow is whole."""

@@ -27,9 +27,9 @@ from django.db.models.functions import Now
 from sagaplatform.kernel import attempts, choreography, outbox
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, SUCCEEDED
 
-from ...definitions import SagaDefinition, for_context, for_saga
+from ...definitions import SagaDefinition, StepSpec, for_context, for_saga
 from ...models import Saga, SagaStep
-from ..run import CANCELLED, DB, IN_FLIGHT, Run, create_saga, park
+from ..run import CANCELLED, DB, IN_FLIGHT, JSON, QueueIdle, Run, SagaId, create_saga, park
 from ..style import Style, register
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ MAX_NUDGES = 3
 HOLD_REQUESTED, HELD, HOLD_REFUSED = "dispatch_hold_requested", "dispatch_held", "cancellation_refused"
 
 
-def track(*, message: dict) -> None:
+def track(*, message: JSON) -> None:
     """Record one published event (the tracker's task calls this). A malformed or unversioned
     event, or one of a schema the tracker does not know, is parked as a dead letter (alerted)."""
     problem = choreography.tracker_problem(message)
@@ -52,7 +52,7 @@ def track(*, message: dict) -> None:
     _track(message)
 
 
-def _track(message: dict) -> None:
+def _track(message: JSON) -> None:
     with transaction.atomic(using=DB):
         saga = Saga.objects.using(DB).select_for_update().annotate(db_now=Now()).get(id=message["saga_id"])
         steps = {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
@@ -69,7 +69,7 @@ def _track(message: dict) -> None:
         run.flush()
 
 
-def ensure_saga(*, saga_id, context: dict, definition: SagaDefinition | None = None) -> None:
+def ensure_saga(*, saga_id: SagaId, context: JSON, definition: SagaDefinition | None = None) -> None:
     """Create the tracked saga on the first news of it (whichever event that is), from the
     definition its context names."""
     if Saga.objects.using(DB).filter(id=saga_id).exists():
@@ -89,9 +89,9 @@ def _walk(
     step: SagaStep,
     target: str,
     *,
-    error: dict | None = None,
-    result: dict | None = None,
-    data: dict | None = None,
+    error: JSON | None = None,
+    result: JSON | None = None,
+    data: JSON | None = None,
 ) -> bool:
     """Move a step to `target` along its state machine, through whatever the events skipped."""
     before = step.state
@@ -121,7 +121,7 @@ def _walk(
     return True
 
 
-def _observe_outcome(run: Run, emitter: dict, message: dict) -> None:
+def _observe_outcome(run: Run, emitter: JSON, message: JSON) -> None:
     step = run.steps[emitter["step"]]
     status = emitter["status"]
     if status == "refused":
@@ -167,7 +167,7 @@ def _observe_outcome(run: Run, emitter: dict, message: dict) -> None:
             _walk(run, step, State.COMPENSATION_FAILED, error=failure)
 
 
-def _observe_start(run: Run, reaction, message: dict) -> None:
+def _observe_start(run: Run, reaction: choreography.Reaction, message: JSON) -> None:
     step = run.steps[reaction.step]
     spec = run.definition.step(step.name)
     trigger = {
@@ -237,7 +237,7 @@ def _lease_implied(run: Run) -> None:
                     implied = True
 
 
-def _start_implied(run: Run, step: SagaStep, reaction, *, implied_by: str) -> None:
+def _start_implied(run: Run, step: SagaStep, reaction: choreography.Reaction, *, implied_by: str) -> None:
     """Start and lease a step known to have run although the tracker missed its news; its trigger
     is rebuilt from the saga's context when the tracker never heard it either."""
     trigger = step.trigger or {
@@ -257,13 +257,13 @@ def _start_implied(run: Run, step: SagaStep, reaction, *, implied_by: str) -> No
     _watch(run, step, run.definition.step(step.name), trigger)
 
 
-def _watch(run: Run, step: SagaStep, spec, trigger: dict, *, delay: float = 0.0) -> None:
+def _watch(run: Run, step: SagaStep, spec: StepSpec, trigger: JSON, *, delay: float = 0.0) -> None:
     step.trigger = trigger
     step.deadline_at = run.now + timedelta(seconds=delay + spec.effective_timeout())
     run.dirty.add(step.name)
 
 
-def _decide(run: Run, message: dict) -> None:
+def _decide(run: Run, message: JSON) -> None:
     saga = run.saga
     actions = run.action_steps()
     finalizers = run.failure_steps()
@@ -364,7 +364,7 @@ def _hold(run: Run) -> choreography.Reaction | None:
     return next((r for r in choreography.reactions() if r.step == pivot.name and r.op == COMPENSATE), None)
 
 
-def cancel(run: Run, failure: dict) -> None:
+def cancel(run: Run, failure: JSON) -> None:
     """Announce a cancellation to the services (the rules refused it once the point of no return
     is passed, being passed, or due within the definition's `cancel_margin`)."""
     pivot = _pivot(run)
@@ -406,7 +406,7 @@ def announce_skip(run: Run, step: SagaStep) -> None:
     """An operator settled a compensation by hand: publish what its reaction would have, so the
     rest of the choreographed undo goes on."""
     undo = next((r for r in choreography.reactions() if r.step == step.name and r.op == COMPENSATE and r.emits), None)
-    if undo is None:
+    if undo is None or undo.emits is None:  # (the search asked for one that emits)
         return
     emitter = {"service": undo.service, "step": step.name, "op": COMPENSATE, "status": SUCCEEDED, "skipped": True}
     choreography.publish(
@@ -424,13 +424,15 @@ class Choreography(Style):
     def advance(self, run: Run) -> None:
         pass  # no coordinator: the services decide, the tracker records (`track`)
 
-    def lease_expired(self, run: Run, step: SagaStep, *, mark: attempts.Mark | None, known: bool, queue_idle) -> bool:
+    def lease_expired(
+        self, run: Run, step: SagaStep, *, mark: attempts.Mark | None, known: bool, queue_idle: QueueIdle | None
+    ) -> bool:
         return nudge(run, step)
 
-    def cancel(self, run: Run, failure: dict) -> None:
+    def cancel(self, run: Run, failure: JSON) -> None:
         cancel(run, failure)
 
-    def start_cancelled(self, *, saga_id, definition: SagaDefinition, context: dict, failure: dict) -> bool:
+    def start_cancelled(self, *, saga_id: SagaId, definition: SagaDefinition, context: JSON, failure: JSON) -> bool:
         ensure_saga(saga_id=saga_id, context=context, definition=definition)
         return False  # it runs now: the cancel is announced to the services like any other
 
@@ -438,7 +440,7 @@ class Choreography(Style):
         run.record("operator_retry", from_state=Saga.State.PARKED, data={"reason": reason})
         operator_retry(run)
 
-    def retry_waiting(self, run: Run, steps: list) -> None:
+    def retry_waiting(self, run: Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
         for _, step in steps:
             if step.trigger:
                 nudge(run, step)

@@ -8,12 +8,12 @@ from __future__ import annotations
 from sagaplatform.kernel import attempts
 from sagaplatform.kernel.commands import COMPENSATE, CONFIRM
 
-from ...definitions import SagaDefinition
+from ...definitions import SagaDefinition, StepSpec
 from ...models import Saga, SagaStep
 from .. import lifecycle
 from ..flow import advance_compensation, retry_now, start_ready
 from ..replies import expire_lease
-from ..run import Run, State, lease, park, send
+from ..run import JSON, QueueIdle, Run, SagaId, State, lease, park, send
 from ..style import Style, register
 
 
@@ -47,14 +47,16 @@ class Orchestrated(Style):
         if saga.state == Saga.State.COMPENSATING:
             advance_compensation(run)
 
-    def lease_expired(self, run: Run, step: SagaStep, *, mark: attempts.Mark | None, known: bool, queue_idle) -> bool:
+    def lease_expired(
+        self, run: Run, step: SagaStep, *, mark: attempts.Mark | None, known: bool, queue_idle: QueueIdle | None
+    ) -> bool:
         return expire_lease(run, step, mark=mark, known=known, queue_idle=queue_idle)
 
-    def cancel(self, run: Run, failure: dict) -> None:
+    def cancel(self, run: Run, failure: JSON) -> None:
         run.saga.begin_compensation(failure=failure)
         run.record("saga_cancel_requested", from_state=Saga.State.RUNNING, data={"reason": failure["message"]})
 
-    def start_cancelled(self, *, saga_id, definition: SagaDefinition, context: dict, failure: dict) -> bool:
+    def start_cancelled(self, *, saga_id: SagaId, definition: SagaDefinition, context: JSON, failure: JSON) -> bool:
         return lifecycle.saga_start(saga_id=saga_id, definition=definition.name, context=context, cancel=failure)
 
     def decided(self, run: Run) -> bool:
@@ -105,7 +107,7 @@ class Orchestrated(Style):
                 if step.state == State.FAILED and saga.state != Saga.State.COMPENSATING:
                     retry_now(run, spec, step)
 
-    def retry_waiting(self, run: Run, steps: list) -> None:
+    def retry_waiting(self, run: Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
         for spec, step in steps:
             if step.state == State.COMPENSATING:
                 step.schedule_compensation_retry(error=step.error or {}, next_attempt_at=None)

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from django.db import transaction
@@ -74,7 +75,7 @@ def trip_steps(*, parallel: bool) -> tuple[StepSpec, ...]:
 
 
 CLOSE_TRIP = (StepSpec("close_trip", "trips", "close", inputs=TRIP_INPUTS),)
-TRIP_WORDS = {
+TRIP_WORDS: dict[str, Any] = {
     "messages": {"cancelled": "Cancelled by the traveller", "cancel_refused": "the ticket was issued"},
     # The refusal codes are the platform's (orchestration/rules.py); the words are the trip's.
     "refusals": {
@@ -248,7 +249,7 @@ class Participants:
             outcome = barrier.call(using=DB, command=command, fn=desk.operation(rule.operation))
             emitter = {"service": service, "step": rule.step, "op": rule.op, "status": outcome["status"]}
             emitter["null_compensation"] = outcome.get("barrier") == "null_compensation"
-            if (outcome.get("error") or {}).get("code") == barrier.REFUSED_AFTER_COMPENSATION["error"]["code"]:
+            if (outcome.get("error") or {}).get("code") == barrier.REFUSED_AFTER_COMPENSATION_CODE:
                 # Overtaken by its compensation: nothing follows from it; only the tracker is told
                 # (a note, not an event of the flow).
                 news = {
@@ -270,6 +271,7 @@ class Participants:
                 event = rule.emits_on_failure
                 failure = {**outcome["error"], "step": rule.step}
                 emitter["definitive"] = True
+            assert event, f"{rule.key}: every reaction of the trip publishes its outcome"
             choreography.publish(
                 using=DB,
                 message=choreography.event_message(
