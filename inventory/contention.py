@@ -16,6 +16,7 @@ import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
 from functools import cache
+from typing import Any
 
 from django.conf import settings
 
@@ -114,11 +115,11 @@ def summary(*, hottest: int = 5) -> dict:
     except Exception:
         logger.warning("stock contention not readable", exc_info=True)
         return {"available": False, "minutes": [], "hottest": [], "conflicts_per_min": None, "exhausted_15m": None}
-    series = []
-    per_sku: dict[str, Counter] = defaultdict(Counter)
+    series: list[dict[str, Any]] = []
+    per_sku: dict[str, Counter[str]] = defaultdict(Counter)
     for offset, bucket in enumerate(buckets):
         minute = now - MINUTES + 1 + offset
-        totals = Counter()
+        totals: Counter[str] = Counter()
         for name, value in bucket.items():
             sku, _, field = name.rpartition("|")
             totals[field] += value

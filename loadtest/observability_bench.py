@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from typing import Any
 
 from loadtest import bench
 
@@ -17,7 +18,7 @@ MODES = {
 
 def _set_in_process(mode: str) -> None:
     """This process places the orders (and so writes their first outbox rows): same switches."""
-    from . import metrics, tracing
+    from sagaplatform.observability import metrics, tracing
 
     metrics.ENABLED = mode == "on"
     if mode == "on":
@@ -63,14 +64,18 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
                 )
                 figures[mode].append(run.figures())
             finally:
-                worker.terminate()
-                worker.wait(timeout=30)
+                worker.stop(timeout=30)
     _set_in_process("off")
 
     def median(mode: str, key: str) -> float:
         return statistics.median(f[key] for f in figures[mode])
 
-    summary = {"orders": n, "rounds": rounds, "concurrency": concurrency, "worker_concurrency": worker_concurrency}
+    summary: dict[str, Any] = {
+        "orders": n,
+        "rounds": rounds,
+        "concurrency": concurrency,
+        "worker_concurrency": worker_concurrency,
+    }
     for mode in ("off", "on"):
         summary[mode] = {key: median(mode, key) for key in ("throughput_per_s", "p50_ms", "p95_ms", "p99_ms")}
     slowdown = 1 - summary["on"]["throughput_per_s"] / summary["off"]["throughput_per_s"]

@@ -284,7 +284,7 @@ def register(rule: Rule) -> None:
 # --- Channels and their validation (the admin form and the API share these) --------------------
 
 
-def validate_target(kind: str, target: str) -> str:
+def validate_target(kind: str | None, target: str | None) -> str:
     target = (target or "").strip()
     if not target:
         raise ValidationError("Required.")

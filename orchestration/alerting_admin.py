@@ -40,7 +40,8 @@ class AlertChannelForm(forms.ModelForm):
         return alerting.validate_secret(secret) if secret else ""
 
     def clean(self):
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data  # what ModelForm.clean() returns
         kind, target = cleaned.get("kind"), cleaned.get("target")
         if kind and target is not None:
             try:

@@ -9,6 +9,8 @@ with its deliveries and their states.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import generics, serializers, status
@@ -168,7 +170,7 @@ class AlertGroupSerializer(serializers.ModelSerializer):
         }
 
 
-REFUSALS = {
+REFUSALS: dict[int, list[tuple[Any, ...]]] = {
     400: [
         ("invalid_request", "The request is not valid."),
         ("invalid_channel", "This channel cannot be used.", [{"target": ["Enter an http:// or https:// URL."]}]),

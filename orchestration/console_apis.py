@@ -8,14 +8,17 @@ Reading (search, export, saved views) is for staff, as the dashboard is; acting 
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Prefetch
 from django.http import JsonResponse, QueryDict, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import generics, serializers, status
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotAuthenticated, NotFound, ValidationError
+from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -151,7 +154,7 @@ BULK_PREVIEW_EXAMPLE = {
         }
     ],
 }
-BULK_RESULT_EXAMPLE = {
+BULK_RESULT_EXAMPLE: dict[str, Any] = {
     "action": "retry",
     "dry_run": False,
     "count": 2,
@@ -346,6 +349,14 @@ class SavedViewSerializer(serializers.ModelSerializer):
         return value.lstrip("?")
 
 
+def _signed_in(request: Request) -> User:
+    """The request's user: IsStaff lets no anonymous user through."""
+    user = request.user
+    if not user.is_authenticated:
+        raise NotAuthenticated()
+    return user
+
+
 @extend_schema_view(
     get=extend_schema(
         operation_id="saga_views_list",
@@ -368,12 +379,12 @@ class SavedViewListApi(generics.ListCreateAPIView):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # the schema generation, with no user
             return SavedView.objects.none()
-        return SavedView.objects.using(DB).filter(user=self.request.user)
+        return SavedView.objects.using(DB).filter(user=_signed_in(self.request))
 
     def perform_create(self, serializer):
         try:
             with transaction.atomic(using=DB):
-                serializer.save(user=self.request.user)
+                serializer.save(user=_signed_in(self.request))
         except IntegrityError:
             raise ViewExists(serializer.validated_data["name"]) from None
 
@@ -402,4 +413,4 @@ class SavedViewDetailApi(generics.DestroyAPIView):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # the schema generation, with no user
             return SavedView.objects.none()
-        return SavedView.objects.using(DB).filter(user=self.request.user)
+        return SavedView.objects.using(DB).filter(user=_signed_in(self.request))

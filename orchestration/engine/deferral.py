@@ -14,9 +14,15 @@ Each deferral is a `step_deferred` event in the saga's timeline.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from sagaplatform.kernel import breakers
 from sagaplatform.kernel.commands import TRANSIENT_ERROR
+
+if TYPE_CHECKING:
+    from ..definitions import StepSpec
+    from ..models import SagaStep
+    from .run import Run
 
 
 def record_reply(service: str, status: str) -> None:
@@ -25,7 +31,7 @@ def record_reply(service: str, status: str) -> None:
     breakers.record(service, status != TRANSIENT_ERROR)
 
 
-def defer_start(run, step, spec) -> bool:
+def defer_start(run: Run, step: SagaStep, spec: StepSpec) -> bool:
     verdict = breakers.admit(spec.service)
     if verdict.admitted:
         return False
@@ -40,7 +46,7 @@ def defer_start(run, step, spec) -> bool:
     return True
 
 
-def hold_retry(run, step, spec) -> float:
+def hold_retry(run: Run, step: SagaStep, spec: StepSpec) -> float:
     """Seconds the next attempt of a step that just failed transiently must wait for its
     service's breaker (0: it may go as usual). A held failure does not count."""
     verdict = breakers.admit(spec.service)

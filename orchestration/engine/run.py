@@ -61,7 +61,7 @@ class Run:
     dirty: set[str] = field(default_factory=set)
     alerts: list[Alert] = field(default_factory=list)
     # The metrics of this transaction's events, counted when it commits (observability hooks).
-    metrics_pending: list | None = None
+    metrics_pending: list[Any] | None = None
 
     def record(
         self, kind: str, *, step: SagaStep | None = None, from_state: str = "", data: JSON | None = None

@@ -21,8 +21,12 @@ import threading
 import time
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING, Any, cast
 
 from django.conf import settings
+
+if TYPE_CHECKING:
+    import redis
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class Verdict:
     now: float = 0.0
 
 
-def _config() -> list:
+def _config() -> list[Any]:
     return [
         settings.BREAKER_WINDOW,
         settings.BREAKER_MIN_CALLS,
@@ -118,12 +122,12 @@ class _Memory:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.buckets: dict[str, dict[int, list[int]]] = {}
-        self.states: dict[str, dict] = {}
+        self.states: dict[str, dict[str, Any]] = {}
 
-    def _state(self, name: str) -> dict:
+    def _state(self, name: str) -> dict[str, Any]:
         return self.states.setdefault(name, {"state": CLOSED, "opened": 0})
 
-    def record(self, name: str, ok: bool, config: list) -> str:
+    def record(self, name: str, ok: bool, config: list[Any]) -> str:
         window, min_calls, rate, open_s, probes, _ = config
         now = time.time()
         with self.lock:
@@ -156,7 +160,7 @@ class _Memory:
                     return OPEN
             return ""
 
-    def admit(self, name: str, config: list) -> Verdict:
+    def admit(self, name: str, config: list[Any]) -> Verdict:
         probes, probe_wait = config[4], config[5]
         now = time.time()
         with self.lock:
@@ -172,7 +176,7 @@ class _Memory:
                 return Verdict(True, HALF_OPEN, 0.0, now)
             return Verdict(False, HALF_OPEN, now + probe_wait, now)
 
-    def read(self, names: list[str]) -> dict[str, dict]:
+    def read(self, names: list[str]) -> dict[str, dict[str, Any]]:
         with self.lock:
             found = {n: self.states.get(n, {}) for n in names}
         return {
@@ -187,7 +191,7 @@ class _Memory:
 
 
 @cache
-def _store():
+def _store() -> _Memory | redis.Redis:
     config = settings.CACHES["default"]
     if not config["BACKEND"].endswith("RedisCache"):
         return _Memory()
@@ -244,14 +248,14 @@ def resume_delay(verdict: Verdict) -> float:
     return wait + random.uniform(0, settings.BREAKER_RESUME_SPREAD)
 
 
-def states(names: list[str] | None = None) -> dict[str, dict]:
+def states(names: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Each known breaker's state: {name: {state, changed_at, until, opened}}."""
     store = _store()
     try:
         if isinstance(store, _Memory):
             names = names or sorted(store.states)
             return store.read(names)
-        names = names or sorted(store.smembers(INDEX))
+        names = names or sorted(cast("set[str]", store.smembers(INDEX)))  # decode_responses: str
         pipe = store.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(f"{PREFIX}{name}:state")

@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,18 +102,18 @@ def relayed(rule: Reaction) -> frozenset[str]:
     return frozenset(key for reaction in _REACTIONS for key in reaction.inputs)
 
 
-def _only(context: dict, keys) -> dict:
+def _only(context: dict[str, Any], keys: Collection[str]) -> dict[str, Any]:
     return {k: v for k, v in context.items() if k in keys}
 
 
-def subscriber_copy(message: dict, rule: Reaction) -> dict:
+def subscriber_copy(message: dict[str, Any], rule: Reaction) -> dict[str, Any]:
     """The event as one subscriber receives it: addressed to its reaction, with only the context
     keys some reaction declares (`relayed`). Whoever sends an event to a reaction
     builds the message with this (`publish`, and the tracker's nudges)."""
     return {**message, "context": _only(message.get("context") or {}, relayed(rule)), "reaction": rule.key}
 
 
-def payload_for(rule: Reaction, message: dict) -> dict:
+def payload_for(rule: Reaction, message: dict[str, Any]) -> dict[str, Any]:
     """What the reaction's operation receives: its declared `inputs` and the failure, if any."""
     return {**_only(message.get("context") or {}, rule.inputs), "failure": message.get("failure")}
 
@@ -152,7 +153,7 @@ def _envelope(
     }
 
 
-def _malformed(message, required: tuple[str, ...]) -> str | None:
+def _malformed(message: object, required: tuple[str, ...]) -> str | None:
     if not isinstance(message, dict):
         return f"an event message must be an object, got {type(message).__name__}"
     missing = [k for k in required if k not in message]
@@ -169,7 +170,7 @@ def _malformed(message, required: tuple[str, ...]) -> str | None:
     return None
 
 
-def unrunnable(*, service: str, message) -> tuple[str, str] | None:
+def unrunnable(*, service: str, message: Any) -> tuple[str, str] | None:
     """Why `service` cannot run this event message: (dead-letter reason, what is wrong), or None.
     A malformed or unversioned message, a reaction the service no longer has, or a schema
     version the reaction does not accept."""
@@ -191,7 +192,7 @@ def unrunnable(*, service: str, message) -> tuple[str, str] | None:
 TRACKED_SCHEMAS = (events.SCHEMA,)
 
 
-def tracker_problem(message) -> tuple[str, str] | None:
+def tracker_problem(message: Any) -> tuple[str, str] | None:
     """Why the tracker cannot record this event message (as `unrunnable`), or None."""
     problem = _malformed(message, ("event", "saga_id", "context"))
     if problem:
@@ -201,7 +202,7 @@ def tracker_problem(message) -> tuple[str, str] | None:
     return None
 
 
-def park(*, queue: str, task: str, message, problem: tuple[str, str]) -> None:
+def park(*, queue: str, task: str, message: Any, problem: tuple[str, str]) -> None:
     """Park an event message as a dead letter in the database of `queue` (the orchestrator
     raises an alert for each), instead of failing on it or dropping it."""
     from . import deadletters
@@ -218,7 +219,7 @@ def park(*, queue: str, task: str, message, problem: tuple[str, str]) -> None:
     )
 
 
-def park_unrunnable(*, service: str, message) -> bool:
+def park_unrunnable(*, service: str, message: Any) -> bool:
     """Park an event `service` cannot run (`unrunnable`). True if parked."""
     problem = unrunnable(service=service, message=message)
     if problem is None:
@@ -268,7 +269,7 @@ def react(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
-def _react(service: str, rule: Reaction, message: dict, command: Command, attempt: int) -> dict:
+def _react(service: str, rule: Reaction, message: dict[str, Any], command: Command, attempt: int) -> dict[str, Any]:
     try:
         faults.before(service, rule.operation, attempt)
         with transaction.atomic(using=service):

@@ -120,7 +120,7 @@ def execute(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
-def _execute(service: str, command: Command) -> dict:
+def _execute(service: str, command: Command) -> dict[str, Any]:
     # The step's lease runs from here, not from when the command was sent: the sweeper reads
     # this mark before it counts a lease as expired (a command still queued is not late).
     mark = attempts.key(command.saga_id, command.step, command.op, command.attempt)

@@ -22,7 +22,7 @@ __all__ = ["InvalidToken", "seal", "unseal"]
 
 
 @cache
-def _fernet(key: str) -> Fernet:
+def _fernet(key: str | bytes) -> Fernet:
     if not key:
         key = base64.urlsafe_b64encode(hashlib.sha256(f"payment-token-seal:{settings.SECRET_KEY}".encode()).digest())
     return Fernet(key)

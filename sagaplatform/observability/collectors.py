@@ -49,19 +49,21 @@ class DatabaseCollector:
             "Age of the oldest saga not ended, per state",
             labels=["state"],
         )
-        for row in live.values("state").annotate(first=Min("created_at")).order_by():
-            oldest.add_metric([row["state"]], max(0.0, (now - row["first"]).total_seconds()))
+        for by_state in live.values("state").annotate(first=Min("created_at")).order_by():
+            oldest.add_metric([by_state["state"]], max(0.0, (now - by_state["first"]).total_seconds()))
         overdue = GaugeMetricFamily(
             f"{PREFIX}_sagas_past_deadline", "Running sagas past their global deadline", labels=["definition"]
         )
-        rows = live.filter(state=Saga.State.RUNNING, deadline_at__lt=now).values("definition").annotate(n=Count("id"))
-        for row in rows.order_by():
-            overdue.add_metric([row["definition"]], row["n"])
+        late = live.filter(state=Saga.State.RUNNING, deadline_at__lt=now).values("definition").annotate(n=Count("id"))
+        for late_row in late.order_by():
+            overdue.add_metric([late_row["definition"]], late_row["n"])
         alerts = GaugeMetricFamily(f"{PREFIX}_alerts_open", "Alerts not resolved, by kind", labels=["kind"])
         counts = dict.fromkeys(Alert.Kind.values, 0)
-        rows = Alert.objects.using("default").filter(resolved_at__isnull=True).values("kind").annotate(n=Count("id"))
-        for row in rows.order_by():
-            counts[row["kind"]] = row["n"]
+        open_alerts = (
+            Alert.objects.using("default").filter(resolved_at__isnull=True).values("kind").annotate(n=Count("id"))
+        )
+        for by_kind in open_alerts.order_by():
+            counts[by_kind["kind"]] = by_kind["n"]
         for kind, n in counts.items():
             alerts.add_metric([kind], n)
         return [in_flight, oldest, overdue, alerts]

@@ -116,6 +116,7 @@ def _figures(run, event, step) -> list[tuple]:
     definition, style = run.definition.name, run.definition.style
     data = event.data or {}
     out: list[tuple] = []
+    outcome: str | None
     if event.seq == 1:
         # A saga's first event, whoever writes it (the engine's saga_created, or whatever event
         # the choreography's tracker heard of first): one start per saga, as on the dashboard.

@@ -24,7 +24,6 @@ dropped; the benchmark), `none` (off).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -73,6 +72,8 @@ def configure(exporter: str | None = None) -> bool:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+        from .exporters import FileSpanExporter, NullSpanExporter
 
         os.environ.setdefault("OTEL_SERVICE_NAME", "sagaplatform")
         provider = TracerProvider(resource=Resource.create())
@@ -144,7 +145,7 @@ def restored(carrier):
 def step_span(service: str, command, *, reaction: str = ""):
     """A span for one step attempt (an action, a compensation or a confirm) on its service. The
     caller reports the outcome with `outcome(span, status)`."""
-    if not ENABLED:
+    if not ENABLED or _tracer is None:  # configure() sets _tracer before ENABLED
         yield None
         return
     attributes = {
@@ -193,61 +194,3 @@ def trace_url(trace_id: str | None) -> str | None:
     if not trace_id or not template:
         return None
     return template.replace("{trace_id}", trace_id)
-
-
-# --- Exporters ---------------------------------------------------------------------------------
-
-
-class FileSpanExporter:
-    """Appends one JSON line per span (one write() each, so processes can share the file)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def export(self, spans):
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        lines = []
-        for span in spans:
-            parent = span.parent
-            lines.append(
-                json.dumps(
-                    {
-                        "name": span.name,
-                        "trace_id": format(span.context.trace_id, "032x"),
-                        "span_id": format(span.context.span_id, "016x"),
-                        "parent_span_id": format(parent.span_id, "016x") if parent else None,
-                        "kind": span.kind.name,
-                        "pid": os.getpid(),
-                        "start": span.start_time,
-                        "end": span.end_time,
-                        "status": span.status.status_code.name,
-                        "attributes": dict((span.attributes or {}).items()),
-                    },
-                    default=str,
-                )
-            )
-        with open(self.path, "a", encoding="utf-8") as file:
-            file.write("".join(line + "\n" for line in lines))
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self):
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
-class NullSpanExporter:
-    """Drops every span: the cost of making them, without a collector (the benchmark)."""
-
-    def export(self, spans):
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self):
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True

@@ -24,8 +24,8 @@ pytestmark = [
     pytest.mark.timeout(600),
 ]
 
-ARGS = ("-n", "200", "-c", "40", "--failure-rate", "0", "--decline-rate", "0", "--payments-outage", "30")
-ARGS += ("--spawn-workers", "2", "--step-timeout", "10", "--timeout", "240")
+ARGS: tuple[str, ...] = ("-n", "200", "-c", "40", "--failure-rate", "0", "--decline-rate", "0")
+ARGS += ("--payments-outage", "30", "--spawn-workers", "2", "--step-timeout", "10", "--timeout", "240")
 
 
 @pytest.fixture(autouse=True)

@@ -79,6 +79,8 @@ class Command(BaseCommand):
         )
         user = self.operator()
         sample = Saga.objects.using(DB).order_by("?").first()
+        if sample is None:  # only with --sagas 0
+            raise CommandError("No saga to search for.")
         parked = Saga.objects.using(DB).filter(state="parked").first() or sample
         context = sample.context
         now = timezone.now()
@@ -144,6 +146,7 @@ class Command(BaseCommand):
         batch = 500
         for start in range(0, count, batch):
             sagas, steps, events = [], [], []
+            created_ats = []  # created_at is auto_now_add: set after the insert
             for _ in range(min(batch, count - start)):
                 definition = rng.choice(definitions)
                 state = rng.choices(states, weights)[0]
@@ -174,8 +177,8 @@ class Command(BaseCommand):
                     version=12,
                     finished_at=None if state in ("running", "parked", "compensating") else created,
                 )
-                saga._bench_created = created
                 sagas.append(saga)
+                created_ats.append(created)
                 failed_at = rng.randrange(len(definition.steps)) if failure else None
                 for kind, group in (
                     (SagaStep.Kind.ACTION, definition.steps),
@@ -183,7 +186,7 @@ class Command(BaseCommand):
                 ):
                     for position, spec in enumerate(group):
                         step_state, error = "pending", None
-                        if kind == SagaStep.Kind.ACTION and failed_at is not None and position == failed_at:
+                        if kind == SagaStep.Kind.ACTION and failure and failed_at is not None and position == failed_at:
                             step_state, error = "failed", {"code": failure["code"], "message": failure["message"]}
                         elif kind == SagaStep.Kind.ACTION and (failed_at is None or position < failed_at):
                             step_state = "succeeded"
@@ -202,8 +205,8 @@ class Command(BaseCommand):
                 for seq in range(1, 13):
                     events.append(SagaEvent(saga=saga, seq=seq, kind="step_succeeded", created_at=created))
             Saga.objects.using(DB).bulk_create(sagas)
-            for saga in sagas:  # created_at is auto_now_add: set it afterwards
-                saga.created_at = saga._bench_created
+            for saga, created_at in zip(sagas, created_ats, strict=True):
+                saga.created_at = created_at
             Saga.objects.using(DB).bulk_update(sagas, ["created_at"])
             SagaStep.objects.using(DB).bulk_create(steps)
             SagaEvent.objects.using(DB).bulk_create(events)
