@@ -32,9 +32,10 @@ def ops():
     return make_operator("ops")
 
 
-def stored_saga(*, state="completed", failure=None, age_days=0.0, failed_step=None, token="tok_visa_4242") -> Saga:
+def stored_saga(*, state="completed", failure=None, age_days=0.0, failed_step=None, token=None) -> Saga:
     """A saga as the engine leaves it, written directly (an old one: the live feed's snapshot
-    does not have it). `failed_step`: every step before it succeeded, it failed."""
+    does not have it). `failed_step`: every step before it succeeded, it failed. `token`: a raw
+    card token in the charge's result (a careless gateway adapter), which the inspector masks."""
     definition = get_definition("place_order")
     context = {
         "order_id": str(uuid.uuid4()),
@@ -43,7 +44,7 @@ def stored_saga(*, state="completed", failure=None, age_days=0.0, failed_step=No
         "items": [{"sku": "SKU-MUG", "quantity": 1}],
         "amount": "12.50",
         "currency": "EUR",
-        "payment_token": token,
+        "payment_method": "pm_" + uuid.uuid4().hex,
         "shipping_address": dict(ADDRESS),
         "mode": "orchestrated",
     }
@@ -53,10 +54,11 @@ def stored_saga(*, state="completed", failure=None, age_days=0.0, failed_step=No
     for position, spec in enumerate(definition.steps):
         step = SagaStep.objects.create(saga=saga, name=spec.name, position=position, service=spec.service)
         step_state = "succeeded" if position < upto else "failed" if position == upto else "pending"
+        secret = {"card_token": token} if token and spec.name == "charge_payment" else {}
         SagaStep.objects.filter(id=step.id).update(
             state=step_state,
             attempts=1 if step_state != "pending" else 0,
-            result={"ok": True} if step_state == "succeeded" else None,
+            result={"ok": True, **secret} if step_state == "succeeded" else None,
             error={"code": "smtp_down", "message": "Mail server down"} if step_state == "failed" else None,
         )
     for position, spec in enumerate(definition.on_failure):
@@ -211,6 +213,7 @@ def test_the_step_inspector_shows_the_input_masked_from_the_graph_and_the_timeli
     expect(inspector).to_contain_text("••••9876")
     expect(inspector).not_to_contain_text("tok_live_secret")
     expect(inspector).to_contain_text('"amount": "12.50"')
+    expect(inspector).to_contain_text(saga.context["payment_method"])
 
     # From the graph, by keyboard: arrows walk the steps, the details follow.
     page.locator("#saga-graph").focus()
