@@ -77,13 +77,22 @@ def isolate_xdist_worker(worker: str) -> None:
     """`make test-fast` runs on pytest-xdist workers (gw0, gw1...). pytest-django gives each its
     own test databases (`test_<name>_gw0`...); the Redis database is shared, so each worker gets
     its own cache key prefix (worker heartbeats, live-feed watch marks) and channel-layer prefix
-    (live-feed groups). Attempt marks need none: their keys hold the saga's id."""
+    (live-feed groups), and the stock-contention and breaker keys their own prefix. Attempt marks
+    need none: their keys hold the saga's id. The Prometheus directory is set per worker before
+    Django starts (`tests/xdist_env.py`)."""
     for cache in settings.CACHES.values():
         cache["KEY_PREFIX"] = f"{cache.get('KEY_PREFIX', '')}-{worker}"
     layers: dict[str, dict[str, Any]] = settings.CHANNEL_LAYERS
     for layer in layers.values():
         if "CONFIG" in layer:  # channels_redis (the in-memory layer is the process's own)
             layer["CONFIG"]["prefix"] = f"asgi-{worker}"
+    # The stock-contention counts and the circuit breakers keep their keys in that Redis too.
+    from inventory import contention
+    from sagaplatform.kernel import breakers
+
+    contention.PREFIX = f"contention-{worker}:"
+    breakers.PREFIX = f"breaker-{worker}:"
+    breakers.INDEX = breakers.PREFIX + "index"
 
 
 # The slow tiers, by directory: every test under tests/<tier>/ gets the tier's marker and `slow`
