@@ -23,6 +23,7 @@ from orders.models import Product
 from sagaplatform.celery import app as celery_app
 from sagaplatform.kernel import faults, outbox
 from sagaplatform.settings import FAST_PASSWORD_HASHERS
+from tests import fast_flush
 
 ON_POSTGRES = not settings.EMBEDDED_DATABASES
 
@@ -68,6 +69,8 @@ def pytest_configure(config):
     # processes the tests start inherit the variable.
     os.environ["BREAKER_ENABLED"] = "false"
     settings.BREAKER_ENABLED = False
+    if ON_POSTGRES:
+        fast_flush.install()
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
         isolate_xdist_worker(worker)
