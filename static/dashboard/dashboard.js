@@ -464,7 +464,8 @@ function renderMeta(header) {
     ["Started", created ? fmtClock(created) : "—"],
     [finished ? "Took" : "Running for", created ? fmtDuration((finished ?? now) - created) : "—"],
     ["Progress", `${header.steps_done ?? 0}/${header.steps_total ?? 0}${header.active_step ? ` · ${header.active_step}` : ""}`],
-    ["Version", String(header.version ?? "—")],
+    // The saga row's optimistic-lock version: how many changes the engine has committed to it.
+    ["Revision", h("span", { title: "Changes committed to this saga (its row version)" }, String(header.version ?? "—"))],
   ];
   const trace = traceOf(state.watched);
   if (trace) items.push(["Trace", traceLink(trace)]);

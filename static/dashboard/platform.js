@@ -9,7 +9,8 @@ const STYLE = [
     style: {
       shape: "round-rectangle",
       width: 140,
-      height: 54,
+      // Grows with the label's lines (name, rate, status, breaker): 12 px at 1.3 line height.
+      height: "data(height)",
       "background-color": "#16223c",
       "border-width": 2,
       "border-color": "data(border)",
@@ -96,12 +97,12 @@ export class PlatformGraph {
         cy.elements().remove();
         this.nodes = [...names];
         const others = names.filter((n) => n !== hub);
-        const gap = 66;
+        const gap = 92; // room for a node of four lines (82 px)
         cy.add(
           names.map((name) => {
             const i = others.indexOf(name);
             const position = name === hub ? { x: 0, y: 0 } : { x: 190, y: (i - (others.length - 1) / 2) * gap };
-            return { group: "nodes", data: { id: name, label: name, border: "#3a4a72" }, classes: name === hub ? "hub" : "", position };
+            return { group: "nodes", data: { id: name, label: name, border: "#3a4a72", height: 54 }, classes: name === hub ? "hub" : "", position };
           }),
         );
       }
@@ -126,7 +127,7 @@ export class PlatformGraph {
         if (status) lines.push(status);
         const breaker = breakers[name]?.state;
         if (breaker) lines.push(`breaker ${breaker.replace("_", "-")}`);
-        node.data({ label: lines.join("\n"), breaker: breaker || "", border: breaker && breaker !== "closed" ? "#f5a524" : t.failing ? "#f0524f" : !known ? "#3a4a72" : up ? "#2fc26b" : "#f0524f" });
+        node.data({ label: lines.join("\n"), height: Math.max(54, 18 + lines.length * 16), breaker: breaker || "", border: breaker && breaker !== "closed" ? "#f5a524" : t.failing ? "#f0524f" : !known ? "#3a4a72" : up ? "#2fc26b" : "#f0524f" });
         node.toggleClass("breaker-open", breaker === "open" || breaker === "half_open");
         node.toggleClass("down", known && !up);
         node.toggleClass("failing", t.failing > 0);
