@@ -449,7 +449,8 @@ class ServiceInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin[Any]):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
         live = ExpressionWrapper(Q(expires_at__gt=Now()), output_field=BooleanField())
         rows: QuerySet[Any] = super().get_queryset(request).using("default")
-        return rows.annotate(is_alive=live)
+        annotated: QuerySet[Any] = rows.annotate(is_alive=live)
+        return annotated
 
     @admin.display(boolean=True, description="alive", ordering="is_alive")
     def alive(self, obj: ServiceInstance) -> bool:

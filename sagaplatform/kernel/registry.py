@@ -95,22 +95,23 @@ class DatabaseRegistry(RegistryBackend):
         with transaction.atomic(using=DB):
             now = db_now(DB)
             for instance in instances:
+                fields = {
+                    "worker": instance.worker,
+                    "service": instance.service,
+                    "queues": list(instance.queues),
+                    "host": instance.host,
+                    "pid": instance.pid,
+                    "code_version": instance.code_version[:64],
+                    "definitions": list(instance.definitions),
+                    "heartbeat_at": now,
+                    "expires_at": now + timedelta(seconds=ttl),
+                    "tasks_running": instance.tasks_running,
+                    "oldest_task_age": instance.oldest_task_age,
+                }
                 ServiceInstance.objects.using(DB).update_or_create(
                     instance=instance.key,
-                    defaults={
-                        "worker": instance.worker,
-                        "service": instance.service,
-                        "queues": list(instance.queues),
-                        "host": instance.host,
-                        "pid": instance.pid,
-                        "code_version": instance.code_version[:64],
-                        "definitions": list(instance.definitions),
-                        "heartbeat_at": now,
-                        "expires_at": now + timedelta(seconds=ttl),
-                        "tasks_running": instance.tasks_running,
-                        "oldest_task_age": instance.oldest_task_age,
-                    },
-                    create_defaults={"started_at": instance.started_at or now},
+                    defaults=fields,
+                    create_defaults={**fields, "started_at": instance.started_at or now},
                 )
             # Forget instances that expired long ago (the dashboard shows the recent ones).
             forget = now - timedelta(seconds=settings.SAGA_REGISTRY_FORGET_AFTER)
