@@ -180,11 +180,13 @@ def service_of(queue: str) -> str:
     return queue.split(".", 1)[0]
 
 
-@cache
 def code_version() -> str:
     """SAGA_CODE_VERSION, else the checkout's git commit, else "unknown"."""
-    if settings.SAGA_CODE_VERSION:
-        return str(settings.SAGA_CODE_VERSION)
+    return str(settings.SAGA_CODE_VERSION) if settings.SAGA_CODE_VERSION else _git_commit()
+
+
+@cache
+def _git_commit() -> str:
     try:
         found = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],  # noqa: S607
