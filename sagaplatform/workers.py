@@ -42,7 +42,11 @@ def withdraw(name: str) -> None:
 def live_workers() -> list[dict]:
     """The live workers, each with the queues it consumes (from the registry's live instances)."""
     by_worker: dict[str, dict] = {}
-    view = registry.snapshot_view()
+    try:
+        view = registry.snapshot_view()
+    except Exception:  # /healthz reports what is down; it must not fail on it
+        logger.warning("service registry not readable", exc_info=True)
+        return []
     for instance in view["instances"]:
         if not instance["alive"]:
             continue

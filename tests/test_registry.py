@@ -188,9 +188,9 @@ def test_a_slow_registry_never_holds_up_a_send(memory, settings):
     reader = threading.Thread(target=registry.resolve, args=("payments",))
     reader.start()
     wait_for(lambda: registry._refreshing.locked(), timeout=5, interval=0.01, message="a read in progress")
-    began = time.process_time(), time.monotonic()
+    began = time.monotonic()
     answers = [registry.resolve("payments") for _ in range(100)]  # while that read hangs
-    assert time.monotonic() - began[1] < 1
+    assert time.monotonic() - began < 1
     assert set(answers) == {registry.Resolution("payments", True)}  # the last live set
     memory.gate.set()
     reader.join()
