@@ -9,6 +9,7 @@ threads of the web process, and register the same way.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -89,6 +90,8 @@ def queue_depths() -> dict[str, int | None]:
 def start_heartbeat(name: str, queues: list[str]) -> None:
     """Register this worker now and every WORKER_HEARTBEAT_SECONDS until it shuts down."""
     _stop.clear()
+    if not _registered:
+        atexit.register(stop_heartbeat)  # the embedded mode has no worker_shutdown signal
     _registered.append(name)
 
     def beat() -> None:

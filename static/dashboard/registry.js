@@ -33,11 +33,11 @@ export function renderInstances(instances) {
         },
         h("span", { class: i.alive ? "wdot up" : "wdot", role: "img", "aria-label": i.alive ? "live" : "expired" }),
         h("span", { class: "iservice" }, i.service),
-        h("span", { class: "iworker" }, `${i.worker} · pid ${i.pid} · ${i.code_version || "?"}`),
+        h("span", { class: "iworker" }, i.worker),
         h(
           "span",
           { class: "iages" },
-          `${i.alive ? "beat" : "expired, last beat"} ${secs(i.heartbeat_age)} ago` +
+          `pid ${i.pid} · ${i.code_version || "?"} · ${i.alive ? "beat" : "expired, last beat"} ${secs(i.heartbeat_age)} ago` +
             (i.tasks_running ? ` · ${i.tasks_running} running, oldest ${secs(i.oldest_task_age)}` : " · idle"),
         ),
       ),
