@@ -107,6 +107,27 @@ def test_a_worker_registers_one_instance_per_service_and_renews_it(settings):
     assert ServiceInstance.objects.using("default").count() == 2
 
 
+def test_a_worker_reports_its_running_tasks_and_the_age_of_the_oldest():
+    from celery.worker import state
+
+    class Request:  # what Celery's worker state holds for each task its pool runs
+        def __init__(self, started):
+            self.time_start = started
+
+    running = [Request(time.time() - 5), Request(time.time() - 1), Request(None)]  # the last not started yet
+    for request in running:
+        state.active_requests.add(request)
+    try:
+        (instance,) = registry.describe("celery@n1", ["payments"], host="h", pid=1, started_at=None)
+    finally:
+        for request in running:
+            state.active_requests.discard(request)
+    assert instance.tasks_running == 2
+    assert instance.oldest_task_age == pytest.approx(5, abs=0.5)
+    (idle,) = registry.describe("celery@n1", ["payments"], host="h", pid=1, started_at=None)
+    assert (idle.tasks_running, idle.oldest_task_age) == (0, None)
+
+
 @pytest.mark.django_db(databases="__all__")
 def test_an_instance_that_misses_its_heartbeats_expires_and_a_clean_shutdown_deregisters(settings):
     settings.SAGA_REGISTRY_TTL = 0.3
