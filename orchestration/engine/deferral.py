@@ -111,7 +111,7 @@ def wait_for_instance(run: Run, step: SagaStep, spec: StepSpec, *, held: bool) -
             extra={"saga_id": str(run.saga.id), "step": step.name},
         )
         return 0.0
-    delay = settings.SAGA_NO_WORKER_RECHECK * random.uniform(1.0, 1.25)  # a little jitter
+    delay = max(0.05, settings.SAGA_NO_WORKER_RECHECK * random.uniform(1.0, 1.25))  # a little jitter; never 0 (go)
     continuing = latest is not None and not held
     remaining = (
         float(latest["deadline_left"]) if continuing and latest and latest.get("deadline_left") is not None else None
