@@ -207,17 +207,19 @@ def outbox_backlog(now) -> list[Firing]:
 
 
 def no_live_worker(now) -> list[Firing]:
-    """A service queue that no live worker consumes (from the workers' heartbeats)."""
-    from sagaplatform import workers
+    """A service queue that no live instance consumes (from the service registry)."""
+    from sagaplatform.kernel import registry
 
-    served = {queue for worker in workers.live_workers() for queue in worker.get("queues", ())}
+    instances = registry.snapshot_view()["instances"]
+    served = {queue for i in instances if i["alive"] for queue in i["queues"]}
     return [
         Firing(
             "no_live_worker",
             {"queue": queue},
             1,
-            f"No live worker consumes the {queue} queue",
-            f"Commands for {queue} wait in its queue: start a worker for it "
+            f"No live instance of {registry.service_of(queue)} consumes the {queue} queue",
+            f"No live instance of {registry.service_of(queue)} is registered: its steps wait (up to "
+            f"SAGA_NO_WORKER_WAIT_LIMIT) and commands for {queue} wait in its queue. Start a worker for it "
             f"(`celery -A sagaplatform worker -Q {queue}`).",
             "critical",
         )

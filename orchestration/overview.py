@@ -7,21 +7,24 @@ times, message traffic between services from the step events. Times are the data
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from types import SimpleNamespace
 
 from django.db.models import Count
 from django.db.models.functions import TruncMinute
 
 from sagaplatform import workers
-from sagaplatform.kernel import breakers, ports
+from sagaplatform.kernel import breakers, ports, registry
 from sagaplatform.kernel.clock import db_now
 
 from . import alerting, rules
 from .definitions import DEFINITIONS, for_saga
 from .engine import style
 from .models import Alert, Saga, SagaEvent, SagaStep
+
+logger = logging.getLogger(__name__)
 
 DB = "default"
 MINUTES = 15
@@ -166,7 +169,7 @@ def overview() -> dict:
         .order_by()
     )
     lat = latency(now)
-    live = workers.live_workers()
+    instances = registry_instances()
     return {
         "now": now.isoformat(),
         "minutes": minutes(now),
@@ -175,9 +178,10 @@ def overview() -> dict:
         "throughput_per_min": round(lat["count"] / (LATENCY_WINDOW.total_seconds() / 60), 2),
         "latency_ms": lat,
         "queues": workers.queue_depths(),
-        "workers": [
-            {**w, "seen_at": datetime.fromtimestamp(w["seen_at"], UTC).isoformat(), "alive": True} for w in live
-        ],
+        "workers": workers_of(instances),
+        # The service registry: every instance, live or recently expired (heartbeat and oldest
+        # running task ages in seconds, the code and definition versions it runs).
+        "instances": instances,
         "flow": flow(now),
         "dead_letters": dead_letters(),
         "alerting": alerting.recent(),
@@ -185,6 +189,26 @@ def overview() -> dict:
         # Each service's circuit breaker, and the payment gateway's (closed, open, half_open).
         "breakers": breakers.states([*services_of(), breakers.GATEWAY]),
     }
+
+
+def registry_instances() -> list[dict]:
+    try:
+        return registry.snapshot_view()["instances"]
+    except Exception:  # the registry's store is down: the panel says "no live worker"
+        logger.warning("service registry not readable", exc_info=True)
+        return []
+
+
+def workers_of(instances: list[dict]) -> list[dict]:
+    """One entry per worker (the queues panel and the flow graph): its queues, alive or not."""
+    by_worker: dict[str, dict] = {}
+    for i in instances:
+        w = by_worker.setdefault(
+            i["worker"], {"name": i["worker"], "queues": [], "seen_at": i["heartbeat_at"], "alive": False}
+        )
+        w["queues"] = sorted({*w["queues"], *i["queues"]})
+        w["alive"] = w["alive"] or i["alive"]
+    return sorted(by_worker.values(), key=lambda w: w["name"])
 
 
 def dead_letters() -> dict:

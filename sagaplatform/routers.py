@@ -3,7 +3,8 @@
 Services own their data: `inventory` models live only on the `inventory` alias, and so on. The
 orchestrator and Django's own apps (auth, sessions, admin) live on `default`. The kernel app
 (barrier, outbox) is shared infrastructure: its tables exist in every database, and its code
-always names the alias explicitly.
+always names the alias explicitly. Its service registry (`ServiceInstance`) is the exception:
+it lives only on `default`, with the engine that reads it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from django.conf import settings
 
 KERNEL_APP = "kernel"
+DEFAULT_ONLY = {"serviceinstance"}  # kernel models that live on `default` only
 
 
 def alias_for_app(app_label: str) -> str:
@@ -20,7 +22,7 @@ def alias_for_app(app_label: str) -> str:
 class ServiceRouter:
     def db_for_read(self, model, **hints):
         if model._meta.app_label == KERNEL_APP:
-            return hints.get("using")
+            return "default" if model._meta.model_name in DEFAULT_ONLY else hints.get("using")
         return alias_for_app(model._meta.app_label)
 
     db_for_write = db_for_read
@@ -31,5 +33,5 @@ class ServiceRouter:
 
     def allow_migrate(self, db, app_label, model_name=None, **hints):
         if app_label == KERNEL_APP:
-            return True
+            return db == "default" if model_name in DEFAULT_ONLY else True
         return db == alias_for_app(app_label)

@@ -472,6 +472,24 @@ FEED_RECONCILE_SECONDS = env_float("FEED_RECONCILE_SECONDS", 5.0)
 # Workers announce themselves this often (the dashboard's "live workers").
 WORKER_HEARTBEAT_SECONDS = env_float("WORKER_HEARTBEAT_SECONDS", 10.0)
 
+# --- Service registry (sagaplatform/kernel/registry.py; docs/OPERATIONS.md, "Service registry") ---
+SAGA_REGISTRY_BACKEND = env_str("SAGA_REGISTRY_BACKEND", "sagaplatform.kernel.registry.DatabaseRegistry")
+# An instance expires this long after its last heartbeat (0: three heartbeats).
+SAGA_REGISTRY_TTL = env_float("SAGA_REGISTRY_TTL", 0.0)
+# Expired instances are forgotten (and leave the dashboard) this long after they expired.
+SAGA_REGISTRY_FORGET_AFTER = env_float("SAGA_REGISTRY_FORGET_AFTER", 3600.0)
+# Each process reads the live set at most this often, each read bounded by this timeout.
+SAGA_REGISTRY_CACHE_SECONDS = env_float("SAGA_REGISTRY_CACHE_SECONDS", 1.0)
+SAGA_REGISTRY_TIMEOUT = env_float("SAGA_REGISTRY_TIMEOUT", 0.2)
+# The orchestrator sends commands where the registry says, and a step whose service has no live
+# instance waits (its retries and the saga deadline not consumed) up to SAGA_NO_WORKER_WAIT_LIMIT
+# seconds in all (0: never waits), asking again every SAGA_NO_WORKER_RECHECK seconds.
+SAGA_REGISTRY_DISCOVERY = env_bool("SAGA_REGISTRY_DISCOVERY", default=True)
+SAGA_NO_WORKER_WAIT_LIMIT = env_float("SAGA_NO_WORKER_WAIT_LIMIT", 600.0)
+SAGA_NO_WORKER_RECHECK = env_float("SAGA_NO_WORKER_RECHECK", 2.0)
+# What the workers report as their code version (default: the checkout's git commit).
+SAGA_CODE_VERSION = env_str("SAGA_CODE_VERSION")
+
 # --- REST API -------------------------------------------------------------------------------
 
 

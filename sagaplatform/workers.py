@@ -1,55 +1,69 @@
 """Which workers are alive and how deep their queues are, for the dashboard and /healthz.
 
-Each worker announces itself in the cache every WORKER_HEARTBEAT_SECONDS (a thread started
-when the worker is ready), with the queues it consumes; an announcement expires after three
-missed beats. In production the cache is Redis, shared by every process; in the embedded mode
-the workers are threads of the web process and share its memory.
+Each worker registers the service instances it hosts in the service registry
+(`sagaplatform/kernel/registry.py`) and renews them every WORKER_HEARTBEAT_SECONDS (a thread
+started when the worker is ready), with the age of its oldest running task; an instance expires
+SAGA_REGISTRY_TTL (three beats) after its last heartbeat. In the embedded mode the workers are
+threads of the web process, and register the same way.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
-import math
 import os
 import socket
 import threading
-import time
+from datetime import datetime
 
 from celery.signals import worker_ready, worker_shutdown
 from django.conf import settings
-from django.core.cache import cache
+from django.db import close_old_connections
+
+from sagaplatform.kernel import registry
 
 logger = logging.getLogger(__name__)
 
-INDEX_KEY = "workers:index"
-WORKER_KEY = "workers:{}"
-
 _stop = threading.Event()
+_registered: list[str] = []  # the workers this process registered (deregistered at shutdown)
 
 
-def announce(name: str, queues: list[str]) -> None:
-    # Three missed beats; whole seconds (Redis expiries are, and 0 would mean "expire now").
-    ttl = max(1, math.ceil(settings.WORKER_HEARTBEAT_SECONDS * 3))
-    cache.set(
-        WORKER_KEY.format(name), {"name": name, "queues": queues, "seen_at": time.time(), "pid": os.getpid()}, ttl
-    )
-    # The index is read-modify-write; a lost update is repaired at the next beat.
-    names = set(cache.get(INDEX_KEY) or ())
-    if name not in names:
-        cache.set(INDEX_KEY, sorted(names | {name}), None)
+def announce(name: str, queues: list[str], *, started_at: datetime | None = None) -> None:
+    """Register (or renew) worker `name`'s instances, one per service of `queues`."""
+    instances = registry.describe(name, queues, host=socket.gethostname(), pid=os.getpid(), started_at=started_at)
+    registry.backend().heartbeat(instances, ttl=registry.ttl())
+    registry.invalidate()
 
 
 def withdraw(name: str) -> None:
-    cache.delete(WORKER_KEY.format(name))
+    registry.backend().deregister(name)
+    registry.invalidate()
 
 
 def live_workers() -> list[dict]:
-    names = cache.get(INDEX_KEY) or []
-    found = cache.get_many([WORKER_KEY.format(n) for n in names])
-    workers = sorted(found.values(), key=lambda w: w["name"])
-    if len(found) < len(names):  # forget workers whose announcements expired
-        cache.set(INDEX_KEY, [w["name"] for w in workers], None)
-    return workers
+    """The live workers, each with the queues it consumes (from the registry's live instances)."""
+    by_worker: dict[str, dict] = {}
+    try:
+        view = registry.snapshot_view()
+    except Exception:  # /healthz reports what is down; it must not fail on it
+        logger.warning("service registry not readable", exc_info=True)
+        return []
+    for instance in view["instances"]:
+        if not instance["alive"]:
+            continue
+        worker = by_worker.setdefault(
+            instance["worker"],
+            {
+                "name": instance["worker"],
+                "queues": [],
+                "host": instance["host"],
+                "pid": instance["pid"],
+                "seen_at": instance["heartbeat_at"],
+                "heartbeat_age": instance["heartbeat_age"],
+            },
+        )
+        worker["queues"] = sorted({*worker["queues"], *instance["queues"]})
+    return sorted(by_worker.values(), key=lambda w: w["name"])
 
 
 def queue_depths() -> dict[str, int | None]:
@@ -74,8 +88,11 @@ def queue_depths() -> dict[str, int | None]:
 
 
 def start_heartbeat(name: str, queues: list[str]) -> None:
-    """Announce this worker now and every WORKER_HEARTBEAT_SECONDS until it shuts down."""
+    """Register this worker now and every WORKER_HEARTBEAT_SECONDS until it shuts down."""
     _stop.clear()
+    if not _registered:
+        atexit.register(stop_heartbeat)  # the embedded mode has no worker_shutdown signal
+    _registered.append(name)
 
     def beat() -> None:
         while not _stop.is_set():
@@ -83,8 +100,8 @@ def start_heartbeat(name: str, queues: list[str]) -> None:
                 announce(name, queues)
             except Exception:
                 logger.warning("worker heartbeat failed", exc_info=True)
+                close_old_connections()  # a broken connection is replaced at the next beat
             _stop.wait(settings.WORKER_HEARTBEAT_SECONDS)
-        withdraw(name)
 
     threading.Thread(target=beat, name="worker-heartbeat", daemon=True).start()
 
@@ -103,4 +120,11 @@ def _on_worker_ready(sender=None, **kwargs) -> None:
 
 @worker_shutdown.connect
 def stop_heartbeat(**kwargs) -> None:
+    """A clean shutdown deregisters at once; a killed worker's instances expire instead."""
     _stop.set()
+    while _registered:
+        name = _registered.pop()
+        try:
+            withdraw(name)
+        except Exception:
+            logger.warning("worker %s: not deregistered; its instances will expire", name, exc_info=True)

@@ -19,7 +19,7 @@ from typing import Any
 from django.db import transaction
 from django.db.models.functions import Now
 
-from sagaplatform.kernel import faults, outbox
+from sagaplatform.kernel import faults, outbox, registry
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
 from sagaplatform.observability import hooks as observability
 
@@ -206,7 +206,7 @@ def send(run: Run, step: SagaStep, spec: StepSpec, op: str, *, attempt: int, del
     outbox.enqueue(
         using=DB,
         task=f"{spec.service}.execute",
-        queue=spec.service,
+        queue=registry.resolve(spec.service).queue,  # a queue a live instance consumes (cached ~1 s)
         payload=command.to_message(),
         delay=delay,
         now=run.now,

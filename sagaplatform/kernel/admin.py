@@ -20,7 +20,8 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import BooleanField, ExpressionWrapper, Q, QuerySet
+from django.db.models.functions import Now
 from django.http import HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
@@ -30,7 +31,7 @@ from sagaplatform.api import operator_actor
 
 from . import faults
 from .clock import db_now
-from .models import Barrier, DeadLetter, FaultRule, OutboxMessage
+from .models import Barrier, DeadLetter, FaultRule, OutboxMessage, ServiceInstance
 
 # --- Shared helpers ---------------------------------------------------------------------------
 
@@ -391,3 +392,66 @@ class DeadLetterAdmin(ReadOnlyAdminMixin, PerDatabaseAdmin):
     list_filter = ["reason", "queue", age_filter()]
     search_fields = ["task", "message_id", "error"]
     fields = ["queue", "reason", "task", "message_id", "size", "error", "body", "created_at", "alerted_at"]
+
+
+class InstanceAliveFilter(admin.SimpleListFilter):
+    title = "alive"
+    parameter_name = "alive"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "live"), ("no", "expired")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        now = db_now("default")
+        if self.value() == "yes":
+            return queryset.filter(expires_at__gt=now)
+        if self.value() == "no":
+            return queryset.filter(expires_at__lte=now)
+        return queryset
+
+
+@admin.register(ServiceInstance)
+class ServiceInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin[Any]):
+    """The service registry (`sagaplatform/kernel/registry.py`): written by the workers'
+    heartbeats only. An expired instance stays listed for SAGA_REGISTRY_FORGET_AFTER."""
+
+    list_display = [
+        "service",
+        "worker",
+        "queues",
+        "host",
+        "pid",
+        "code_version",
+        "alive",
+        "heartbeat_at",
+        "tasks_running",
+        "oldest_task_age",
+    ]
+    list_filter = ["service", InstanceAliveFilter]
+    search_fields = ["worker", "host", "service"]
+    ordering = ["service", "worker"]
+    fields = [
+        "instance",
+        "worker",
+        "service",
+        "queues",
+        "host",
+        "pid",
+        "code_version",
+        "definitions",
+        "started_at",
+        "heartbeat_at",
+        "expires_at",
+        "tasks_running",
+        "oldest_task_age",
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        live = ExpressionWrapper(Q(expires_at__gt=Now()), output_field=BooleanField())
+        rows: QuerySet[Any] = super().get_queryset(request).using("default")
+        annotated: QuerySet[Any] = rows.annotate(is_alive=live)
+        return annotated
+
+    @admin.display(boolean=True, description="alive", ordering="is_alive")
+    def alive(self, obj: ServiceInstance) -> bool:
+        return bool(getattr(obj, "is_alive", False))

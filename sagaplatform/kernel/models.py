@@ -140,3 +140,31 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.reason} on {self.queue} ({self.task or '?'})"
+
+
+class ServiceInstance(models.Model):
+    """One service hosted by one worker process, as the service registry knows it
+    (`sagaplatform/kernel/registry.py`, the database backend). Written by the worker's
+    heartbeat; live while `expires_at` (database clock) has not passed. Lives on `default`, the
+    orchestrator's database, whose engine resolves a service's queue through it."""
+
+    instance = models.CharField(max_length=255, unique=True, help_text="worker/service")
+    worker = models.CharField(max_length=200, help_text="the worker's node name")
+    service = models.CharField(max_length=64)
+    queues = models.JSONField(default=list, help_text="the queues this instance consumes")
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    code_version = models.CharField(max_length=64, blank=True)
+    definitions = models.JSONField(default=list, help_text="the saga definition versions it knows")
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    tasks_running = models.PositiveIntegerField(default=0)
+    oldest_task_age = models.FloatField(null=True, blank=True, help_text="seconds, at the last heartbeat")
+
+    class Meta:
+        ordering = ["service", "worker"]
+        indexes = [models.Index(fields=["expires_at"], name="kernel_instance_expires")]
+
+    def __str__(self) -> str:
+        return self.instance

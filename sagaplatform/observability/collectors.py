@@ -16,7 +16,12 @@ PREFIX = "sagaplatform"
 class DatabaseCollector:
     def collect(self):
         up = GaugeMetricFamily(f"{PREFIX}_collector_up", "1 if the source answered this scrape", labels=["source"])
-        for source, read in (("sagas", self._sagas), ("outbox", self._outbox), ("broker", self._broker)):
+        for source, read in (
+            ("sagas", self._sagas),
+            ("outbox", self._outbox),
+            ("broker", self._broker),
+            ("registry", self._registry),
+        ):
             try:
                 families = list(read())
             except Exception:
@@ -98,8 +103,6 @@ class DatabaseCollector:
 
     @staticmethod
     def _broker():
-        from django.conf import settings
-
         from sagaplatform import workers
 
         families = []
@@ -110,13 +113,32 @@ class DatabaseCollector:
                 if n is not None:
                     depth.add_metric([queue], n)
             families.append(depth)
+        return families
+
+    @staticmethod
+    def _registry():
+        from django.conf import settings
+
+        from sagaplatform.kernel import registry
+
+        # The service registry: live instances per service and queue, and workers per queue.
         live = dict.fromkeys(settings.SAGA_QUEUES, 0)
-        for worker in workers.live_workers():
-            for queue in worker.get("queues") or ():
-                if queue in live:
-                    live[queue] += 1
+        per_instance: dict[tuple[str, str], int] = {}
+        for instance in registry.snapshot_view()["instances"]:
+            if not instance["alive"]:
+                continue
+            for queue in instance["queues"]:
+                live[queue] = live.get(queue, 0) + 1
+                key = (instance["service"], queue)
+                per_instance[key] = per_instance.get(key, 0) + 1
         alive = GaugeMetricFamily(f"{PREFIX}_live_workers", "Workers consuming a queue", labels=["queue"])
         for queue, n in live.items():
             alive.add_metric([queue], n)
-        families.append(alive)
-        return families
+        instances = GaugeMetricFamily(
+            f"{PREFIX}_registry_live_instances", "Live service instances in the registry", labels=["service", "queue"]
+        )
+        for queue in settings.SAGA_QUEUES:
+            per_instance.setdefault((registry.service_of(queue), queue), 0)
+        for (service, queue), n in sorted(per_instance.items()):
+            instances.add_metric([service, queue], n)
+        return [alive, instances]

@@ -13,6 +13,7 @@ import { SagaList, isRetrying } from "./list.js";
 import { Inspector } from "./inspect.js";
 import { renderOps } from "./ops.js";
 import { PlatformGraph } from "./platform.js";
+import { renderInstances } from "./registry.js";
 import { STATE_COLORS, SagaGraph, statusLine } from "./sagagraph.js";
 import { SearchPanel } from "./search.js";
 import { initTheme } from "./theme.js";
@@ -778,6 +779,7 @@ function renderOverview() {
 
   outcomeBars($("outcomes-chart"), minutes);
   renderQueues(o.queues || {}, o.workers || [], o.dead_letters);
+  renderInstances(o.instances || []);
   renderOps(o); // alerts and stock contention (ops.js)
   platform.update(o.flow, o.queues || {}, o.workers || [], o.breakers || {});
   const total = (o.flow?.edges || []).reduce((s, e) => s + (e.per_min || 0), 0);
