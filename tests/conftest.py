@@ -69,7 +69,7 @@ def pytest_configure(config):
     # processes the tests start inherit the variable.
     os.environ["BREAKER_ENABLED"] = "false"
     settings.BREAKER_ENABLED = False
-    # Service discovery off likewise (tests/test_registry*.py turn it on): the in-test broker and
+    # Service discovery off likewise (tests/unit/ops/test_registry.py, tests/e2e/test_registry_processes.py turn it on): the in-test broker and
     # most test workers register no instance for some services, whose steps would then wait.
     os.environ["SAGA_REGISTRY_DISCOVERY"] = "false"
     settings.SAGA_REGISTRY_DISCOVERY = False

@@ -23,7 +23,7 @@ from sagaplatform.observability.collectors import DatabaseCollector
 from tests.conftest import order_body
 from tests.processes import wait_for
 
-MEMORY = "tests.test_registry.MemoryRegistry"
+MEMORY = "tests.unit.ops.test_registry.MemoryRegistry"
 ALL_BUT_PAYMENTS = ["orchestrator", "inventory", "orders", "shipping", "notifications"]
 
 
