@@ -1,6 +1,9 @@
 """The cost of observability: the saga benchmark with metrics and tracing on (the `null`
 exporter: every span made, then dropped) and off, in alternating rounds of one run
-(`make bench BENCH_ARGS="--observability"`). Prints the slowdown of throughput and latency."""
+(`make bench BENCH_ARGS="--observability"`). Prints the slowdown of throughput and latency, and
+the CPU time per order of each mode (`loadtest/cpu.py`): the worker and its pool children, the
+PostgreSQL backends of the benchmark's databases, Redis and this process. Throughput moves with
+whatever else the host runs; CPU time per order much less."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import json
 import statistics
 from typing import Any
 
-from loadtest import bench
+from loadtest import bench, cpu
 
 MODES = {
     "off": {"SAGA_METRICS": "off", "OTEL_TRACES_EXPORTER": "none"},
@@ -39,6 +42,9 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
         f"{n} orders per round, {rounds} rounds of off/on, {concurrency} clients, worker -c {worker_concurrency}\n"
     )
     figures: dict[str, list[dict]] = {"off": [], "on": []}
+    cpu_ms: dict[str, list[dict]] = {"off": [], "on": []}
+    databases = [settings.DATABASES[alias]["NAME"] for alias in settings.DATABASE_ALIASES]
+    redis_pid = cpu.redis_server_pid(settings.REDIS_URL)
     for round_ in range(rounds):
         for mode in ("off", "on"):
             _set_in_process(mode)
@@ -54,15 +60,23 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
                         out=out,
                     )
                 run = bench.Run(f"round {round_ + 1} {mode}")
-                bench.drive(
-                    run,
-                    n=n,
-                    concurrency=concurrency,
-                    place=bench._place_saga_order,
-                    finished_ids=bench._finished_sagas,
-                    out=out,
-                )
+                sampler = cpu.Sampler(workers=[worker.pid], databases=databases, redis_pid=redis_pid)
+                before = sampler.start()
+                try:
+                    bench.drive(
+                        run,
+                        n=n,
+                        concurrency=concurrency,
+                        place=bench._place_saga_order,
+                        finished_ids=bench._finished_sagas,
+                        out=out,
+                    )
+                finally:
+                    after = sampler.stop()
                 figures[mode].append(run.figures())
+                per_order = {k: round(1000 * v / n, 1) for k, v in cpu.delta(before, after).items()}
+                cpu_ms[mode].append(per_order)
+                out.write(f"  round {round_ + 1} {mode}: CPU ms per order {json.dumps(per_order)}\n")
             finally:
                 worker.stop(timeout=30)
     _set_in_process("off")
@@ -78,10 +92,19 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
     }
     for mode in ("off", "on"):
         summary[mode] = {key: median(mode, key) for key in ("throughput_per_s", "p50_ms", "p95_ms", "p99_ms")}
+        summary[mode]["cpu_ms_per_order"] = {
+            key: statistics.median(f[key] for f in cpu_ms[mode]) for key in (*cpu.COMPONENTS, "total")
+        }
     slowdown = 1 - summary["on"]["throughput_per_s"] / summary["off"]["throughput_per_s"]
     p50 = summary["on"]["p50_ms"] / summary["off"]["p50_ms"] - 1
     summary["throughput_slowdown_pct"] = round(100 * slowdown, 1)
     summary["p50_increase_pct"] = round(100 * p50, 1)
+    off_cpu, on_cpu = summary["off"]["cpu_ms_per_order"], summary["on"]["cpu_ms_per_order"]
+    # Without Redis: its server is shared with whatever else uses it on this host.
+    own = [c for c in cpu.COMPONENTS if c != "redis"]
+    off_own, on_own = sum(off_cpu[c] for c in own), sum(on_cpu[c] for c in own)
+    summary["cpu_increase_pct"] = round(100 * (on_cpu["total"] / off_cpu["total"] - 1), 1)
+    summary["cpu_increase_pct_without_redis"] = round(100 * (on_own / off_own - 1), 1)
     out.write(
         f"off : {summary['off']['throughput_per_s']} orders/s  p50 {summary['off']['p50_ms']} ms  "
         f"p95 {summary['off']['p95_ms']} ms\n"
@@ -89,6 +112,13 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
         f"p95 {summary['on']['p95_ms']} ms\n"
         f"slowdown with metrics + tracing: throughput {summary['throughput_slowdown_pct']}%  "
         f"p50 {summary['p50_increase_pct']:+}%\n"
+    )
+    for mode, per_order in (("off", off_cpu), ("on", on_cpu)):
+        parts = "  ".join(f"{c} {per_order[c]}" for c in cpu.COMPONENTS)
+        out.write(f"CPU ms per order, {mode:3}: total {per_order['total']}  ({parts})\n")
+    out.write(
+        f"CPU per order with metrics + tracing: {summary['cpu_increase_pct']:+}% "
+        f"({summary['cpu_increase_pct_without_redis']:+}% without Redis, shared on this host)\n"
     )
     out.write(json.dumps(summary) + "\n")
     return summary
