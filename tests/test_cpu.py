@@ -83,6 +83,16 @@ def test_sampler_keeps_the_last_reading_of_a_process_that_exited():
     assert cpu.delta(before, after)["workers"] >= 0.2
 
 
-def test_postgres_backends_found_by_title(tmp_path):
+@pytest.mark.postgres
+@pytest.mark.django_db(databases=["default"])
+def test_postgres_backends_are_found_by_their_process_title():
+    from django.db import connection
+
+    connection.ensure_connection()
+    backend = connection.connection.info.backend_pid
+    name = connection.settings_dict["NAME"]
+    assert backend in cpu.postgres_backends([name])
+    assert backend not in cpu.postgres_backends([name + "_not_this_one"])
     assert cpu.postgres_backends([]) == set()
-    assert cpu.postgres_backends(["no_such_database_here"]) == set()
+    readings = cpu.snapshot(databases=[name], client=False)["postgres"]
+    assert backend in readings

@@ -150,3 +150,23 @@ def test_a_request_shed_by_the_concurrency_limit_is_counted():
 
     assert asyncio.run(scenario()) == [503, 200]
     assert _count("POST", "(shed)", "503") == before + 1
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_the_dashboard_http_row_uses_metrics_that_exist(open_metrics, settings):
+    import json
+    import re
+
+    settings.ROOT_URLCONF = __name__
+    client = Client(raise_request_exception=False)
+    client.get("/test-boom/1/")  # so that the exceptions counter has a sample
+    names = {name for name, _ in scrape(client)}
+    dashboard = json.loads((settings.BASE_DIR / "deploy" / "grafana" / "sagaplatform.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", ())
+        for name in re.findall(r"sagaplatform_http_\w+", target["expr"])
+    }
+    assert len(used) == 4
+    assert used <= names, used - names
