@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable
 
 COMPONENTS = ("workers", "postgres", "redis", "client")
@@ -161,15 +162,19 @@ def merge(older: Snapshot, newer: Snapshot) -> Snapshot:
     return out
 
 
-def delta(before: Snapshot, after: Snapshot) -> dict[str, float]:
+def delta(before: Snapshot, after: Snapshot, *, exclude: Iterable[int] = ()) -> dict[str, float]:
     """CPU seconds each component used between two snapshots, and their `total`. A process in
     `after` only (started since, or a reused pid) counts from zero; one in `before` only (gone
-    since) counts nothing more."""
+    since) counts nothing more. Processes in `exclude` count nothing (say, the PostgreSQL backend
+    of the benchmark's own polling)."""
+    skip = set(exclude)
     out: dict[str, float] = {}
     for component in COMPONENTS:
         was = before.get(component, {})
         used = 0.0
         for pid, (started, seconds) in after.get(component, {}).items():
+            if pid in skip:
+                continue
             previous = was.get(pid)
             base = previous[1] if previous is not None and previous[0] == started else 0.0
             used += max(0.0, seconds - base)
@@ -181,10 +186,12 @@ def delta(before: Snapshot, after: Snapshot) -> dict[str, float]:
 class Sampler:
     """Snapshots every `interval` seconds in a thread, merged: `stop()` returns the last reading
     of every process seen since `start()`, those that exited meanwhile included (they lose at most
-    one interval). Takes the same arguments as `snapshot`."""
+    one interval). Takes the same arguments as `snapshot`. `own_seconds` is the CPU its thread
+    used (part of the `client` component when this process is watched)."""
 
     def __init__(self, *, interval: float = 0.5, **sources) -> None:
         self.interval, self.sources = interval, sources
+        self.own_seconds = 0.0
         self._merged: Snapshot = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -198,7 +205,9 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            started = time.thread_time()
             self._merged = merge(self._merged, snapshot(**self.sources))
+            self.own_seconds += time.thread_time() - started
 
     def stop(self) -> Snapshot:
         self._stop.set()

@@ -65,6 +65,7 @@ def test_a_reused_pid_counts_from_zero_and_a_gone_process_adds_nothing():
     before = {"workers": {10: (100, 5.0), 11: (100, 1.0)}}
     after = {"workers": {10: (200, 0.5), 12: (300, 0.25)}}  # 10 restarted, 11 gone, 12 new
     assert cpu.delta(before, after)["workers"] == 0.75
+    assert cpu.delta(before, after, exclude={12})["workers"] == 0.5
 
 
 def test_sampler_keeps_the_last_reading_of_a_process_that_exited():
@@ -81,6 +82,7 @@ def test_sampler_keeps_the_last_reading_of_a_process_that_exited():
     after = sampler.stop()
     assert child.pid in after["workers"]
     assert cpu.delta(before, after)["workers"] >= 0.2
+    assert 0 < sampler.own_seconds < 0.5  # its own reading of /proc, counted apart
 
 
 @pytest.mark.postgres
