@@ -143,7 +143,7 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
     _set_in_process("off")
 
     def median(mode: str, key: str) -> float:
-        return statistics.median(f[key] for f in figures[mode])
+        return round(statistics.median(f[key] for f in figures[mode]), 1)
 
     summary: dict[str, Any] = {
         "orders": n,
@@ -154,7 +154,8 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
     for mode in ("off", "on"):
         summary[mode] = {key: median(mode, key) for key in ("throughput_per_s", "p50_ms", "p95_ms", "p99_ms")}
         summary[mode]["cpu_ms_per_order"] = {
-            key: statistics.median(f[key] for f in cpu_ms[mode]) for key in (*cpu.COMPONENTS, "total", "bench_overhead")
+            key: round(statistics.median(f[key] for f in cpu_ms[mode]), 1)
+            for key in (*cpu.COMPONENTS, "total", "bench_overhead")
         }
     slowdown = 1 - summary["on"]["throughput_per_s"] / summary["off"]["throughput_per_s"]
     p50 = summary["on"]["p50_ms"] / summary["off"]["p50_ms"] - 1
