@@ -9,6 +9,8 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse
 
+from sagaplatform.observability import http as http_metrics
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,6 +39,7 @@ class ConcurrencyLimit:
         if scope["type"] != "http" or not self.limit:
             return await self.app(scope, receive, send)
         if self.active >= self.limit:
+            http_metrics.shed(scope.get("method"))
             await send({"type": "http.response.start", "status": 503, "headers": self.headers})
             await send({"type": "http.response.body", "body": self.body})
             return None

@@ -6,8 +6,9 @@ class ObservabilityConfig(AppConfig):
     label = "observability"
 
     def ready(self) -> None:
-        from . import logging, signals, tracing
+        from . import http, logging, signals, tracing
 
         logging.configure_structlog()
         tracing.configure()
         signals.connect()
+        http.connect()

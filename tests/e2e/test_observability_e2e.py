@@ -5,7 +5,8 @@ payment fails twice then passes (retries), one declined (a compensation), one wh
 never passes (retries run out: a final failure, then compensations). Then:
 
 - `/metrics` agrees with the databases (sagas by outcome, step attempts, final failures,
-  barrier hits), summed over every pool child, recycled ones included;
+  barrier hits), summed over every pool child, recycled ones included; the web process's HTTP
+  requests are counted by route template (never the order's id), method and status;
 - each order is one trace: the request span in the web process is its root, and the spans of
   the worker's children (each attempt, each compensation) link up to it;
 - log lines are JSON, saga lines carry the saga, order, step, attempt, service and trace ids,
@@ -119,6 +120,10 @@ def run(django_db_setup, django_db_blocker, tmp_path_factory):
                     saga_id__in=saga_ids, kind="retry_scheduled", step="charge_payment"
                 ).count(),
             }
+            reads = {
+                "detail": stack.call("watcher", "GET", f"/api/orders/{receipts['ok1']['id']}/")[0],
+                "missing": stack.call("watcher", "GET", "/api/orders/00000000-0000-4000-8000-000000000000/")[0],
+            }
             refused = {"none": scrape(stack, None), "wrong": scrape(stack, "nope")}
             status, text = scrape(stack)
             assert status == 200, text
@@ -133,6 +138,7 @@ def run(django_db_setup, django_db_blocker, tmp_path_factory):
         "db": db,
         "metrics": samples(text),
         "refused": refused,
+        "reads": reads,
         "spans": spans,
         "logs": logs,
         "files": files,
@@ -184,6 +190,21 @@ def test_metrics_match_the_databases_across_recycled_pool_children(run):
     for (_, labels), _ in values.items():
         for _, value in labels:
             assert not any(r["saga"]["id"] in value or r["id"] in value for r in run["receipts"].values())
+
+
+def test_http_requests_of_the_web_process_are_counted_by_route(run):
+    values = run["metrics"]
+    assert run["reads"] == {"detail": 200, "missing": 404}
+    requests = "sagaplatform_http_requests_total"
+    assert total(values, requests, method="POST", route="/api/orders/", status="202") == len(TOKENS)
+    detail = "/api/orders/<uuid:order_id>/"
+    assert total(values, requests, method="GET", route=detail, status="200") == 1
+    assert total(values, requests, method="GET", route=detail, status="404") == 1
+    assert total(values, requests, method="GET", route="/metrics", status="401") == 2  # the refused scrapes
+    latency = "sagaplatform_http_request_duration_seconds_count"
+    assert total(values, latency, method="POST", route="/api/orders/") == len(TOKENS)
+    assert total(values, "sagaplatform_http_requests_in_progress") == 1  # the scrape itself
+    assert total(values, "sagaplatform_http_exceptions_total") == 0
 
 
 def test_metrics_need_the_bearer_token_in_production(run):
