@@ -12,7 +12,7 @@ force it open for a while, with a reason; each is recorded in the admin's log of
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.conf import settings
@@ -57,7 +57,8 @@ class BreakerActionForm(forms.Form):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["breaker"].choices = [(n, n) for n in breaker_names()]
+        breaker = cast("forms.ChoiceField", self.fields["breaker"])
+        breaker.choices = [(n, n) for n in breaker_names()]
 
 
 def _when(epoch: float | None) -> datetime | None:
@@ -85,7 +86,7 @@ def _rows(found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _audit(request: HttpRequest, name: str, message: str) -> None:
     LogEntry.objects.create(
-        user_id=request.user.pk,
+        user_id=int(request.user.pk or 0),
         content_type=None,
         object_id=name,
         object_repr=f"{AUDIT_PREFIX}{name}",
@@ -110,7 +111,7 @@ def breakers_view(request: HttpRequest) -> HttpResponse:
         else:
             status = 400
             for field, errors in form.errors.items():
-                messages.error(request, f"{field}: {' '.join(errors)}")
+                messages.error(request, f"{field}: {' '.join(str(e) for e in errors)}")
     try:
         rows = _rows(breakers.detail(breaker_names()))
         unavailable = False

@@ -44,7 +44,7 @@ class SagaAdminSite(admin.AdminSite):
     def register_view(self, view: AdminView) -> None:
         self._views[view.url_name] = view
 
-    def get_urls(self):  # type: ignore[no-untyped-def]
+    def get_urls(self):
         extra = [
             path(f"{v.app_label}/{v.name}/", self.admin_view(v.view), name=v.url_name) for v in self._views.values()
         ]

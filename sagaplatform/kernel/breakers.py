@@ -265,7 +265,7 @@ class _Memory:
         now = time.time()
         with self.lock:
             s = self._state(name)
-            was = s["state"]
+            was = str(s["state"])
             if to == CLOSED:
                 self.buckets.pop(name, None)
                 s.update(state=CLOSED, changed_at=now, probes=0, probes_ok=0)
@@ -329,7 +329,7 @@ def record(name: str, ok: bool) -> str:
             pipe = store.pipeline(transaction=False)
             pipe.sadd(INDEX, name)
             pipe.eval(_RECORD, 1, f"{PREFIX}{name}:", int(ok), *_config())
-            moved = pipe.execute()[1]
+            moved = str(pipe.execute()[1])
     except Exception:
         logger.warning("breaker %s: outcome not recorded", name, exc_info=True)
         return ""
@@ -386,7 +386,7 @@ def force(name: str, to: str, *, by: str, seconds: float | None = None) -> str:
         pipe = store.pipeline(transaction=False)
         pipe.sadd(INDEX, name)
         pipe.eval(_FORCE, 1, f"{PREFIX}{name}:", 0, *_config(), to, seconds, by)
-        was = pipe.execute()[1]
+        was = str(pipe.execute()[1])
     logger.warning("circuit breaker %s forced %s by %s (was %s)", name, to, by, was, extra={"breaker": name})
     return was
 

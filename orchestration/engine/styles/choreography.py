@@ -173,7 +173,7 @@ def _observe_outcome(run: Run, emitter: JSON, message: JSON) -> None:
 def _deferred(run: Run, step: SagaStep, emitter: JSON) -> None:
     """A service's reaction waits for a circuit breaker (`choreography.defer`): the timeline shows
     it as for a coordinated step, and the step's lease waits as long (no nudge meanwhile)."""
-    data = {k: emitter[k] for k in ("breaker", "state", "resume_in", "attempt", "not_counted") if k in emitter}
+    data: JSON = {k: emitter[k] for k in ("breaker", "state", "resume_in", "attempt", "not_counted") if k in emitter}
     if emitter.get("not_counted"):
         step.deferrals += 1
     run.record("step_deferred", step=step, from_state=step.state, data=data)
