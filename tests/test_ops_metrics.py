@@ -5,6 +5,7 @@ and checked against what happened."""
 
 from __future__ import annotations
 
+import re
 import socket
 import uuid
 
@@ -169,3 +170,19 @@ def test_alert_deliveries_by_channel_and_outcome(client, breaker_on, broker, set
     assert delta(before, after, attempts, channel="nobody", outcome="error") == 2
     assert delta(before, after, ended, channel="nobody", outcome="failed") == 1
     assert delta(before, after, ended, channel="nobody", outcome="delivered") == 0
+
+
+def test_every_metric_the_dashboard_and_the_alert_rules_use_is_exported():
+    """A name typed wrong in deploy/ (or a metric renamed in the code) would show an empty panel
+    or an alert that can never fire."""
+    from tests.processes import ROOT
+
+    code = "".join((ROOT / "sagaplatform" / "observability" / f).read_text() for f in ("metrics.py", "collectors.py"))
+    defined = set(re.findall(r'f"\{PREFIX\}_(\w+)"', code))
+    used = set()
+    for path in ("deploy/grafana/sagaplatform.json", "deploy/prometheus/alerts.yml"):
+        used |= set(re.findall(r"sagaplatform_(\w+)", (ROOT / path).read_text()))
+    suffixes = re.compile(r"_(total|bucket|count|sum)$")
+    missing = {name for name in used if name not in defined and suffixes.sub("", name) not in defined}
+    assert not missing, missing
+    assert {"breaker_state", "breaker_transitions", "step_deferrals", "optimistic_lock_retries"} <= defined
