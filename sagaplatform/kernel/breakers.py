@@ -6,7 +6,8 @@ BREAKER_WINDOW seconds. Closed, it opens once the window holds at least BREAKER_
 of which at least BREAKER_FAILURE_RATE failed. Open, it admits nothing for BREAKER_OPEN_SECONDS;
 then it is half-open and admits at most BREAKER_HALF_OPEN_PROBES calls (a reservation every
 worker shares, so many workers cannot all probe at once). The probes' outcomes decide: as many
-successes close it, one failure opens it again. Business failures (a declined card, no stock)
+successes close it, one failure opens it again; a round of probes with no verdict after another
+open period (a prober died) is given up, and a fresh round admitted. Business failures (a declined card, no stock)
 are successes here: the service answered.
 
 State and counters live in Redis (the cache's server), each change one Lua script on the Redis
@@ -131,6 +132,11 @@ if state == 'open' then
   redis.call('HSET', s, 'state', 'half_open', 'changed_at', now, 'probes', 0, 'probes_ok', 0)
   moved('open', 'half_open', now, 'open_period_over')
   state = 'half_open'
+elseif now >= tonumber(redis.call('HGET', s, 'changed_at') or '0') + tonumber(ARGV[5]) then
+  -- half-open for a whole open period without a verdict: a probe's caller died before it
+  -- recorded its outcome. A fresh round of probes, so the reservation cannot stay taken.
+  redis.call('HSET', s, 'changed_at', now, 'probes', 0, 'probes_ok', 0)
+  moved('half_open', 'half_open', now, 'probes_expired')
 end
 if redis.call('HINCRBY', s, 'probes', 1) <= tonumber(ARGV[6]) then return {1, state, '0', tostring(now)} end
 redis.call('HINCRBY', s, 'probes', -1)
@@ -141,7 +147,7 @@ return {0, state, tostring(now + tonumber(ARGV[7])), tostring(now)}
 _PEEK = """
 local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local s = KEYS[1] .. 'state'
-local v = redis.call('HMGET', s, 'state', 'until', 'probes')
+local v = redis.call('HMGET', s, 'state', 'until', 'probes', 'changed_at')
 local state = v[1] or 'closed'
 if state == 'closed' then return {1, state, '0', tostring(now)} end
 if state == 'open' then
@@ -149,7 +155,9 @@ if state == 'open' then
   if now < u then return {0, state, tostring(u), tostring(now)} end
   return {1, 'half_open', '0', tostring(now)}
 end
-if tonumber(v[3] or '0') < tonumber(ARGV[6]) then return {1, state, '0', tostring(now)} end
+if tonumber(v[3] or '0') < tonumber(ARGV[6]) or now >= tonumber(v[4] or '0') + tonumber(ARGV[5]) then
+  return {1, state, '0', tostring(now)}
+end
 return {0, state, tostring(now + tonumber(ARGV[7])), tostring(now)}
 """
 # An operator's reset (ARGV[8] = 'closed') or forced opening (ARGV[8] = 'open', for ARGV[9]
@@ -255,6 +263,12 @@ class _Memory:
                     return Verdict(True, HALF_OPEN, 0.0, now)
                 s.update(state=HALF_OPEN, changed_at=now, probes=0, probes_ok=0)
                 self._moved(name, OPEN, HALF_OPEN, now, "open_period_over")
+            elif now >= s.get("changed_at", 0) + config[3]:
+                # Half-open for a whole open period without a verdict: a fresh round of probes.
+                if not reserve:
+                    return Verdict(True, HALF_OPEN, 0.0, now)
+                s.update(changed_at=now, probes=0, probes_ok=0)
+                self._moved(name, HALF_OPEN, HALF_OPEN, now, "probes_expired")
             if s.get("probes", 0) < probes:
                 if reserve:
                     s["probes"] = s.get("probes", 0) + 1
