@@ -6,6 +6,7 @@ count for the breaker, business failures do not."""
 from __future__ import annotations
 
 import pytest
+from django.utils import timezone
 
 from orchestration.models import Saga, SagaEvent, SagaStep
 from payments.models import Charge
@@ -149,3 +150,32 @@ def test_the_charge_waits_for_the_payment_gateway_breaker_without_calling_it(ali
     broker.deliver()
     assert Saga.objects.get(id=saga_id).state == "completed"
     assert Charge.objects.using("payments").get().state == "captured"
+
+
+def test_a_wait_the_tracker_hears_of_first_creates_the_choreographed_saga(alice_api, catalogue, broker):
+    """The tracker's queue may lag behind the services: the note that a reaction waits can be
+    the first it hears of a saga. It creates the saga from the definition its context names."""
+    breakers.force("payments", "open", by="test", seconds=3600)
+    saga_id = place(alice_api)
+    broker.deliver(limit=6, skip=("orchestration.track_event",))  # the tracker hears nothing yet
+    notes = [m for m in broker.take("orchestration.track_event") if m["payload"]["event"] == "charge_payment.deferred"]
+    assert notes
+    broker.run(notes[0])
+
+    saga = Saga.objects.get(id=saga_id)
+    assert (saga.definition, saga.state) == ("place_order_choreography", "running")
+    assert [kind for step, kind in timeline(saga_id) if step == "charge_payment"] == ["step_deferred"]
+
+    breakers.force("payments", "closed", by="test")
+    broker.deliver()  # the lost copies to the tracker: its leases ask for them again
+    wait_for(lambda: sweep_and_deliver(broker, saga_id), timeout=60, interval=0.2, message="the saga to complete")
+
+
+def sweep_and_deliver(broker, saga_id) -> bool:
+    from orchestration import sweeper
+    from orchestration.models import SagaStep as Step
+
+    Step.objects.filter(saga_id=saga_id, deadline_at__isnull=False).update(deadline_at=timezone.now())
+    sweeper.sweep_once()
+    broker.deliver()
+    return Saga.objects.get(id=saga_id).state == "completed"

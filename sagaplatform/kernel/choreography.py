@@ -116,10 +116,15 @@ def relayed(rule: Reaction) -> frozenset[str]:
     reaction. A service passes the context on (there is no coordinator to hold it), and the
     tracker rebuilds an earlier step's trigger from whatever context reached it, even when it
     first hears of a saga at its end; so every event carries what any step of the flow needs,
-    and nothing that no step declares. Each operation still receives only its own `inputs`
-    (`payload_for`)."""
+    and what names the saga's definition (`NAMING`: the tracker creates the saga from whichever
+    event it hears of first, a service's note that it waits for a circuit breaker included),
+    and nothing else. Each operation still receives only its own `inputs` (`payload_for`)."""
     del rule  # the same keys for every subscriber: see above
-    return frozenset(key for reaction in _REACTIONS for key in reaction.inputs)
+    return frozenset((*NAMING, *(key for reaction in _REACTIONS for key in reaction.inputs)))
+
+
+# The context keys that name a saga's definition (`orchestration.definitions.for_context`).
+NAMING = ("definition", "mode")
 
 
 def _only(context: dict[str, Any], keys: Collection[str]) -> dict[str, Any]:
