@@ -62,9 +62,10 @@ def stock_reserve_line(*, sku: str, quantity: int) -> ReservedLine:
             contention.record(sku=sku, conflicts=conflicts, reserved=True)
             return ReservedLine(sku=sku, quantity=quantity, version=item["version"] + 1, lock_conflicts=conflicts)
         conflicts += 1
-        observability.lock_conflict(DB)
+        observability.lock_conflict(DB, retried=attempt + 1 < settings.INVENTORY_MAX_LOCK_ATTEMPTS)
         logger.debug("version conflict on %s (attempt %d)", sku, attempt + 1)
         _backoff(attempt)
+    observability.lock_exhausted(DB)
     contention.record(sku=sku, conflicts=conflicts, exhausted=True)
     raise StockContention(f"{sku} is too contended right now", details={"sku": sku, "conflicts": conflicts})
 

@@ -398,4 +398,5 @@ class SavedViewAdmin(admin.ModelAdmin):
     raw_id_fields = ["user"]
 
 
-from . import alerting_admin  # noqa: E402, F401  (alert channels, groups and deliveries)
+# Alert channels, groups and deliveries; the circuit breakers (a page with no model).
+from . import alerting_admin, breakers_admin  # noqa: E402, F401

@@ -38,6 +38,7 @@ from standardwebhooks.webhooks import Webhook
 
 from sagaplatform.kernel import outbox
 from sagaplatform.kernel.clock import db_now
+from sagaplatform.observability import hooks as observability
 
 from .models import Alert, AlertChannel, AlertDelivery, AlertGroup, Saga, SagaEvent, SagaStep
 
@@ -502,6 +503,8 @@ def deliver(*, delivery_id: str, attempt: int) -> str | None:
                 now=now,
             )
         delivery.save(using=DB)
+        final = delivery.state != AlertDelivery.State.PENDING
+        observability.alert_delivery(delivery.channel.name, ok=not error, final=final)  # once committed
         return delivery.state
 
 

@@ -1,6 +1,6 @@
 """The payment service's part in the choreographed order flow."""
 
-from sagaplatform.kernel import events
+from sagaplatform.kernel import breakers, events
 from sagaplatform.kernel.choreography import reaction
 from sagaplatform.kernel.commands import ACTION, COMPENSATE
 
@@ -13,6 +13,7 @@ reaction(
     emits=events.PAYMENT_CAPTURED,
     emits_on_failure=events.PAYMENT_FAILED,
     inputs=("order_id", "amount", "currency", "payment_method"),
+    breakers=(breakers.GATEWAY,),  # the charge calls the gateway
 )
 reaction(
     service="payments",

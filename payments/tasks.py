@@ -19,8 +19,10 @@ def execute(message: dict) -> None:
 def react(message: dict) -> None:
     if choreography.park_unrunnable(service="payments", message=message):
         return  # no gateway call for an event no reaction accepts
+    if choreography.defer(service="payments", message=message):
+        return  # a circuit breaker (payments', or the gateway's) refuses calls: it waits, no call
     _call_outside(message)
-    choreography.react(service="payments", message=message)
+    choreography.react(service="payments", message=message, admitted=True)
 
 
 def _call_outside(message: dict) -> None:
@@ -43,10 +45,12 @@ def _call_outside(message: dict) -> None:
         commands.call_outside(service="payments", command=command)
     except Exception as exc:  # the reaction itself reports the failure and retries
         logger.warning("payments reaction %s: gateway call failed: %s", message.get("reaction"), exc)
-        if rule is not None and rule.op == commands.ACTION and attempt >= rule.max_attempts:
+        last = rule is not None and choreography.counted_attempt(message) >= rule.max_attempts
+        if rule is not None and rule.op == commands.ACTION and last and not choreography.held(rule):
             # The last attempt: give the charge up while nothing can have been taken, so the
             # reaction fails for good (`charge_cancelled`) instead of giving up on a charge
-            # still pending, whose undo would have to wait on the gateway.
+            # still pending, whose undo would have to wait on the gateway. (Not while a breaker
+            # refuses calls: then this failure does not count, and the reaction tries again.)
             services.charge_abandon(saga_id=uuid.UUID(str(message["saga_id"])))
 
 

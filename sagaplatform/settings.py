@@ -77,7 +77,7 @@ VAR_DIR = Path(env_str("SAGA_VAR_DIR", str(BASE_DIR / "var")))
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "sagaplatform.admin_site.AdminConfig",  # django.contrib.admin, with pages that are no model's
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

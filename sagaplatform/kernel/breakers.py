@@ -6,7 +6,8 @@ BREAKER_WINDOW seconds. Closed, it opens once the window holds at least BREAKER_
 of which at least BREAKER_FAILURE_RATE failed. Open, it admits nothing for BREAKER_OPEN_SECONDS;
 then it is half-open and admits at most BREAKER_HALF_OPEN_PROBES calls (a reservation every
 worker shares, so many workers cannot all probe at once). The probes' outcomes decide: as many
-successes close it, one failure opens it again. Business failures (a declined card, no stock)
+successes close it, one failure opens it again; a round of probes with no verdict after another
+open period (a prober died) is given up, and a fresh round admitted. Business failures (a declined card, no stock)
 are successes here: the service answered.
 
 State and counters live in Redis (the cache's server), each change one Lua script on the Redis
@@ -19,6 +20,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, cast
@@ -55,8 +57,21 @@ def _config() -> list[Any]:
     ]
 
 
+# Each transition is logged (the last LOG_LENGTH, newest first, "at|from|to|by") and counted per
+# state entered (read at scrape time: the Prometheus transitions counter).
+LOG_LENGTH = 20
+_MOVED = """
+local function moved(from, to, now, by)
+  redis.call('LPUSH', KEYS[1] .. 'log', string.format('%.3f', now) .. '|' .. from .. '|' .. to .. '|' .. by)
+  redis.call('LTRIM', KEYS[1] .. 'log', 0, LOG_LENGTH - 1)
+  redis.call('HINCRBY', KEYS[1] .. 'transitions', to, 1)
+end
+""".replace("LOG_LENGTH", str(LOG_LENGTH))
+
 # KEYS[1] = the breaker's prefix; ARGV = ok (1/0), window, min_calls, rate, open_s, probes, probe_wait
-_RECORD = """
+_RECORD = (
+    _MOVED
+    + """
 local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local sec = math.floor(now)
 local ok = tonumber(ARGV[1]); local window = tonumber(ARGV[2])
@@ -66,6 +81,7 @@ if ok == 0 then redis.call('HINCRBY', b, 'failures', 1) end
 redis.call('EXPIRE', b, window + 5)
 local s = KEYS[1] .. 'state'
 local state = redis.call('HGET', s, 'state') or 'closed'
+local was = state
 if state == 'open' and ok == 0 and now >= tonumber(redis.call('HGET', s, 'until') or '0') then
   state = 'half_open'  -- the open period is over and the service still fails: as a failed probe
 end
@@ -75,11 +91,13 @@ if state == 'half_open' then
       -- closed afresh: what happened before (the outage) no longer counts
       for i = sec - window, sec do redis.call('DEL', KEYS[1] .. 'w:' .. i) end
       redis.call('HSET', s, 'state', 'closed', 'changed_at', now, 'probes', 0, 'probes_ok', 0)
+      moved('half_open', 'closed', now, 'probes_succeeded')
       return 'closed'
     end
   else
     redis.call('HSET', s, 'state', 'open', 'changed_at', now, 'until', now + tonumber(ARGV[5]), 'probes', 0, 'probes_ok', 0)
     redis.call('HINCRBY', s, 'opened', 1)
+    moved(was, 'open', now, 'probe_failed')
     return 'open'
   end
   return ''
@@ -93,13 +111,17 @@ if state == 'closed' then
   if calls >= tonumber(ARGV[3]) and failures >= tonumber(ARGV[4]) * calls then
     redis.call('HSET', s, 'state', 'open', 'changed_at', now, 'until', now + tonumber(ARGV[5]), 'probes', 0, 'probes_ok', 0)
     redis.call('HINCRBY', s, 'opened', 1)
+    moved('closed', 'open', now, 'failure_rate')
     return 'open'
   end
 end
 return ''
 """
+)
 # The same ARGV (ok unused); returns {admitted, state, retry_at, now} (numbers as strings).
-_ADMIT = """
+_ADMIT = (
+    _MOVED
+    + """
 local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local s = KEYS[1] .. 'state'
 local state = redis.call('HGET', s, 'state') or 'closed'
@@ -108,11 +130,68 @@ if state == 'open' then
   local u = tonumber(redis.call('HGET', s, 'until') or '0')
   if now < u then return {0, state, tostring(u), tostring(now)} end
   redis.call('HSET', s, 'state', 'half_open', 'changed_at', now, 'probes', 0, 'probes_ok', 0)
+  moved('open', 'half_open', now, 'open_period_over')
   state = 'half_open'
+elseif now >= tonumber(redis.call('HGET', s, 'changed_at') or '0') + tonumber(ARGV[5]) then
+  -- half-open for a whole open period without a verdict: a probe's caller died before it
+  -- recorded its outcome. A fresh round of probes, so the reservation cannot stay taken.
+  redis.call('HSET', s, 'changed_at', now, 'probes', 0, 'probes_ok', 0)
+  moved('half_open', 'half_open', now, 'probes_expired')
 end
 if redis.call('HINCRBY', s, 'probes', 1) <= tonumber(ARGV[6]) then return {1, state, '0', tostring(now)} end
 redis.call('HINCRBY', s, 'probes', -1)
 return {0, state, tostring(now + tonumber(ARGV[7])), tostring(now)}
+"""
+)
+# `admit` without reserving anything or changing the state: would a call be refused now?
+_PEEK = """
+local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local s = KEYS[1] .. 'state'
+local v = redis.call('HMGET', s, 'state', 'until', 'probes', 'changed_at')
+local state = v[1] or 'closed'
+if state == 'closed' then return {1, state, '0', tostring(now)} end
+if state == 'open' then
+  local u = tonumber(v[2] or '0')
+  if now < u then return {0, state, tostring(u), tostring(now)} end
+  return {1, 'half_open', '0', tostring(now)}
+end
+if tonumber(v[3] or '0') < tonumber(ARGV[6]) or now >= tonumber(v[4] or '0') + tonumber(ARGV[5]) then
+  return {1, state, '0', tostring(now)}
+end
+return {0, state, tostring(now + tonumber(ARGV[7])), tostring(now)}
+"""
+# An operator's reset (ARGV[8] = 'closed') or forced opening (ARGV[8] = 'open', for ARGV[9]
+# seconds); ARGV[10] = who. Returns the state it was in.
+_FORCE = (
+    _MOVED
+    + """
+local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local s = KEYS[1] .. 'state'
+local was = redis.call('HGET', s, 'state') or 'closed'
+if ARGV[8] == 'closed' then
+  local sec = math.floor(now)
+  for i = sec - tonumber(ARGV[2]) - 5, sec do redis.call('DEL', KEYS[1] .. 'w:' .. i) end
+  redis.call('HSET', s, 'state', 'closed', 'changed_at', now, 'probes', 0, 'probes_ok', 0)
+  redis.call('HDEL', s, 'until')
+else
+  redis.call('HSET', s, 'state', 'open', 'changed_at', now, 'until', now + tonumber(ARGV[9]), 'probes', 0, 'probes_ok', 0)
+  redis.call('HINCRBY', s, 'opened', 1)
+end
+moved(was, ARGV[8], now, ARGV[10])
+return was
+"""
+)
+# Everything the admin shows: {now, state hash, calls, failures (in the window), log, transitions}.
+_DETAIL = """
+local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local sec = math.floor(now)
+local calls, failures = 0, 0
+for i = sec - tonumber(ARGV[2]) + 1, sec do
+  local v = redis.call('HMGET', KEYS[1] .. 'w:' .. i, 'calls', 'failures')
+  calls = calls + tonumber(v[1] or '0'); failures = failures + tonumber(v[2] or '0')
+end
+return {tostring(now), redis.call('HGETALL', KEYS[1] .. 'state'), calls, failures,
+        redis.call('LRANGE', KEYS[1] .. 'log', 0, -1), redis.call('HGETALL', KEYS[1] .. 'transitions')}
 """
 
 
@@ -123,9 +202,15 @@ class _Memory:
         self.lock = threading.Lock()
         self.buckets: dict[str, dict[int, list[int]]] = {}
         self.states: dict[str, dict[str, Any]] = {}
+        self.logs: dict[str, deque[str]] = {}
+        self.transitions: dict[str, Counter[str]] = {}
 
     def _state(self, name: str) -> dict[str, Any]:
         return self.states.setdefault(name, {"state": CLOSED, "opened": 0})
+
+    def _moved(self, name: str, was: str, to: str, now: float, by: str) -> None:
+        self.logs.setdefault(name, deque(maxlen=LOG_LENGTH)).appendleft(f"{now:.3f}|{was}|{to}|{by}")
+        self.transitions.setdefault(name, Counter())[to] += 1
 
     def record(self, name: str, ok: bool, config: list[Any]) -> str:
         window, min_calls, rate, open_s, probes, _ = config
@@ -138,17 +223,20 @@ class _Memory:
             for old in [b for b in buckets if b <= now - window - 5]:
                 del buckets[old]
             s = self._state(name)
+            was = s["state"]
             if s["state"] == OPEN and not ok and now >= s["until"]:
                 s["state"] = HALF_OPEN  # the open period is over and it still fails: a failed probe
             if s["state"] == HALF_OPEN:
                 if not ok:
                     s.update(state=OPEN, changed_at=now, until=now + open_s, probes=0, probes_ok=0)
                     s["opened"] += 1
+                    self._moved(name, was, OPEN, now, "probe_failed")
                     return OPEN
                 s["probes_ok"] = s.get("probes_ok", 0) + 1
                 if s["probes_ok"] >= probes:
                     buckets.clear()  # closed afresh: the outage no longer counts
                     s.update(state=CLOSED, changed_at=now, probes=0, probes_ok=0)
+                    self._moved(name, HALF_OPEN, CLOSED, now, "probes_succeeded")
                     return CLOSED
                 return ""
             if s["state"] == CLOSED:
@@ -157,10 +245,11 @@ class _Memory:
                 if calls >= min_calls and failures >= rate * calls:
                     s.update(state=OPEN, changed_at=now, until=now + open_s, probes=0, probes_ok=0)
                     s["opened"] += 1
+                    self._moved(name, CLOSED, OPEN, now, "failure_rate")
                     return OPEN
             return ""
 
-    def admit(self, name: str, config: list[Any]) -> Verdict:
+    def admit(self, name: str, config: list[Any], *, reserve: bool = True) -> Verdict:
         probes, probe_wait = config[4], config[5]
         now = time.time()
         with self.lock:
@@ -170,11 +259,49 @@ class _Memory:
             if s["state"] == OPEN:
                 if now < s["until"]:
                     return Verdict(False, OPEN, s["until"], now)
+                if not reserve:
+                    return Verdict(True, HALF_OPEN, 0.0, now)
                 s.update(state=HALF_OPEN, changed_at=now, probes=0, probes_ok=0)
-            if s["probes"] < probes:
-                s["probes"] += 1
+                self._moved(name, OPEN, HALF_OPEN, now, "open_period_over")
+            elif now >= s.get("changed_at", 0) + config[3]:
+                # Half-open for a whole open period without a verdict: a fresh round of probes.
+                if not reserve:
+                    return Verdict(True, HALF_OPEN, 0.0, now)
+                s.update(changed_at=now, probes=0, probes_ok=0)
+                self._moved(name, HALF_OPEN, HALF_OPEN, now, "probes_expired")
+            if s.get("probes", 0) < probes:
+                if reserve:
+                    s["probes"] = s.get("probes", 0) + 1
                 return Verdict(True, HALF_OPEN, 0.0, now)
             return Verdict(False, HALF_OPEN, now + probe_wait, now)
+
+    def force(self, name: str, to: str, seconds: float, by: str) -> str:
+        now = time.time()
+        with self.lock:
+            s = self._state(name)
+            was = str(s["state"])
+            if to == CLOSED:
+                self.buckets.pop(name, None)
+                s.update(state=CLOSED, changed_at=now, probes=0, probes_ok=0)
+                s.pop("until", None)
+            else:
+                s.update(state=OPEN, changed_at=now, until=now + seconds, probes=0, probes_ok=0)
+                s["opened"] += 1
+            self._moved(name, was, to, now, by)
+            return was
+
+    def detail(self, name: str, window: int) -> list[Any]:
+        now = time.time()
+        with self.lock:
+            seen = [v for b, v in self.buckets.get(name, {}).items() if b > int(now) - window]
+            return [
+                now,
+                {k: str(v) for k, v in self.states.get(name, {}).items()},
+                sum(v[0] for v in seen),
+                sum(v[1] for v in seen),
+                list(self.logs.get(name, ())),
+                dict(self.transitions.get(name, {})),
+            ]
 
     def read(self, names: list[str]) -> dict[str, dict[str, Any]]:
         with self.lock:
@@ -216,7 +343,7 @@ def record(name: str, ok: bool) -> str:
             pipe = store.pipeline(transaction=False)
             pipe.sadd(INDEX, name)
             pipe.eval(_RECORD, 1, f"{PREFIX}{name}:", int(ok), *_config())
-            moved = pipe.execute()[1]
+            moved = str(pipe.execute()[1])
     except Exception:
         logger.warning("breaker %s: outcome not recorded", name, exc_info=True)
         return ""
@@ -228,13 +355,23 @@ def record(name: str, ok: bool) -> str:
 def admit(name: str) -> Verdict:
     """May a call go to `name` now? Closed: yes. Open: no, until the open period ends. Half-open:
     yes for the first BREAKER_HALF_OPEN_PROBES askers, then no. Unknown (Redis down): yes."""
+    return _ask(name, _ADMIT, reserve=True)
+
+
+def peek(name: str) -> Verdict:
+    """Would `admit` refuse a call now? Reserves no probe and changes nothing: for a caller that
+    only decides whether to wait (another call, later, asks `admit`)."""
+    return _ask(name, _PEEK, reserve=False)
+
+
+def _ask(name: str, script: str, *, reserve: bool) -> Verdict:
     if not enabled():
         return Verdict(True, CLOSED)
     store = _store()
     try:
         if isinstance(store, _Memory):
-            return store.admit(name, _config())
-        admitted, state, retry_at, now = store.eval(_ADMIT, 1, f"{PREFIX}{name}:", 0, *_config())
+            return store.admit(name, _config(), reserve=reserve)
+        admitted, state, retry_at, now = store.eval(script, 1, f"{PREFIX}{name}:", 0, *_config())
         return Verdict(bool(int(admitted)), state, float(retry_at), float(now))
     except Exception:
         logger.warning("breaker %s: state not readable; admitting", name, exc_info=True)
@@ -246,6 +383,81 @@ def resume_delay(verdict: Verdict) -> float:
     jitter spread over BREAKER_RESUME_SPREAD so the backlog does not return all at once."""
     wait = max(0.0, verdict.retry_at - verdict.now) if verdict.retry_at else settings.BREAKER_PROBE_WAIT
     return wait + random.uniform(0, settings.BREAKER_RESUME_SPREAD)
+
+
+def force(name: str, to: str, *, by: str, seconds: float | None = None) -> str:
+    """An operator's action: close `name` afresh (its window forgotten), or open it for `seconds`
+    (BREAKER_OPEN_SECONDS by default; then it probes as usual). Logged as a transition `by` whom.
+    Returns the state it was in. Raises if the state cannot be written (Redis down)."""
+    if to not in (CLOSED, OPEN):
+        raise ValueError(f"a breaker can be forced closed or open, not {to!r}")
+    seconds = settings.BREAKER_OPEN_SECONDS if seconds is None else seconds
+    by = by.replace("|", "/")[:150]
+    store = _store()
+    if isinstance(store, _Memory):
+        was = store.force(name, to, seconds, by)
+    else:
+        pipe = store.pipeline(transaction=False)
+        pipe.sadd(INDEX, name)
+        pipe.eval(_FORCE, 1, f"{PREFIX}{name}:", 0, *_config(), to, seconds, by)
+        was = str(pipe.execute()[1])
+    logger.warning("circuit breaker %s forced %s by %s (was %s)", name, to, by, was, extra={"breaker": name})
+    return was
+
+
+def names() -> list[str]:
+    """Every breaker that has counted a call or been forced."""
+    store = _store()
+    if isinstance(store, _Memory):
+        with store.lock:
+            return sorted(store.states)
+    return sorted(cast("set[str]", store.smembers(INDEX)))
+
+
+def detail(names: list[str]) -> dict[str, dict[str, Any]]:
+    """What the admin and the metrics show of each breaker: its state, the calls and failures in
+    the window and their rate, when it changed, when an open one probes, the probes reserved
+    and succeeded, how often it opened, its transitions counted per state entered, and its
+    recent transitions (newest first). Raises if the store does not answer."""
+    store = _store()
+    window = settings.BREAKER_WINDOW
+    if isinstance(store, _Memory):
+        raw = {name: store.detail(name, window) for name in names}
+    else:
+        pipe = store.pipeline(transaction=False)
+        for name in names:
+            pipe.eval(_DETAIL, 1, f"{PREFIX}{name}:", 0, window)
+        raw = {}
+        for name, (now, flat, calls, failures, log, counts) in zip(names, pipe.execute(), strict=True):
+            raw[name] = [float(now), _pairs(flat), int(calls), int(failures), log, _pairs(counts)]
+    out = {}
+    for name, (now, s, calls, failures, log, counts) in raw.items():
+        state = s.get("state", CLOSED)
+        until = float(s["until"]) if s.get("until") and state == OPEN else None
+        out[name] = {
+            "state": state,
+            "now": now,
+            "calls": calls,
+            "failures": failures,
+            "failure_rate": round(failures / calls, 3) if calls else None,
+            "changed_at": float(s["changed_at"]) if s.get("changed_at") else None,
+            "half_open_at": until,
+            "probes_reserved": int(float(s.get("probes", 0))) if state == HALF_OPEN else 0,
+            "probes_succeeded": int(float(s.get("probes_ok", 0))) if state == HALF_OPEN else 0,
+            "opened": int(float(s.get("opened", 0))),
+            "transitions": {k: int(v) for k, v in counts.items()},
+            "recent": [_transition(line) for line in log],
+        }
+    return out
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return {str(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _transition(line: str) -> dict[str, Any]:
+    at, was, to, by = [*line.split("|", 3), "", "", ""][:4]
+    return {"at": float(at), "from": was, "to": to, "by": by}
 
 
 def states(names: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -281,6 +493,8 @@ def reset() -> None:
         with store.lock:
             store.buckets.clear()
             store.states.clear()
+            store.logs.clear()
+            store.transitions.clear()
         return
     keys = list(store.scan_iter(f"{PREFIX}*"))
     if keys:

@@ -8,6 +8,14 @@ commit. Every reaction runs through the barrier, so a redelivered event is a rep
 compensation that overtakes its action is a null compensation, and the overtaken action is refused
 (and publishes nothing: the chain stops there).
 
+Circuit breakers (`breakers.py`): each reaction's outcome counts for its service's breaker
+(transient errors as failures; successes and business failures as answers). While the breaker of
+its service, or of what its operation calls (`Reaction.breakers`: the payment gateway's), refuses
+calls, a reaction waits instead of running (`defer`): the same event comes back to it after
+`breakers.resume_delay` (the breaker's open period plus a jitter), its attempt not consumed, and
+the tracker hears of the wait (the step's timeline shows `step_deferred`). A transient failure
+while a breaker refuses calls is not counted against the reaction's attempts either.
+
 Retries live with the service that failed: a transient error re-sends the event to the same
 reaction after a backoff (a delayed outbox row); past its attempts, the reaction undoes its own
 step (a no-op if nothing committed) and publishes its failure event, which makes the earlier
@@ -29,8 +37,16 @@ from django.db import transaction
 
 from sagaplatform.observability import hooks as observability
 
-from . import barrier, events, faults, outbox
-from .commands import ACTION, BUSINESS_FAILURE, COMPENSATE, SUCCEEDED, Command, get_operation
+from . import barrier, breakers, events, faults, outbox
+from .commands import (
+    ACTION,
+    BUSINESS_FAILURE,
+    COMPENSATE,
+    SUCCEEDED,
+    TRANSIENT_ERROR,
+    Command,
+    get_operation,
+)
 from .errors import TransientError
 from .models import Barrier
 
@@ -57,6 +73,10 @@ class Reaction:
     # The event schema versions it can run on (`events.SCHEMA`): a reaction that starts
     # reading a new field accepts only the schema that carries it.
     accepts: tuple[int, ...] = (events.SCHEMA,)
+    # The circuit breakers of what its operation calls, besides its service's own: while one of
+    # them refuses calls, the reaction waits (`defer`). Its caller asks that breaker itself
+    # (the payments service asks the gateway's before calling it).
+    breakers: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -96,10 +116,15 @@ def relayed(rule: Reaction) -> frozenset[str]:
     reaction. A service passes the context on (there is no coordinator to hold it), and the
     tracker rebuilds an earlier step's trigger from whatever context reached it, even when it
     first hears of a saga at its end; so every event carries what any step of the flow needs,
-    and nothing that no step declares. Each operation still receives only its own `inputs`
-    (`payload_for`)."""
+    and what names the saga's definition (`NAMING`: the tracker creates the saga from whichever
+    event it hears of first, a service's note that it waits for a circuit breaker included),
+    and nothing else. Each operation still receives only its own `inputs` (`payload_for`)."""
     del rule  # the same keys for every subscriber: see above
-    return frozenset(key for reaction in _REACTIONS for key in reaction.inputs)
+    return frozenset((*NAMING, *(key for reaction in _REACTIONS for key in reaction.inputs)))
+
+
+# The context keys that name a saga's definition (`orchestration.definitions.for_context`).
+NAMING = ("definition", "mode")
 
 
 def _only(context: dict[str, Any], keys: Collection[str]) -> dict[str, Any]:
@@ -248,11 +273,80 @@ def publish(*, using: str, message: dict[str, Any]) -> list[Any]:
     return written
 
 
-def react(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
+def counted_attempt(message: dict[str, Any]) -> int:
+    """The attempts of a reaction that count against its `max_attempts`: those that failed while
+    a circuit breaker refused calls (`deferrals`) do not."""
+    return int(message.get("attempt", 1)) - int(message.get("deferrals", 0))
+
+
+def _refused(service: str, rule: Reaction) -> tuple[str, breakers.Verdict] | None:
+    """The breaker that refuses this reaction's calls now, and its verdict; None if none does.
+    The others' (`rule.breakers`) are only looked at, first: their own callers ask them. The
+    service's is asked as a call would be: a half-open one reserves a probe for this reaction,
+    whose outcome is then recorded."""
+    for name in rule.breakers:
+        verdict = breakers.peek(name)
+        if not verdict.admitted:
+            return name, verdict
+    verdict = breakers.admit(service)
+    return None if verdict.admitted else (service, verdict)
+
+
+def defer(*, service: str, message: dict[str, Any]) -> bool:
+    """Wait instead of running a reaction while a breaker it needs refuses calls: the same event,
+    the same attempt, comes back after `breakers.resume_delay`, and the tracker records the
+    wait. True if it waits. (A message `unrunnable` says the service cannot run is not asked.)"""
+    if not breakers.enabled() or unrunnable(service=service, message=message):
+        return False
+    rule = _find(service, message["reaction"])
+    refused = _refused(service, rule)
+    if refused is None:
+        return False
+    _wait(service, rule, message, refused, again=message, attempt=int(message.get("attempt", 1)) - 1)
+    return True
+
+
+def _wait(
+    service: str,
+    rule: Reaction,
+    message: dict[str, Any],
+    refused: tuple[str, breakers.Verdict],
+    *,
+    again: dict[str, Any],
+    attempt: int,
+    not_counted: bool = False,
+) -> None:
+    """Send `again` to this reaction once the refusing breaker may admit it (with the jitter),
+    and tell the tracker: in the caller's transaction, or one of its own."""
+    name, verdict = refused
+    delay = breakers.resume_delay(verdict)
+    logger.info("%s reaction %s waits %.1f s for the %s circuit breaker", service, rule.key, delay, name)
+    emitter = {
+        "service": service,
+        "step": rule.step,
+        "op": rule.op,
+        "status": "deferred",
+        "event": message["event"],
+        "breaker": name,
+        "state": verdict.state,
+        "resume_in": round(delay, 3),
+        "attempt": attempt,
+    }
+    if not_counted:
+        emitter["not_counted"] = True
+    with transaction.atomic(using=service):
+        outbox.enqueue(using=service, task=f"{service}.react", queue=service, payload=again, delay=delay)
+        _track(service, message, emitter=emitter)
+
+
+def react(*, service: str, message: dict[str, Any], admitted: bool = False) -> dict[str, Any]:
     """Run one reaction to one event (a service's `react` task calls this). An event it cannot
-    run is parked (`park_unrunnable`)."""
+    run is parked (`park_unrunnable`). While a breaker it needs refuses calls it waits instead
+    (`defer`; `admitted`: the caller already asked)."""
     if park_unrunnable(service=service, message=message):
         return {"status": "parked"}
+    if not admitted and defer(service=service, message=message):
+        return {"status": "deferred"}
     rule = _find(service, message["reaction"])
     attempt = int(message.get("attempt", 1))
     command = Command(
@@ -275,12 +369,21 @@ def _react(service: str, rule: Reaction, message: dict[str, Any], command: Comma
         with transaction.atomic(using=service):
             outcome = barrier.call(using=service, command=command, fn=get_operation(service, rule.operation))
             _announce(service, rule, message, outcome, command)
+        breakers.record(service, outcome.get("status") != TRANSIENT_ERROR)  # a business failure is an answer
         return outcome
     except Exception as exc:  # transient, like every unknown error
         error = exc.as_dict() if isinstance(exc, TransientError) else {"code": "unexpected_error", "message": str(exc)}
         logger.warning("%s reaction %s failed (attempt %d): %s", service, rule.key, attempt, error["message"])
+        breakers.record(service, False)
+        held = _held(rule)
+        if held is not None:
+            # A breaker refuses calls now: this failure does not count, and the next attempt
+            # waits for the breaker.
+            again = {**message, "attempt": attempt + 1, "deferrals": int(message.get("deferrals", 0)) + 1}
+            _wait(service, rule, message, held, again=again, attempt=attempt, not_counted=True)
+            return {"status": "transient_error", "error": error, "deferred": True}
         with transaction.atomic(using=service):
-            if attempt < rule.max_attempts:
+            if counted_attempt(message) < rule.max_attempts:
                 outbox.enqueue(
                     using=service,
                     task=f"{service}.react",
@@ -291,6 +394,21 @@ def _react(service: str, rule: Reaction, message: dict[str, Any], command: Comma
             else:
                 _give_up(service, rule, message, command, error)
         return {"status": "transient_error", "error": error}
+
+
+def held(rule: Reaction) -> bool:
+    """Would a transient failure of `rule` now be held (not counted), a breaker refusing calls?"""
+    return _held(rule) is not None
+
+
+def _held(rule: Reaction) -> tuple[str, breakers.Verdict] | None:
+    """After a transient failure: the breaker that refuses calls now, if any (looked at only:
+    the retry asks again when it comes)."""
+    for name in (*rule.breakers, rule.service):
+        verdict = breakers.peek(name)
+        if not verdict.admitted:
+            return name, verdict
+    return None
 
 
 def _announce(service: str, rule: Reaction, message: dict[str, Any], outcome: dict[str, Any], command: Command) -> None:

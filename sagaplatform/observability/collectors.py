@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
 PREFIX = "sagaplatform"
@@ -21,6 +21,7 @@ class DatabaseCollector:
             ("outbox", self._outbox),
             ("broker", self._broker),
             ("registry", self._registry),
+            ("breakers", self._breakers),
         ):
             try:
                 families = list(read())
@@ -142,3 +143,41 @@ class DatabaseCollector:
         for (service, queue), n in sorted(per_instance.items()):
             instances.add_metric([service, queue], n)
         return [alive, instances]
+
+    @staticmethod
+    def _breakers():
+        """Each circuit breaker's state, window and transitions, from their shared store (Redis).
+        Nothing while the breakers are off (BREAKER_ENABLED): none refuses anything then."""
+        from django.conf import settings
+
+        from sagaplatform.kernel import breakers
+
+        if not breakers.enabled():
+            return []
+        names = sorted({*settings.SERVICE_ALIASES, breakers.GATEWAY, *breakers.names()})
+        found = breakers.detail(names)
+        state = GaugeMetricFamily(
+            f"{PREFIX}_breaker_state",
+            "1 for the state each circuit breaker is in (closed, open, half_open), 0 for the others",
+            labels=["breaker", "state"],
+        )
+        calls = GaugeMetricFamily(
+            f"{PREFIX}_breaker_window_calls", "Calls counted in the breaker's sliding window", labels=["breaker"]
+        )
+        failures = GaugeMetricFamily(
+            f"{PREFIX}_breaker_window_failures",
+            "Transient failures counted in the breaker's sliding window",
+            labels=["breaker"],
+        )
+        moved = CounterMetricFamily(
+            f"{PREFIX}_breaker_transitions",
+            "Circuit breaker transitions, by the state entered (operators' resets and forced openings included)",
+            labels=["breaker", "state"],
+        )
+        for name, b in found.items():
+            for each in (breakers.CLOSED, breakers.OPEN, breakers.HALF_OPEN):
+                state.add_metric([name, each], 1 if b["state"] == each else 0)
+                moved.add_metric([name, each], b["transitions"].get(each, 0))
+            calls.add_metric([name], b["calls"])
+            failures.add_metric([name], b["failures"])
+        return [state, calls, failures, moved]

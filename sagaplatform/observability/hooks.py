@@ -50,5 +50,13 @@ def barrier_hit(service: str, kind: str) -> None:
     metrics.barrier_hit(service, kind)
 
 
-def lock_conflict(service: str) -> None:
-    metrics.lock_conflict(service)
+def lock_conflict(service: str, *, retried: bool = True) -> None:
+    metrics.lock_conflict(service, retried=retried)
+
+
+def lock_exhausted(service: str) -> None:
+    metrics.lock_exhausted(service)
+
+
+def alert_delivery(channel: str, *, ok: bool, final: bool) -> None:
+    metrics.alert_delivery(channel, ok=ok, final=final)

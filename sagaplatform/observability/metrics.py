@@ -76,6 +76,29 @@ BARRIER_HITS = Counter(
     ["service", "kind"],  # duplicate, null_compensation, hanging_refused
 )
 LOCK_CONFLICTS = Counter(f"{PREFIX}_optimistic_lock_conflicts", "Optimistic-lock version conflicts", ["service"])
+LOCK_RETRIES = Counter(
+    f"{PREFIX}_optimistic_lock_retries", "Optimistic-lock conflicts that were retried (read again)", ["service"]
+)
+LOCK_EXHAUSTED = Counter(
+    f"{PREFIX}_optimistic_lock_exhausted",
+    "Reservations of a stock line that ran out of lock attempts (INVENTORY_MAX_LOCK_ATTEMPTS)",
+    ["service"],
+)
+STEP_DEFERRALS = Counter(
+    f"{PREFIX}_step_deferrals",
+    "Steps (and choreographed reactions) that waited for a circuit breaker instead of running or retrying",
+    ["service", "step", "breaker"],
+)
+ALERT_DELIVERY_ATTEMPTS = Counter(
+    f"{PREFIX}_alert_delivery_attempts",
+    "Alert delivery attempts, per channel: ok, or error (retried later or given up)",
+    ["channel", "outcome"],
+)
+ALERT_DELIVERIES = Counter(
+    f"{PREFIX}_alert_deliveries",
+    "Alert deliveries that ended, per channel: delivered, or failed after the last attempt",
+    ["channel", "outcome"],
+)
 TASKS_IN_PROGRESS = Gauge(
     f"{PREFIX}_tasks_in_progress",
     "Celery tasks running now, per queue",
@@ -134,6 +157,8 @@ def _figures(run, event, step) -> list[tuple]:
         out.append((CANCELLATIONS, (definition, style), 1, False))
     elif kind in _OPERATOR:
         out.append((OPERATOR_ACTIONS, (_OPERATOR[kind],), 1, False))
+    elif kind == "step_deferred" and step is not None:
+        out.append((STEP_DEFERRALS, (step.service, step.name, str(data.get("breaker") or step.service)), 1, False))
     elif kind in _KINDS and step is not None:
         attempt_kind, outcome, ends = _KINDS[kind]
         service, name = step.service, step.name
@@ -213,9 +238,30 @@ def barrier_hit(service: str, kind: str) -> None:
         BARRIER_HITS.labels(service, kind).inc()
 
 
-def lock_conflict(service: str) -> None:
+def lock_conflict(service: str, *, retried: bool = True) -> None:
     if ENABLED:
         LOCK_CONFLICTS.labels(service).inc()
+        if retried:
+            LOCK_RETRIES.labels(service).inc()
+
+
+def lock_exhausted(service: str) -> None:
+    if ENABLED:
+        LOCK_EXHAUSTED.labels(service).inc()
+
+
+def alert_delivery(channel: str, *, ok: bool, final: bool) -> None:
+    """One delivery attempt to `channel`, once its transaction commits; `final`: the delivery
+    ended with it (delivered, or failed for good)."""
+    if not ENABLED:
+        return
+
+    def count() -> None:
+        ALERT_DELIVERY_ATTEMPTS.labels(channel, "ok" if ok else "error").inc()
+        if final:
+            ALERT_DELIVERIES.labels(channel, "delivered" if ok else "failed").inc()
+
+    transaction.on_commit(count, using="default")
 
 
 # --- Processes ------------------------------------------------------------------------------

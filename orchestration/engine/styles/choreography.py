@@ -124,6 +124,9 @@ def _walk(
 def _observe_outcome(run: Run, emitter: JSON, message: JSON) -> None:
     step = run.steps[emitter["step"]]
     status = emitter["status"]
+    if status == "deferred":
+        _deferred(run, step, emitter)
+        return
     if status == "refused":
         # Its compensation came first: it never took effect and never will (the barrier).
         refusal = {"code": "compensated_before_action", "message": "refused: its compensation came first"}
@@ -165,6 +168,20 @@ def _observe_outcome(run: Run, emitter: JSON, message: JSON) -> None:
             _walk(run, step, State.COMPENSATED, data={"null_compensation": bool(emitter.get("null_compensation"))})
         else:
             _walk(run, step, State.COMPENSATION_FAILED, error=failure)
+
+
+def _deferred(run: Run, step: SagaStep, emitter: JSON) -> None:
+    """A service's reaction waits for a circuit breaker (`choreography.defer`): the timeline shows
+    it as for a coordinated step, and the step's lease waits as long (no nudge meanwhile)."""
+    data: JSON = {k: emitter[k] for k in ("breaker", "state", "resume_in", "attempt", "not_counted") if k in emitter}
+    if emitter.get("not_counted"):
+        step.deferrals += 1
+    run.record("step_deferred", step=step, from_state=step.state, data=data)
+    if step.deadline_at is not None:
+        spec = run.definition.step(step.name)
+        wait = float(emitter.get("resume_in") or 0) + spec.effective_timeout()
+        step.deadline_at = max(step.deadline_at, run.now + timedelta(seconds=wait))
+    run.dirty.add(step.name)
 
 
 def _observe_start(run: Run, reaction: choreography.Reaction, message: JSON) -> None:

@@ -1,0 +1,95 @@
+"""The circuit breakers in a choreography, with real workers: 200 choreographed orders while
+payments fails every charge for 30 s and then recovers (`manage.py simulate --mode choreography
+--payments-outage 30`). With the breakers every order completes: the reactions that met the open
+breaker waited instead of using up their attempts. Without them, orders are rejected for
+exhausted retries. The outputs are kept in test-artifacts/simulate-choreography-outage-*.out."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+
+from orchestration.models import Saga, SagaEvent
+from tests.processes import ARTIFACTS, ROOT, database_urls, flush_broker
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.production,
+    pytest.mark.django_db(transaction=True, databases="__all__"),
+    pytest.mark.timeout(900),
+]
+
+ARGS: tuple[str, ...] = (
+    "-n",
+    "200",
+    "-c",
+    "40",
+    "--failure-rate",
+    "0",
+    "--decline-rate",
+    "0",
+    "--mode",
+    "choreography",
+)
+ARGS += ("--payments-outage", "30", "--spawn-workers", "2", "--step-timeout", "10", "--timeout", "300")
+
+
+@pytest.fixture(autouse=True)
+def empty_start(django_db_blocker):
+    for alias in settings.DATABASE_ALIASES:
+        call_command("flush", database=alias, interactive=False, verbosity=0)
+    flush_broker()
+
+
+def simulate(*args: str, label: str, audit: bool = True) -> str:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DATABASE_URL")},
+        **database_urls(),
+        "REDIS_URL": settings.REDIS_URL,
+        "EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "simulate", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=800
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"simulate-choreography-outage-{label}.out").write_text(result.stdout + result.stderr)
+    print(result.stdout)
+    assert "audit: " in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    if audit:
+        assert "audit: 0 violation(s)" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_with_the_breaker_every_choreographed_order_completes():
+    out = simulate(*ARGS, label="breaker")
+
+    found = Counter(Saga.objects.values_list("definition", "state"))
+    assert found == {("place_order_choreography", "completed"): 200}, (found, out)
+    waits = SagaEvent.objects.filter(kind="step_deferred", step="charge_payment")
+    assert waits.exists(), out
+    assert {e.data["breaker"] for e in waits} <= {"payments", "payment_gateway"}
+    opened = int(re.search(r"payments breaker opened (\d+) time", out).group(1))
+    assert opened >= 1, out
+    assert "now closed" in out
+
+
+def test_without_the_breaker_the_outage_rejects_choreographed_orders():
+    # Not audited: without the breakers the simulation's fault plan itself breaks an invariant.
+    # The fault fails the charge's reaction after its gateway call succeeded, so a reaction that
+    # gives up refunds a charge whose action its barrier never recorded
+    # (`compensation_without_action`). This happened before the breakers were consulted too.
+    out = simulate(*ARGS, "--no-breaker", label="no-breaker", audit=False)
+
+    found = Counter(Saga.objects.values_list("definition", "state"))
+    assert sum(found.values()) == 200, (found, out)
+    rejected = Saga.objects.filter(definition="place_order_choreography", state="compensated")
+    assert rejected.exists(), (found, out)
+    assert {(s.failure or {}).get("code") for s in rejected} == {"retries_exhausted"}
+    assert not SagaEvent.objects.filter(kind="step_deferred").exists()

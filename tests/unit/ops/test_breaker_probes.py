@@ -1,0 +1,96 @@
+"""The breaker store, in Redis and in the embedded mode's memory alike: a half-open breaker whose
+probes never report back (their callers died) does not stay half-open with every probe reserved
+(after another open period a fresh round is admitted); an operator's reset and forced opening;
+what `detail` reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from sagaplatform.kernel import breakers
+from tests.processes import wait_for
+
+
+@pytest.fixture(autouse=True, params=["redis", "memory"])
+def store(request, monkeypatch):
+    if request.param == "memory":
+        memory = breakers._Memory()
+        monkeypatch.setattr(breakers, "_store", lambda: memory)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def breaker_on(settings, store):
+    settings.BREAKER_ENABLED = True
+    settings.BREAKER_MIN_CALLS = 4
+    settings.BREAKER_FAILURE_RATE = 0.5
+    settings.BREAKER_OPEN_SECONDS = 0.3
+    settings.BREAKER_HALF_OPEN_PROBES = 2
+    settings.BREAKER_PROBE_WAIT = 0.1
+    breakers.reset()
+    yield
+    breakers.reset()
+
+
+def test_probes_that_never_report_back_are_given_up_after_an_open_period():
+    for _ in range(4):
+        breakers.record("payments", False)
+    first = wait_for(lambda: (v := breakers.admit("payments")).admitted and v, timeout=5, message="half-open")
+    assert first.state == "half_open"
+    assert breakers.admit("payments").admitted  # the second probe; neither ever reports back
+    refused = breakers.admit("payments")
+    assert (refused.admitted, refused.state) == (False, "half_open")
+    assert not breakers.peek("payments").admitted
+
+    # After another open period with no verdict: a fresh round of (two) probes.
+    wait_for(lambda: breakers.peek("payments").admitted, timeout=5, message="the probes to expire")
+    assert breakers.admit("payments").admitted
+    assert breakers.admit("payments").admitted
+    assert not breakers.admit("payments").admitted
+    recent = breakers.detail(["payments"])["payments"]["recent"]
+    assert [(t["from"], t["to"], t["by"]) for t in recent] == [
+        ("half_open", "half_open", "probes_expired"),
+        ("open", "half_open", "open_period_over"),
+        ("closed", "open", "failure_rate"),
+    ]
+    # Their verdict still decides as usual.
+    breakers.record("payments", True)
+    assert breakers.record("payments", True) == "closed"
+
+
+def test_an_operator_forces_a_breaker_open_then_resets_it(settings):
+    settings.BREAKER_OPEN_SECONDS = 60
+    breakers.record("shipping", True)
+    breakers.record("shipping", False)
+    assert breakers.force("shipping", "open", by="user:ops", seconds=120) == "closed"
+    refused = breakers.admit("shipping")
+    assert not refused.admitted
+    assert 119 < refused.retry_at - refused.now <= 120
+    breakers.record("shipping", True)  # a late success does not close a forced-open breaker
+    assert breakers.states(["shipping"])["shipping"]["state"] == "open"
+
+    assert breakers.force("shipping", "closed", by="user:ops") == "open"
+    shipping = breakers.detail(["shipping"])["shipping"]
+    assert shipping["state"] == "closed"
+    assert (shipping["calls"], shipping["failures"], shipping["failure_rate"]) == (0, 0, None)  # closed afresh
+    assert shipping["half_open_at"] is None
+    assert shipping["opened"] == 1
+    assert shipping["transitions"] == {"open": 1, "closed": 1}
+    assert [(t["from"], t["to"], t["by"]) for t in shipping["recent"]] == [
+        ("open", "closed", "user:ops"),
+        ("closed", "open", "user:ops"),
+    ]
+    assert breakers.admit("shipping").admitted
+    assert "shipping" in breakers.names()
+    with pytest.raises(ValueError, match="forced closed or open"):
+        breakers.force("shipping", "half_open", by="user:ops")
+
+
+def test_detail_counts_the_window_and_its_failure_rate():
+    for ok in (True, True, False):
+        breakers.record("inventory", ok)
+    inventory = breakers.detail(["inventory", "orders"])
+    assert (inventory["inventory"]["calls"], inventory["inventory"]["failures"]) == (3, 1)
+    assert inventory["inventory"]["failure_rate"] == 0.333
+    assert inventory["orders"]["state"] == "closed"
+    assert inventory["orders"]["recent"] == []
