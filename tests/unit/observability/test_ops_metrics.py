@@ -177,7 +177,7 @@ def test_every_metric_the_dashboard_and_the_alert_rules_use_is_exported():
     or an alert that can never fire."""
     from tests.processes import ROOT
 
-    code = "".join((ROOT / "sagaplatform" / "observability" / f).read_text() for f in ("metrics.py", "collectors.py"))
+    code = "".join(path.read_text() for path in (ROOT / "sagaplatform" / "observability").glob("*.py"))
     defined = set(re.findall(r'f"\{PREFIX\}_(\w+)"', code))
     used = set()
     for path in ("deploy/grafana/sagaplatform.json", "deploy/prometheus/alerts.yml"):
