@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from django.apps import apps
 from django.conf import settings
 from django.db import connections, models, transaction
+from django.db.models import Q
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +102,13 @@ def capture(saga_ids: Iterable[str]) -> list[Template]:
         template = Template(saga_id=str(saga.id), ended_at=saga.finished_at)
         known: set[str] = {str(saga.id)}
         while True:
-            pattern = "|".join(sorted(known))
             grown = set(known)
             for alias, label in TABLES:
                 model = _model(label)
-                table = connections[alias].ops.quote_name(model._meta.db_table)
-                pk = connections[alias].ops.quote_name(model._meta.pk.column)
-                with connections[alias].cursor() as cursor:
-                    cursor.execute(f"SELECT t.{pk}, t::text FROM {table} t WHERE t::text ~ %s", [pattern])  # noqa: S608
-                    found = cursor.fetchall()
-                template.rows[(alias, label)] = [row[0] for row in found]
-                for _, text in found:
-                    grown |= {u for u, _ in _tokens_in(text, excluded) if _ == "uuid"}
+                rows = model.objects.using(alias).filter(_names(model, sorted(known)))
+                template.rows[(alias, label)] = list(rows.values_list("pk", flat=True))
+                for row in rows.values():
+                    grown |= {u for u, kind in _tokens_in(_json(row), excluded) if kind == "uuid"}
             if grown == known:
                 break
             known = grown
@@ -140,7 +136,19 @@ def capture(saga_ids: Iterable[str]) -> list[Template]:
 def _json(value) -> str:
     import json
 
-    return json.dumps(value)
+    return json.dumps(value, default=str)
+
+
+def _names(model: type[models.Model], ids: list[str]) -> Q:
+    """Rows of `model` that name one of `ids`: in a UUID column, or (an outbox message) as the
+    saga or the notification its payload is about."""
+    match = Q(pk__in=[]) if _field_type(model._meta.pk) != "UUIDField" else Q(pk__in=ids)
+    for f in model._meta.concrete_fields:
+        if _field_type(f) in UUID_TYPES and not f.primary_key:
+            match |= Q(**{f"{f.attname}__in": ids})
+    if model._meta.label == "kernel.OutboxMessage":
+        match |= Q(payload__saga_id__in=ids) | Q(payload__notification_id__in=ids)
+    return match
 
 
 def _new_token(token: str, kind: str, salt: str) -> str:
