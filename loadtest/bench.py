@@ -514,7 +514,8 @@ def run_benchmark(
                     f"pre-filled {stored} finished sagas ({sum(filled['rows'].values())} rows) in {filled['seconds']} s\n"
                 )
             install_fault_rules(rules or [])
-            time.sleep(1.2)  # the workers' fault-rule caches (one second)
+            if rules:
+                time.sleep(1.2)  # the workers' fault-rule caches (one second)
             runs: dict = {}
             for style in styles:
                 placed: list[str] = []
