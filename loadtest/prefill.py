@@ -105,7 +105,7 @@ def capture(saga_ids: Iterable[str]) -> list[Template]:
             grown = set(known)
             for alias, label in TABLES:
                 model = _model(label)
-                rows = model.objects.using(alias).filter(_names(model, sorted(known)))
+                rows = model._default_manager.using(alias).filter(_names(model, sorted(known)))
                 template.rows[(alias, label)] = list(rows.values_list("pk", flat=True))
                 for row in rows.values():
                     grown |= {u for u, kind in _tokens_in(_json(row), excluded) if kind == "uuid"}
@@ -121,14 +121,14 @@ def capture(saga_ids: Iterable[str]) -> list[Template]:
                 kind = _field_type(f)
                 if kind not in TEXT_TYPES and kind != "JSONField":
                     continue
-                values = model.objects.using(alias).filter(pk__in=pks).values_list(f.attname, flat=True)
+                values = model._default_manager.using(alias).filter(pk__in=pks).values_list(f.attname, flat=True)
                 found_tokens: set[tuple[str, str]] = set()
                 for value in values:
                     if value is not None:
                         found_tokens |= _tokens_in(str(value) if kind != "JSONField" else _json(value), excluded)
                 if found_tokens:
                     # Longest first: a token inside another (a hex run in a longer one) waits.
-                    template.tokens[(alias, label, f.column)] = sorted(found_tokens, key=lambda t: -len(t[0]))
+                    template.tokens[(alias, label, str(f.column))] = sorted(found_tokens, key=lambda t: -len(t[0]))
         templates.append(template)
     return templates
 
@@ -165,7 +165,7 @@ def _insert_sql(template: Template, alias: str, label: str, salt: str) -> tuple[
     columns, exprs = [], []
     for f in model._meta.concrete_fields:
         kind = _field_type(f)
-        column = qn(f.column)
+        column = qn(str(f.column))
         if kind in AUTO_TYPES:
             continue
         value = f"t.{column}"
@@ -173,7 +173,7 @@ def _insert_sql(template: Template, alias: str, label: str, salt: str) -> tuple[
             value = f"md5(t.{column}::text || '{salt}' || g)::uuid"
         elif kind in TEXT_TYPES or kind == "JSONField":
             text = f"t.{column}::text" if kind == "JSONField" else value
-            for token, token_kind in template.tokens.get((alias, label, f.column), ()):
+            for token, token_kind in template.tokens.get((alias, label, str(f.column)), ()):
                 text = f"replace({text}, '{token}', {_new_token(token, token_kind, salt)})"
             value = f"({text})::jsonb" if kind == "JSONField" else text
         elif kind == "DateTimeField":
@@ -181,7 +181,7 @@ def _insert_sql(template: Template, alias: str, label: str, salt: str) -> tuple[
         columns.append(column)
         exprs.append(value)
     table = qn(model._meta.db_table)
-    pk = qn(model._meta.pk.column)
+    pk = qn(str(model._meta.pk.column))
     sql = (
         f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 (our own identifiers and tokens)
         f"SELECT {', '.join(exprs)} FROM {table} t CROSS JOIN generate_series(%(first)s, %(last)s) AS g "

@@ -44,9 +44,7 @@ class Notification(models.Model):
         indexes = [
             # Serves the redelivery of notifications still queued (every few seconds): the few
             # queued ones, not a scan of every notification ever sent.
-            models.Index(
-                fields=["last_attempt_at"], name="notification_queued", condition=models.Q(state="queued")
-            ),
+            models.Index(fields=["last_attempt_at"], name="notification_queued", condition=models.Q(state="queued")),
         ]
 
     def __str__(self) -> str:
