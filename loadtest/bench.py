@@ -404,8 +404,28 @@ def _bench_databases() -> list[str]:
     return [connections[a].settings_dict["NAME"] for a in settings.DATABASE_ALIASES]
 
 
+# PostgreSQL publishes a backend's counters when it commits at most once a second, and an idle
+# one's within 10 s: the database counters are read this long after the run.
+PG_STATS_SETTLE_SECONDS = 11.0
+
+
+def _pg_work() -> dict[str, int]:
+    """The bench databases' counters (pg_stat_database): blocks touched (hit or read), rows read
+    (returned by scans: a scan of a growing table shows here, whatever the machine's load) and
+    commits."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce(sum(blks_hit + blks_read), 0), coalesce(sum(tup_returned), 0), "
+            "coalesce(sum(xact_commit), 0) FROM pg_stat_database WHERE datname = ANY(%s)",
+            [_bench_databases()],
+        )
+        blocks, rows, commits = cursor.fetchone()
+    return {"blocks": int(blocks), "rows_read": int(rows), "commits": int(commits)}
+
+
 def measure(name: str, *, n: int, concurrency: int, warmup: int, place, finished, workers: list[Process], out) -> dict:
-    """Warm up, then drive `n` orders and return their figures with the CPU they cost."""
+    """Warm up, then drive `n` orders and return their figures with the CPU they cost and the
+    database work per order (blocks, rows read, commits: the deterministic counterpart of CPU)."""
     if warmup:
         drive(
             Run(f"{name} (warm-up)"),
@@ -417,14 +437,19 @@ def measure(name: str, *, n: int, concurrency: int, warmup: int, place, finished
         )
     for worker in workers:
         worker.check_alive()
+    time.sleep(PG_STATS_SETTLE_SECONDS)
     sessions_before = _pg_sessions()
+    work_before = _pg_work()
     databases = _bench_databases()
     before = cpu.snapshot(workers=[w.pid for w in workers], databases=databases)
     run = Run(name)
     drive(run, n=n, concurrency=concurrency, place=place, finished_ids=finished, out=out)
     spent = cpu.delta(before, cpu.snapshot(workers=[w.pid for w in workers], databases=databases))
+    time.sleep(PG_STATS_SETTLE_SECONDS)
+    work = {k: round((v - work_before[k]) / n, 1) for k, v in _pg_work().items()}
     per_order = cpu.per_order_ms(spent, n)
     figures = {**run.figures(), "new_pg_sessions": _pg_sessions() - sessions_before}
+    figures["pg_per_order"] = work
     figures["cpu_ms_per_order"] = per_order["total"]
     figures["cpu_ms_per_order_own"] = per_order["total_own"]
     figures["cpu_ms_per_order_by_component"] = per_order
@@ -576,13 +601,17 @@ def run_benchmark(
             out.write(
                 f"{phase + ': ' if phase else ''}saga {style:12}: {saga['throughput_per_s']} orders/s  p50 {saga['p50_ms']} ms  "
                 f"p95 {saga['p95_ms']} ms  p99 {saga['p99_ms']} ms  CPU {saga['cpu_ms_per_order']} ms/order "
-                f"(own backends {saga['cpu_ms_per_order_own']})  new PG sessions {saga['new_pg_sessions']}\n"
+                f"(own backends {saga['cpu_ms_per_order_own']})  new PG sessions {saga['new_pg_sessions']}  "
+                f"per order PG blocks {saga['pg_per_order']['blocks']} rows read {saga['pg_per_order']['rows_read']} "
+                f"commits {saga['pg_per_order']['commits']}\n"
             )
         if bare:
             out.write(
                 f"{phase + ': ' if phase else ''}chain             : {bare['throughput_per_s']} orders/s  p50 {bare['p50_ms']} ms  "
                 f"p95 {bare['p95_ms']} ms  p99 {bare['p99_ms']} ms  CPU {bare['cpu_ms_per_order']} ms/order "
-                f"(own backends {bare['cpu_ms_per_order_own']})  new PG sessions {bare['new_pg_sessions']}\n"
+                f"(own backends {bare['cpu_ms_per_order_own']})  new PG sessions {bare['new_pg_sessions']}  "
+                f"per order PG blocks {bare['pg_per_order']['blocks']} rows read {bare['pg_per_order']['rows_read']} "
+                f"commits {bare['pg_per_order']['commits']}\n"
             )
             for style in styles:
                 saga = runs[style]
@@ -599,10 +628,19 @@ def run_benchmark(
                 "throughput": round(full[key]["throughput_per_s"] / empty[key]["throughput_per_s"], 2),
                 "p50": round(full[key]["p50_ms"] / empty[key]["p50_ms"], 2),
                 "cpu_per_order": round(full[key]["cpu_ms_per_order"] / max(0.01, empty[key]["cpu_ms_per_order"]), 2),
+                "cpu_per_order_own": round(
+                    full[key]["cpu_ms_per_order_own"] / max(0.01, empty[key]["cpu_ms_per_order_own"]), 2
+                ),
+                **{
+                    f"pg_{k}_per_order": round(v / max(0.1, empty[key]["pg_per_order"][k]), 2)
+                    for k, v in full[key]["pg_per_order"].items()
+                },
             }
             out.write(
                 f"prefilled/empty {key:12}: throughput {growth[key]['throughput']}  p50 {growth[key]['p50']}  "
-                f"CPU per order {growth[key]['cpu_per_order']}\n"
+                f"CPU per order {growth[key]['cpu_per_order']} (own backends {growth[key]['cpu_per_order_own']})  "
+                f"PG blocks {growth[key]['pg_blocks_per_order']} rows read {growth[key]['pg_rows_read_per_order']} "
+                f"commits {growth[key]['pg_commits_per_order']}\n"
             )
         summary["prefilled_vs_empty"] = growth
     elif "run" in summary:

@@ -95,6 +95,7 @@ def fake_figures(throughput: float, cpu_ms: float) -> dict:
         "cpu_ms_per_order": cpu_ms,
         "cpu_ms_per_order_own": cpu_ms / 2,
         "cpu_ms_per_order_by_component": {},
+        "pg_per_order": {"blocks": 900.0, "rows_read": 300.0, "commits": 20.0},
     }
 
 
@@ -152,7 +153,15 @@ def test_compare_prefill_runs_empty_then_prefilled_and_prints_the_ratio(no_proce
     assert filled == [1000]
     assert summary["empty"]["prefilled_sagas"] == 0
     assert summary["prefilled"]["prefilled_sagas"] == 1000
-    assert summary["prefilled_vs_empty"]["orchestrated"] == {"throughput": 1.0, "p50": 1.0, "cpu_per_order": 1.0}
+    assert summary["prefilled_vs_empty"]["orchestrated"] == {
+        "throughput": 1.0,
+        "p50": 1.0,
+        "cpu_per_order": 1.0,
+        "cpu_per_order_own": 1.0,
+        "pg_blocks_per_order": 1.0,
+        "pg_rows_read_per_order": 1.0,
+        "pg_commits_per_order": 1.0,
+    }
     assert "prefilled/empty orchestrated" in out.getvalue()
 
 
