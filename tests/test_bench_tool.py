@@ -95,7 +95,7 @@ def fake_figures(throughput: float, cpu_ms: float) -> dict:
         "cpu_ms_per_order": cpu_ms,
         "cpu_ms_per_order_own": cpu_ms / 2,
         "cpu_ms_per_order_by_component": {},
-        "pg_per_order": {"blocks": 900.0, "rows_read": 300.0, "commits": 20.0},
+        "pg_per_order": {"blocks": 900.0, "seq_rows_read": 300.0, "commits": 20.0},
     }
 
 
@@ -159,7 +159,7 @@ def test_compare_prefill_runs_empty_then_prefilled_and_prints_the_ratio(no_proce
         "cpu_per_order": 1.0,
         "cpu_per_order_own": 1.0,
         "pg_blocks_per_order": 1.0,
-        "pg_rows_read_per_order": 1.0,
+        "pg_seq_rows_read_per_order": 1.0,
         "pg_commits_per_order": 1.0,
     }
     assert "prefilled/empty orchestrated" in out.getvalue()
