@@ -297,9 +297,11 @@ def drive(run: Run, *, n: int, concurrency: int, place, finished_ids, out, order
     out.write(f"  {run.name}: {json.dumps(run.figures())}\n")
 
 
-def start_worker(concurrency: int, log_path: Path, extra_env: dict | None = None, *, name: str = "bench") -> Process:
+def start_worker(
+    concurrency: int, log_path: Path, extra_env: dict | None = None, *, name: str = "bench", beat: bool = False
+) -> Process:
     """A worker on every queue that also runs this module's bare-chain tasks (`--include`: no
-    production worker imports them)."""
+    production worker imports them); with `beat`, beat runs inside it (`-B`)."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "sagaplatform.settings",
@@ -316,6 +318,7 @@ def start_worker(concurrency: int, log_path: Path, extra_env: dict | None = None
         concurrency=concurrency,
         loglevel="WARNING",
         include=["loadtest.bench"],
+        beat_schedule=log_path.with_suffix(".beat-schedule") if beat else None,
     )
     worker = Process(f"{name} worker", command, env=env, log_path=log_path).start()
     from celery import current_app
@@ -526,8 +529,13 @@ def run_benchmark(
     install_fault_rules([])
     log_dir = ROOT / "var"
     log_dir.mkdir(exist_ok=True)
+    # A retry is a delayed outbox row that only the relay publishes, and a lost attempt waits for
+    # the sweeper: with failures injected, beat runs in the first worker (without, as before, no
+    # periodic task costs anything in either run).
+    beat = any(r.failure_rate or r.fail_first or r.hang_seconds or r.crash_point for r in rules or [])
     processes = [
-        start_worker(worker_concurrency, log_dir / f"bench-worker-{i}.log", name=f"bench{i}") for i in range(workers)
+        start_worker(worker_concurrency, log_dir / f"bench-worker-{i}.log", name=f"bench{i}", beat=beat and i == 0)
+        for i in range(workers)
     ]
     results: dict = {}
     try:
@@ -537,7 +545,7 @@ def run_benchmark(
             templates = history.capture(make_templates(STYLES))
         out.write(
             f"{n} orders per run, {concurrency} concurrent clients, {workers} worker(s) -c {worker_concurrency}, "
-            f"styles {', '.join(styles)}, fault rules {len(rules or [])}, cpu accounting "
+            f"styles {', '.join(styles)}, fault rules {len(rules or [])}{' (beat on)' if beat else ''}, cpu accounting "
             f"{'on' if cpu.available() else 'unavailable (no /proc)'}\n"
         )
         for phase, count in phases:

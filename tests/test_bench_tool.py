@@ -105,7 +105,7 @@ def no_processes(monkeypatch, settings):
     settings.EMBEDDED_DATABASES = settings.EMBEDDED_BROKER = False
     workers: list[FakeWorker] = []
 
-    def start_worker(concurrency, log_path, extra_env=None, *, name="bench"):
+    def start_worker(concurrency, log_path, extra_env=None, *, name="bench", beat=False):
         workers.append(FakeWorker())
         return workers[-1]
 
