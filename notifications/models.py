@@ -41,6 +41,11 @@ class Notification(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["order_id", "kind", "channel"], name="notification_once_per_kind"),
         ]
+        indexes = [
+            # Serves the redelivery of notifications still queued (every few seconds): the few
+            # queued ones, not a scan of every notification ever sent.
+            models.Index(fields=["last_attempt_at"], name="notification_queued", condition=models.Q(state="queued")),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} by {self.channel} to {self.recipient}"

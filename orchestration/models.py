@@ -52,10 +52,19 @@ class Saga(FSMModelMixin, models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # When the retention purged its step-level timeline (orchestration/retention.py); null: kept.
+    history_purged_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [
+            # Serves the overview's latency (sagas finished in the last minutes) and the saga
+            # retention (finished long ago, timeline not yet purged): a purged saga leaves it.
+            models.Index(
+                fields=["finished_at"],
+                name="saga_finished_unpurged",
+                condition=models.Q(finished_at__isnull=False, history_purged_at__isnull=True),
+            ),
             # Serves the sweeper's "which running sagas are past their deadline".
             models.Index(
                 fields=["deadline_at"], name="saga_deadline_open", condition=models.Q(deadline_at__isnull=False)

@@ -42,3 +42,11 @@ def deliver_alert(message: dict) -> None:
     from . import alerting
 
     alerting.deliver(delivery_id=message["delivery"], attempt=int(message["attempt"]))
+
+
+@shared_task(name="orchestration.purge_sagas", ignore_result=True)
+def purge_sagas() -> dict:
+    """Apply SAGA_RETENTION_DAYS to the finished sagas' timeline (orchestration/retention.py)."""
+    from . import retention
+
+    return retention.purge()

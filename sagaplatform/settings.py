@@ -392,6 +392,9 @@ SAGA_RELAY_INTERVAL = env_float("SAGA_RELAY_INTERVAL", 1.0)
 OUTBOX_RETENTION = env_int("OUTBOX_RETENTION", 24 * 3600)
 BARRIER_RETENTION = env_int("BARRIER_RETENTION", 7 * 24 * 3600)
 RETENTION_PURGE_INTERVAL = env_float("RETENTION_PURGE_INTERVAL", 3600.0)
+# Finished sagas' step-level timeline is purged this many days after they ended (0: kept
+# forever), by `manage.py purge_sagas` and by beat (orchestration/retention.py).
+SAGA_RETENTION_DAYS = env_float("SAGA_RETENTION_DAYS", 0.0)
 
 
 def _periodic(task: str, queue: str, every: float, *args) -> dict:
@@ -421,6 +424,7 @@ CELERY_BEAT_SCHEDULE = {
         )
         for alias in DATABASE_ALIASES
     },
+    "orchestrator-purge-sagas": _periodic("orchestration.purge_sagas", "orchestrator", RETENTION_PURGE_INTERVAL),
     # One alert per dead letter (a message a worker recorded and acknowledged instead of running).
     "orchestrator-dead-letters": _periodic(
         "orchestration.alert_dead_letters", "orchestrator", SAGA_ANTI_ENTROPY_INTERVAL

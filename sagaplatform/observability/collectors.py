@@ -44,7 +44,10 @@ class DatabaseCollector:
         from sagaplatform.kernel.clock import db_now
 
         now = db_now("default")
-        live = Saga.objects.using("default").exclude(state__in=Saga.TERMINAL_STATES)
+        # The states not ended, named: an index scan of the few, not a scan of every saga.
+        live = Saga.objects.using("default").filter(
+            state__in=[s for s in Saga.State.values if s not in Saga.TERMINAL_STATES]
+        )
         in_flight = GaugeMetricFamily(
             f"{PREFIX}_sagas_in_flight", "Sagas not ended, by definition and state", labels=["definition", "state"]
         )

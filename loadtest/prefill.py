@@ -1,0 +1,243 @@
+"""Pre-filled history for the benchmark (`manage.py bench --prefill N`): N finished sagas with
+their steps, events, outbox and barrier rows, and the services' rows (order, lines, status
+changes, reservation, charge, ledger, shipment, notification), written before the run.
+
+The shapes are real: a few sagas are first run by the platform itself (`capture` takes their
+rows in every database), then cloned N times by set-based SQL (`INSERT ... SELECT ... CROSS JOIN
+generate_series`), one statement per template row set and table. Each clone gets its own ids:
+every UUID of the template, in a UUID column or inside a text or JSON value, becomes
+`md5(uuid || salt || clone)`, the same function in every database, so references across tables
+and databases still agree; the other unique tokens (a payment method's `pm_...`, a gateway's
+`ch_...`, a tracking number) are replaced the same way. Every timestamp is moved so the clone
+ended a pseudo-random age ago, between `min_age` and `max_age`. So the audit passes over the
+pre-filled data exactly as over the templates (`tests/test_bench_tool.py`).
+
+PostgreSQL only (the benchmark's database).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.apps import apps
+from django.conf import settings
+from django.db import connections, models, transaction
+from django.db.models import Q
+
+logger = logging.getLogger(__name__)
+
+# What a saga leaves behind, per database (the kernel's tables are in every database).
+TABLES: tuple[tuple[str, str], ...] = (
+    ("default", "orchestration.Saga"),
+    ("default", "orchestration.SagaStep"),
+    ("default", "orchestration.SagaEvent"),
+    ("default", "kernel.OutboxMessage"),
+    ("orders", "orders.Order"),
+    ("orders", "orders.OrderLine"),
+    ("orders", "orders.OrderStatusChange"),
+    ("inventory", "inventory.Reservation"),
+    ("payments", "payments.Charge"),
+    ("payments", "payments.PaymentMethod"),
+    ("payments", "payments.LedgerEntry"),
+    ("shipping", "shipping.Shipment"),
+    ("notifications", "notifications.Notification"),
+    *((alias, "kernel.OutboxMessage") for alias in settings.SERVICE_ALIASES),
+    *((alias, "kernel.Barrier") for alias in settings.SERVICE_ALIASES),
+)
+
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Other unique tokens: a run of 16 to 32 hex digits (pm_..., ch_..., a tracking number).
+HEX_RE = re.compile(r"(?<![0-9A-Za-z])(?:[a-z]{2}_)?([0-9a-f]{16,32}|[0-9A-F]{16,32})(?![0-9a-fA-F])")
+HEX_IN_TRACKING = re.compile(r"(?<=SP)[0-9A-F]{16}\b")
+TEXT_TYPES = {"CharField", "TextField", "SlugField", "EmailField"}
+UUID_TYPES = {"UUIDField"}
+AUTO_TYPES = {"AutoField", "BigAutoField", "SmallAutoField"}
+
+
+@dataclass
+class Template:
+    """One finished saga's rows in every database, and the tokens that make them its own."""
+
+    saga_id: str
+    ended_at: datetime
+    rows: dict[tuple[str, str], list] = field(default_factory=dict)  # (alias, model) -> pks
+    # (alias, model, column) -> the tokens its template values hold: (text, kind) with kind
+    # "uuid" or "hex".
+    tokens: dict[tuple[str, str, str], list[tuple[str, str]]] = field(default_factory=dict)
+
+
+def _model(label: str) -> type[models.Model]:
+    return apps.get_model(label)
+
+
+def _field_type(f: models.Field) -> str:
+    if isinstance(f, models.ForeignKey):
+        return _field_type(f.target_field)
+    return f.get_internal_type()
+
+
+def _tokens_in(text: str, excluded: set[str]) -> set[tuple[str, str]]:
+    found = {(u, "uuid") for u in UUID_RE.findall(text)}
+    found |= {(h, "hex") for h in HEX_RE.findall(text) if h not in excluded}
+    found |= {(h, "hex") for h in HEX_IN_TRACKING.findall(text) if h not in excluded}
+    return found
+
+
+def capture(saga_ids: Iterable[str]) -> list[Template]:
+    """The rows of each of these (finished) sagas in every database: every row of `TABLES` that
+    names the saga, or names what a row of it names (its order, charge, notification, message)."""
+    from orchestration.models import DefinitionSnapshot, Saga
+
+    excluded = set(DefinitionSnapshot.objects.values_list("digest", flat=True))
+    templates = []
+    for saga in Saga.objects.filter(id__in=list(saga_ids)):
+        if not saga.is_terminal or saga.finished_at is None:
+            raise ValueError(f"saga {saga.id} has not finished: only finished sagas can be cloned")
+        template = Template(saga_id=str(saga.id), ended_at=saga.finished_at)
+        known: set[str] = {str(saga.id)}
+        while True:
+            grown = set(known)
+            for alias, label in TABLES:
+                model = _model(label)
+                rows = model._default_manager.using(alias).filter(_names(model, sorted(known)))
+                template.rows[(alias, label)] = list(rows.values_list("pk", flat=True))
+                for row in rows.values():
+                    grown |= {u for u, kind in _tokens_in(_json(row), excluded) if kind == "uuid"}
+            if grown == known:
+                break
+            known = grown
+        for alias, label in TABLES:
+            model = _model(label)
+            pks = template.rows[(alias, label)]
+            if not pks:
+                continue
+            for f in model._meta.concrete_fields:
+                kind = _field_type(f)
+                if kind not in TEXT_TYPES and kind != "JSONField":
+                    continue
+                values = model._default_manager.using(alias).filter(pk__in=pks).values_list(f.attname, flat=True)
+                found_tokens: set[tuple[str, str]] = set()
+                for value in values:
+                    if value is not None:
+                        found_tokens |= _tokens_in(str(value) if kind != "JSONField" else _json(value), excluded)
+                if found_tokens:
+                    # Longest first: a token inside another (a hex run in a longer one) waits.
+                    template.tokens[(alias, label, str(f.column))] = sorted(found_tokens, key=lambda t: -len(t[0]))
+        templates.append(template)
+    return templates
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, default=str)
+
+
+def _names(model: type[models.Model], ids: list[str]) -> Q:
+    """Rows of `model` that name one of `ids`: in a UUID column, or (an outbox message) as the
+    saga or the notification its payload is about."""
+    match = Q(pk__in=[]) if _field_type(model._meta.pk) != "UUIDField" else Q(pk__in=ids)
+    for f in model._meta.concrete_fields:
+        if _field_type(f) in UUID_TYPES and not f.primary_key:
+            match |= Q(**{f"{f.attname}__in": ids})
+    if model._meta.label == "kernel.OutboxMessage":
+        match |= Q(payload__saga_id__in=ids) | Q(payload__notification_id__in=ids)
+    return match
+
+
+def _new_token(token: str, kind: str, salt: str) -> str:
+    """SQL for the clone's token (the clone number is `g`)."""
+    if kind == "uuid":
+        return f"md5('{token}' || '{salt}' || g)::uuid::text"
+    sql = f"substr(md5('{token}' || '{salt}' || g), 1, {len(token)})"
+    return f"upper({sql})" if token.isupper() else sql
+
+
+def _insert_sql(template: Template, alias: str, label: str, salt: str) -> tuple[str, str]:
+    model = _model(label)
+    qn = connections[alias].ops.quote_name
+    columns, exprs = [], []
+    for f in model._meta.concrete_fields:
+        kind = _field_type(f)
+        column = qn(str(f.column))
+        if kind in AUTO_TYPES:
+            continue
+        value = f"t.{column}"
+        if kind in UUID_TYPES:
+            value = f"md5(t.{column}::text || '{salt}' || g)::uuid"
+        elif kind in TEXT_TYPES or kind == "JSONField":
+            text = f"t.{column}::text" if kind == "JSONField" else value
+            for token, token_kind in template.tokens.get((alias, label, str(f.column)), ()):
+                text = f"replace({text}, '{token}', {_new_token(token, token_kind, salt)})"
+            value = f"({text})::jsonb" if kind == "JSONField" else text
+        elif kind == "DateTimeField":
+            value = f"t.{column} + %(shift)s - make_interval(secs => %(spread)s * ((hashtext('{salt}' || g) & 65535) / 65535.0))"
+        columns.append(column)
+        exprs.append(value)
+    table = qn(model._meta.db_table)
+    pk = qn(str(model._meta.pk.column))
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 (our own identifiers and tokens)
+        f"SELECT {', '.join(exprs)} FROM {table} t CROSS JOIN generate_series(%(first)s, %(last)s) AS g "
+        f"WHERE t.{pk} = ANY(%(pks)s)"
+    )
+    return table, sql
+
+
+def prefill(
+    templates: list[Template],
+    n: int,
+    *,
+    min_age: timedelta = timedelta(hours=3),
+    max_age: timedelta = timedelta(days=30),
+    chunk: int = 5000,
+    out=None,
+) -> dict:
+    """Write `n` clones of `templates` (round robin), each ended between `min_age` and `max_age`
+    ago. Returns the rows written per database and table, and the seconds it took."""
+    if not templates:
+        raise ValueError("no template saga to clone")
+    if connections["default"].vendor != "postgresql":
+        raise RuntimeError("the pre-fill writes with PostgreSQL's SQL: run it on PostgreSQL")
+    started = time.monotonic()
+    salt = f":{secrets.token_hex(6)}:"
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT now()")
+        anchor = cursor.fetchone()[0]
+    written: dict[str, int] = {}
+    for index, template in enumerate(templates):
+        clones = n // len(templates) + (index < n % len(templates))
+        if not clones:
+            continue
+        # The clone ended `max_age` ago, plus up to (max_age - min_age) younger.
+        shift = (anchor - max_age) - template.ended_at
+        spread = -(max_age - min_age).total_seconds()
+        base = index * (n // len(templates) + 1)  # clone numbers never repeat across templates
+        for alias, label in TABLES:
+            pks = template.rows.get((alias, label))
+            if not pks:
+                continue
+            table, sql = _insert_sql(template, alias, label, salt)
+            for first in range(0, clones, chunk):
+                last = min(clones, first + chunk) - 1
+                with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+                    cursor.execute(
+                        sql, {"first": base + first, "last": base + last, "pks": pks, "shift": shift, "spread": spread}
+                    )
+                    key = f"{alias}.{table.strip(chr(34))}"
+                    written[key] = written.get(key, 0) + cursor.rowcount
+        if out is not None and (index + 1) % 5 == 0:
+            out.write(f"  pre-fill: {index + 1}/{len(templates)} templates cloned\n")
+    # What autovacuum would have done to a history this old: statistics for the planner, and
+    # the BRIN index of the timeline summarized (saga_event_created_brin).
+    for alias in {alias for alias, _ in TABLES}:
+        with connections[alias].cursor() as cursor:
+            for table in {_model(label)._meta.db_table for a, label in TABLES if a == alias}:
+                cursor.execute(f"VACUUM (ANALYZE) {connections[alias].ops.quote_name(table)}")
+    return {"sagas": n, "rows": written, "seconds": round(time.monotonic() - started, 1)}

@@ -1,0 +1,233 @@
+"""The benchmark's own machinery, without starting it: its options, its JSON last line, the CPU
+accounting from /proc and the pre-fill of finished sagas (`loadtest/`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from loadtest import bench
+from loadtest import cpu_totals as cpu
+from loadtest import prefill as history
+from loadtest.management.commands.bench import Command, bench_options
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+def options(*args: str) -> dict:
+    parser = Command().create_parser("manage.py", "bench")
+    return bench_options(vars(parser.parse_args(list(args))))
+
+
+def test_options_turn_into_the_benchmark_arguments():
+    defaults = options()
+    assert defaults["styles"] == ["orchestrated"]
+    assert (defaults["n"], defaults["workers"], defaults["worker_concurrency"]) == (500, 1, 4)
+    assert (defaults["rules"], defaults["prefill"], defaults["compare_prefill"], defaults["chain"]) == ([], 0, 0, True)
+
+    given = options(
+        "--style", "tcc,parallel", "--style", "tcc", "--workers", "2", "--worker-concurrency", "3",
+        "--failure-rate", "payments.charge=0.2,shipping=0.05", "--latency-ms", "10",
+        "--faults", "inventory.reserve:fail_first=1", "--compare-prefill", "100000", "--no-chain",
+    )  # fmt: skip
+    assert given["styles"] == ["tcc", "parallel"]
+    assert (given["workers"], given["worker_concurrency"], given["compare_prefill"]) == (2, 3, 100000)
+    assert given["chain"] is False
+    rules = {(r.service, r.operation): r for r in given["rules"]}
+    # 10 ms on every operation of every service, a failure rate on two targets, and the raw rule.
+    assert {(s, "*") for s in settings.SERVICE_ALIASES} <= set(rules)
+    assert all(rules[(s, "*")].latency_ms == 10 for s in settings.SERVICE_ALIASES)
+    assert rules[("payments", "charge")].failure_rate == 0.2
+    assert rules[("shipping", "*")].failure_rate == 0.05
+    assert rules[("inventory", "reserve")].fail_first == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--style", "saga"],
+        ["--style", ""],
+        ["--failure-rate", "1.5"],
+        ["--failure-rate", "payments.charge=often"],
+        ["--latency-ms", "billing=10"],
+        ["--faults", "billing.pay:failure_rate=0.1"],
+        ["--faults", "payments.charge:colour=red"],
+        ["--workers", "0"],
+        ["--prefill", "-1"],
+        ["--prefill", "10", "--compare-prefill", "10"],
+    ],
+)
+def test_bad_options_are_refused_before_anything_runs(args, monkeypatch):
+    monkeypatch.setattr(bench, "run_benchmark", lambda **kw: pytest.fail("must not run"))
+    with pytest.raises(ValueError, match=r"."):
+        options(*args)
+    with pytest.raises(CommandError):
+        call_command("bench", *args)
+
+
+class FakeWorker:
+    pid = os.getpid()
+
+    def check_alive(self) -> None:
+        pass
+
+    def stop(self, timeout: float) -> None:
+        self.stopped = True
+
+
+def fake_figures(throughput: float, cpu_ms: float) -> dict:
+    return {
+        "orders": 5,
+        "throughput_per_s": throughput,
+        "p50_ms": 100.0 / throughput,
+        "p95_ms": 200.0 / throughput,
+        "p99_ms": 300.0 / throughput,
+        "mean_ms": 120.0 / throughput,
+        "new_pg_sessions": 0,
+        "cpu_ms_per_order": cpu_ms,
+        "cpu_ms_per_order_own": cpu_ms / 2,
+        "cpu_ms_per_order_by_component": {},
+        "pg_per_order": {"blocks": 900.0, "seq_rows_read": 300.0, "commits": 20.0},
+    }
+
+
+@pytest.fixture
+def no_processes(monkeypatch, settings):
+    """The benchmark's flow with its worker processes and measured runs stubbed out."""
+    settings.EMBEDDED_DATABASES = settings.EMBEDDED_BROKER = False
+    workers: list[FakeWorker] = []
+
+    def start_worker(concurrency, log_path, extra_env=None, *, name="bench", beat=False):
+        workers.append(FakeWorker())
+        return workers[-1]
+
+    def measure(name, **kwargs):
+        return fake_figures(40.0, 40.0) if "chain" in name else fake_figures(20.0, 100.0)
+
+    monkeypatch.setattr(bench, "start_worker", start_worker)
+    monkeypatch.setattr(bench, "measure", measure)
+    return workers
+
+
+def test_the_last_line_is_a_json_object_with_every_figure(no_processes):
+    out = io.StringIO()
+    bench.run_benchmark(
+        n=5, concurrency=2, worker_concurrency=1, warmup=0, out=out, styles=["orchestrated", "tcc"], workers=2
+    )
+    lines = out.getvalue().splitlines()
+    summary = json.loads(lines[-1])
+    assert len(no_processes) == 2
+    assert all(w.stopped for w in no_processes)
+    assert summary["styles"] == ["orchestrated", "tcc"]
+    assert summary["workers"] == 2
+    for style in ("orchestrated", "tcc"):
+        figures = summary["run"][style]
+        assert figures["throughput_ratio"] == 0.5
+        assert figures["cpu_ratio"] == 2.5
+        assert figures["cpu_ms_per_order"] == 100.0
+    assert summary["run"]["chain"]["cpu_ms_per_order"] == 40.0
+    # The flat keys scripts read before (the first style against the chain).
+    assert summary["throughput_ratio"] == 0.5
+    assert summary["saga"]["throughput_per_s"] == 20.0
+    assert any("CPU per order saga/chain 2.5" in line for line in lines)
+
+
+def test_compare_prefill_runs_empty_then_prefilled_and_prints_the_ratio(no_processes, monkeypatch):
+    filled = []
+    monkeypatch.setattr(bench, "make_templates", lambda styles: ["t1"])
+    monkeypatch.setattr(history, "capture", lambda ids: [SimpleNamespace(saga_id=i) for i in ids])
+    monkeypatch.setattr(
+        history, "prefill", lambda templates, n, **kw: filled.append(n) or {"sagas": n, "rows": {"x": 1}, "seconds": 0}
+    )
+    out = io.StringIO()
+    bench.run_benchmark(n=5, concurrency=2, worker_concurrency=1, warmup=0, out=out, compare_prefill=1000)
+    summary = json.loads(out.getvalue().splitlines()[-1])
+    assert filled == [1000]
+    assert summary["empty"]["prefilled_sagas"] == 0
+    assert summary["prefilled"]["prefilled_sagas"] == 1000
+    assert summary["prefilled_vs_empty"]["orchestrated"] == {
+        "throughput": 1.0,
+        "p50": 1.0,
+        "cpu_per_order": 1.0,
+        "cpu_per_order_own": 1.0,
+        "pg_blocks_per_order": 1.0,
+        "pg_seq_rows_read_per_order": 1.0,
+        "pg_commits_per_order": 1.0,
+    }
+    assert "prefilled/empty orchestrated" in out.getvalue()
+
+
+def test_cpu_accounting_reads_proc_per_component():
+    if not cpu.available():
+        pytest.skip("no /proc")
+    before = cpu.snapshot(workers=[os.getpid()], databases=["no-such-database"])
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    spent = cpu.delta(before, cpu.snapshot(workers=[os.getpid()], databases=["no-such-database"]))
+    assert spent["client"] >= 0.15
+    assert spent["workers"] >= 0.15  # the "worker" given is this process
+    assert spent["postgres_own"] == 0.0
+    assert spent["total"] == pytest.approx(spent["workers"] + spent["postgres"] + spent["redis"] + spent["client"])
+    assert cpu.per_order_ms({"total": 1.5}, 3) == {"total": 500.0}
+
+
+def test_delta_counts_a_backend_born_mid_run_whole_and_never_goes_negative():
+    a = dict.fromkeys(cpu.COMPONENTS, 1.0) | {"own_backends": {10: 0.5}}
+    b = dict.fromkeys(cpu.COMPONENTS, 2.0) | {"own_backends": {10: 0.75, 11: 0.25}, "redis": 0.5}
+    spent = cpu.delta(a, b)
+    assert spent["postgres_own"] == pytest.approx(0.5)
+    assert spent["redis"] == 0.0
+    assert spent["total"] == pytest.approx(3.0)
+
+
+@pytest.mark.postgres
+def test_prefill_clones_real_sagas_into_every_database_and_the_audit_passes(alice_api, catalogue, broker):
+    from orchestration.audit import run_audit
+    from orchestration.models import Saga, SagaStep
+    from orders.models import Order
+    from payments.models import Charge
+    from sagaplatform.kernel.clock import db_now
+    from tests.conftest import order_body
+
+    ids = []
+    for token in ("tok_visa", "tok_declined"):
+        response = alice_api.post("/api/orders/", order_body(token=token), format="json")
+        ids.append(response.json()["saga"]["id"])
+    broker.deliver()
+    templates = history.capture(ids)
+    assert {t.saga_id for t in templates} == set(ids)
+    before = {key: len(pks) for t in templates for key, pks in t.rows.items() if pks}
+    totals = {key: sum(len(t.rows.get(key, ())) for t in templates) for key in before}
+    assert totals[("default", "orchestration.SagaEvent")] > 10
+    assert totals[("payments", "kernel.Barrier")] >= 2
+
+    result = history.prefill(templates, 6, min_age=timedelta(days=1), max_age=timedelta(days=10))
+
+    assert result["sagas"] == 6
+    for (alias, label), count in totals.items():
+        model = history._model(label)
+        # Each template and its three clones: four of every row.
+        assert model.objects.using(alias).count() == 4 * count, (alias, label)
+    now = db_now("default")
+    clones = Saga.objects.exclude(id__in=ids)
+    assert clones.count() == 6
+    assert Saga.objects.filter(state="completed").count() == 4
+    for saga in clones:
+        assert saga.is_terminal
+        assert now - timedelta(days=10, minutes=5) < saga.finished_at < now - timedelta(days=1) + timedelta(minutes=5)
+        assert saga.created_at <= saga.finished_at
+        order = Order.objects.using("orders").get(id=saga.context["order_id"])
+        assert str(order.saga_id) == str(saga.id)
+        assert Charge.objects.using("payments").get(saga_id=saga.id).order_id == order.id
+        assert SagaStep.objects.filter(saga=saga).count() == SagaStep.objects.filter(saga_id=ids[0]).count()
+    assert run_audit() == []
