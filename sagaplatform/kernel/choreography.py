@@ -244,7 +244,8 @@ def publish(*, using: str, message: dict[str, Any]) -> list[Any]:
                 delay=subscriber.start_delay(),
             )
         )
-    written.append(outbox.enqueue(using=using, task=TRACK_TASK, queue=TRACK_QUEUE, payload=message))
+    # The tracker's copy is applied by this worker itself when it consumes the tracker's queue.
+    written.append(outbox.enqueue(using=using, task=TRACK_TASK, queue=TRACK_QUEUE, payload=message, inline=True))
     return written
 
 
