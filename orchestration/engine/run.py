@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models.functions import Now
 
 from sagaplatform.kernel import faults, outbox
@@ -93,8 +93,7 @@ class Run:
 
     def flush(self) -> None:
         self.saga.save(using=DB)
-        for name in self.dirty:
-            self.steps[name].save(using=DB)
+        save_steps([self.steps[name] for name in self.dirty])
         SagaEvent.objects.using(DB).bulk_create(self.events)
         Alert.objects.using(DB).bulk_create(self.alerts)
         for hook in ON_FLUSH:
@@ -108,6 +107,36 @@ class Run:
 
     def past_pivot(self) -> bool:
         return any(spec.pivot and step.state == State.SUCCEEDED for spec, step in self.action_steps())
+
+
+# The columns a run changes on a step (its identity and place in the graph never change).
+_STEP_FIXED = {"id", "saga", "name", "kind", "position", "service"}
+
+
+def save_steps(steps: list[SagaStep]) -> None:
+    """Write the changed steps: on PostgreSQL several in one statement (`UPDATE ... FROM
+    (VALUES ...)`, not `bulk_update`, whose CASE per column costs more CPU than it saves)."""
+    connection = connections[DB]
+    if len(steps) < 2 or connection.vendor != "postgresql":
+        for step in steps:
+            step.save(using=DB)
+        return
+    fields = [f for f in SagaStep._meta.concrete_fields if f.name not in _STEP_FIXED]
+    quote = connection.ops.quote_name
+    row = "(%s::bigint, " + ", ".join(f"%s::{f.db_type(connection)}" for f in fields) + ")"
+    params: list[Any] = []
+    for step in steps:
+        params.append(step.pk)
+        params.extend(f.get_db_prep_save(f.pre_save(step, False), connection) for f in fields)
+    columns = ", ".join(quote(f.column) for f in fields)
+    assignments = ", ".join(f"{quote(f.column)} = v.{quote(f.column)}" for f in fields)
+    table = quote(SagaStep._meta.db_table)
+    sql = (
+        f"UPDATE {table} AS t SET {assignments} "  # noqa: S608 (the model's own names; values are parameters)
+        f"FROM (VALUES {', '.join([row] * len(steps))}) AS v(id, {columns}) WHERE t.id = v.id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def create_saga(*, saga_id: SagaId, definition: SagaDefinition, context: JSON, now: datetime | None) -> Run:

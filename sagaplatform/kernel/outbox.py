@@ -13,7 +13,10 @@ every retry for ten minutes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -122,12 +125,42 @@ def _send(message: OutboxMessage) -> None:
             )
 
 
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def inline_after() -> Iterator[None]:
+    """Hold the inline runs of the messages committed inside this block until it ends (a
+    service's command: its reply is applied once the attempt's own span, metrics and marks are
+    done, not counted as the service's handler time)."""
+    held: list[tuple[str, OutboxMessage]] = []
+    previous = getattr(_deferred, "held", None)
+    _deferred.held = held
+    try:
+        yield
+    finally:
+        _deferred.held = previous
+        for using, message in held:
+            _publish_inline(using, message)
+
+
+def _publish_inline(using: str, message: OutboxMessage) -> int:
+    if runs_here(message) and run_inline(message):
+        _mark_published(using, [message.id])
+        return 1
+    return publish(using=using, messages=[message])
+
+
 def publish(*, using: str, messages: list[OutboxMessage], inline: bool = False) -> int:
     """Send `messages` to the broker, then mark them published. Returns how many were sent.
-    With `inline`, a message this worker may run itself is run here instead (`runs_here`)."""
-    if inline and len(messages) == 1 and runs_here(messages[0]) and run_inline(messages[0]):
-        _mark_published(using, [messages[0].id])
-        return 1
+    With `inline`, a message this worker may run itself is run here instead (`runs_here`), at
+    the end of the enclosing `inline_after` block if there is one."""
+    if inline and len(messages) == 1:
+        held = getattr(_deferred, "held", None)
+        if held is None:
+            return _publish_inline(using, messages[0])
+        held.append((using, messages[0]))
+        return 0
     sent = []
     for message in messages:
         try:
