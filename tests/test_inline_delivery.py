@@ -47,7 +47,9 @@ def first_command(api, broker) -> tuple[str, dict]:
 
 
 def reply_rows(saga_id: str) -> list[OutboxMessage]:
-    return [m for m in OutboxMessage.objects.using("inventory").filter(task=REPLY_TASK) if m.payload["saga_id"] == saga_id]
+    return [
+        m for m in OutboxMessage.objects.using("inventory").filter(task=REPLY_TASK) if m.payload["saga_id"] == saga_id
+    ]
 
 
 def test_runs_here_only_in_a_worker_task_that_consumes_the_queue(monkeypatch):

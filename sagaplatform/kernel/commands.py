@@ -135,7 +135,9 @@ def _execute(service: str, command: Command) -> dict[str, Any]:
             "error": {"code": "unknown_operation", "message": f"{service} has no operation {command.operation!r}"},
         }
         with transaction.atomic(using=service):
-            outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True)
+            outbox.enqueue(
+                using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
+            )
         attempts.mark_answered(mark)
         return outcome
     try:
@@ -144,7 +146,9 @@ def _execute(service: str, command: Command) -> dict[str, Any]:
         with transaction.atomic(using=service):
             faults.arm_after_commit(service, command.operation)
             outcome = barrier.call(using=service, command=command, fn=fn)
-            outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True)
+            outbox.enqueue(
+                using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
+            )
             faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)
     except Exception as exc:  # unknown errors count as transient, bounded by the step's policy
         error = (
@@ -164,7 +168,9 @@ def _execute(service: str, command: Command) -> dict[str, Any]:
         )
         outcome = {"status": TRANSIENT_ERROR, "error": error}
         with transaction.atomic(using=service):
-            outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True)
+            outbox.enqueue(
+                using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
+            )
     attempts.mark_answered(mark)  # the reply is committed: a late lease now waits for it
     return outcome
 

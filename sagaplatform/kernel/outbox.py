@@ -77,9 +77,7 @@ def enqueue(
         task=task, queue=queue, payload=payload, delayed=delay > 0, trace_context=observability.trace_context(), **due
     )
     if delay <= 0:
-        transaction.on_commit(
-            lambda: publish(using=using, messages=[message], inline=inline), using=using, robust=True
-        )
+        transaction.on_commit(lambda: publish(using=using, messages=[message], inline=inline), using=using, robust=True)
     return message
 
 
