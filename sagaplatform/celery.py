@@ -88,7 +88,7 @@ def recycle_database_connections(**kwargs) -> None:
     close_old_connections()
     for connection in connections.all(initialized_only=True):
         if connection.connection is not None and not connection.errors_occurred:
-            connection.health_check_done = True
+            connection.health_check_done = True  # type: ignore[attr-defined]  # Django's, untyped
 
 
 # Worker heartbeats (the dashboard's "live workers"): connects to the worker's signals.

@@ -77,7 +77,7 @@ class Meter:
 
         for alias in settings.DATABASE_ALIASES:
             connection = connections[alias]
-            commit, is_usable = connection._commit, connection.is_usable
+            commit, is_usable = connection._commit, connection.is_usable  # type: ignore[attr-defined]
 
             def counted_commit(alias=alias, commit=commit):
                 meter.costs.commits[alias] += 1

@@ -121,15 +121,16 @@ def save_steps(steps: list[SagaStep]) -> None:
         for step in steps:
             step.save(using=DB)
         return
-    fields = [f for f in SagaStep._meta.concrete_fields if f.name not in _STEP_FIXED]
+    fields = [f for f in SagaStep._meta.concrete_fields if f.name not in _STEP_FIXED and f.column]
     quote = connection.ops.quote_name
     row = "(%s::bigint, " + ", ".join(f"%s::{f.db_type(connection)}" for f in fields) + ")"
     params: list[Any] = []
     for step in steps:
         params.append(step.pk)
         params.extend(f.get_db_prep_save(f.pre_save(step, False), connection) for f in fields)
-    columns = ", ".join(quote(f.column) for f in fields)
-    assignments = ", ".join(f"{quote(f.column)} = v.{quote(f.column)}" for f in fields)
+    names = [quote(str(f.column)) for f in fields]
+    columns = ", ".join(names)
+    assignments = ", ".join(f"{name} = v.{name}" for name in names)
     table = quote(SagaStep._meta.db_table)
     sql = (
         f"UPDATE {table} AS t SET {assignments} "  # noqa: S608 (the model's own names; values are parameters)
