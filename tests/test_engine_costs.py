@@ -201,12 +201,12 @@ def run_one_order(api, broker: WorkerBroker, mode: str) -> tuple[Costs, Costs]:
 # are printed by `-s`; see docs/ARCHITECTURE.md, "What an order costs, counted".
 BUDGETS: dict[str, dict[str, int]] = {
     # Before issue 16's first changes: 17 messages, 310 round trips (126 on default), 25 health checks.
-    "orchestrated": {"messages": 9, "round_trips": 230, "round_trips_default": 88, "health_checks": 0, "redis": 50},
-    "parallel": {"messages": 9, "round_trips": 230, "round_trips_default": 88, "health_checks": 0, "redis": 50},
+    "orchestrated": {"messages": 9, "round_trips": 212, "round_trips_default": 70, "health_checks": 0, "redis": 50},
+    "parallel": {"messages": 9, "round_trips": 212, "round_trips_default": 70, "health_checks": 0, "redis": 50},
     # Before: 19 messages, 332 round trips (139 on default), 24 health checks.
-    "tcc": {"messages": 10, "round_trips": 248, "round_trips_default": 98, "health_checks": 0, "redis": 50},
+    "tcc": {"messages": 10, "round_trips": 227, "round_trips_default": 77, "health_checks": 0, "redis": 50},
     # Before: 16 messages, 313 round trips (97 on default), 22 health checks.
-    "choreography": {"messages": 8, "round_trips": 225, "round_trips_default": 68, "health_checks": 0, "redis": 20},
+    "choreography": {"messages": 8, "round_trips": 209, "round_trips_default": 53, "health_checks": 0, "redis": 20},
 }
 
 

@@ -264,7 +264,7 @@ def react(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
         attempt=attempt,
         payload=payload_for(rule, message),
     )
-    with observability.step_attempt(service, command, reaction=rule.key) as step_attempt:
+    with outbox.inline_after(), observability.step_attempt(service, command, reaction=rule.key) as step_attempt:
         outcome = _react(service, rule, message, command, attempt)
         step_attempt.done(outcome)
     return outcome
