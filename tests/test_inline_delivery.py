@@ -114,3 +114,24 @@ def test_a_reply_whose_inline_run_fails_goes_through_the_broker(alice_api, catal
     assert SagaStep.objects.get(saga_id=saga_id, name="reserve_stock").state == SagaStep.State.RUNNING
     broker.deliver()
     assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
+
+
+def test_a_block_left_on_an_error_publishes_what_it_committed(alice_api, catalogue, broker, monkeypatch):
+    """A task leaving on an error (a time limit) runs nothing more: its committed reply goes
+    through the broker."""
+    from django.db import transaction
+
+    saga_id, _command = first_command(alice_api, broker)
+    reply = {"saga_id": saga_id, "step": "reserve_stock", "op": "action", "attempt": 1, "status": "succeeded"}
+
+    def commit_then_fail() -> None:
+        with outbox.inline_after():
+            with transaction.atomic(using="inventory"):
+                outbox.enqueue(using="inventory", task=REPLY_TASK, queue="orchestrator", payload=reply, inline=True)
+            raise TimeoutError("soft time limit")
+
+    with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE), pytest.raises(TimeoutError):
+        commit_then_fail()
+
+    assert [m["task"] for m in broker.queue] == [REPLY_TASK]
+    assert SagaStep.objects.get(saga_id=saga_id, name="reserve_stock").state == SagaStep.State.RUNNING

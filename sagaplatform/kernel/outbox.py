@@ -63,8 +63,8 @@ def enqueue(
 
     `inline`: when the transaction commits inside a worker task, and this worker consumes the
     message's queue, run the message's task right here instead of sending it through the broker
-    (`run_inline`). A service's reply and a notification's delivery are sent this way: one
-    Celery hop less each.
+    (`run_inline`). A service's reply and the tracker's copy of a choreography event are sent
+    this way: one Celery hop less each.
     """
     if not connections[using].in_atomic_block:
         raise RuntimeError(f"outbox.enqueue({task!r}) must run inside transaction.atomic(using={using!r})")
@@ -136,10 +136,15 @@ def inline_after() -> Iterator[None]:
     _deferred.held = held
     try:
         yield
-    finally:
+    except BaseException:
+        # Leaving on an error (a time limit): send what committed, run nothing more here.
         _deferred.held = previous
         for using, message in held:
-            _publish_inline(using, message)
+            publish(using=using, messages=[message])
+        raise
+    _deferred.held = previous
+    for using, message in held:
+        _publish_inline(using, message)
 
 
 def _publish_inline(using: str, message: OutboxMessage) -> int:
