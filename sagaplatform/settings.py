@@ -381,6 +381,9 @@ SAGA_RETRY_MAX_INTERVAL_OVERRIDE = env_float("SAGA_RETRY_MAX_INTERVAL_OVERRIDE",
 SAGA_DEADLINE_OVERRIDE = env_float("SAGA_DEADLINE_OVERRIDE", 0.0)
 # Chaos: publish every message twice, as an at-least-once broker may deliver it.
 SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", default=False)
+# A worker that commits a service's reply and also consumes the `orchestrator` queue applies the
+# reply itself, right after the commit, instead of a Celery hop (kernel/outbox.py, `runs_here`).
+SAGA_INLINE_DELIVERY = env_bool("SAGA_INLINE_DELIVERY", default=True)
 SAGA_ANTI_ENTROPY_INTERVAL = env_float("SAGA_ANTI_ENTROPY_INTERVAL", 10.0)
 # Each database's relay runs this often: it publishes delayed outbox rows (retries, handling
 # windows) once due on the database clock, so a retry goes out at most this late.

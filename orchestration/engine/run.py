@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models.functions import Now
 
 from sagaplatform.kernel import faults, outbox, registry
@@ -92,10 +92,14 @@ class Run:
         )
 
     def flush(self) -> None:
-        self.saga.save(using=DB)
-        for name in self.dirty:
-            self.steps[name].save(using=DB)
-        SagaEvent.objects.using(DB).bulk_create(self.events)
+        steps = [self.steps[name] for name in self.dirty]
+        if connections[DB].vendor == "postgresql":
+            write_run(self.saga, steps, self.events)
+        else:
+            self.saga.save(using=DB)
+            for step in steps:
+                step.save(using=DB)
+            SagaEvent.objects.using(DB).bulk_create(self.events)
         Alert.objects.using(DB).bulk_create(self.alerts)
         for hook in ON_FLUSH:
             hook(self)
@@ -108,6 +112,83 @@ class Run:
 
     def past_pivot(self) -> bool:
         return any(spec.pivot and step.state == State.SUCCEEDED for spec, step in self.action_steps())
+
+
+# The columns a run never changes: a saga's id and creation time; a step's identity and place
+# in the graph; an event's id (the database numbers it).
+_SAGA_FIXED = {"id", "created_at"}
+_STEP_FIXED = {"id", "saga", "name", "kind", "position", "service"}
+_EVENT_FIXED = {"id"}
+
+
+def _columns(model: Any, fixed: set[str], connection: Any) -> list[Any]:
+    return [f for f in model._meta.concrete_fields if f.name not in fixed and f.column]
+
+
+def _row(fields: list[Any], obj: Any, connection: Any, *, add: bool) -> tuple[str, list[Any]]:
+    """`(%s::type, ...)` and its parameters: `obj`'s values of `fields`, as Django saves them."""
+    sql = "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in fields) + ")"
+    return sql, [f.get_db_prep_save(f.pre_save(obj, add), connection) for f in fields]
+
+
+def write_run(saga: Saga, steps: list[SagaStep], events: list[SagaEvent]) -> None:
+    """Write a run in one statement (PostgreSQL): the saga's UPDATE, its changed steps' UPDATE
+    (`FROM (VALUES ...)`) and its events' INSERT, as data-modifying CTEs of one query: one
+    round trip where a save per row took one each. Hand-written rather than `bulk_update`,
+    whose CASE per column costs more CPU than it saves. Only the model's own quoted names are
+    interpolated; every value is a parameter."""
+    connection = connections[DB]
+    quote = connection.ops.quote_name
+    parts: list[tuple[str, list[Any]]] = []
+
+    fields = _columns(Saga, _SAGA_FIXED, connection)
+    values, params = _row(fields, saga, connection, add=False)
+    names = [quote(str(f.column)) for f in fields]
+    parts.append(
+        (
+            f"UPDATE {quote(Saga._meta.db_table)} AS t SET {', '.join(f'{n} = v.{n}' for n in names)} "  # noqa: S608
+            f"FROM (VALUES {values}) AS v({', '.join(names)}) WHERE t.id = %s::uuid",
+            [*params, str(saga.pk)],
+        )
+    )
+    if steps:
+        fields = _columns(SagaStep, _STEP_FIXED, connection)
+        names = [quote(str(f.column)) for f in fields]
+        rows, params = [], []
+        for step in steps:
+            values, row_params = _row(fields, step, connection, add=False)
+            rows.append(values.replace("(", "(%s::bigint, ", 1))
+            params.extend([step.pk, *row_params])
+        parts.append(
+            (
+                f"UPDATE {quote(SagaStep._meta.db_table)} AS t SET {', '.join(f'{n} = v.{n}' for n in names)} "  # noqa: S608
+                f"FROM (VALUES {', '.join(rows)}) AS v(id, {', '.join(names)}) WHERE t.id = v.id",
+                params,
+            )
+        )
+    if events:
+        fields = _columns(SagaEvent, _EVENT_FIXED, connection)
+        rows, params = [], []
+        for event in events:
+            values, row_params = _row(fields, event, connection, add=True)
+            rows.append(values)
+            params.extend(row_params)
+        parts.append(
+            (
+                f"INSERT INTO {quote(SagaEvent._meta.db_table)} ({', '.join(quote(str(f.column)) for f in fields)}) "  # noqa: S608
+                f"VALUES {', '.join(rows)}",
+                params,
+            )
+        )
+    *ctes, (last_sql, last_params) = parts
+    sql = ""
+    all_params: list[Any] = []
+    if ctes:
+        sql = "WITH " + ", ".join(f"w{i} AS ({cte_sql})" for i, (cte_sql, _) in enumerate(ctes)) + " "
+        for _, cte_params in ctes:
+            all_params.extend(cte_params)
+    with connection.cursor() as cursor:
+        cursor.execute(sql + last_sql, [*all_params, *last_params])
 
 
 def create_saga(*, saga_id: SagaId, definition: SagaDefinition, context: JSON, now: datetime | None) -> Run:

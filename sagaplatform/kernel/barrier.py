@@ -146,7 +146,8 @@ def begin(*, using: str, command: Command) -> dict[str, Any] | None:
     outcome if the action already ended or was refused (then make no call), else None."""
     if not connections[using].in_atomic_block:
         raise RuntimeError("barrier.begin must run inside transaction.atomic(using=...)")
-    _insert(using, command.saga_id, command.step, ACTION, None)
+    if _insert(using, command.saga_id, command.step, ACTION, None):
+        return None  # just written, with no outcome: no need to read it back
     outcome: dict[str, Any] | None = (
         Barrier.objects.using(using).get(saga_id=command.saga_id, step=command.step, op=ACTION).outcome
     )

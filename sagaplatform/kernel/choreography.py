@@ -269,7 +269,8 @@ def publish(*, using: str, message: dict[str, Any]) -> list[Any]:
                 delay=subscriber.start_delay(),
             )
         )
-    written.append(outbox.enqueue(using=using, task=TRACK_TASK, queue=TRACK_QUEUE, payload=message))
+    # The tracker's copy is applied by this worker itself when it consumes the tracker's queue.
+    written.append(outbox.enqueue(using=using, task=TRACK_TASK, queue=TRACK_QUEUE, payload=message, inline=True))
     return written
 
 
@@ -357,7 +358,7 @@ def react(*, service: str, message: dict[str, Any], admitted: bool = False) -> d
         attempt=attempt,
         payload=payload_for(rule, message),
     )
-    with observability.step_attempt(service, command, reaction=rule.key) as step_attempt:
+    with outbox.inline_after(), observability.step_attempt(service, command, reaction=rule.key) as step_attempt:
         outcome = _react(service, rule, message, command, attempt)
         step_attempt.done(outcome)
     return outcome

@@ -114,9 +114,12 @@ def _reply(command: Command, outcome: dict[str, Any]) -> dict[str, Any]:
 def execute(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     """Run one command on `service`'s database and queue the reply. Returns the outcome."""
     command = Command.from_message(message)
-    with observability.step_attempt(service, command) as attempt:
+    # The reply is published (or applied here: `outbox.inline_after`) once the attempt is done.
+    with outbox.inline_after(), observability.step_attempt(service, command) as attempt:
         outcome = _execute(service, command)
         attempt.done(outcome)
+    if (service, command.operation) in _OPERATIONS:
+        faults.crash_if(FaultRule.CrashPoint.AFTER_REPLY, service, command.operation)
     return outcome
 
 
@@ -132,7 +135,9 @@ def _execute(service: str, command: Command) -> dict[str, Any]:
             "error": {"code": "unknown_operation", "message": f"{service} has no operation {command.operation!r}"},
         }
         with transaction.atomic(using=service):
-            outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+            outbox.enqueue(
+                using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
+            )
         attempts.mark_answered(mark)
         return outcome
     try:
@@ -141,7 +146,9 @@ def _execute(service: str, command: Command) -> dict[str, Any]:
         with transaction.atomic(using=service):
             faults.arm_after_commit(service, command.operation)
             outcome = barrier.call(using=service, command=command, fn=fn)
-            outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+            outbox.enqueue(
+                using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
+            )
             faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)
     except Exception as exc:  # unknown errors count as transient, bounded by the step's policy
         error = (
@@ -161,9 +168,10 @@ def _execute(service: str, command: Command) -> dict[str, Any]:
         )
         outcome = {"status": TRANSIENT_ERROR, "error": error}
         with transaction.atomic(using=service):
-            outbox.enqueue(using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+            outbox.enqueue(
+                using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
+            )
     attempts.mark_answered(mark)  # the reply is committed: a late lease now waits for it
-    faults.crash_if(FaultRule.CrashPoint.AFTER_REPLY, service, command.operation)
     return outcome
 
 
