@@ -6,7 +6,7 @@ The order is placed through the API; every message it causes is run the way a wo
 (`Task.apply`: the task signals fire, so the connection recycling around each task is counted
 too), in the order published. Each style has a budget per counter: a change that adds a round
 trip or a hop to the hot path fails here, with the counts printed. Lower a budget when a change
-earns it. `python -m pytest tests/test_engine_costs.py -s` prints the table.
+earns it. `python -m pytest tests/unit/engine/test_engine_costs.py -s` prints the table.
 """
 
 from __future__ import annotations
