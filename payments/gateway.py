@@ -69,6 +69,23 @@ def find_charge(idempotency_key: str) -> GatewayCharge | None:
     return GatewayCharge(reference=record["reference"], amount=Decimal(record["amount"])) if record else None
 
 
+def find_charges(idempotency_keys: list[str]) -> dict[str, GatewayCharge]:
+    """`find_charge` for many keys at once: key -> what the gateway took (keys it took nothing
+    under are left out)."""
+    found = cache.get_many([_charge_key(k) for k in idempotency_keys])
+    return {
+        k: GatewayCharge(reference=r["reference"], amount=Decimal(r["amount"]))
+        for k in idempotency_keys
+        if (r := found.get(_charge_key(k)))
+    }
+
+
+def find_refunds(references: list[str]) -> dict[str, str]:
+    """`find_refund` for many charges at once: charge reference -> refund reference."""
+    found = cache.get_many([_refund_key(r) for r in references])
+    return {r: str(found[_refund_key(r)]["reference"]) for r in references if _refund_key(r) in found}
+
+
 def find_refund(reference: str) -> str | None:
     """The reference of the refund of this charge, or None if it was not refunded."""
     record = cache.get(_refund_key(reference))

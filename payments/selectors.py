@@ -44,12 +44,16 @@ def gateway_mismatches(*, saga_ids) -> dict[str, str]:
     if not gateway.shares_records():
         return {}
     local = {str(c.saga_id): c for c in Charge.objects.using(DB).all()}
+    keys = {
+        saga_id: (local[saga_id].idempotency_key if saga_id in local else None) or f"{saga_id}:charge"
+        for saga_id in set(map(str, saga_ids)) | set(local)
+    }
+    taken_by_key = gateway.find_charges(list(keys.values()))
+    refunds = gateway.find_refunds([t.reference for t in taken_by_key.values()])
     found = {}
-    for saga_id in sorted(set(saga_ids) | set(local)):
-        charge = local.get(saga_id)
-        key = (charge.idempotency_key if charge else None) or f"{saga_id}:charge"
-        taken = gateway.find_charge(key)
-        refunded = gateway.find_refund(taken.reference) if taken else None
+    for saga_id, key in sorted(keys.items()):
+        charge, taken = local.get(saga_id), taken_by_key.get(key)
+        refunded = refunds.get(taken.reference) if taken else None
         state = charge.state if charge else None
         if taken is not None and state not in TAKEN_STATES:
             found[saga_id] = f"the gateway took {taken.amount} ({taken.reference}); the local charge is {state}"

@@ -344,9 +344,7 @@ def charge_refund(*, saga_id: uuid.UUID) -> Charge | None:
             # Only an undo with no outside step gets here: a choreographed reaction that gives up
             # undoes its step inside its own transaction. The gateway is not called in it: the
             # outbox sends its refund with this transaction's commit (never lost, run after it).
-            outbox.enqueue(
-                using=DB, task=REFUND_AT_GATEWAY_TASK, queue="payments", payload={"saga_id": str(saga_id)}
-            )
+            outbox.enqueue(using=DB, task=REFUND_AT_GATEWAY_TASK, queue="payments", payload={"saga_id": str(saga_id)})
         if (
             not Charge.objects.using(DB)
             .filter(id=charge.id, state=Charge.State.CAPTURED)

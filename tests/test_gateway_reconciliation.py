@@ -127,6 +127,7 @@ def expect_kept(saga: Saga, mode: str) -> dict:
 def expect_returned(saga: Saga, mode: str) -> dict:
     reference = gateway.reference_for(services.idempotency_key(saga.id))
     amount = Charge.objects.using("payments").get(saga_id=saga.id).amount
+    returned: dict[str, object]
     if mode == "tcc":  # the hold is released: nothing was taken, nothing to refund
         returned = {"local_state": "voided", "gateway_refund": None, "local_refund": None, "ledger": []}
     else:
