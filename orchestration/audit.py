@@ -86,6 +86,9 @@ def run_audit() -> list[Violation]:
                 saga_id,
                 f"charge {paid['state']} with entries {paid['entries']} net {paid['net']}",
             )
+    # Every charge the gateway took is recorded, and refunded in both places or in neither.
+    for saga_id, detail in payments.gateway_mismatches(saga_ids=sagas).items():
+        flag("gateway_mismatch", saga_id, detail)
     for saga_id, saga in sagas.items():
         charge = charges.get(saga_id)
         order = order_by_saga.get(saga_id)

@@ -1,8 +1,10 @@
 """The payment service's part in the choreographed order flow."""
 
 from sagaplatform.kernel import breakers, events
-from sagaplatform.kernel.choreography import reaction
+from sagaplatform.kernel.choreography import reaction, settles
 from sagaplatform.kernel.commands import ACTION, COMPENSATE
+
+from . import services
 
 reaction(
     service="payments",
@@ -25,3 +27,7 @@ reaction(
     max_attempts=10,
     inputs=("order_id", "amount", "currency", "payment_method"),
 )
+
+# A charge whose reaction failed after the gateway answered: before the give-up refunds it, the
+# charge is reconciled with the gateway and its action's outcome stored.
+settles("payments", "charge")(services.charge_settle)

@@ -18,7 +18,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from sagaplatform.kernel import barrier, breakers, faults, sealing
+from sagaplatform.kernel import barrier, breakers, faults, outbox, sealing
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.models import FaultRule
 
@@ -36,6 +36,7 @@ from .models import Charge, LedgerEntry, PaymentMethod
 DB = "payments"
 DECLINED_MESSAGE = "The card was declined"
 CANCELLED_MESSAGE = "The charge was given up before the gateway took anything"
+REFUND_AT_GATEWAY_TASK = "payments.refund_at_gateway"
 
 
 def payment_method_register(*, reference: str, sealed_token: str, order_id=None) -> PaymentMethod:
@@ -165,19 +166,62 @@ def charge_call(*, saga_id: uuid.UUID, attempt: int, operation: str = "charge") 
         )
     else:
         faults.crash_if(FaultRule.CrashPoint.AFTER_CALL, DB, operation)
-        state = Charge.State.CAPTURED if charge.capture else Charge.State.AUTHORIZED
         with transaction.atomic(using=DB):
-            # Conditional: a concurrent call for the same charge (a duplicate delivery, or a
-            # compensation finishing it) records it once.
-            if (
-                pending.update(
-                    state=state, gateway_reference=result.reference, payment_token="", updated_at=timezone.now()
-                )
-                and charge.capture
-            ):
-                LedgerEntry.objects.using(DB).create(charge=charge, kind=LedgerEntry.Kind.CHARGE, amount=charge.amount)
+            _record_taken(charge, result.reference)
     charge.refresh_from_db(using=DB)
     return charge
+
+
+def _record_taken(charge: Charge, reference: str) -> None:
+    """Record that the gateway took (or, without capture, held) the charge under `reference`.
+    Conditional: a concurrent call for the same charge (a duplicate delivery, or a compensation
+    finishing it) records it once. Inside the caller's transaction."""
+    state = Charge.State.CAPTURED if charge.capture else Charge.State.AUTHORIZED
+    pending = Charge.objects.using(DB).filter(id=charge.id, state=Charge.State.PENDING)
+    if pending.update(state=state, gateway_reference=reference, payment_token="", updated_at=timezone.now()) and (
+        charge.capture
+    ):
+        LedgerEntry.objects.using(DB).create(charge=charge, kind=LedgerEntry.Kind.CHARGE, amount=charge.amount)
+
+
+def charge_reconcile(*, saga_id: uuid.UUID) -> Charge | None:
+    """A charge still pending: ask the gateway what it took under the charge's idempotency key
+    (a read, no new charge) and record it if it took something. Otherwise, if no call could
+    have taken anything, cancel it. Inside the caller's transaction, or none."""
+    charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
+    if charge is None or charge.state != Charge.State.PENDING:
+        return charge
+    taken = gateway.find_charge(charge.idempotency_key or idempotency_key(saga_id))
+    if taken is not None:
+        with transaction.atomic(using=DB):
+            _record_taken(charge, taken.reference)
+    else:
+        charge_abandon(saga_id=saga_id)
+    charge.refresh_from_db(using=DB)
+    return charge
+
+
+def _action_outcome(charge: Charge) -> dict | None:
+    """The outcome of the charge's action, as its barrier row stores it; None while pending."""
+    if charge.state == Charge.State.PENDING:
+        return None
+    if charge.state == Charge.State.DECLINED:
+        return {"status": "business_failure", "error": CardDeclined(DECLINED_MESSAGE).as_dict()}
+    if charge.state == Charge.State.CANCELLED:
+        return {"status": "business_failure", "error": ChargeCancelled(CANCELLED_MESSAGE).as_dict()}
+    return {"status": "succeeded", "result": charge_result(charge)}
+
+
+def charge_settle(*, saga_id: uuid.UUID, step: str) -> None:
+    """Before undoing a charge whose action never stored its outcome (its reaction failed after
+    the gateway answered, and gave up): reconcile the charge with the gateway and store the
+    action's outcome in its barrier row. A charge the gateway took is then an action to undo
+    (refunded, and the audit sees action and compensation); one it never took is a failed
+    action, whose compensation is null. Inside the caller's transaction; reads the gateway only."""
+    charge = charge_reconcile(saga_id=saga_id)
+    outcome = _action_outcome(charge) if charge is not None else None
+    if outcome is not None:
+        barrier.settle(using=DB, saga_id=saga_id, step=step, outcome=outcome)
 
 
 def charge_abandon(*, saga_id: uuid.UUID) -> bool:
@@ -230,23 +274,33 @@ def charge_undo_call(*, saga_id: uuid.UUID, step: str, attempt: int, operation: 
     finished first, asking the gateway again with the same idempotency key. Either way its
     action's barrier row gets the outcome, since the action may never run again. Then a captured
     charge is refunded at the gateway; the refund's own operation records it in the ledger."""
-    charge_abandon(saga_id=saga_id)
+    charge_reconcile(saga_id=saga_id)  # the gateway took it: record it; else cancel it if none can have
     charge = charge_call(saga_id=saga_id, attempt=attempt, operation=operation)
     if charge is None or charge.state == Charge.State.PENDING:
         return charge
-    if charge.state == Charge.State.DECLINED:
-        outcome = {"status": "business_failure", "error": CardDeclined(DECLINED_MESSAGE).as_dict()}
-    elif charge.state == Charge.State.CANCELLED:
-        outcome = {"status": "business_failure", "error": ChargeCancelled(CANCELLED_MESSAGE).as_dict()}
-    else:
-        outcome = {"status": "succeeded", "result": charge_result(charge)}
-    barrier.settle(using=DB, saga_id=saga_id, step=step, outcome=outcome)
-    if charge.state == Charge.State.CAPTURED and charge.refund_reference is None:
-        reference = gateway.refund(reference=charge.gateway_reference, amount=charge.amount)
-        faults.crash_if(FaultRule.CrashPoint.AFTER_CALL, DB, operation)
-        Charge.objects.using(DB).filter(id=charge.id, refund_reference__isnull=True).update(refund_reference=reference)
+    outcome = _action_outcome(charge)
+    if outcome is not None:
+        barrier.settle(using=DB, saga_id=saga_id, step=step, outcome=outcome)
+    if charge.state in (Charge.State.CAPTURED, Charge.State.REFUNDED) and charge.refund_reference is None:
+        refund_at_gateway(charge=charge, operation=operation)
         charge.refresh_from_db(using=DB)
     return charge
+
+
+def refund_at_gateway(*, charge: Charge, operation: str = "refund") -> None:
+    """Refund a captured charge at the gateway and keep the refund's reference. Run with no
+    transaction open. Idempotent: the gateway refunds a charge once, by its reference."""
+    reference = gateway.refund(reference=charge.gateway_reference, amount=charge.amount)
+    faults.crash_if(FaultRule.CrashPoint.AFTER_CALL, DB, operation)
+    Charge.objects.using(DB).filter(id=charge.id, refund_reference__isnull=True).update(refund_reference=reference)
+
+
+def charge_refund_at_gateway(*, saga_id: uuid.UUID) -> None:
+    """The gateway refund of a charge refunded with no outside step before it (a choreographed
+    reaction that gave up): sent through the outbox with the local refund, run after its commit."""
+    charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
+    if charge is not None and charge.state == Charge.State.REFUNDED and charge.refund_reference is None:
+        refund_at_gateway(charge=charge)
 
 
 def charge_capture(*, saga_id: uuid.UUID) -> Charge:
@@ -288,9 +342,9 @@ def charge_refund(*, saga_id: uuid.UUID) -> Charge | None:
             raise GatewayUnavailable("The gateway has not answered for this charge yet")
         if charge.state == Charge.State.CAPTURED and charge.refund_reference is None:
             # Only an undo with no outside step gets here: a choreographed reaction that gives up
-            # undoes its step inside its own transaction. The gateway's refund is quick.
-            charge.refund_reference = gateway.refund(reference=charge.gateway_reference, amount=charge.amount)
-            Charge.objects.using(DB).filter(id=charge.id).update(refund_reference=charge.refund_reference)
+            # undoes its step inside its own transaction. The gateway is not called in it: the
+            # outbox sends its refund with this transaction's commit (never lost, run after it).
+            outbox.enqueue(using=DB, task=REFUND_AT_GATEWAY_TASK, queue="payments", payload={"saga_id": str(saga_id)})
         if (
             not Charge.objects.using(DB)
             .filter(id=charge.id, state=Charge.State.CAPTURED)

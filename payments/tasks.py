@@ -54,6 +54,12 @@ def _call_outside(message: dict) -> None:
             services.charge_abandon(saga_id=uuid.UUID(str(message["saga_id"])))
 
 
+@shared_task(name=services.REFUND_AT_GATEWAY_TASK, ignore_result=True)
+def refund_at_gateway(message: dict) -> None:
+    """The gateway refund of a charge already refunded in the ledger (see `charge_refund`)."""
+    services.charge_refund_at_gateway(saga_id=uuid.UUID(str(message["saga_id"])))
+
+
 @shared_task(name="payments.register_payment_method", ignore_result=True)
 def register_payment_method(message: dict) -> None:
     """The orders service's registration of a card: `{"reference", "order_id", "sealed_token"}`."""

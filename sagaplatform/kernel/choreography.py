@@ -28,7 +28,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -461,6 +461,11 @@ def _give_up(service: str, rule: Reaction, message: dict[str, Any], command: Com
         "step": rule.step,
     }
     if undo is not None:
+        settle = _SETTLERS.get((service, rule.operation))
+        if settle is not None:
+            # The action may have taken effect outside (a gateway) with its outcome never
+            # stored: the undo undoes what it finds, and the action's row says what that was.
+            settle(saga_id=command.saga_id, step=rule.step)
         undo_command = Command(
             saga_id=command.saga_id,
             step=rule.step,
@@ -481,6 +486,24 @@ def _give_up(service: str, rule: Reaction, message: dict[str, Any], command: Com
             outcome={**{k: v for k, v in result.items() if k != "replayed"}, "gave_up": gave_up}
         )
     _publish_give_up(service, rule, message, failure=failure, undone=undone, error=error)
+
+
+# (service, action operation) -> settle(*, saga_id, step): stores the outcome of an action that
+# took effect outside the platform but never stored it, before a reaction that gives up undoes it.
+_SETTLERS: dict[tuple[str, str], Callable[..., None]] = {}
+
+
+def settles(service: str, operation: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register `fn(*, saga_id, step)` to settle `service`'s `operation` before a give-up's undo:
+    in the give-up's transaction, it stores the action's outcome in its barrier row if the action
+    took effect (so its undo is a compensation of a recorded action), or its failure if it did
+    not (so the undo is a null compensation)."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        _SETTLERS[(service, operation)] = fn
+        return fn
+
+    return register
 
 
 def _undo_of(service: str, rule: Reaction) -> Reaction | None:

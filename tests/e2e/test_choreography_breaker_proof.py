@@ -81,11 +81,12 @@ def test_with_the_breaker_every_choreographed_order_completes():
 
 
 def test_without_the_breaker_the_outage_rejects_choreographed_orders():
-    # Not audited: without the breakers the simulation's fault plan itself breaks an invariant.
-    # The fault fails the charge's reaction after its gateway call succeeded, so a reaction that
-    # gives up refunds a charge whose action its barrier never recorded
-    # (`compensation_without_action`). This happened before the breakers were consulted too.
-    out = simulate(*ARGS, "--no-breaker", label="no-breaker", audit=False)
+    # Audited: the fault fails the charge's reaction after its gateway call succeeded, so a
+    # reaction that gives up undoes a charge whose action its barrier never recorded. The give-up
+    # first stores the action's outcome from the charge (reconciled with the gateway), then
+    # refunds it, at the gateway after its commit: the audit sees action and compensation, and
+    # the gateway's records agree with the ledger.
+    out = simulate(*ARGS, "--no-breaker", label="no-breaker")
 
     found = Counter(Saga.objects.values_list("definition", "state"))
     assert sum(found.values()) == 200, (found, out)
