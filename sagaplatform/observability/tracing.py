@@ -91,6 +91,13 @@ def configure(exporter: str | None = None) -> bool:
         else:
             provider.add_span_processor(BatchSpanProcessor(NullSpanExporter()))
         trace.set_tracer_provider(provider)
+        if not os.environ.get("OTEL_PROPAGATORS"):
+            # The W3C trace context only (the SDK's default adds baggage, which nothing here uses:
+            # an extract and an inject more per message, for every publish, run and outbox row).
+            from opentelemetry.propagate import set_global_textmap
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+            set_global_textmap(TraceContextTextMapPropagator())
         _tracer = trace.get_tracer("sagaplatform")
         DjangoInstrumentor().instrument(tracer_provider=provider)
         CeleryInstrumentor().instrument(tracer_provider=provider)
