@@ -12,7 +12,10 @@ together), and adds:
   with the row) and restored around its publication (`restored`), so a message published by the
   sweeper, or after a crash, still joins its order's trace;
 - a span per step attempt, compensation and confirm, on the service that runs it (`step_span`),
-  with the saga id, step, op, attempt and outcome as attributes; a retry is another span.
+  with the saga id, step, op, attempt and outcome as attributes; a retry is another span. It is
+  the Celery instrumentation's `run/<task>` span of the task that runs the attempt, renamed
+  `<service> <op> <step>` (its `celery.task_name` attribute keeps the task), or a span of its own
+  when the attempt runs outside a traced task.
 
 A malformed `traceparent` (in a request or a message) is ignored: a new trace starts.
 
@@ -164,8 +167,31 @@ def step_span(service: str, command, *, reaction: str = ""):
     }
     if reaction:
         attributes["saga.reaction"] = reaction
-    with _tracer.start_as_current_span(f"{service} {command.op} {command.step}", attributes=attributes) as span:
+    name = f"{service} {command.op} {command.step}"
+    from opentelemetry import trace
+
+    current = trace.get_current_span()
+    if _adoptable(current):
+        # The Celery instrumentation's span of the task that runs this attempt (one attempt per
+        # task): it becomes the attempt's span, rather than parenting one more span of the same
+        # length (a span costs the worker some 60 us to make and end).
+        current.update_name(name)
+        current.set_attributes(attributes)
+        yield current
+        return
+    with _tracer.start_as_current_span(name, attributes=attributes) as span:
         yield span
+
+
+def _adoptable(span) -> bool:
+    """A Celery task's run span, recording and not yet a step attempt's."""
+    name = getattr(span, "name", None)
+    return (
+        isinstance(name, str)
+        and name.startswith("run/")
+        and span.is_recording()
+        and "saga.step" not in (getattr(span, "attributes", None) or {})
+    )
 
 
 def outcome(span, status: str) -> None:
