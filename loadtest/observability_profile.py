@@ -53,13 +53,28 @@ def main() -> None:
         for mode in args.modes.split(","):
             _set_in_process(mode)
             command = celery(
-                "worker", "-Q", ",".join(settings.SAGA_QUEUES), "-P", "solo", "-n", "obsprofile@%h",
-                "--loglevel", "WARNING", "--include", "loadtest.bench",
+                "worker",
+                "-Q",
+                ",".join(settings.SAGA_QUEUES),
+                "-P",
+                "solo",
+                "-n",
+                "obsprofile@%h",
+                "--loglevel",
+                "WARNING",
+                "--include",
+                "loadtest.bench",
             )
             if args.profile:
                 # CPU time of the main thread (where the tasks run), not wall time.
-                command = [sys.executable, "-m", "loadtest.observability_profile", "--run-profiled",
-                           f"{args.profile}-{mode}.prof", *command[1:]]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "loadtest.observability_profile",
+                    "--run-profiled",
+                    f"{args.profile}-{mode}.prof",
+                    *command[1:],
+                ]
             env = {
                 **os.environ,
                 "LOG_LEVEL": "WARNING",
@@ -72,23 +87,37 @@ def main() -> None:
 
             worker.wait_until(lambda: bool(current_app.control.ping(timeout=0.5)), message="ping")
             try:
-                bench.drive(bench.Run(f"{mode} warm-up"), n=5, concurrency=1, place=bench._place_saga_order,
-                            finished_ids=bench._finished_sagas, out=sys.stdout)
+                bench.drive(
+                    bench.Run(f"{mode} warm-up"),
+                    n=5,
+                    concurrency=1,
+                    place=bench._place_saga_order,
+                    finished_ids=bench._finished_sagas,
+                    out=sys.stdout,
+                )
                 before = cpu.read(worker.pid)
                 started = time.monotonic()
-                bench.drive(bench.Run(mode), n=args.n, concurrency=args.c, place=bench._place_saga_order,
-                            finished_ids=bench._finished_sagas, out=sys.stdout)
+                bench.drive(
+                    bench.Run(mode),
+                    n=args.n,
+                    concurrency=args.c,
+                    place=bench._place_saga_order,
+                    finished_ids=bench._finished_sagas,
+                    out=sys.stdout,
+                )
                 after = cpu.read(worker.pid)
-                print("  threads:", _threads(worker.pid), flush=True)
-                assert before and after
+                sys.stdout.write(f"  threads: {_threads(worker.pid)}\n")
+                if before is None or after is None:
+                    raise RuntimeError("the worker exited during the round")
                 per_order = 1000 * (after[1] - before[1]) / args.n
                 results.setdefault(mode, []).append(per_order)
-                print(f"{mode}: worker CPU {per_order:.1f} ms/order ({time.monotonic() - started:.1f} s)", flush=True)
+                sys.stdout.write(f"{mode}: worker CPU {per_order:.1f} ms/order ({time.monotonic() - started:.1f} s)\n")
+                sys.stdout.flush()
             finally:
                 worker.stop(timeout=60)
     _set_in_process("off")
     for mode, values in results.items():
-        print(f"{mode}: worker CPU ms/order {[round(v, 1) for v in values]}")
+        sys.stdout.write(f"{mode}: worker CPU ms/order {[round(v, 1) for v in values]}\n")
 
 
 def run_profiled(path: str, argv: list[str]) -> None:

@@ -32,10 +32,12 @@ def command(step: str = "reserve_stock", attempt: int = 1):
 
 def test_a_step_attempt_in_a_celery_task_is_its_run_span(spans):
     cmd = command(attempt=2)
-    with spans.tracer.start_as_current_span("run/inventory.execute") as run:
-        with tracing.step_span("inventory", cmd) as span:
-            assert span is run
-            tracing.outcome(span, "transient_error")
+    with (
+        spans.tracer.start_as_current_span("run/inventory.execute") as run,
+        tracing.step_span("inventory", cmd) as span,
+    ):
+        assert span is run
+        tracing.outcome(span, "transient_error")
     (only,) = spans.finished()
     assert only.name == "inventory action reserve_stock"
     assert only.attributes["saga.id"] == str(cmd.saga_id)
@@ -45,9 +47,11 @@ def test_a_step_attempt_in_a_celery_task_is_its_run_span(spans):
 
 
 def test_a_step_attempt_outside_a_task_span_gets_its_own_span(spans):
-    with spans.tracer.start_as_current_span("POST /api/orders/"):
-        with tracing.step_span("payments", command("charge_payment")) as span:
-            tracing.outcome(span, "succeeded")
+    with (
+        spans.tracer.start_as_current_span("POST /api/orders/"),
+        tracing.step_span("payments", command("charge_payment")) as span,
+    ):
+        tracing.outcome(span, "succeeded")
     names = [s.name for s in spans.finished()]
     assert names == ["payments action charge_payment", "POST /api/orders/"]
     assert spans.finished()[0].parent.span_id == spans.finished()[1].context.span_id
