@@ -175,13 +175,28 @@ def _figures(run, event, step) -> list[tuple]:
     return out
 
 
+# Labelled children, looked up once: `metric.labels(...)` takes a lock and converts every label
+# to a string on each call. Bounded like the labels themselves; the same objects the metric
+# keeps (a forked pool child's values move to its own files on their first update).
+_CHILDREN: dict[tuple, object] = {}
+
+
+def child(metric, *labels):
+    """`metric.labels(*labels)`, cached."""
+    key = (metric, labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
+
+
 def _apply(figures: list[tuple]) -> None:
     for metric, labels, value, histogram in figures:
-        child = metric.labels(*labels)
+        found = child(metric, *labels)
         if histogram:
-            child.observe(value)
+            found.observe(value)
         else:
-            child.inc(value)
+            found.inc(value)
 
 
 def saga_event(run, event, step=None) -> None:
@@ -222,12 +237,12 @@ def queue_wait(queue: str, enqueued_at) -> None:
         waited = time.time() - float(enqueued_at)
     except (TypeError, ValueError):
         return
-    QUEUE_WAIT.labels(queue).observe(max(0.0, waited))
+    child(QUEUE_WAIT, queue).observe(max(0.0, waited))
 
 
 def handler_done(service: str, step: str, op: str, started: float) -> None:
     if ENABLED:
-        HANDLER_DURATION.labels(service, step, _OP_KIND.get(op, op)).observe(time.perf_counter() - started)
+        child(HANDLER_DURATION, service, step, _OP_KIND.get(op, op)).observe(time.perf_counter() - started)
 
 
 _OP_KIND = {"action": "action", "compensate": "compensation", "confirm": "confirm"}
@@ -235,19 +250,19 @@ _OP_KIND = {"action": "action", "compensate": "compensation", "confirm": "confir
 
 def barrier_hit(service: str, kind: str) -> None:
     if ENABLED:
-        BARRIER_HITS.labels(service, kind).inc()
+        child(BARRIER_HITS, service, kind).inc()
 
 
 def lock_conflict(service: str, *, retried: bool = True) -> None:
     if ENABLED:
-        LOCK_CONFLICTS.labels(service).inc()
+        child(LOCK_CONFLICTS, service).inc()
         if retried:
-            LOCK_RETRIES.labels(service).inc()
+            child(LOCK_RETRIES, service).inc()
 
 
 def lock_exhausted(service: str) -> None:
     if ENABLED:
-        LOCK_EXHAUSTED.labels(service).inc()
+        child(LOCK_EXHAUSTED, service).inc()
 
 
 def alert_delivery(channel: str, *, ok: bool, final: bool) -> None:

@@ -31,7 +31,7 @@ def _task_started(sender=None, task=None, **kwargs) -> None:
     if task is None or not metrics.ENABLED:
         return
     queue = _queue(task)
-    metrics.TASKS_IN_PROGRESS.labels(queue).inc()
+    metrics.child(metrics.TASKS_IN_PROGRESS, queue).inc()
     enqueued = getattr(task.request, ENQUEUED_HEADER, None)
     if enqueued is not None:
         metrics.queue_wait(queue, enqueued)
@@ -39,7 +39,7 @@ def _task_started(sender=None, task=None, **kwargs) -> None:
 
 def _task_finished(sender=None, task=None, **kwargs) -> None:
     if task is not None and metrics.ENABLED:
-        metrics.TASKS_IN_PROGRESS.labels(_queue(task)).dec()
+        metrics.child(metrics.TASKS_IN_PROGRESS, _queue(task)).dec()
 
 
 def _worker_starting(**kwargs) -> None:
