@@ -22,20 +22,20 @@ from pathlib import Path
 import pytest
 from django.db.models import F
 
-from loadtest.feed_bench import CHROMIUM
+from loadtest.feed_bench import CHROMIUM, CHROMIUM_ARGS
 from sagaplatform.kernel import breakers, registry
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.models import ServiceInstance
 from tests.browser.conftest import (  # noqa: F401  (fixtures: pytest finds them in this module)
     PRODUCTION,
     SCREENSHOTS,
-    browser,
     expect,
-    live_stack,
     login,
     page,
     screenshot,
     settle_after,
+    start_stack,
+    stop_stack,
 )
 from tests.conftest import make_operator
 from tests.processes import wait_for
@@ -51,6 +51,35 @@ pytestmark = [
 ]
 
 BREAKERS = "/admin/orchestration/breakers/"
+
+
+# The stack and the browser for this module only (tests/browser/conftest.py's are package-scoped:
+# imported here they would live on, under the `tests` package, beside tests/browser's own, and a
+# second Playwright in one thread fails). Once the module is moved into tests/browser/, drop these.
+@pytest.fixture(scope="module")
+def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
+    stack = start_stack(tmp_path_factory.mktemp("browser-registry-stack"))
+    yield stack
+    stop_stack(stack)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # Playwright's loop runs in this thread
+    playwright = sync_playwright().start()
+    chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+        playwright.stop()
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 @pytest.fixture
