@@ -255,6 +255,11 @@ def test_a_platform_node_with_its_breaker_open_says_so_inside_its_box(page, live
         column = sorted((b["body"] for i, b in by_id.items() if i != "orchestrator"), key=lambda b: b["y1"])
         for upper, lower in itertools.pairwise(column):
             assert upper["y2"] < lower["y1"], (upper, lower)
+        # At this width (two columns, the platform row below) the saga list does not follow the
+        # scroll down over the platform row.
+        page.locator("#flow-block").scroll_into_view_if_needed()
+        listed, flow = (page.locator(sel).bounding_box() for sel in (".list-panel", "#flow-block"))
+        assert listed["y"] + listed["height"] <= flow["y"], (listed, flow)
         assert page.js_errors == []
         screenshot(page, "platform-breaker-open")
         page.locator("#flow-block").screenshot(path=str(SCREENSHOTS / "platform-breaker-open-graph.png"))
