@@ -418,7 +418,7 @@ class ServiceInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin[Any]):
     list_display = [
         "service",
         "worker",
-        "queues",
+        "queue_names",
         "host",
         "pid",
         "code_version",
@@ -451,6 +451,10 @@ class ServiceInstanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin[Any]):
         rows: QuerySet[Any] = super().get_queryset(request).using("default")
         annotated: QuerySet[Any] = rows.annotate(is_alive=live)
         return annotated
+
+    @admin.display(description="queues")
+    def queue_names(self, obj: ServiceInstance) -> str:
+        return ", ".join(obj.queues or [])  # not the JSON list's repr (["payments"])
 
     @admin.display(boolean=True, description="alive", ordering="is_alive")
     def alive(self, obj: ServiceInstance) -> bool:

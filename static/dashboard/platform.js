@@ -8,7 +8,7 @@ const STYLE = [
     selector: "node",
     style: {
       shape: "round-rectangle",
-      width: 140,
+      width: 150,
       // Grows with the label's lines (name, rate, status, breaker): 12 px at 1.3 line height.
       height: "data(height)",
       "background-color": "#16223c",
@@ -24,7 +24,8 @@ const STYLE = [
       "line-height": 1.3,
     },
   },
-  { selector: "node.hub", style: { shape: "ellipse", width: 124, height: 76, "background-color": "#1b2d55" } },
+  // The hub's lines must fit inside the ellipse, whose sides close in above and below the middle.
+  { selector: "node.hub", style: { shape: "ellipse", width: 176, "background-color": "#1b2d55" } },
   { selector: "node.down", style: { "border-style": "dashed" } },
   { selector: "node.breaker-open", style: { "border-width": 4, "border-style": "double" } },
   { selector: "node.failing", style: { "background-color": "#2b1620" } },
@@ -88,25 +89,21 @@ export class PlatformGraph {
     for (const w of workers) if (w.alive) for (const q of w.queues || []) alive.add(q);
     const hub = names.includes("orchestrator") ? "orchestrator" : names[0];
     const known = workers.length > 0;
-    const edges = flow.edges || [];
-    const maxRate = Math.max(1, ...edges.map((e) => e.per_min || 0));
     cy.batch(() => {
       if (names.join() !== this.nodes.join()) {
         // The orchestrator on the left, the services in a column on the right: commands and
         // replies run across, a choreography's events arc between the services.
         cy.elements().remove();
         this.nodes = [...names];
-        const others = names.filter((n) => n !== hub);
-        const gap = 92; // room for a node of four lines (82 px)
         cy.add(
-          names.map((name) => {
-            const i = others.indexOf(name);
-            const position = name === hub ? { x: 0, y: 0 } : { x: 190, y: (i - (others.length - 1) / 2) * gap };
-            return { group: "nodes", data: { id: name, label: name, border: "#3a4a72", height: 54 }, classes: name === hub ? "hub" : "", position };
-          }),
+          names.map((name) => ({ group: "nodes", data: { id: name, label: name, border: "#3a4a72", height: 54 }, classes: name === hub ? "hub" : "" })),
         );
       }
+      // A service's reaction to its own event (a choreography's first step run by orders) is no
+      // message between two nodes: Cytoscape cannot draw a self-loop of this edge style.
+      const edges = (flow.edges || []).filter((e) => e.source !== e.target);
       const traffic = new Map(names.map((n) => [n, { rate: 0, failing: 0 }]));
+      const maxRate = Math.max(1, ...edges.map((e) => e.per_min || 0));
       for (const e of edges) {
         for (const end of [e.source, e.target]) {
           const t = traffic.get(end);
@@ -125,12 +122,23 @@ export class PlatformGraph {
           .filter(Boolean)
           .join(" · ");
         if (status) lines.push(status);
+        // A closed breaker is the normal case: only an open or half-open one takes a line.
         const breaker = breakers[name]?.state;
-        if (breaker) lines.push(`breaker ${breaker.replace("_", "-")}`);
-        node.data({ label: lines.join("\n"), height: Math.max(54, 18 + lines.length * 16), breaker: breaker || "", border: breaker && breaker !== "closed" ? "#f5a524" : t.failing ? "#f0524f" : !known ? "#3a4a72" : up ? "#2fc26b" : "#f0524f" });
+        if (breaker && breaker !== "closed") lines.push(`breaker ${breaker.replace("_", "-")}`);
+        // 12 px at 1.3 line height is 15.6 px a line; the hub's ellipse needs more room around.
+        const height = name === hub ? 40 + lines.length * 16 : Math.max(54, 18 + lines.length * 16);
+        node.data({ label: lines.join("\n"), height, breaker: breaker || "", border: breaker && breaker !== "closed" ? "#f5a524" : t.failing ? "#f0524f" : !known ? "#3a4a72" : up ? "#2fc26b" : "#f0524f" });
         node.toggleClass("breaker-open", breaker === "open" || breaker === "half_open");
         node.toggleClass("down", known && !up);
         node.toggleClass("failing", t.failing > 0);
+      }
+      // The services in a column, spaced for the tallest (their labels have 2 to 4 lines), so
+      // that no two boxes touch and the events' arcs between neighbours stay visible.
+      const others = names.filter((n) => n !== hub);
+      const gap = Math.max(...others.map((n) => cy.$id(n).data("height")), 54) + 26;
+      for (const name of names) {
+        const i = others.indexOf(name);
+        cy.$id(name).position(name === hub ? { x: 0, y: 0 } : { x: 210, y: (i - (others.length - 1) / 2) * gap });
       }
       const wanted = new Set();
       for (const e of edges) {
