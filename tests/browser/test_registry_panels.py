@@ -9,77 +9,26 @@ would. The breakers are forced through the admin page, in the web process that a
 dashboard, so these run in the embedded mode too (no Redis shared with this process needed).
 Moved into tests/browser/ (whose conftest provides these fixtures) at merge."""
 
-# ruff: noqa: F811  (the browser fixtures are imported, and named as parameters)
-
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from django.db.models import F
+from playwright.sync_api import expect
 
-from loadtest.feed_bench import CHROMIUM, CHROMIUM_ARGS
 from sagaplatform.kernel import breakers, registry
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.models import ServiceInstance
-from tests.browser.conftest import (  # noqa: F401  (fixtures: pytest finds them in this module)
-    PRODUCTION,
-    SCREENSHOTS,
-    expect,
-    login,
-    page,
-    screenshot,
-    settle_after,
-    start_stack,
-    stop_stack,
-)
+from tests.browser.conftest import PRODUCTION, SCREENSHOTS, login, screenshot
 from tests.conftest import make_operator
 from tests.processes import wait_for
 
-pytestmark = [
-    pytest.mark.django_db(transaction=True, databases="__all__"),
-    pytest.mark.slow,
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        expect is None or (not Path(CHROMIUM).exists() and os.environ.get("CI", "").lower() != "true"),
-        reason=f"needs playwright and Chromium at {CHROMIUM}",
-    ),
-]
+pytestmark = [pytest.mark.django_db(transaction=True, databases="__all__")]
 
 BREAKERS = "/admin/orchestration/breakers/"
-
-
-# The stack and the browser for this module only (tests/browser/conftest.py's are package-scoped:
-# imported here they would live on, under the `tests` package, beside tests/browser's own, and a
-# second Playwright in one thread fails). Once the module is moved into tests/browser/, drop these.
-@pytest.fixture(scope="module")
-def live_stack(django_db_setup, django_db_blocker, tmp_path_factory):
-    stack = start_stack(tmp_path_factory.mktemp("browser-registry-stack"))
-    yield stack
-    stop_stack(stack)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # Playwright's loop runs in this thread
-    playwright = sync_playwright().start()
-    chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-    try:
-        yield chromium
-    finally:
-        chromium.close()
-        playwright.stop()
-        if previous is None:
-            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-        else:
-            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 @pytest.fixture
