@@ -36,7 +36,10 @@ class Violation:
         return f"{self.rule}: {self.subject}: {self.detail}"
 
 
-def run_audit() -> list[Violation]:
+def run_audit(*, gateway: bool = False) -> list[Violation]:
+    """Every violation found. `gateway`: also compare the payment gateway's own records with the
+    charges (`gateway_mismatch`); only where this process reads the records the workers wrote (the
+    fake gateway keeps them in the cache: a Redis restarted or another Redis since loses them)."""
     found: list[Violation] = []
     sagas = {str(s.id): s for s in Saga.objects.all()}
     steps: dict[str, dict[str, SagaStep]] = defaultdict(dict)
@@ -87,7 +90,7 @@ def run_audit() -> list[Violation]:
                 f"charge {paid['state']} with entries {paid['entries']} net {paid['net']}",
             )
     # Every charge the gateway took is recorded, and refunded in both places or in neither.
-    for saga_id, detail in payments.gateway_mismatches(saga_ids=sagas).items():
+    for saga_id, detail in (payments.gateway_mismatches(saga_ids=sagas) if gateway else {}).items():
         flag("gateway_mismatch", saga_id, detail)
     for saga_id, saga in sagas.items():
         charge = charges.get(saga_id)

@@ -45,6 +45,11 @@ def install() -> None:
             if connections[options["database"]].vendor == "postgresql":
                 # Content types and permissions survive the flush above: nothing to re-create.
                 options["inhibit_post_migrate"] = True
+            # What post_migrate would have done for this process: forget the cached content types
+            # (a process the test started may have re-created them with new ids meanwhile).
+            from django.contrib.contenttypes.models import ContentType
+
+            ContentType.objects.clear_cache()
             return super().handle(**options)
 
     flush.Command = Command  # type: ignore[misc]

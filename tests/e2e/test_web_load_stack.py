@@ -206,7 +206,6 @@ def test_a_short_ramp_has_no_5xx_refuses_past_the_limit_and_every_accepted_order
     assert slow["accepted"] >= 6  # the limit is never reached before 6 are pending
     assert fast["refused"] > 0  # 30 orders/s is more than one worker decides: admission said no
     assert fast["connections"]["web"] <= len(settings.DATABASE_ALIASES) * settings.DATABASE_POOL_MAX_SIZE
-    assert fast["connections"].get("celery-worker", 0) <= 2 * len(
-        settings.DATABASE_ALIASES
-    )  # -c 2: one per alias a child
+    # -c 2: one per alias a child, and the main process's registry heartbeat (one, on default).
+    assert fast["connections"].get("celery-worker", 0) <= 2 * len(settings.DATABASE_ALIASES) + 1
     assert Order.objects.using("orders").count() == slow["accepted"] + fast["accepted"]  # refused: nothing written

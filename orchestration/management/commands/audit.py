@@ -6,8 +6,15 @@ from orchestration.audit import run_audit
 class Command(BaseCommand):
     help = "Check the cross-service invariants; exit 1 and name every violation found."
 
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--gateway",
+            action="store_true",
+            help="also compare the payment gateway's own records with the charges (needs the workers' cache)",
+        )
+
     def handle(self, *args, **options):
-        violations = run_audit()
+        violations = run_audit(gateway=options["gateway"])
         for violation in violations:
             self.stdout.write(self.style.ERROR(str(violation)))
         if violations:

@@ -166,7 +166,7 @@ def test_a_crash_after_the_gateway_answered_then_a_retry_succeeds(
     assert saga.state == "completed", saga.failure
     assert books(saga) == expect_kept(saga, mode)
     took_once(gateway_calls, saga)
-    assert run_audit() == []
+    assert run_audit(gateway=True) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -182,7 +182,7 @@ def test_a_crash_after_the_gateway_answered_every_time_ends_refunded_once(
     assert saga.failure["code"] == "retries_exhausted"
     assert books(saga) == expect_returned(saga, mode)
     took_once(gateway_calls, saga)
-    assert run_audit() == []
+    assert run_audit(gateway=True) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -196,7 +196,7 @@ def test_a_local_transaction_failing_after_the_gateway_then_a_retry_succeeds(
     assert saga.state == "completed", saga.failure
     assert books(saga) == expect_kept(saga, mode)
     took_once(gateway_calls, saga)
-    assert run_audit() == []
+    assert run_audit(gateway=True) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -215,7 +215,7 @@ def test_a_local_transaction_failing_after_the_gateway_every_time_ends_refunded_
     assert saga.failure["code"] == "retries_exhausted"
     assert books(saga) == expect_returned(saga, mode)
     took_once(gateway_calls, saga)
-    assert run_audit() == []
+    assert run_audit(gateway=True) == []
 
 
 def test_the_give_up_refunds_at_the_gateway_only_after_its_commit(alice_api, catalogue, broker, gateway_calls):
@@ -241,7 +241,7 @@ def test_the_give_up_refunds_at_the_gateway_only_after_its_commit(alice_api, cat
     assert charge.refund_reference == gateway.find_refund(charge.gateway_reference) is not None
     assert [kind for kind, _ in gateway_calls if kind == "refund"] == ["refund"]
     assert Decimal(sum(e.amount for e in charge.entries.all())) == Decimal("0.00")
-    assert run_audit() == []
+    assert run_audit(gateway=True) == []
 
 
 def test_a_compensation_with_nothing_at_the_gateway_stays_null(alice_api, catalogue, broker, gateway_calls):
@@ -256,4 +256,4 @@ def test_a_compensation_with_nothing_at_the_gateway_stays_null(alice_api, catalo
     assert gateway.find_charge(services.idempotency_key(saga.id)) is None
     assert not Charge.objects.using("payments").filter(saga_id=saga.id, state__in=["captured", "refunded"]).exists()
     assert [c for c in gateway_calls if c[0] == "refund"] == []
-    assert run_audit() == []
+    assert run_audit(gateway=True) == []
