@@ -272,6 +272,9 @@ def test_a_parked_saga_is_retried_from_the_screen(page, live_stack, catalogue, a
     # sent before the confirmation.
     status, _ = api(live_stack, "DELETE", f"/api/faults/inventory/{rule['id']}/", user="root", password="root-pass")
     assert status == 204
+    # Workers keep the fault rules they read for faults.CACHE_SECONDS: a retry sooner may still
+    # meet the deleted rule in the worker (it did, 24 ms after the click, once hops got cheaper).
+    time.sleep(faults.CACHE_SECONDS)
     page.locator("#act-retry").click()
     dialog = page.get_by_role("dialog")
     expect(dialog).to_be_visible()
@@ -318,6 +321,8 @@ def test_the_page_heals_a_dropped_socket_and_a_gap_in_the_events(page, live_stac
     page.keyboard.press("Enter")
     expect(page.locator("#saga-id")).to_have_text(first)
     wait_node(page, "mark_shipped", "succeeded")
+    # Counted once the saga is at rest: before, its last steps may still be adding events.
+    expect(page.locator("#saga-state")).to_have_text("completed", timeout=15_000)
     events_in_db = SagaEvent.objects.filter(saga_id=first).count()
     expect(page.locator("#timeline tbody tr")).to_have_count(events_in_db)
 
