@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from celery import Celery, Task
@@ -20,48 +21,72 @@ class SagaTask(Task):
     default_retry_delay = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the task; if it failed on a database connection that has died (a restarted
-        PostgreSQL server), reconnect and run it once more. Every task is idempotent (the
-        barrier, the engine's attempt numbers, the outbox), and the failed run's transaction
-        rolled back. This replaces the health check (`SELECT 1`) before each task's first
-        query: the common case costs nothing, a dead connection one failed statement."""
+        """Run the task; if it failed because the database server dropped its connections (a
+        restarted PostgreSQL server), replace every dead connection and run it again. Every task
+        is idempotent (the barrier, the engine's attempt numbers, the outbox), and the failed
+        run's transaction rolled back. This replaces the health check (`SELECT 1`) before each
+        task's first query: the common case costs nothing, a dead connection one failed
+        statement and a check of each connection the process holds."""
         from django.db import InterfaceError, OperationalError
 
-        try:
-            return super().__call__(*args, **kwargs)
-        except (OperationalError, InterfaceError):
-            dead = _dead_connections()
-            if not dead:
-                raise
-            logger.warning("task %s: database connection lost (%s); reconnecting and running it again", self.name, dead)
-            _close_dead_connections()
-            return super().__call__(*args, **kwargs)
+        for delay in (*RECONNECT_DELAYS, None):
+            try:
+                return super().__call__(*args, **kwargs)
+            except (OperationalError, InterfaceError) as exc:
+                # A restart kills every database's session at once, but the task meets them
+                # one at a time: check them all, not only the one that failed. The failed one
+                # may already be replaced (a failed rollback closes it, and leaving
+                # `transaction.atomic` opens a new one), so the error itself says what it was.
+                dead = _close_dead_connections()
+                if delay is None or not (dead or _lost_connection(exc)):
+                    raise
+                logger.warning(
+                    "task %s: database connection lost (%s); reconnecting and running it again",
+                    self.name,
+                    ", ".join(dead) or exc,
+                )
+                if delay:
+                    time.sleep(delay)  # the server may still be starting
+        raise AssertionError("not reached")
 
 
 logger = logging.getLogger(__name__)
 
+# The pauses before each further run of a task whose database connection was lost: the first
+# at once (the server is back, only this process's sessions died), then while it starts up.
+RECONNECT_DELAYS = (0.0, 0.5, 2.0)
+# SQLSTATEs that mean the session is gone: class 08 (connection exception), and the server's
+# shutdown (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now).
+_LOST_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 
-def _dead_connections() -> list[str]:
-    """The aliases whose connection failed and no longer answers."""
+
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether a database error means the connection was lost (not a timeout, a lock, a bad
+    statement): the server's shutdown codes, or a client-side error with no SQLSTATE (the
+    socket closed, "the connection is closed")."""
+    import psycopg
+
+    cause = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else None
+    if cause is None:
+        return False
+    if cause.sqlstate is None:
+        return isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError)
+    return cause.sqlstate.startswith(_LOST_SQLSTATES)
+
+
+def _close_dead_connections() -> list[str]:
+    """Close this thread's connections that no longer answer (outside a transaction); return
+    their aliases."""
     from django.db import connections
 
     dead = []
     for connection in connections.all(initialized_only=True):
-        if not connection.errors_occurred and not connection.closed_in_transaction:
+        if connection.connection is None or connection.in_atomic_block:
             continue
-        if connection.connection is None or not connection.is_usable():
+        if not connection.is_usable():
+            connection.close()
             dead.append(connection.alias)
     return dead
-
-
-def _close_dead_connections() -> None:
-    from django.db import connections
-
-    for alias in _dead_connections():
-        connection = connections[alias]
-        if connection.in_atomic_block:  # not in a task: its atomic blocks have all exited
-            continue
-        connection.close()
 
 
 app = Celery("sagaplatform", task_cls=SagaTask)

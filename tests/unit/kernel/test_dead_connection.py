@@ -4,6 +4,7 @@ and runs once more (`SagaTask.__call__`, sagaplatform/celery.py)."""
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from django.db import connections
 
@@ -17,8 +18,11 @@ def kill(alias: str) -> int:
     connection = connections[alias]
     connection.ensure_connection()
     pid = connection.connection.info.backend_pid
-    with connections["default"].cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    with psycopg.connect(**params, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
     return pid
 
 
@@ -71,3 +75,36 @@ def test_a_task_failing_for_another_reason_is_not_run_again(monkeypatch):
     assert result.failed()
     assert isinstance(result.result, OperationalError)
     assert runs == ["inventory"]
+
+
+def test_a_task_whose_failed_query_was_in_a_transaction_runs_again():
+    """The registration of a card reads and writes in `transaction.atomic`: its failed rollback
+    closes the dead connection, and the task must still run again (a lost registration fails
+    the order's charge as `payment_method_unknown`, as a chaos test found)."""
+    from payments.models import PaymentMethod
+    from sagaplatform.kernel import sealing
+
+    celery_app.loader.import_default_modules()
+    pid = kill("payments")
+
+    message = {"reference": "pm_restart", "order_id": None, "sealed_token": sealing.seal("tok_visa")}
+    result = celery_app.tasks["payments.register_payment_method"].apply(args=[message])
+
+    assert result.successful(), result.result
+    assert PaymentMethod.objects.using("payments").get(reference="pm_restart").token == "tok_visa"
+    assert connections["payments"].connection.info.backend_pid != pid
+
+
+def test_a_task_meeting_several_dead_connections_reconnects_them_all():
+    """A server restart kills every database's session at once: a task that reads several
+    databases meets them one after the other, and runs again once every dead one is replaced."""
+    celery_app.loader.import_default_modules()
+    from django.conf import settings
+
+    killed = {alias: kill(alias) for alias in settings.DATABASE_ALIASES}
+
+    result = celery_app.tasks["orchestration.alert_dead_letters"].apply()
+
+    assert result.successful(), result.result
+    for alias, pid in killed.items():
+        assert connections[alias].connection.info.backend_pid != pid, alias
