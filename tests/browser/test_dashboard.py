@@ -307,6 +307,21 @@ def test_a_parked_saga_is_retried_from_the_screen(page, live_stack, catalogue, a
     screenshot(page, "dashboard-08-retried")
 
 
+def timeline_has_all_events(page, saga_id: str, count: int) -> None:
+    """The timeline shows `count` rows; if not, say what the page holds (it heals a gap by itself
+    within FEED_RECONCILE_SECONDS, so a failure here is a gap it did not see)."""
+    try:
+        expect(page.locator("#timeline tbody tr")).to_have_count(count, timeout=8_000)
+    except AssertionError as exc:
+        held = page.evaluate(
+            """() => { const w = window.dashboard.state.watched;
+                       return {lastSeq: w && w.lastSeq, loaded: w && w.loaded, version: w && w.header && w.header.version,
+                               seqs: w ? w.events.map((e) => e.seq) : null, stats: window.dashboard.state.stats}; }"""
+        )
+        db = list(SagaEvent.objects.filter(saga_id=saga_id).order_by("seq").values_list("seq", "kind"))
+        raise AssertionError(f"the page holds {held}; the database {db}") from exc
+
+
 def test_the_page_heals_a_dropped_socket_and_a_gap_in_the_events(page, live_stack, catalogue, alice, ops):
     open_dashboard(page)
     first = place_order(live_stack)["saga"]["id"]
@@ -324,7 +339,7 @@ def test_the_page_heals_a_dropped_socket_and_a_gap_in_the_events(page, live_stac
     # Counted once the saga is at rest: before, its last steps may still be adding events.
     expect(page.locator("#saga-state")).to_have_text("completed", timeout=15_000)
     events_in_db = SagaEvent.objects.filter(saga_id=first).count()
-    expect(page.locator("#timeline tbody tr")).to_have_count(events_in_db)
+    timeline_has_all_events(page, first, events_in_db)
 
     # The socket drops (a deploy, a proxy timeout): the page reconnects by itself, reloads the
     # list from a snapshot and watches the selected saga again.
