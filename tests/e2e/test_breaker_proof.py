@@ -1,5 +1,5 @@
-"""The circuit breakers' proof, with real workers: 200 orders while payments fails every charge
-for 30 s and then recovers. With the breakers, every order completes, none is rejected for
+"""The circuit breakers' proof, with real workers: 120 orders while payments fails every charge
+for 20 s and then recovers. With the breakers, every order completes, none is rejected for
 exhausted retries, the payments breaker opened and closed, and payments' answers after the
 recovery are spread out (the histogram is printed). Without them, orders are rejected. The
 outputs are kept in test-artifacts/simulate-outage-*.out."""
@@ -24,8 +24,8 @@ pytestmark = [
     pytest.mark.timeout(600),
 ]
 
-ARGS: tuple[str, ...] = ("-n", "200", "-c", "40", "--failure-rate", "0", "--decline-rate", "0")
-ARGS += ("--payments-outage", "30", "--spawn-workers", "2", "--step-timeout", "10", "--timeout", "240")
+ARGS: tuple[str, ...] = ("-n", "120", "-c", "40", "--failure-rate", "0", "--decline-rate", "0")
+ARGS += ("--payments-outage", "20", "--spawn-workers", "2", "--step-timeout", "10", "--timeout", "240")
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +55,8 @@ def simulate(*args: str, label: str) -> str:
 def test_with_the_breaker_every_order_completes_and_the_recovery_is_spread():
     out = simulate(*ARGS, label="breaker")
 
-    assert Saga.objects.count() == 200
-    assert Saga.objects.filter(state="completed").count() == 200, out
+    assert Saga.objects.count() == 120
+    assert Saga.objects.filter(state="completed").count() == 120, out
     assert "0 charge(s) rejected for exhausted retries" in out
     opened = int(re.search(r"payments breaker opened (\d+) time", out).group(1))
     assert opened >= 1

@@ -1,6 +1,6 @@
-"""The circuit breakers in a choreography, with real workers: 200 choreographed orders while
-payments fails every charge for 30 s and then recovers (`manage.py simulate --mode choreography
---payments-outage 30`). With the breakers every order completes: the reactions that met the open
+"""The circuit breakers in a choreography, with real workers: 120 choreographed orders while
+payments fails every charge for 20 s and then recovers (`manage.py simulate --mode choreography
+--payments-outage 20`). With the breakers every order completes: the reactions that met the open
 breaker waited instead of using up their attempts. The same run without them (`--no-breaker`)
 rejects orders for exhausted retries; it is left to the command, not the suite (suite time; and
 one run in three left sagas parked on a loaded machine, not yet explained: docs/OPERATIONS.md).
@@ -30,7 +30,7 @@ pytestmark = [
 
 ARGS: tuple[str, ...] = (
     "-n",
-    "200",
+    "120",
     "-c",
     "40",
     "--failure-rate",
@@ -40,7 +40,7 @@ ARGS: tuple[str, ...] = (
     "--mode",
     "choreography",
 )
-ARGS += ("--payments-outage", "30", "--spawn-workers", "2", "--step-timeout", "10", "--timeout", "300")
+ARGS += ("--payments-outage", "20", "--spawn-workers", "2", "--step-timeout", "10", "--timeout", "300")
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +73,7 @@ def test_with_the_breaker_every_choreographed_order_completes():
     out = simulate(*ARGS, label="breaker")
 
     found = Counter(Saga.objects.values_list("definition", "state"))
-    assert found == {("place_order_choreography", "completed"): 200}, (found, out)
+    assert found == {("place_order_choreography", "completed"): 120}, (found, out)
     waits = SagaEvent.objects.filter(kind="step_deferred", step="charge_payment")
     assert waits.exists(), out
     assert {e.data["breaker"] for e in waits} <= {"payments", "payment_gateway"}
