@@ -1,6 +1,7 @@
 """The cheaper observability paths (docs/OPERATIONS.md, "Cost") keep their meaning: a step
 attempt's span is the Celery task's run span when there is one (one span fewer per attempt), its
-own span otherwise; cached labelled metric children are the metric's own."""
+own span otherwise; a message carries its sender's trace context without a publish span of its
+own; cached labelled metric children are the metric's own."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def spans(monkeypatch):
     tracer = provider.get_tracer("test")
     monkeypatch.setattr(tracing, "ENABLED", True)
     monkeypatch.setattr(tracing, "_tracer", tracer)
-    return SimpleNamespace(tracer=tracer, finished=exporter.get_finished_spans)
+    return SimpleNamespace(tracer=tracer, finished=exporter.get_finished_spans, provider=provider, clear=exporter.clear)
 
 
 def command(step: str = "reserve_stock", attempt: int = 1):
@@ -76,3 +77,39 @@ def test_cached_metric_children_are_the_metrics_own(monkeypatch):
     before = child._value.get()
     metrics.barrier_hit("cost-test", "duplicate")
     assert metrics.BARRIER_HITS.labels("cost-test", "duplicate")._value.get() == before + 1
+
+
+def test_a_message_carries_its_senders_context_without_a_publish_span(spans):
+    """The Celery instrumentation alone makes an `apply_async/<task>` span per publication and
+    puts its context in the headers; with the publish spans cut, the headers carry the sender's
+    own span (the run span's parent), and no span is made for the publication."""
+    from celery import signals
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    def publish() -> tuple[dict, int]:
+        with spans.tracer.start_as_current_span("writer") as writer:
+            headers = {"id": str(uuid.uuid4()), "task": "inventory.execute"}
+            message = {
+                "sender": "inventory.execute",
+                "headers": headers,
+                "body": ((), {}, {}),
+                "routing_key": "inventory",
+            }
+            signals.before_task_publish.send(**message)
+            signals.after_task_publish.send(**message)
+        return headers, writer.get_span_context().span_id
+
+    instrumentor = CeleryInstrumentor()
+    instrumentor.instrument(tracer_provider=spans.provider)
+    try:
+        headers, _ = publish()
+        assert [s.name for s in spans.finished()] == ["apply_async/inventory.execute", "writer"]
+        spans.clear()
+
+        tracing._without_publish_spans(instrumentor)
+        headers, writer_id = publish()
+        assert [s.name for s in spans.finished()] == ["writer"]
+        assert headers["traceparent"].split("-")[2] == format(writer_id, "016x")
+    finally:
+        instrumentor.uninstrument()
+        signals.before_task_publish.disconnect(tracing._inject_context)
