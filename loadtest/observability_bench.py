@@ -25,6 +25,9 @@ IDLE_SECONDS = 3
 MODES = {
     "off": {"SAGA_METRICS": "off", "OTEL_TRACES_EXPORTER": "none"},
     "on": {"SAGA_METRICS": "on", "OTEL_TRACES_EXPORTER": "null"},
+    # One of the two alone (`observability_profile --modes off,metrics,traces`): what each costs.
+    "metrics": {"SAGA_METRICS": "on", "OTEL_TRACES_EXPORTER": "none"},
+    "traces": {"SAGA_METRICS": "off", "OTEL_TRACES_EXPORTER": "null"},
 }
 
 
@@ -68,8 +71,8 @@ def _set_in_process(mode: str) -> None:
     """This process places the orders (and so writes their first outbox rows): same switches."""
     from sagaplatform.observability import metrics, tracing
 
-    metrics.ENABLED = mode == "on"
-    if mode == "on":
+    metrics.ENABLED = mode in ("on", "metrics")
+    if mode in ("on", "traces"):
         tracing.configure(exporter="null")
     else:
         tracing.ENABLED = False  # the instrumentations stay, with nothing current to follow

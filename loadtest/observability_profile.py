@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=50)
     parser.add_argument("-c", type=int, default=4, help="orders in flight")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--modes", default="off,on")
+    parser.add_argument("--modes", default="off,on", help="off, on, metrics (alone), traces (alone)")
     parser.add_argument("--profile", default="", help="write <prefix>-<mode>.prof (cProfile of the worker)")
     args = parser.parse_args()
 

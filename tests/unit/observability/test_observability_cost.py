@@ -89,7 +89,7 @@ def test_a_message_carries_its_senders_context_without_a_publish_span(spans):
     def publish() -> tuple[dict, int]:
         with spans.tracer.start_as_current_span("writer") as writer:
             headers = {"id": str(uuid.uuid4()), "task": "inventory.execute"}
-            message = {
+            message: dict[str, object] = {
                 "sender": "inventory.execute",
                 "headers": headers,
                 "body": ((), {}, {}),
