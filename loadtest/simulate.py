@@ -49,7 +49,7 @@ class Plan:
     kill_workers: int = 0
     step_timeout: float = 10.0
     handling_seconds: float = 0.0
-    mode: str = "orchestrated"  # or parallel, tcc, choreography; "mixed" picks one per order
+    mode: str = "orchestrated"  # or parallel, tcc, choreography; "mixed": the four in turn
     timeout: float = 600.0  # the longest one order may take to come to rest
     seed: int = 1
     # A payments outage: every charge fails (transient) for this many seconds from the start,
@@ -143,7 +143,8 @@ def run_simulation(plan: Plan, out) -> int:
         f"declines {plan.decline_rate:.0%}, latency {plan.latency_ms} ms, kills {plan.kill_workers}\n"
     )
     tokens = ["tok_declined" if rng.random() < plan.decline_rate else "tok_visa" for _ in range(plan.orders)]
-    modes = [rng.choice(MODES) if plan.mode == "mixed" else plan.mode for _ in range(plan.orders)]
+    # Mixed: the styles in turn, so each gets its share of orders, declines and kills.
+    modes = [MODES[n % len(MODES)] if plan.mode == "mixed" else plan.mode for n in range(plan.orders)]
     # In an outage run every order can complete: no scarce SKU (its refusals would blur the figures).
     skus = sorted(k for k in SKUS if not (plan.payments_outage and k == "SIM-SCARCE"))
     baskets = [
