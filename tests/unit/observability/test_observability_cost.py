@@ -1,7 +1,8 @@
 """The cheaper observability paths (docs/OPERATIONS.md, "Cost") keep their meaning: a step
 attempt's span is the Celery task's run span when there is one (one span fewer per attempt), its
 own span otherwise; a message carries its sender's trace context without a publish span of its
-own; cached labelled metric children are the metric's own."""
+own, and its run span is that sender's child; cached labelled metric children are the metric's
+own."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -79,12 +81,19 @@ def test_cached_metric_children_are_the_metrics_own(monkeypatch):
     assert metrics.BARRIER_HITS.labels("cost-test", "duplicate")._value.get() == before + 1
 
 
-def test_a_message_carries_its_senders_context_without_a_publish_span(spans):
-    """The Celery instrumentation alone makes an `apply_async/<task>` span per publication and
-    puts its context in the headers; with the publish spans cut, the headers carry the sender's
-    own span (the run span's parent), and no span is made for the publication."""
-    from celery import signals
-    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+def test_a_message_carries_its_senders_context_and_its_run_span_is_that_spans_child(spans):
+    """`RunSpans`: no span for a publication, whose headers carry the sender's own span; the
+    task's run is a consumer span named after it, the child of that sender, with the message id
+    and final state, current while the task runs (so a step attempt can adopt it); a failure is
+    recorded on it. Set up as a worker runs a task: the message's headers are its request's
+    attributes, and the worker sends the signals."""
+    from celery import Celery, signals
+
+    app = Celery("run-spans-test", set_as_current=False)
+
+    @app.task(name="inventory.execute")
+    def execute():
+        pass
 
     def publish() -> tuple[dict, int]:
         with spans.tracer.start_as_current_span("writer") as writer:
@@ -99,17 +108,51 @@ def test_a_message_carries_its_senders_context_without_a_publish_span(spans):
             signals.after_task_publish.send(**message)
         return headers, writer.get_span_context().span_id
 
-    instrumentor = CeleryInstrumentor()
-    instrumentor.instrument(tracer_provider=spans.provider)
-    try:
-        headers, _ = publish()
-        assert [s.name for s in spans.finished()] == ["apply_async/inventory.execute", "writer"]
-        spans.clear()
+    def run(headers: dict, *, fails: Exception | None = None) -> None:
+        execute.push_request(id=headers["id"], **{k: v for k, v in headers.items() if k != "id"})
+        try:
+            signals.task_prerun.send(sender=execute, task_id=headers["id"], task=execute, args=(), kwargs={})
+            assert tracing._adoptable(trace.get_current_span()), "the run span is current while the task runs"
+            if fails is not None:
+                signals.task_failure.send(sender=execute, task_id=headers["id"], exception=fails)
+            state = "FAILURE" if fails else "SUCCESS"
+            signals.task_postrun.send(sender=execute, task_id=headers["id"], task=execute, state=state)
+        finally:
+            execute.pop_request()
 
-        tracing._without_publish_spans(instrumentor)
+    run_spans = tracing.RunSpans(spans.tracer)
+    run_spans.connect()
+    try:
         headers, writer_id = publish()
         assert [s.name for s in spans.finished()] == ["writer"]
         assert headers["traceparent"].split("-")[2] == format(writer_id, "016x")
+
+        run(headers)
+        writer, ran = spans.finished()
+        assert ran.name == "run/inventory.execute"
+        assert ran.kind.name == "CONSUMER"
+        assert ran.parent.span_id == writer_id and ran.context.trace_id == writer.context.trace_id
+        assert dict(ran.attributes) == {
+            "celery.action": "run",
+            "celery.task_name": "inventory.execute",
+            "messaging.message.id": headers["id"],
+            "celery.state": "SUCCESS",
+        }
+        assert ran.status.status_code.name == "UNSET"
+        assert trace.get_current_span().get_span_context().is_valid is False
+        assert run_spans.open == {}
+
+        spans.clear()
+        headers, _ = publish()
+        run(headers, fails=RuntimeError("boom"))
+        failed = spans.finished()[-1]
+        assert failed.status.status_code.name == "ERROR"
+        assert failed.status.description == "RuntimeError: boom"
+        assert [e.name for e in failed.events] == ["exception"]
+
+        spans.clear()
+        run({"id": str(uuid.uuid4())})  # a message with no context starts a trace
+        (alone,) = spans.finished()
+        assert alone.parent is None
     finally:
-        instrumentor.uninstrument()
-        signals.before_task_publish.disconnect(tracing._inject_context)
+        run_spans.disconnect()
