@@ -1,6 +1,7 @@
 """The cost of observability: the saga benchmark with metrics and tracing on (the `null`
-exporter: every span made, then dropped) and off, in alternating rounds of one run
-(`make bench BENCH_ARGS="--observability"`). Prints the slowdown of throughput and latency, and
+exporter: every span made, then dropped) and off, in rounds of one run that alternate which mode
+runs first (`make bench BENCH_ARGS="--observability"`). Prints the slowdown of throughput and
+latency, overall and each round's own, and
 the CPU time per order of each mode (`loadtest/cpu.py`): the worker and its pool children, the
 PostgreSQL backends of the benchmark's databases, Redis and this process. Throughput moves with
 whatever else the host runs; CPU time per order much less.
@@ -22,6 +23,7 @@ from typing import Any
 from loadtest import bench, cpu
 
 IDLE_SECONDS = 3
+ORDER = (("off", "on"), ("on", "off"))
 MODES = {
     "off": {"SAGA_METRICS": "off", "OTEL_TRACES_EXPORTER": "none"},
     "on": {"SAGA_METRICS": "on", "OTEL_TRACES_EXPORTER": "null"},
@@ -87,14 +89,17 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
     log_path = bench.ROOT / "var" / "bench-worker.log"
     log_path.parent.mkdir(exist_ok=True)
     out.write(
-        f"{n} orders per round, {rounds} rounds of off/on, {concurrency} clients, worker -c {worker_concurrency}\n"
+        f"{n} orders per round, {rounds} rounds of off/on (on/off in even rounds), {concurrency} clients, "
+        f"worker -c {worker_concurrency}\n"
     )
     figures: dict[str, list[dict]] = {"off": [], "on": []}
     cpu_ms: dict[str, list[dict]] = {"off": [], "on": []}
     databases = [settings.DATABASES[alias]["NAME"] for alias in settings.DATABASE_ALIASES]
     redis_pid = cpu.redis_server_pid(settings.REDIS_URL)
     for round_ in range(rounds):
-        for mode in ("off", "on"):
+        # Off first in odd rounds, on first in even ones (off-on, on-off, ...): the host's speed
+        # drifts by several per cent over a run, and a fixed order charged that drift to one mode.
+        for mode in ORDER[round_ % 2]:
             _set_in_process(mode)
             worker = bench.start_worker(worker_concurrency, log_path, extra_env=MODES[mode])
             try:
@@ -160,6 +165,15 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
             key: round(statistics.median(f[key] for f in cpu_ms[mode]), 1)
             for key in (*cpu.COMPONENTS, "total", "bench_overhead")
         }
+    # Each round's own comparison (its two halves ran back to back): the median of those, beside
+    # the comparison of the medians.
+    summary["per_round"] = [
+        {
+            "throughput_slowdown_pct": round(100 * (1 - on["throughput_per_s"] / off["throughput_per_s"]), 1),
+            "cpu_increase_pct": round(100 * (on_cpu["total"] / off_cpu["total"] - 1), 1),
+        }
+        for off, on, off_cpu, on_cpu in zip(figures["off"], figures["on"], cpu_ms["off"], cpu_ms["on"], strict=True)
+    ]
     slowdown = 1 - summary["on"]["throughput_per_s"] / summary["off"]["throughput_per_s"]
     p50 = summary["on"]["p50_ms"] / summary["off"]["p50_ms"] - 1
     summary["throughput_slowdown_pct"] = round(100 * slowdown, 1)
@@ -187,6 +201,18 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
     out.write(
         f"CPU per order with metrics + tracing: {summary['cpu_increase_pct']:+}% "
         f"({summary['cpu_increase_pct_without_redis']:+}% without Redis, shared on this host)\n"
+    )
+    paired = {
+        key: round(statistics.median(r[key] for r in summary["per_round"]), 1)
+        for key in ("throughput_slowdown_pct", "cpu_increase_pct")
+    }
+    summary["per_round_median"] = paired
+    out.write(
+        "each round on against off: throughput "
+        + ", ".join(f"{r['throughput_slowdown_pct']}%" for r in summary["per_round"])
+        + "; CPU "
+        + ", ".join(f"{r['cpu_increase_pct']:+}%" for r in summary["per_round"])
+        + f"; medians {paired['throughput_slowdown_pct']}% and {paired['cpu_increase_pct']:+}%\n"
     )
     out.write(json.dumps(summary) + "\n")
     return summary

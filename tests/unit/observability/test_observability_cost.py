@@ -131,7 +131,8 @@ def test_a_message_carries_its_senders_context_and_its_run_span_is_that_spans_ch
         writer, ran = spans.finished()
         assert ran.name == "run/inventory.execute"
         assert ran.kind.name == "CONSUMER"
-        assert ran.parent.span_id == writer_id and ran.context.trace_id == writer.context.trace_id
+        assert ran.parent.span_id == writer_id
+        assert ran.context.trace_id == writer.context.trace_id
         assert dict(ran.attributes) == {
             "celery.action": "run",
             "celery.task_name": "inventory.execute",
