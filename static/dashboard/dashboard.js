@@ -232,10 +232,14 @@ function applySaga(msg, dirty, applied) {
   if ((header.version ?? 0) >= (w.header.version ?? 0)) w.header = header;
   for (const step of msg.steps || []) w.steps.set(step.name, step);
   const fresh = events.filter((e) => e.seq > w.lastSeq);
-  if (fresh.length && fresh[0].seq !== w.lastSeq + 1) {
-    // Something between lastSeq and this message was lost: take a fresh copy.
+  // Every event after lastSeq must follow without a hole, inside this message too: a saga's
+  // events come from several worker processes, each publisher batching what it committed, so one
+  // message may carry 16 and 18 while 17 is still on its way from another process (it would
+  // then arrive behind lastSeq and be dropped). A hole, or something lost: take a fresh copy.
+  const hole = fresh.findIndex((e, i) => e.seq !== (i ? fresh[i - 1].seq : w.lastSeq) + 1);
+  if (hole >= 0) {
     state.stats.gaps += 1;
-    requestWatch(`gap: had ${w.lastSeq}, got ${fresh[0].seq}`);
+    requestWatch(`gap: had ${hole ? fresh[hole - 1].seq : w.lastSeq}, got ${fresh[hole].seq}`);
   }
   for (const e of fresh) {
     w.events.push(e);
