@@ -1,11 +1,8 @@
 from celery import shared_task
 
-from sagaplatform.kernel import choreography, commands
+from sagaplatform.kernel import batching, choreography
 
-
-@shared_task(name="inventory.execute", ignore_result=True)
-def execute(message: dict) -> None:
-    commands.execute(service="inventory", message=message)
+execute = batching.command_task("inventory")
 
 
 @shared_task(name="inventory.react", ignore_result=True)

@@ -1,13 +1,10 @@
 from celery import shared_task
 
-from sagaplatform.kernel import choreography, commands
+from sagaplatform.kernel import batching, choreography
 
 from . import services
 
-
-@shared_task(name="notifications.execute", ignore_result=True)
-def execute(message: dict) -> None:
-    commands.execute(service="notifications", message=message)
+execute = batching.command_task("notifications")
 
 
 @shared_task(name="notifications.deliver", ignore_result=True)

@@ -1,5 +1,7 @@
 from celery import shared_task
 
+from sagaplatform.kernel import outbox
+
 from . import deadletters, engine, sweeper
 from .definitions import for_mode
 
@@ -13,6 +15,18 @@ def start_saga(message: dict) -> None:
 @shared_task(name="orchestration.handle_reply", ignore_result=True)
 def handle_reply(message: dict) -> None:
     engine.reply_handle(reply=message)
+
+
+def handle_replies(messages: list) -> list[bool]:
+    """The replies of a batch of commands, applied where they committed (`outbox.BATCH_RUNNERS`):
+    for each, whether it ran (a failed one is sent on as a message, to fail or not on its own)."""
+    results = engine.reply_handle_many(
+        replies=[message.payload for message in messages], contexts=[message.trace_context for message in messages]
+    )
+    return [result is not None for result in results]
+
+
+outbox.BATCH_RUNNERS[handle_reply.name] = handle_replies
 
 
 @shared_task(name="orchestration.track_event", ignore_result=True)

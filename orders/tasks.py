@@ -1,13 +1,10 @@
 from celery import shared_task
 
-from sagaplatform.kernel import choreography, commands
+from sagaplatform.kernel import batching, choreography
 
 from . import services
 
-
-@shared_task(name="orders.execute", ignore_result=True)
-def execute(message: dict) -> None:
-    commands.execute(service="orders", message=message)
+execute = batching.command_task("orders")
 
 
 @shared_task(name="orders.reannounce_pending", ignore_result=True)

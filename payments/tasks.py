@@ -3,16 +3,14 @@ import uuid
 
 from celery import shared_task
 
-from sagaplatform.kernel import choreography, commands, faults
+from sagaplatform.kernel import batching, choreography, commands, faults
 
 from . import services
 
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="payments.execute", ignore_result=True)
-def execute(message: dict) -> None:
-    commands.execute(service="payments", message=message)
+execute = batching.command_task("payments")
 
 
 @shared_task(name="payments.react", ignore_result=True)

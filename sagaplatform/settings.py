@@ -343,7 +343,6 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # then turns it into a timed-out attempt.
 CELERY_TASK_RETRY_ON_WORKER_LOST = True
 CELERY_TASK_ACKS_ON_FAILURE_OR_TIMEOUT = True
-CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Recycle a pool child after this many tasks (0: never). Metrics stay right across recycling:
 # docs/OPERATIONS.md, "Metrics".
 CELERY_WORKER_MAX_TASKS_PER_CHILD = env_int("CELERY_WORKER_MAX_TASKS_PER_CHILD", 0) or None
@@ -384,6 +383,14 @@ SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", defaul
 # A worker that commits a service's reply and also consumes the `orchestrator` queue applies the
 # reply itself, right after the commit, instead of a Celery hop (kernel/outbox.py, `runs_here`).
 SAGA_INLINE_DELIVERY = env_bool("SAGA_INLINE_DELIVERY", default=True)
+# Batches (kernel/batching.py): a worker takes up to SAGA_BATCH_SIZE of a service's commands at
+# once, waiting at most SAGA_BATCH_WAIT_MS for more, runs them in one transaction and applies
+# their replies in one more. 1 turns batching off (a command per task, as before).
+SAGA_BATCH_SIZE = max(1, env_int("SAGA_BATCH_SIZE", 32))
+SAGA_BATCH_WAIT_MS = env_float("SAGA_BATCH_WAIT_MS", 2.0)
+# A batch holds its messages unacknowledged until it is done: a worker may hold a batch's worth
+# across its pool (a quarter batch per process of the usual `-c 4`); 1 without batches.
+CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("CELERY_WORKER_PREFETCH_MULTIPLIER", max(1, SAGA_BATCH_SIZE // 4))
 SAGA_ANTI_ENTROPY_INTERVAL = env_float("SAGA_ANTI_ENTROPY_INTERVAL", 10.0)
 # Each database's relay runs this often: it publishes delayed outbox rows (retries, handling
 # windows) once due on the database clock, so a retry goes out at most this late.

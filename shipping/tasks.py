@@ -1,11 +1,8 @@
 from celery import shared_task
 
-from sagaplatform.kernel import choreography, commands
+from sagaplatform.kernel import batching, choreography
 
-
-@shared_task(name="shipping.execute", ignore_result=True)
-def execute(message: dict) -> None:
-    commands.execute(service="shipping", message=message)
+execute = batching.command_task("shipping")
 
 
 @shared_task(name="shipping.react", ignore_result=True)

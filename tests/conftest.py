@@ -21,7 +21,7 @@ from inventory.models import StockItem
 from inventory.services import stock_set
 from orders.models import Product
 from sagaplatform.celery import app as celery_app
-from sagaplatform.kernel import faults, outbox
+from sagaplatform.kernel import batching, faults, outbox
 from sagaplatform.settings import FAST_PASSWORD_HASHERS
 from tests import fast_flush
 
@@ -139,7 +139,11 @@ class InTestBroker:
 
     def run(self, message: dict) -> None:
         self.delivered.append(message)
-        celery_app.tasks[message["task"]].run(message["payload"])
+        task = celery_app.tasks[message["task"]]
+        if isinstance(task, batching.CommandBatch):
+            task.deliver([message["payload"]])
+        else:
+            task.run(message["payload"])
 
     def deliver(self, *, limit: int = 1000, skip: tuple[str, ...] = ()) -> int:
         """Deliver messages (and those they cause) until none is left. Returns how many ran.

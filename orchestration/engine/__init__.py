@@ -20,7 +20,7 @@ from ..exceptions import OperationNotAllowed
 from . import style
 from .actions import saga_cancel, saga_retry, saga_skip
 from .lifecycle import saga_advance, saga_deadline_expire, saga_park_broken, saga_start, step_lease_expire
-from .replies import reply_handle
+from .replies import reply_handle, reply_handle_many
 from .run import CANCELLED, DB, DONE, IN_FLIGHT, State, attempt_in_flight
 from .styles import choreography, orchestrated, tcc  # noqa: F401  (each registers its style)
 from .styles.choreography import track
@@ -36,6 +36,7 @@ __all__ = [
     "for_saga",
     "get_definition",
     "reply_handle",
+    "reply_handle_many",
     "saga_advance",
     "saga_cancel",
     "saga_deadline_expire",

@@ -7,6 +7,7 @@ a transient error, unless the attempt is still queued or running (`lease_extend`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,14 +26,30 @@ from sagaplatform.kernel.commands import (
 
 from ..models import Saga, SagaStep
 from . import deferral
-from .run import IN_FLIGHT, JSON, QueueIdle, Run, State, attempt_in_flight, lease, locked, send
+from .run import IN_FLIGHT, JSON, QueueIdle, Run, State, attempt_in_flight, lease, locked, locked_many, send
 
 logger = logging.getLogger(__name__)
 
 
 def reply_handle(*, reply: JSON) -> bool:
     """Apply one service reply to its saga. Stale or duplicate replies change nothing."""
+    return locked(reply["saga_id"], _applier(reply))
 
+
+def reply_handle_many(*, replies: list[JSON], contexts: list[JSON | None] | None = None) -> list[bool | None]:
+    """Apply a batch of replies in one transaction (`run.locked_many`), each in the trace
+    context it came with: for each, whether it changed its saga, or None if it failed (alone;
+    the caller sends it on as a message)."""
+    contexts = contexts or [None] * len(replies)
+    return locked_many(
+        [
+            (str(reply.get("saga_id")), _applier(reply), context)
+            for reply, context in zip(replies, contexts, strict=True)
+        ]
+    )
+
+
+def _applier(reply: JSON) -> Callable[[Run], bool]:
     def apply(run: Run) -> bool:
         step = run.steps.get(reply["step"])
         if step is None:
@@ -44,7 +61,7 @@ def reply_handle(*, reply: JSON) -> bool:
             return False
         return True
 
-    return locked(reply["saga_id"], apply)
+    return apply
 
 
 def expire_lease(

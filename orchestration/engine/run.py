@@ -22,6 +22,7 @@ from django.db.models.functions import Now
 from sagaplatform.kernel import faults, outbox, registry
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
 from sagaplatform.observability import hooks as observability
+from sagaplatform.observability import tracing
 
 from .. import definitions, rules
 from ..definitions import SagaDefinition, StepSpec
@@ -62,6 +63,9 @@ class Run:
     alerts: list[Alert] = field(default_factory=list)
     # The metrics of this transaction's events, counted when it commits (observability hooks).
     metrics_pending: list[Any] | None = None
+    # In a batch (`locked_many`): the commands this run sends, written with the whole batch's
+    # in one INSERT. None: each is written as it is sent.
+    outbox: list[Any] | None = None
 
     def record(
         self, kind: str, *, step: SagaStep | None = None, from_state: str = "", data: JSON | None = None
@@ -92,17 +96,10 @@ class Run:
         )
 
     def flush(self) -> None:
-        steps = [self.steps[name] for name in self.dirty]
-        if connections[DB].vendor == "postgresql":
-            write_run(self.saga, steps, self.events)
-        else:
-            self.saga.save(using=DB)
-            for step in steps:
-                step.save(using=DB)
-            SagaEvent.objects.using(DB).bulk_create(self.events)
-        Alert.objects.using(DB).bulk_create(self.alerts)
-        for hook in ON_FLUSH:
-            hook(self)
+        flush_many([self])
+
+    def changed_steps(self) -> list[SagaStep]:
+        return [self.steps[name] for name in self.dirty]
 
     def action_steps(self) -> list[tuple[StepSpec, SagaStep]]:
         return [(spec, self.steps[spec.name]) for spec in self.definition.steps]
@@ -131,41 +128,56 @@ def _row(fields: list[Any], obj: Any, connection: Any, *, add: bool) -> tuple[st
     return sql, [f.get_db_prep_save(f.pre_save(obj, add), connection) for f in fields]
 
 
-def write_run(saga: Saga, steps: list[SagaStep], events: list[SagaEvent]) -> None:
-    """Write a run in one statement (PostgreSQL): the saga's UPDATE, its changed steps' UPDATE
-    (`FROM (VALUES ...)`) and its events' INSERT, as data-modifying CTEs of one query: one
-    round trip where a save per row took one each. Hand-written rather than `bulk_update`,
-    whose CASE per column costs more CPU than it saves. Only the model's own quoted names are
-    interpolated; every value is a parameter."""
+def flush_many(runs: list[Run]) -> None:
+    """Write runs: their sagas, changed steps and new events (on PostgreSQL in one statement for
+    all, `write_runs`), and their alerts; then hand each to the ON_FLUSH hooks."""
+    if not runs:
+        return
+    if connections[DB].vendor == "postgresql":
+        write_runs([(run.saga, run.changed_steps(), run.events) for run in runs])
+    else:
+        for run in runs:
+            run.saga.save(using=DB)
+            for step in run.changed_steps():
+                step.save(using=DB)
+        SagaEvent.objects.using(DB).bulk_create([event for run in runs for event in run.events])
+    Alert.objects.using(DB).bulk_create([alert for run in runs for alert in run.alerts])
+    for run in runs:
+        for hook in ON_FLUSH:
+            hook(run)
+
+
+def write_runs(runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]]) -> None:
+    """Write runs in one statement (PostgreSQL): the sagas' UPDATE and their changed steps'
+    UPDATE (each `FROM (VALUES ...)`) and their events' INSERT, as data-modifying CTEs of one
+    query: one round trip for a whole batch, where a save per row took one each. Hand-written
+    rather than `bulk_update`, whose CASE per column costs more CPU than it saves. Only the
+    model's own quoted names are interpolated; every value is a parameter."""
     connection = connections[DB]
     quote = connection.ops.quote_name
     parts: list[tuple[str, list[Any]]] = []
 
-    fields = _columns(Saga, _SAGA_FIXED, connection)
-    values, params = _row(fields, saga, connection, add=False)
-    names = [quote(str(f.column)) for f in fields]
-    parts.append(
-        (
-            f"UPDATE {quote(Saga._meta.db_table)} AS t SET {', '.join(f'{n} = v.{n}' for n in names)} "  # noqa: S608
-            f"FROM (VALUES {values}) AS v({', '.join(names)}) WHERE t.id = %s::uuid",
-            [*params, str(saga.pk)],
-        )
-    )
-    if steps:
-        fields = _columns(SagaStep, _STEP_FIXED, connection)
+    def update(model: Any, fixed: set[str], objects: list[Any], id_type: str) -> None:
+        fields = _columns(model, fixed, connection)
         names = [quote(str(f.column)) for f in fields]
         rows, params = [], []
-        for step in steps:
-            values, row_params = _row(fields, step, connection, add=False)
-            rows.append(values.replace("(", "(%s::bigint, ", 1))
-            params.extend([step.pk, *row_params])
+        for obj in objects:
+            values, row_params = _row(fields, obj, connection, add=False)
+            rows.append(values.replace("(", f"(%s::{id_type}, ", 1))
+            params.extend([str(obj.pk) if id_type == "uuid" else obj.pk, *row_params])
         parts.append(
             (
-                f"UPDATE {quote(SagaStep._meta.db_table)} AS t SET {', '.join(f'{n} = v.{n}' for n in names)} "  # noqa: S608
+                f"UPDATE {quote(model._meta.db_table)} AS t SET {', '.join(f'{n} = v.{n}' for n in names)} "  # noqa: S608
                 f"FROM (VALUES {', '.join(rows)}) AS v(id, {', '.join(names)}) WHERE t.id = v.id",
                 params,
             )
         )
+
+    update(Saga, _SAGA_FIXED, [saga for saga, _, _ in runs], "uuid")
+    steps = [step for _, changed, _ in runs for step in changed]
+    if steps:
+        update(SagaStep, _STEP_FIXED, steps, "bigint")
+    events = [event for _, _, run_events in runs for event in run_events]
     if events:
         fields = _columns(SagaEvent, _EVENT_FIXED, connection)
         rows, params = [], []
@@ -239,6 +251,80 @@ def locked(saga_id: SagaId, apply: Callable[[Run], bool], *, actor: str = "engin
         return True
 
 
+# One item of a batch: the saga, what to apply to it, and the trace context it came with.
+Item = tuple[SagaId, Callable[[Run], bool], JSON | None]
+
+
+def locked_many(items: list[Item], *, actor: str = "engine") -> list[bool | None]:
+    """Apply many sagas' news in one transaction (a batch of replies): every saga is locked (in
+    id order, one query for all, their steps in one more) and decided on its own, exactly as
+    `locked` would, then written; the batch commits once. Several items for one saga are applied
+    in turn to the same run, each followed by the style's `advance`, as one message after the
+    other would be. If anything raises, the whole transaction rolls back and each item is applied
+    again in a transaction of its own, so one bad item fails alone. Returns, for each item,
+    whether it changed anything, or None if it raised (alone)."""
+    if len(items) <= 1:
+        return [_locked_alone(item, actor) for item in items]
+    try:
+        with transaction.atomic(using=DB):
+            return _apply_many(items, actor)
+    except Exception:
+        logger.warning("a batch of %d replies failed; applying each alone", len(items), exc_info=True)
+        return [_locked_alone(item, actor) for item in items]
+
+
+def _locked_alone(item: Item, actor: str) -> bool | None:
+    saga_id, apply, context = item
+    try:
+        with tracing.restored(context):
+            return locked(saga_id, apply, actor=actor)
+    except Exception:
+        logger.warning("saga %s: applying its news failed", saga_id, exc_info=True, extra={"saga_id": str(saga_id)})
+        return None
+
+
+def _apply_many(items: list[Item], actor: str) -> list[bool | None]:
+    keys = [str(uuid.UUID(str(saga_id))) for saga_id, _, _ in items]  # a malformed id raises: each alone then
+    ids = sorted(set(keys))
+    sagas = {
+        str(saga.pk): saga
+        for saga in Saga.objects.using(DB).select_for_update().filter(id__in=ids).order_by("id").annotate(db_now=Now())
+    }
+    steps: dict[str, dict[str, SagaStep]] = {saga_id: {} for saga_id in sagas}
+    for step in SagaStep.objects.using(DB).filter(saga_id__in=list(sagas)):
+        saga = sagas[str(step.saga_id)]
+        step.saga = saga
+        steps[str(saga.pk)][step.name] = step
+    runs: dict[str, Run] = {}
+    changed: set[str] = set()
+    results: list[bool | None] = []
+    for key, (_, apply, context) in zip(keys, items, strict=True):
+        locked_saga = sagas.get(key)
+        if locked_saga is None:
+            results.append(False)
+            continue
+        run = runs.get(key)
+        if run is None:
+            run = runs[key] = Run(
+                saga=locked_saga,
+                definition=definitions.for_saga(locked_saga),
+                steps=steps[key],
+                now=locked_saga.db_now,
+                actor=actor,
+            )
+            run.outbox = []
+        with tracing.restored(context):  # the commands it sends join the trace it came with
+            applied = bool(apply(run))
+            if applied:
+                style.of(run.definition).advance(run)
+                changed.add(key)
+        results.append(applied)
+    written = [runs[key] for key in ids if key in changed]
+    flush_many(written)
+    outbox.enqueue_many(using=DB, messages=[message for run in written for message in run.outbox or ()])
+    return results
+
+
 def park(run: Run, message: str) -> None:
     before = run.saga.state
     run.saga.park()
@@ -284,11 +370,11 @@ def send(run: Run, step: SagaStep, spec: StepSpec, op: str, *, attempt: int, del
         attempt=attempt,
         payload=payload,
     )
-    outbox.enqueue(
-        using=DB,
-        task=f"{spec.service}.execute",
-        queue=registry.resolve(spec.service).queue,  # a queue a live instance consumes (cached ~1 s)
-        payload=command.to_message(),
-        delay=delay,
-        now=run.now,
-    )
+    task = f"{spec.service}.execute"
+    queue = registry.resolve(spec.service).queue  # a queue a live instance consumes (cached ~1 s)
+    if run.outbox is None:
+        outbox.enqueue(using=DB, task=task, queue=queue, payload=command.to_message(), delay=delay, now=run.now)
+    else:
+        run.outbox.append(
+            outbox.message(task=task, queue=queue, payload=command.to_message(), delay=delay, now=run.now)
+        )

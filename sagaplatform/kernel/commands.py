@@ -16,10 +16,11 @@ from typing import Any
 from django.db import transaction
 
 from sagaplatform.observability import hooks as observability
+from sagaplatform.observability import tracing
 
 from . import attempts, barrier, faults, outbox
 from .errors import TransientError
-from .models import FaultRule
+from .models import FaultRule, OutboxMessage
 
 logger = logging.getLogger(__name__)
 
@@ -123,55 +124,155 @@ def execute(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
+def execute_many(
+    *, service: str, commands: list[Command], contexts: list[dict[str, Any] | None] | None = None
+) -> list[dict[str, Any]]:
+    """Run a batch of commands on `service`'s database in one transaction and queue their
+    replies with one INSERT; the replies are then applied where they committed, as one batch
+    (`outbox.inline_after`). Returns the outcomes, in order.
+
+    Each command is decided on its own, as `execute` decides it: the barrier, and the operation
+    in its savepoint (a business failure rolls back its effects alone). If anything else raises
+    (a transient error, a bug), the batch rolls back and each of its commands runs again in a
+    transaction of its own, so only that one answers with a transient error. An operation that
+    calls outside the platform runs alone (`execute`): no batch waits on the other side's
+    answer."""
+    contexts = contexts or [None] * len(commands)
+    alone = [i for i, command in enumerate(commands) if (service, command.operation) in _OUTSIDE]
+    batch = [i for i in range(len(commands)) if i not in set(alone)]
+    outcomes: dict[int, dict[str, Any]] = {}
+    marks = [attempts.key(c.saga_id, c.step, c.op, c.attempt) for c in (commands[i] for i in batch)]
+    with outbox.inline_after():
+        attempts.mark_many_started(marks)
+        ready: list[int] = []
+        for i in batch:
+            command = commands[i]
+            try:
+                if (service, command.operation) in _OPERATIONS:
+                    with tracing.restored(contexts[i]):
+                        faults.before(service, command.operation, command.attempt)
+            except Exception as exc:  # an injected failure: a transient error, as in `execute`
+                outcomes[i] = _transient(service, command, exc, contexts[i])
+                continue
+            ready.append(i)
+        if len(ready) > 1:
+            try:
+                outcomes.update(_execute_together(service, [(i, commands[i], contexts[i]) for i in ready]))
+                ready = []
+            except Exception:
+                logger.warning(
+                    "a batch of %d %s commands failed; running each alone", len(ready), service, exc_info=True
+                )
+        for i in ready:
+            with tracing.restored(contexts[i]), observability.step_attempt(service, commands[i]) as attempt:
+                outcomes[i] = _execute_transaction(service, commands[i])
+                attempt.done(outcomes[i])
+        attempts.mark_many_answered(marks)  # the replies are committed: a late lease now waits for them
+    for i in alone:
+        with tracing.restored(contexts[i]):
+            outcomes[i] = execute(service=service, message=commands[i].to_message())
+    for i in batch:
+        if (service, commands[i].operation) in _OPERATIONS:
+            faults.crash_if(FaultRule.CrashPoint.AFTER_REPLY, service, commands[i].operation)
+    return [outcomes[i] for i in range(len(commands))]
+
+
+def _execute_together(
+    service: str, items: list[tuple[int, Command, dict[str, Any] | None]]
+) -> dict[int, dict[str, Any]]:
+    outcomes: dict[int, dict[str, Any]] = {}
+    replies: list[OutboxMessage] = []
+    with transaction.atomic(using=service):
+        for i, command, context in items:
+            with tracing.restored(context), observability.step_attempt(service, command) as attempt:
+                fn = _OPERATIONS.get((service, command.operation))
+                if fn is None:
+                    outcome = _unknown_operation(service, command)
+                else:
+                    faults.arm_after_commit(service, command.operation)
+                    outcome = barrier.call(using=service, command=command, fn=fn)
+                attempt.done(outcome)
+                replies.append(
+                    outbox.message(task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+                )
+            outcomes[i] = outcome
+        outbox.enqueue_many(using=service, messages=replies, inline=True)
+        for _, command, _ in items:
+            faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)
+    return outcomes
+
+
+def _unknown_operation(service: str, command: Command) -> dict[str, Any]:
+    return {
+        "status": BUSINESS_FAILURE,
+        "error": {"code": "unknown_operation", "message": f"{service} has no operation {command.operation!r}"},
+    }
+
+
+def _transient(service: str, command: Command, exc: Exception, context: dict[str, Any] | None) -> dict[str, Any]:
+    """Answer `command` with a transient error (`exc`), in a transaction of its own."""
+    outcome = {"status": TRANSIENT_ERROR, "error": _error_of(service, command, exc)}
+    with tracing.restored(context), transaction.atomic(using=service):
+        outbox.enqueue(
+            using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
+        )
+    return outcome
+
+
+def _error_of(service: str, command: Command, exc: Exception) -> dict[str, Any]:
+    error: dict[str, Any] = (
+        exc.as_dict()
+        if isinstance(exc, TransientError)
+        else {
+            "code": "unexpected_error",
+            "message": f"{type(exc).__name__}: {exc}",
+        }
+    )
+    logger.warning(
+        "%s.%s failed transiently: %s",
+        service,
+        command.operation,
+        error["message"],
+        extra={"saga_id": str(command.saga_id), "step": command.step, "attempt": command.attempt},
+    )
+    return error
+
+
 def _execute(service: str, command: Command) -> dict[str, Any]:
     # The step's lease runs from here, not from when the command was sent: the sweeper reads
     # this mark before it counts a lease as expired (a command still queued is not late).
     mark = attempts.key(command.saga_id, command.step, command.op, command.attempt)
     attempts.mark_started(mark)
-    fn = _OPERATIONS.get((service, command.operation))
-    if fn is None:
-        outcome = {
-            "status": BUSINESS_FAILURE,
-            "error": {"code": "unknown_operation", "message": f"{service} has no operation {command.operation!r}"},
-        }
-        with transaction.atomic(using=service):
-            outbox.enqueue(
-                using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
-            )
-        attempts.mark_answered(mark)
-        return outcome
     try:
-        faults.before(service, command.operation, command.attempt)
-        call_outside(service=service, command=command)
-        with transaction.atomic(using=service):
-            faults.arm_after_commit(service, command.operation)
-            outcome = barrier.call(using=service, command=command, fn=fn)
-            outbox.enqueue(
-                using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
-            )
-            faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)
+        if (service, command.operation) in _OPERATIONS:
+            faults.before(service, command.operation, command.attempt)
+            call_outside(service=service, command=command)
     except Exception as exc:  # unknown errors count as transient, bounded by the step's policy
-        error = (
-            exc.as_dict()
-            if isinstance(exc, TransientError)
-            else {
-                "code": "unexpected_error",
-                "message": f"{type(exc).__name__}: {exc}",
-            }
-        )
-        logger.warning(
-            "%s.%s failed transiently: %s",
-            service,
-            command.operation,
-            error["message"],
-            extra={"saga_id": str(command.saga_id), "step": command.step, "attempt": command.attempt},
-        )
-        outcome = {"status": TRANSIENT_ERROR, "error": error}
+        outcome = _transient(service, command, exc, None)
+    else:
+        outcome = _execute_transaction(service, command)
+    attempts.mark_answered(mark)  # the reply is committed: a late lease now waits for it
+    return outcome
+
+
+def _execute_transaction(service: str, command: Command) -> dict[str, Any]:
+    """The command's transaction: the barrier and the operation, and the reply; on any error,
+    a transient error's reply in a transaction of its own."""
+    fn = _OPERATIONS.get((service, command.operation))
+    try:
         with transaction.atomic(using=service):
+            if fn is None:
+                outcome = _unknown_operation(service, command)
+            else:
+                faults.arm_after_commit(service, command.operation)
+                outcome = barrier.call(using=service, command=command, fn=fn)
             outbox.enqueue(
                 using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
             )
-    attempts.mark_answered(mark)  # the reply is committed: a late lease now waits for it
+            if fn is not None:
+                faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)
+    except Exception as exc:  # unknown errors count as transient, bounded by the step's policy
+        outcome = _transient(service, command, exc, None)
     return outcome
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -81,6 +81,45 @@ def enqueue(
     return message
 
 
+def enqueue_many(*, using: str, messages: list[OutboxMessage], inline: bool = False) -> list[OutboxMessage]:
+    """Write many messages (built with `message()`) in one INSERT, in the caller's transaction;
+    the undelayed ones are published together once it commits, the delayed ones by the relay
+    once due. With `inline`, as `enqueue`'s."""
+    if not connections[using].in_atomic_block:
+        raise RuntimeError(f"outbox.enqueue_many must run inside transaction.atomic(using={using!r})")
+    if not messages:
+        return []
+    created = OutboxMessage.objects.using(using).bulk_create(messages)
+    now = [m for m in created if not m.delayed]
+    if now:
+        transaction.on_commit(lambda: publish(using=using, messages=now, inline=inline), using=using, robust=True)
+    return created
+
+
+def message(
+    *, task: str, queue: str, payload: dict[str, Any], delay: float = 0.0, now: datetime | None = None
+) -> OutboxMessage:
+    """A message for `enqueue_many`, carrying the trace context current now. A delayed one needs
+    `now`, the caller's database-clock reading (as `enqueue`'s)."""
+    if delay > 0 and now is None:
+        raise ValueError("a delayed outbox message needs the database clock's now")
+    due = {"available_at": now + timedelta(seconds=delay)} if now is not None else {}
+    return OutboxMessage(
+        task=task,
+        queue=queue,
+        payload=payload,
+        delayed=delay > 0,
+        trace_context=observability.trace_context(),
+        **due,
+    )
+
+
+# Runners of a batch of inline messages of one task (task name -> fn(messages) -> for each,
+# whether it ran); the engine registers the replies' runner. A task without one runs its
+# inline messages one at a time.
+BATCH_RUNNERS: dict[str, Callable[[list[OutboxMessage]], list[bool]]] = {}
+
+
 def runs_here(message: OutboxMessage) -> bool:
     """Whether this process may run `message` itself: it is a worker running a task off the
     broker (not the web process, not a test's direct call), and it consumes the message's
@@ -143,26 +182,53 @@ def inline_after() -> Iterator[None]:
             publish(using=using, messages=[message])
         raise
     _deferred.held = previous
+    _publish_inline(held)
+
+
+def _publish_inline(held: list[tuple[str, OutboxMessage]]) -> int:
+    """Run each message here if this worker may (`runs_here`), a task's messages of one database
+    as one batch when the task has a batch runner; publish what did not run. Returns how many
+    ran here."""
+    groups: dict[tuple[str, str, str], list[OutboxMessage]] = {}
     for using, message in held:
-        _publish_inline(using, message)
+        groups.setdefault((using, message.task, message.queue), []).append(message)
+    ran_here = 0
+    for (using, task, _queue), messages in groups.items():
+        if not runs_here(messages[0]):
+            publish(using=using, messages=messages)
+            continue
+        runner = BATCH_RUNNERS.get(task)
+        if runner is not None and len(messages) > 1:
+            oks = _run_batch_inline(runner, messages)
+        else:
+            oks = [run_inline(message) for message in messages]
+        done = [message.id for message, ok in zip(messages, oks, strict=True) if ok]
+        if done:
+            _mark_published(using, done)
+            ran_here += len(done)
+        failed = [message for message, ok in zip(messages, oks, strict=True) if not ok]
+        if failed:
+            publish(using=using, messages=failed)
+    return ran_here
 
 
-def _publish_inline(using: str, message: OutboxMessage) -> int:
-    if runs_here(message) and run_inline(message):
-        _mark_published(using, [message.id])
-        return 1
-    return publish(using=using, messages=[message])
+def _run_batch_inline(runner: Callable[[list[OutboxMessage]], list[bool]], messages: list[OutboxMessage]) -> list[bool]:
+    try:
+        return runner(messages)
+    except Exception:
+        logger.warning("inline run of a batch of %d failed; publishing it instead", len(messages), exc_info=True)
+        return [False] * len(messages)
 
 
 def publish(*, using: str, messages: list[OutboxMessage], inline: bool = False) -> int:
     """Send `messages` to the broker, then mark them published. Returns how many were sent.
     With `inline`, a message this worker may run itself is run here instead (`runs_here`), at
     the end of the enclosing `inline_after` block if there is one."""
-    if inline and len(messages) == 1:
+    if inline:
         held = getattr(_deferred, "held", None)
         if held is None:
-            return _publish_inline(using, messages[0])
-        held.append((using, messages[0]))
+            return _publish_inline([(using, message) for message in messages])
+        held.extend((using, message) for message in messages)
         return 0
     sent = []
     for message in messages:

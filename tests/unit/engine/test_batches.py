@@ -1,0 +1,196 @@
+"""Batches (sagaplatform/kernel/batching.py): a service's commands run as one batch in one
+transaction, and their replies are applied as one batch in one more. What a batch must give is
+what the same messages one at a time give; a bad message in it fails alone."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.db import connections, transaction
+from django.test.utils import CaptureQueriesContext
+
+from inventory.models import Reservation
+from orchestration import engine
+from orchestration.audit import run_audit
+from orchestration.models import Saga, SagaEvent, SagaStep
+from sagaplatform.celery import app as celery_app
+from sagaplatform.kernel import batching, commands, outbox
+from sagaplatform.kernel.models import Barrier, DeadLetter, OutboxMessage
+from tests.conftest import InTestBroker, order_body
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+
+class BatchingBroker(InTestBroker):
+    """Delivers every queued message of a batched task at once, as a worker that took them off
+    its queue together would, and applies the replies where they committed, as a worker that
+    also consumes the orchestrator's queue does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def deliver(self, *, limit: int = 1000, skip: tuple[str, ...] = ()) -> int:
+        count = 0
+        while count < limit and (self.queue or self.release_delayed()):
+            first = self.queue[0]
+            task = celery_app.tasks[first["task"]]
+            if not isinstance(task, batching.CommandBatch):
+                self.run(self.queue.pop(0))
+                count += 1
+                continue
+            batch = self.take(first["task"])
+            self.delivered.extend(batch)
+            self.batches.append(len(batch))
+            task.deliver([message["payload"] for message in batch])
+            count += len(batch)
+        return count
+
+
+@pytest.fixture
+def batching_broker(monkeypatch) -> BatchingBroker:
+    celery_app.loader.import_default_modules()
+    fake = BatchingBroker()
+    monkeypatch.setattr(outbox, "_send", fake.publish)
+    monkeypatch.setattr(outbox, "runs_here", lambda message: message.queue == commands.ORCHESTRATOR_QUEUE)
+    return fake
+
+
+def place(api, mode: str = "orchestrated") -> str:
+    response = api.post("/api/orders/", {**order_body(), "mode": mode}, format="json")
+    assert response.status_code == 202, response.content
+    return response.json()["saga"]["id"]
+
+
+def history(saga_id: str) -> list[tuple[str, str]]:
+    return [(e.kind, e.step) for e in SagaEvent.objects.filter(saga_id=saga_id).order_by("seq")]
+
+
+@pytest.mark.parametrize("mode", ["orchestrated", "parallel", "tcc"])
+def test_orders_in_batches_end_as_one_order_alone_does(alice_api, catalogue, batching_broker, mode):
+    alone = place(alice_api, mode)
+    batching_broker.deliver()
+    assert set(batching_broker.batches) == {1}
+
+    saga_ids = [place(alice_api, mode) for _ in range(4)]
+    batching_broker.deliver()
+
+    assert max(batching_broker.batches) == 4  # the four orders' commands ran together
+    for saga_id in saga_ids:
+        assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
+        assert history(saga_id) == history(alone)
+    assert run_audit() == []
+
+
+def test_a_batch_of_commands_is_one_transaction_and_one_insert_of_replies(alice_api, catalogue, batching_broker):
+    saga_ids = [place(alice_api) for _ in range(3)]
+    starts = batching_broker.take("orchestration.start_saga")
+    for message in starts:
+        batching_broker.run(message)
+    reserves = batching_broker.take("inventory.execute")
+    assert len(reserves) == 3
+
+    with CaptureQueriesContext(connections["inventory"]) as queries:
+        outcomes = commands.execute_many(
+            service="inventory", commands=[commands.Command.from_message(m["payload"]) for m in reserves]
+        )
+
+    assert [o["status"] for o in outcomes] == [commands.SUCCEEDED] * 3
+    sql = [q["sql"] for q in queries.captured_queries]
+    outbox_inserts = [s for s in sql if s.startswith("INSERT") and OutboxMessage._meta.db_table in s]
+    assert len(outbox_inserts) == 1  # the three replies in one INSERT
+    assert OutboxMessage.objects.using("inventory").filter(task=commands.REPLY_TASK).count() == 3
+    # ... and they were applied, as one batch, where they committed: each saga moved on.
+    for saga_id in saga_ids:
+        assert SagaStep.objects.get(saga_id=saga_id, name="reserve_stock").state == "succeeded"
+
+
+def test_a_command_that_raises_fails_alone_and_the_rest_of_its_batch_commits(
+    alice_api, catalogue, batching_broker, monkeypatch
+):
+    saga_ids = [place(alice_api) for _ in range(3)]
+    for message in batching_broker.take("orchestration.start_saga"):
+        batching_broker.run(message)
+    reserves = [commands.Command.from_message(m["payload"]) for m in batching_broker.take("inventory.execute")]
+    unlucky = reserves[1].saga_id
+    real = commands.get_operation("inventory", "reserve")
+
+    def reserve(*, command):
+        if command.saga_id == unlucky:
+            raise RuntimeError("a bug")
+        return real(command=command)
+
+    monkeypatch.setitem(commands._OPERATIONS, ("inventory", "reserve"), reserve)
+    outcomes = commands.execute_many(service="inventory", commands=reserves)
+
+    assert [o["status"] for o in outcomes] == [commands.SUCCEEDED, commands.TRANSIENT_ERROR, commands.SUCCEEDED]
+    assert outcomes[1]["error"]["message"] == "RuntimeError: a bug"
+    barrier = set(Barrier.objects.using("inventory").filter(step="reserve_stock").values_list("saga_id", flat=True))
+    assert barrier == {reserves[0].saga_id, reserves[2].saga_id}  # no trace of the failed attempt
+    assert Reservation.objects.using("inventory").filter(saga_id=unlucky).count() == 0
+    steps = {str(s.saga_id): s.state for s in SagaStep.objects.filter(name="reserve_stock")}
+    assert steps == {saga_ids[0]: "succeeded", saga_ids[1]: "retrying", saga_ids[2]: "succeeded"}
+
+
+def test_a_reply_that_fails_fails_alone_and_the_others_apply(alice_api, catalogue, broker):
+    saga_ids = [place(alice_api) for _ in range(2)]
+    for message in broker.take("orchestration.start_saga"):
+        broker.run(message)
+    for message in broker.take("inventory.execute"):
+        broker.run(message)
+    replies = [m["payload"] for m in broker.take(commands.REPLY_TASK)]
+    bad = {**replies[0], "saga_id": "not-a-saga-id"}
+
+    results = engine.reply_handle_many(replies=[replies[0], bad, replies[1]])
+
+    assert results == [True, None, True]
+    for saga_id in saga_ids:
+        assert SagaStep.objects.get(saga_id=saga_id, name="reserve_stock").state == "succeeded"
+    # Two replies for one saga in one batch apply in turn (a redelivered one is stale).
+    assert engine.reply_handle_many(replies=[replies[0], replies[0]]) == [False, False]
+
+
+def test_replies_committed_together_run_here_as_one_batch_and_a_failed_one_is_sent(batching_broker, monkeypatch):
+    seen: list[int] = []
+
+    def runner(messages):
+        seen.append(len(messages))
+        return [message.payload["n"] != 1 for message in messages]
+
+    monkeypatch.setitem(outbox.BATCH_RUNNERS, commands.REPLY_TASK, runner)
+
+    with outbox.inline_after(), transaction.atomic(using="inventory"):
+        outbox.enqueue_many(
+            using="inventory",
+            messages=[
+                outbox.message(task=commands.REPLY_TASK, queue=commands.ORCHESTRATOR_QUEUE, payload={"n": n})
+                for n in range(3)
+            ],
+            inline=True,
+        )
+
+    assert seen == [3]  # one run for the three
+    published = {m.payload["n"]: m.published_at is not None for m in OutboxMessage.objects.using("inventory")}
+    assert published == {0: True, 1: True, 2: True}  # every row marked: two ran here, one was sent
+    assert [m["payload"] for m in batching_broker.queue] == [{"n": 1}]
+
+
+def test_an_unreadable_command_is_a_dead_letter_and_the_rest_of_its_batch_runs(alice_api, catalogue, broker):
+    place(alice_api)
+    for message in broker.take("orchestration.start_saga"):
+        broker.run(message)
+    (reserve,) = broker.take("inventory.execute")
+    task = celery_app.tasks["inventory.execute"]
+
+    task.run(
+        [
+            {"id": "m-1", "args": [{"saga_id": str(uuid.uuid4())}], "kwargs": {}, "queue": "inventory", "headers": {}},
+            {"id": "m-2", "args": [reserve["payload"]], "kwargs": {}, "queue": "inventory", "headers": {}},
+        ]
+    )
+
+    letter = DeadLetter.objects.using("inventory").get()
+    assert (letter.task, letter.message_id, letter.reason) == ("inventory.execute", "m-1", DeadLetter.Reason.FAILED)
+    assert "KeyError" in letter.error
+    assert Barrier.objects.using("inventory").filter(saga_id=reserve["payload"]["saga_id"]).count() == 1
