@@ -121,6 +121,11 @@ class CommandBatch(SagaTask):
                 }
                 received_logger.info(LOG_RECEIVED, context, extra={"data": context})
             signals.task_received.send(sender=consumer, request=request)
+            if self._calls_outside(request):
+                # A command that calls outside the platform (a card gateway) runs in a batch of its
+                # own: no other command waits behind the other side's answer.
+                self._dispatch([request])
+                return
             with self._lock:
                 self._buffer.append(request)
                 size = len(self._buffer)
@@ -130,6 +135,13 @@ class CommandBatch(SagaTask):
                 timer.call_after(self.flush_interval, self._due)
 
         return task_message_handler
+
+    def _calls_outside(self, request: Any) -> bool:
+        try:
+            operation = request.args[0]["operation"]
+        except Exception:  # unreadable: the batch records it as a dead letter
+            return False
+        return commands.calls_outside(self.name.rpartition(".")[0], operation)
 
     def _due(self) -> None:
         """The buffer's first message has waited `flush_interval`: flush, unless every pool
@@ -154,6 +166,10 @@ class CommandBatch(SagaTask):
             requests, self._buffer = self._buffer, []
         if not requests:
             return False
+        self._dispatch(requests)
+        return True
+
+    def _dispatch(self, requests: list[Any]) -> None:
         with _POOL_LOCK:
             _IN_FLIGHT[0] += 1
 
@@ -173,13 +189,12 @@ class CommandBatch(SagaTask):
                     request.on_timeout(soft, timeout)
 
         try:
-            self._dispatch(requests, on_return, on_error, on_timeout)
+            self._apply(requests, on_return, on_error, on_timeout)
         except BaseException:
             _returned()
             raise
-        return True
 
-    def _dispatch(self, requests: list[Any], on_return: Any, on_error: Any, on_timeout: Any) -> None:
+    def _apply(self, requests: list[Any], on_return: Any, on_error: Any, on_timeout: Any) -> None:
         self._pool.apply_async(
             run_in_pool,
             (self.name, [_item(request) for request in requests]),

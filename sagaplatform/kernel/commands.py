@@ -95,6 +95,11 @@ def registered_operations(service: str) -> list[str]:
     return sorted(name for (svc, name) in _OPERATIONS if svc == service)
 
 
+def calls_outside(service: str, operation: str) -> bool:
+    """Whether `service`'s `operation` makes a call outside the platform (see `operation`)."""
+    return (service, operation) in _OUTSIDE
+
+
 def call_outside(*, service: str, command: Command) -> None:
     """Run the operation's outside call, if it has one (see `operation`)."""
     hook = _OUTSIDE.get((service, command.operation))
@@ -138,7 +143,7 @@ def execute_many(
     calls outside the platform runs alone (`execute`): no batch waits on the other side's
     answer."""
     contexts = contexts or [None] * len(commands)
-    alone = [i for i, command in enumerate(commands) if (service, command.operation) in _OUTSIDE]
+    alone = [i for i, command in enumerate(commands) if calls_outside(service, command.operation)]
     batch = [i for i in range(len(commands)) if i not in set(alone)]
     outcomes: dict[int, dict[str, Any]] = {}
     marks = [attempts.key(c.saga_id, c.step, c.op, c.attempt) for c in (commands[i] for i in batch)]
