@@ -80,6 +80,7 @@ class CommandBatch(SagaTask):
         self._lock = threading.Lock()  # the threads pool's timer fires on a thread of its own
         self._pool: Any = None
         self._timer: Any = None
+        self._armed = False  # a `_due` is scheduled
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Callable[..., None]:
         """Buffer each message instead of running it (as celery-batches does); flush when the
@@ -131,7 +132,8 @@ class CommandBatch(SagaTask):
                 size = len(self._buffer)
             if size >= self.flush_every:
                 self.flush()
-            elif size == 1:
+            elif not self._armed:
+                self._armed = True
                 timer.call_after(self.flush_interval, self._due)
 
         return task_message_handler
@@ -148,14 +150,16 @@ class CommandBatch(SagaTask):
         process is busy with a batch already; then the buffer keeps filling and is flushed as
         soon as one returns (`_returned`). A batch handed to a busy pool would only wait in the
         pool's own queue, one message at a time: under load, the batches grow instead."""
+        self._armed = False
         with _POOL_LOCK:
             busy = _IN_FLIGHT[0] >= (getattr(self._pool, "limit", None) or 1)
             if busy:
                 _WAITING.setdefault(self.name, self)
         if not busy:
             self.flush()
-        elif self._timer is not None:
+        elif self._timer is not None and self._buffer:
             # And look again later, should no batch return (a pool process stuck in a hang).
+            self._armed = True
             self._timer.call_after(BUSY_RECHECK, self._due)
 
     def flush(self) -> bool:
@@ -230,13 +234,14 @@ _WAITING: dict[str, CommandBatch] = {}
 
 
 def _returned() -> None:
-    """A batch returned: its pool process is free for the longest-waiting buffer."""
+    """A batch returned: if that frees a pool process (batches handed over past the limit, a
+    gateway call's, may still be queued in the pool), it goes to the longest-waiting buffer."""
     with _POOL_LOCK:
         _IN_FLIGHT[0] -= 1
     while True:  # the first waiting buffer that still holds messages
         with _POOL_LOCK:
             waiting = next(iter(_WAITING.values()), None)
-            if waiting is None:
+            if waiting is None or _IN_FLIGHT[0] >= (getattr(waiting._pool, "limit", None) or 1):
                 return
             del _WAITING[waiting.name]
         if waiting.flush():

@@ -76,6 +76,7 @@ def worker(monkeypatch):
     def handler(service: str):
         task = celery_app.tasks[f"{service}.execute"]
         monkeypatch.setattr(task, "_buffer", [])
+        monkeypatch.setattr(task, "_armed", False)
         handle = task.Strategy(task, celery_app, consumer)
 
         def receive(operation: str = "reserve") -> None:
@@ -164,3 +165,23 @@ def test_each_message_is_acknowledged_when_its_batch_returns_or_gets_celerys_ver
     assert returned.failed is None
     assert [(request.acked, request.failed) for request in lost] == [(False, "worker lost")] * 2
     assert batching._IN_FLIGHT == [0]  # both processes free again
+
+
+def test_past_a_burst_of_gateway_calls_no_more_batches_are_handed_over_than_there_are_processes(worker):
+    handler, pool, timer = worker
+    payments, inventory = handler("payments"), handler("inventory")
+    for _ in range(4):
+        payments("charge")  # each goes at once, whatever the pool holds: 4 jobs for 2 processes
+    inventory()
+    timer.fire()
+    assert len(pool.jobs) == 4  # the inventory batch waits
+
+    pool.jobs[0]["callback"](None)
+    pool.jobs[1]["callback"](None)
+    assert len(pool.jobs) == 4  # two still held, both processes taken
+    pool.jobs[2]["callback"](None)
+    assert len(pool.jobs) == 5  # one free: the waiting batch goes
+    assert batching._IN_FLIGHT == [2]
+    timer.fire()  # the busy re-check finds the buffer empty: it stops looking
+    assert timer.calls == []
+    assert len(pool.jobs) == 5
