@@ -1,15 +1,43 @@
-from celery import shared_task
+from typing import Any
 
-from sagaplatform.kernel import outbox
+from celery import shared_task
+from django.conf import settings
+
+from sagaplatform.kernel import batching, outbox
 
 from . import deadletters, engine, sweeper
 from .definitions import for_mode
+from .engine.run import SagaId
 
 
-@shared_task(name="orchestration.start_saga", ignore_result=True)
-def start_saga(message: dict) -> None:
+def _start(message: dict) -> tuple[str, str, dict[str, Any]]:
     definition = message.get("definition") or for_mode(message.get("mode", "orchestrated")).name
-    engine.saga_start(saga_id=message["saga_id"], definition=definition, context=message["context"])
+    return message["saga_id"], definition, message["context"]
+
+
+if settings.SAGA_BATCH_SIZE > 1:
+
+    @shared_task(name="orchestration.start_saga", base=batching.Batched, bind=True, ignore_result=True)
+    def start_saga(self, items: list[dict]) -> None:
+        """Start messages, taken in batches (kernel/batching.py): one transaction for the batch."""
+        starts: list[tuple[SagaId, str, dict[str, Any]]] = []
+        contexts: list[dict[str, Any] | None] = []
+        for item, context in zip(items, batching.contexts_of(items), strict=True):
+            try:
+                starts.append(_start(item["args"][0]))
+            except Exception as exc:  # what the message says is wrong: it would fail every time
+                batching.dead_letter(self, item["queue"] or "orchestrator", item, exc)
+                continue
+            contexts.append(context)
+        if starts:
+            engine.saga_start_many(starts=starts, contexts=contexts)
+
+else:
+
+    @shared_task(name="orchestration.start_saga", ignore_result=True)
+    def start_saga(message: dict) -> None:
+        saga_id, definition, context = _start(message)
+        engine.saga_start(saga_id=saga_id, definition=definition, context=context)
 
 
 @shared_task(name="orchestration.handle_reply", ignore_result=True)

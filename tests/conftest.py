@@ -140,7 +140,7 @@ class InTestBroker:
     def run(self, message: dict) -> None:
         self.delivered.append(message)
         task = celery_app.tasks[message["task"]]
-        if isinstance(task, batching.CommandBatch):
+        if isinstance(task, batching.Batched):
             task.deliver([message["payload"]])
         else:
             task.run(message["payload"])

@@ -19,7 +19,14 @@ from ..definitions import for_saga, get_definition
 from ..exceptions import OperationNotAllowed
 from . import style
 from .actions import saga_cancel, saga_retry, saga_skip
-from .lifecycle import saga_advance, saga_deadline_expire, saga_park_broken, saga_start, step_lease_expire
+from .lifecycle import (
+    saga_advance,
+    saga_deadline_expire,
+    saga_park_broken,
+    saga_start,
+    saga_start_many,
+    step_lease_expire,
+)
 from .replies import reply_handle, reply_handle_many
 from .run import CANCELLED, DB, DONE, IN_FLIGHT, State, attempt_in_flight
 from .styles import choreography, orchestrated, tcc  # noqa: F401  (each registers its style)
@@ -44,6 +51,7 @@ __all__ = [
     "saga_retry",
     "saga_skip",
     "saga_start",
+    "saga_start_many",
     "step_lease_expire",
     "style",
     "track",

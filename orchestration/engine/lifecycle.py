@@ -4,17 +4,19 @@ passed deadline, a step whose start time came) and parking a saga the engine fai
 from __future__ import annotations
 
 import logging
+import uuid
 
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 
-from sagaplatform.kernel import attempts
+from sagaplatform.kernel import attempts, outbox
 from sagaplatform.kernel.clock import db_now
+from sagaplatform.observability import tracing
 
 from ..definitions import get_definition
 from ..models import Alert, Saga, SagaEvent
 from . import style
-from .run import DB, JSON, QueueIdle, Run, SagaId, State, create_saga, locked
+from .run import DB, JSON, QueueIdle, Run, SagaId, State, create_saga, flush_many, locked
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,56 @@ def saga_start(*, saga_id: SagaId, definition: str, context: JSON, cancel: JSON 
         if Saga.objects.using(DB).filter(id=saga_id).exists():
             return False
         raise
+
+
+def saga_start_many(*, starts: list[tuple[SagaId, str, JSON]], contexts: list[JSON | None]) -> list[bool | None]:
+    """Create and start a batch of sagas (`saga_id`, definition name, context) in one
+    transaction: their writes in one statement (`run.flush_many`), their first commands in one
+    INSERT. Idempotent as `saga_start`: a saga that exists, or a second start of one in the
+    batch, does nothing. If anything raises (a concurrent duplicate start, an unknown
+    definition), the transaction rolls back and each starts alone (`saga_start`). For each: True
+    if it created the saga, False if it existed, None if it failed (alone)."""
+    if len(starts) > 1:
+        try:
+            with transaction.atomic(using=DB):
+                return _start_together(starts, contexts)
+        except Exception:
+            logger.warning("a batch of %d starts failed; starting each alone", len(starts), exc_info=True)
+    results: list[bool | None] = []
+    for (saga_id, definition, context), trace_context in zip(starts, contexts, strict=True):
+        try:
+            with tracing.restored(trace_context):
+                results.append(saga_start(saga_id=saga_id, definition=definition, context=context))
+        except Exception:
+            logger.warning("saga %s: its start failed", saga_id, exc_info=True, extra={"saga_id": str(saga_id)})
+            results.append(None)
+    return results
+
+
+def _start_together(starts: list[tuple[SagaId, str, JSON]], contexts: list[JSON | None]) -> list[bool | None]:
+    ids = [str(uuid.UUID(str(saga_id))) for saga_id, _, _ in starts]
+    exists = {str(i) for i in Saga.objects.using(DB).filter(id__in=ids).values_list("id", flat=True)}
+    now = db_now(DB)
+    runs: list[Run] = []
+    results: list[bool | None] = []
+    for key, (_, definition, context), trace_context in zip(ids, starts, contexts, strict=True):
+        if key in exists:
+            results.append(False)
+            continue
+        exists.add(key)
+        with tracing.restored(trace_context):  # its first commands join the order's trace
+            spec = get_definition(definition)
+            run = create_saga(saga_id=key, definition=spec, context=context, now=now)
+            run.outbox = []
+            run.record("saga_created", data={"definition": definition})
+            run.saga.start()
+            run.record("saga_started", from_state=Saga.State.PENDING)
+            style.of(spec).advance(run)
+        runs.append(run)
+        results.append(True)
+    flush_many(runs)
+    outbox.enqueue_many(using=DB, messages=[message for run in runs for message in run.outbox or ()])
+    return results
 
 
 def step_lease_expire(

@@ -1,8 +1,9 @@
 """Batches: a worker takes many of a service's commands at once and runs them together.
 
-Each service's `<service>.execute` task is a `CommandBatch`: the worker's consumer buffers the
-messages it receives and hands them to one pool process as a list, once SAGA_BATCH_SIZE are
-buffered or SAGA_BATCH_WAIT_MS after the first. `commands.execute_many` runs them in one
+Each service's `<service>.execute` task is a `CommandBatch` (and `orchestration.start_saga` a
+`Batched`): the worker's consumer buffers the messages it receives and hands them to one pool
+process as a list, once SAGA_BATCH_SIZE are buffered, or SAGA_BATCH_WAIT_MS after the first if
+a pool process is free (while every process is busy, the buffer keeps filling). `commands.execute_many` runs them in one
 transaction and queues their replies with one INSERT; the replies are then applied in the same
 process as one batch too (`engine.reply_handle_many`: one transaction, every saga locked and
 decided on its own). The wire format is unchanged: a batch is only how a worker takes the
@@ -66,9 +67,10 @@ def _item(request: Any) -> dict[str, Any]:
     }
 
 
-class CommandBatch(SagaTask):
-    """A service's command task, taken off the queue in batches (see the module's docstring).
-    Its `run` takes a list of messages (`_item`)."""
+class Batched(SagaTask):
+    """A task taken off the queue in batches (see the module's docstring): its `run` takes a
+    list of messages (`_item`). A service's commands (`CommandBatch`) and the start messages
+    (`orchestration.start_saga`) are."""
 
     abstract = True
     typing = False
@@ -122,7 +124,7 @@ class CommandBatch(SagaTask):
                 }
                 received_logger.info(LOG_RECEIVED, context, extra={"data": context})
             signals.task_received.send(sender=consumer, request=request)
-            if self._calls_outside(request):
+            if self._alone(request):
                 # A command that calls outside the platform (a card gateway) runs in a batch of its
                 # own: no other command waits behind the other side's answer.
                 self._dispatch([request])
@@ -138,12 +140,9 @@ class CommandBatch(SagaTask):
 
         return task_message_handler
 
-    def _calls_outside(self, request: Any) -> bool:
-        try:
-            operation = request.args[0]["operation"]
-        except Exception:  # unreadable: the batch records it as a dead letter
-            return False
-        return commands.calls_outside(self.name.rpartition(".")[0], operation)
+    def _alone(self, request: Any) -> bool:
+        """Whether this message runs in a batch of its own, at once."""
+        return False
 
     def _due(self) -> None:
         """The buffer's first message has waited `flush_interval`: flush, unless every pool
@@ -222,6 +221,19 @@ class CommandBatch(SagaTask):
         )
 
 
+class CommandBatch(Batched):
+    """A service's command task (`command_task`)."""
+
+    abstract = True
+
+    def _alone(self, request: Any) -> bool:
+        try:
+            operation = request.args[0]["operation"]
+        except Exception:  # unreadable: the batch records it as a dead letter
+            return False
+        return commands.calls_outside(self.name.rpartition(".")[0], operation)
+
+
 def _direct_item(payload: dict[str, Any], message_id: str | None = None) -> dict[str, Any]:
     return {"id": message_id or "", "args": [payload], "kwargs": {}, "queue": "", "headers": {}}
 
@@ -230,7 +242,15 @@ def _direct_item(payload: dict[str, Any], message_id: str | None = None) -> dict
 # waits for a free pool process (one consumer per worker process).
 _POOL_LOCK = threading.Lock()
 _IN_FLIGHT = [0]
-_WAITING: dict[str, CommandBatch] = {}
+_WAITING: dict[str, Batched] = {}
+
+
+def contexts_of(items: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """Each message's trace context (W3C headers), or None."""
+    return [
+        {key: item["headers"][key] for key in TRACE_HEADERS if isinstance(item["headers"].get(key), str)} or None
+        for item in items
+    ]
 
 
 def _returned() -> None:
@@ -254,6 +274,9 @@ def run_in_pool(name: str, items: list[dict[str, Any]]) -> None:
     connections, logs, metrics, the run span)."""
     task = current_app.tasks[name]
     task_id = items[0]["id"]
+    for item in items:
+        queue = item["queue"] if item["queue"] in settings.SAGA_QUEUES else "other"
+        metrics.queue_wait(queue, item["headers"].get(ENQUEUED_HEADER))
     _task_stack.push(task)
     task.request_stack.push(
         Context(id=task_id, called_directly=False, is_eager=False, delivery_info={"routing_key": items[0]["queue"]})
@@ -297,22 +320,21 @@ def command_task(service: str) -> Callable[..., None]:
 def run_batch(task: Any, service: str, items: list[dict[str, Any]]) -> None:
     parsed: list[commands.Command] = []
     contexts: list[dict[str, Any] | None] = []
-    for item in items:
-        headers, queue = item["headers"], item["queue"] or service
-        metrics.queue_wait(queue, headers.get(ENQUEUED_HEADER))
+    for item, context in zip(items, contexts_of(items), strict=True):
+        queue = item["queue"] or service
         try:
             parsed.append(commands.Command.from_message(item["args"][0]))
         except Exception as exc:  # what the message says is wrong: it would fail every time
-            _dead_letter(task, queue, item, exc)
+            dead_letter(task, queue, item, exc)
             continue
-        contexts.append({key: headers[key] for key in TRACE_HEADERS if isinstance(headers.get(key), str)} or None)
+        contexts.append(context)
     if len(items) > 1:
         logger.info("%s: %d messages in one batch", task.name, len(items))
     if parsed:
         commands.execute_many(service=service, commands=parsed, contexts=contexts)
 
 
-def _dead_letter(task: Any, queue: str, item: dict[str, Any], exc: Exception) -> None:
+def dead_letter(task: Any, queue: str, item: dict[str, Any], exc: Exception) -> None:
     logger.error("%s: unreadable command %s: %s", task.name, item["id"], exc)
     try:
         body = json.dumps([item["args"], item["kwargs"]], default=str)

@@ -36,7 +36,7 @@ class BatchingBroker(InTestBroker):
         while count < limit and (self.queue or self.release_delayed()):
             first = self.queue[0]
             task = celery_app.tasks[first["task"]]
-            if not isinstance(task, batching.CommandBatch):
+            if not isinstance(task, batching.Batched):
                 self.run(self.queue.pop(0))
                 count += 1
                 continue
@@ -194,3 +194,24 @@ def test_an_unreadable_command_is_a_dead_letter_and_the_rest_of_its_batch_runs(a
     assert (letter.task, letter.message_id, letter.reason) == ("inventory.execute", "m-1", DeadLetter.Reason.FAILED)
     assert "KeyError" in letter.error
     assert Barrier.objects.using("inventory").filter(saga_id=reserve["payload"]["saga_id"]).count() == 1
+
+
+def test_starts_in_one_batch_are_one_transaction_and_a_bad_one_fails_alone(alice_api, catalogue, broker):
+    saga_ids = [place(alice_api) for _ in range(3)]
+    starts = [m["payload"] for m in broker.take("orchestration.start_saga")]
+    broker.run({"id": "x", "task": "orchestration.start_saga", "queue": "orchestrator", "payload": starts[0]})
+    broker.queue.clear()
+    batch = [(s["saga_id"], "place_order", s["context"]) for s in starts]
+
+    with CaptureQueriesContext(connections["default"]) as queries:
+        together = engine.saga_start_many(starts=batch[1:] + batch[:1], contexts=[None] * 3)
+    assert together == [True, True, False]  # the first one existed already
+    assert sum(q["sql"].startswith("INSERT") and OutboxMessage._meta.db_table in q["sql"] for q in queries) == 1
+    assert [m["task"] for m in broker.queue] == ["inventory.execute"] * 2  # their first commands
+
+    again = engine.saga_start_many(
+        starts=[(str(uuid.uuid4()), "no_such_definition", {}), (saga_ids[1], "place_order", starts[1]["context"])],
+        contexts=[None, None],
+    )
+    assert again == [None, False]  # the unknown definition fails alone; the duplicate does nothing
+    assert Saga.objects.filter(id__in=saga_ids).count() == 3
