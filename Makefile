@@ -71,12 +71,14 @@ BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/sagabench
 BENCH_REDIS_URL ?= redis://127.0.0.1:6379/14
 # One order at a time: the latency of each style's shape, not of queueing.
 STYLES_ARGS ?= -n 20 -c 1 --latency-ms 50
+# The benchmarks measure production's configuration: debug off (no query log kept per statement).
+BENCH_ENV = DJANGO_DEBUG=$${DJANGO_DEBUG:-0} DJANGO_SECRET_KEY=$${DJANGO_SECRET_KEY:-bench-only-not-a-secret-0123456789abcdefghij}
 bench: install-dev ## Benchmark orders/s and latency against a bare Celery chain (PostgreSQL + Redis; BENCH_ARGS="-n 500 -c 32")
-	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
+	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) $(BENCH_ENV) && \
 	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench $(BENCH_ARGS)
 
 bench-styles: install-dev ## Latency of the four transaction styles, 50 ms added per service (STYLES_ARGS)
-	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) && \
+	@export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) $(BENCH_ENV) && \
 	  $(BIN)/python manage.py setup_databases --recreate >/dev/null && $(BIN)/python manage.py bench --styles $(STYLES_ARGS)
 
 FEED_ARGS ?= --rates 100,1000,10000 --seconds 5

@@ -546,7 +546,7 @@ def run_benchmark(
         out.write(
             f"{n} orders per run, {concurrency} concurrent clients, {workers} worker(s) -c {worker_concurrency}, "
             f"styles {', '.join(styles)}, fault rules {len(rules or [])}{' (beat on)' if beat else ''}, cpu accounting "
-            f"{'on' if cpu.available() else 'unavailable (no /proc)'}\n"
+            f"{'on' if cpu.available() else 'unavailable (no /proc)'}, debug {'on' if settings.DEBUG else 'off'}\n"
         )
         for phase, count in phases:
             stored = 0
@@ -604,6 +604,7 @@ def run_benchmark(
         "concurrency": concurrency,
         "workers": workers,
         "worker_concurrency": worker_concurrency,
+        "debug": settings.DEBUG,
         "styles": styles,
         "fault_rules": [r.__dict__ | {"pk": None} for r in rules or []],
     }

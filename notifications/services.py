@@ -52,8 +52,13 @@ def notification_queue(
                 defaults={"saga_id": saga_id, "recipient": recipient, "subject": subject, "body": body},
             )
             if is_new:
+                # Inline: a notifications worker sends it right after this commit, no hop.
                 message = outbox.enqueue(
-                    using=DB, task=DELIVER_TASK, queue=DB, payload={"notification_id": str(notification.id)}
+                    using=DB,
+                    task=DELIVER_TASK,
+                    queue=DB,
+                    payload={"notification_id": str(notification.id)},
+                    inline=True,
                 )
                 notification.deliver_message_id, notification.last_attempt_at = message.id, message.available_at
                 notification.save(using=DB, update_fields=["deliver_message_id", "last_attempt_at"])

@@ -14,7 +14,7 @@ import uuid
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -39,24 +39,33 @@ CANCELLED_MESSAGE = "The charge was given up before the gateway took anything"
 REFUND_AT_GATEWAY_TASK = "payments.refund_at_gateway"
 
 
-def payment_method_register(*, reference: str, sealed_token: str, order_id=None) -> PaymentMethod:
+def payment_method_register(*, reference: str, sealed_token: str, order_id=None) -> None:
     """Keep the card token under its reference (the orders service's registration message).
 
     Idempotent by reference: a redelivered registration changes nothing, and one that arrives
     after a charge already waited for it fills in the awaited row. A registration whose seal does
-    not open is refused (`InvalidToken`): the message was not sealed with our key."""
+    not open is refused (`InvalidToken`): the message was not sealed with our key.
+
+    One statement, in autocommit: insert the row, or fill in the token of an awaited one (a row
+    that has a token keeps it)."""
     token = sealing.unseal(sealed_token)
-    with transaction.atomic(using=DB):
-        method, created = PaymentMethod.objects.using(DB).get_or_create(
-            reference=reference,
-            defaults={"token": token, "order_id": order_id, "registered_at": timezone.now()},
-        )
-        if not created and not method.token:
-            PaymentMethod.objects.using(DB).filter(id=method.id, token="").update(
-                token=token, order_id=order_id, registered_at=timezone.now()
-            )
-            method.refresh_from_db(using=DB)
-    return method
+    connection = connections[DB]
+    quote = connection.ops.quote_name
+    fields = {f.name: f for f in PaymentMethod._meta.concrete_fields}
+    table = quote(PaymentMethod._meta.db_table)
+    columns = ("reference", "token", "order_id", "registered_at")
+    values = [
+        fields[name].get_db_prep_save(value, connection)
+        for name, value in zip(columns, (reference, token, order_id, timezone.now()), strict=True)
+    ]
+    filled = ", ".join(f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns[1:])
+    # Only quoted identifiers from the model are interpolated; every value is a parameter.
+    sql = (
+        f"INSERT INTO {table} ({', '.join(quote(c) for c in columns)}) VALUES (%s, %s, %s, %s)"  # noqa: S608
+        f" ON CONFLICT ({quote('reference')}) DO UPDATE SET {filled} WHERE {table}.{quote('token')} = ''"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
 
 
 def payment_method_add(*, token: str, order_id=None) -> str:

@@ -3,7 +3,9 @@
 Each service's `<service>.execute` task is a `CommandBatch` (and `orchestration.start_saga` a
 `Batched`): the worker's consumer buffers the messages it receives and hands them to one pool
 process as a list, once SAGA_BATCH_SIZE are buffered, or SAGA_BATCH_WAIT_MS after the first if
-a pool process is free (while every process is busy, the buffer keeps filling). `commands.execute_many` runs them in one
+a pool process is free (while every process is busy, the buffer keeps filling), or at once when
+the worker holds next to nothing else (a lone order's hops wait for no batch;
+SAGA_BATCH_WAIT_WHEN_IDLE turns that off). `commands.execute_many` runs them in one
 transaction and queues their replies with one INSERT; the replies are then applied in the same
 process as one batch too (`engine.reply_handle_many`: one transaction, every saga locked and
 decided on its own). The wire format is unchanged: a batch is only how a worker takes the
@@ -124,6 +126,8 @@ class Batched(SagaTask):
                 }
                 received_logger.info(LOG_RECEIVED, context, extra={"data": context})
             signals.task_received.send(sender=consumer, request=request)
+            with _POOL_LOCK:
+                _HELD[0] += 1
             if self._alone(request):
                 # A command that calls outside the platform (a card gateway) runs in a batch of its
                 # own: no other command waits behind the other side's answer.
@@ -132,7 +136,8 @@ class Batched(SagaTask):
             with self._lock:
                 self._buffer.append(request)
                 size = len(self._buffer)
-            if size >= self.flush_every:
+            if size >= self.flush_every or _quiet():
+                # Full, or the worker has next to nothing to do: no company worth waiting for.
                 self.flush()
             elif not self._armed:
                 self._armed = True
@@ -179,12 +184,12 @@ class Batched(SagaTask):
         def on_return(result: Any) -> None:
             for request in requests:
                 request.acknowledge()
-            _returned()
+            _returned(len(requests))
 
         def on_error(exc_info: Any) -> None:
             for request in requests:
                 request.on_failure(exc_info)
-            _returned()
+            _returned(len(requests))
 
         def on_timeout(soft: bool, timeout: float) -> None:
             if not soft:
@@ -194,7 +199,7 @@ class Batched(SagaTask):
         try:
             self._apply(requests, on_return, on_error, on_timeout)
         except BaseException:
-            _returned()
+            _returned(len(requests))
             raise
 
     def _apply(self, requests: list[Any], on_return: Any, on_error: Any, on_timeout: Any) -> None:
@@ -245,6 +250,22 @@ _IN_FLIGHT = [0]
 _WAITING: dict[str, Batched] = {}
 
 
+# The messages of batched tasks the consumer holds: buffered, or in a batch not yet returned.
+_HELD = [0]
+
+
+def _quiet() -> bool:
+    """Whether the consumer holds no message but the one just received and at most one other
+    (typically the one whose batch is finishing, and which sent this one on: its result reaches
+    the consumer after the message it sent). Then no batch is worth waiting for, and the wait
+    would only add to every hop of a lone order. Under load the consumer holds many, and the
+    wait gathers them."""
+    if settings.SAGA_BATCH_WAIT_WHEN_IDLE:
+        return False
+    with _POOL_LOCK:
+        return _HELD[0] <= 2
+
+
 def contexts_of(items: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     """Each message's trace context (W3C headers), or None."""
     return [
@@ -253,11 +274,13 @@ def contexts_of(items: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     ]
 
 
-def _returned() -> None:
-    """A batch returned: if that frees a pool process (batches handed over past the limit, a
-    gateway call's, may still be queued in the pool), it goes to the longest-waiting buffer."""
+def _returned(messages: int) -> None:
+    """A batch of `messages` returned: if that frees a pool process (batches handed over past
+    the limit, a gateway call's, may still be queued in the pool), it goes to the
+    longest-waiting buffer."""
     with _POOL_LOCK:
         _IN_FLIGHT[0] -= 1
+        _HELD[0] -= messages
     while True:  # the first waiting buffer that still holds messages
         with _POOL_LOCK:
             waiting = next(iter(_WAITING.values()), None)

@@ -1,5 +1,5 @@
 """A pool process killed in the middle of a batch: the worker takes several orders' inventory
-commands as one batch (one pool process, a long batch wait, so they gather), and the process
+commands as one batch (one pool process, a long batch wait kept even when the pool is idle, so they gather), and the process
 dies after running them all and before the batch's commit. Each message gets Celery's verdict
 for a lost worker (sent again); every order completes, each reservation is made once, the stock
 adds up and the audit is clean."""
@@ -30,6 +30,7 @@ def stack(django_db_setup, django_db_blocker):
     running = Stack("batches", step_timeout=5.0, concurrency=1)
     # One pool process, and up to 0.4 s for a batch to fill: the orders' commands gather.
     running.env["SAGA_BATCH_WAIT_MS"] = "400"
+    running.env["SAGA_BATCH_WAIT_WHEN_IDLE"] = "1"  # the first command too, though the pool is idle
     running.start()
     yield running
     running.stop()
