@@ -9,7 +9,9 @@
 2. insert the row for the current op: if it already exists this is a duplicate (or the hanging
    action), so replay the stored outcome and change nothing;
 3. otherwise run the business operation in a savepoint and store its outcome. A business failure
-   is stored too, with its partial effects rolled back.
+   is stored too, with its partial effects rolled back. (A command runs it first with no
+   savepoint, and on a business failure rolls its whole transaction back and runs again with
+   one: see `call`.)
 
 Both inserts are `INSERT ... ON CONFLICT DO NOTHING`: the unique key, not a read, decides
 ("change instead of check"), so concurrent duplicates serialise on the index.
@@ -98,7 +100,17 @@ def _store(using: str, saga_id: SagaId, step: str, op: str, outcome: dict[str, A
     Barrier.objects.using(using).filter(saga_id=saga_id, step=step, op=op).update(outcome=outcome)
 
 
-def call(*, using: str, command: Command, fn: Callable[..., dict[str, Any] | None]) -> dict[str, Any]:
+def call(
+    *, using: str, command: Command, fn: Callable[..., dict[str, Any] | None], savepoint: bool = True
+) -> dict[str, Any]:
+    """Run `command`'s operation `fn` through the barrier (see the module's docstring).
+
+    `savepoint=False` runs the operation without a savepoint of its own and lets a business
+    failure propagate: the caller must then roll its whole transaction back and call again with
+    a savepoint, which stores the failure (so an operation that fails for business reasons runs
+    twice, the first run rolled back). Two round trips (SAVEPOINT, RELEASE) fewer on the path
+    of every command that succeeds (`commands` does this). A confirm's refusal is a transient
+    error either way, never stored."""
     if not connections[using].in_atomic_block:
         raise RuntimeError("barrier.call must run inside transaction.atomic(using=...)")
     saga_id, step, op = command.saga_id, command.step, command.op
@@ -126,6 +138,15 @@ def call(*, using: str, command: Command, fn: Callable[..., dict[str, Any] | Non
             observability.barrier_hit(using, "hanging_refused" if stored == REFUSED_AFTER_COMPENSATION else "duplicate")
             return {**stored, "replayed": True}
 
+    if not savepoint:
+        try:
+            outcome = {"status": "succeeded", "result": fn(command=command) or {}}
+        except BusinessError as exc:
+            if op == CONFIRM:  # never stored (below): the caller's rollback undoes its effects
+                raise TransientError(exc.message, code=exc.code, details=exc.details) from exc
+            raise
+        _store(using, saga_id, step, op, outcome)
+        return outcome
     try:
         with transaction.atomic(using=using):
             result = fn(command=command) or {}

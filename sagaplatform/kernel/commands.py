@@ -19,7 +19,7 @@ from sagaplatform.observability import hooks as observability
 from sagaplatform.observability import tracing
 
 from . import attempts, barrier, faults, outbox
-from .errors import TransientError
+from .errors import BusinessError, TransientError
 from .models import FaultRule, OutboxMessage
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,11 @@ def execute_many(
             ready.append(i)
         if len(ready) > 1:
             try:
-                outcomes.update(_execute_together(service, [(i, commands[i], contexts[i]) for i in ready]))
+                items = [(i, commands[i], contexts[i]) for i in ready]
+                try:
+                    outcomes.update(_execute_together(service, items, savepoint=False))
+                except BusinessError:  # one of them failed: again, each in a savepoint (see barrier.call)
+                    outcomes.update(_execute_together(service, items, savepoint=True))
                 ready = []
             except Exception:
                 logger.warning(
@@ -183,7 +187,7 @@ def execute_many(
 
 
 def _execute_together(
-    service: str, items: list[tuple[int, Command, dict[str, Any] | None]]
+    service: str, items: list[tuple[int, Command, dict[str, Any] | None]], *, savepoint: bool
 ) -> dict[int, dict[str, Any]]:
     outcomes: dict[int, dict[str, Any]] = {}
     replies: list[OutboxMessage] = []
@@ -195,7 +199,7 @@ def _execute_together(
                     outcome = _unknown_operation(service, command)
                 else:
                     faults.arm_after_commit(service, command.operation)
-                    outcome = barrier.call(using=service, command=command, fn=fn)
+                    outcome = barrier.call(using=service, command=command, fn=fn, savepoint=savepoint)
                 attempt.done(outcome)
                 replies.append(
                     outbox.message(task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
@@ -260,9 +264,11 @@ def _execute(service: str, command: Command) -> dict[str, Any]:
     return outcome
 
 
-def _execute_transaction(service: str, command: Command) -> dict[str, Any]:
+def _execute_transaction(service: str, command: Command, *, savepoint: bool = False) -> dict[str, Any]:
     """The command's transaction: the barrier and the operation, and the reply; on any error,
-    a transient error's reply in a transaction of its own."""
+    a transient error's reply in a transaction of its own. The operation runs with no savepoint
+    first; a business failure rolls the transaction back and it runs again with one, which
+    stores the failure (`barrier.call`)."""
     fn = _OPERATIONS.get((service, command.operation))
     try:
         with transaction.atomic(using=service):
@@ -270,12 +276,16 @@ def _execute_transaction(service: str, command: Command) -> dict[str, Any]:
                 outcome = _unknown_operation(service, command)
             else:
                 faults.arm_after_commit(service, command.operation)
-                outcome = barrier.call(using=service, command=command, fn=fn)
+                outcome = barrier.call(using=service, command=command, fn=fn, savepoint=savepoint)
             outbox.enqueue(
                 using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
             )
             if fn is not None:
                 faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)
+    except BusinessError as exc:
+        if not savepoint:
+            return _execute_transaction(service, command, savepoint=True)
+        outcome = _transient(service, command, exc, None)  # not the barrier's: as any other error
     except Exception as exc:  # unknown errors count as transient, bounded by the step's policy
         outcome = _transient(service, command, exc, None)
     return outcome

@@ -17,7 +17,7 @@ from orchestration.models import Saga, SagaEvent, SagaStep
 from sagaplatform.celery import app as celery_app
 from sagaplatform.kernel import batching, commands, outbox
 from sagaplatform.kernel.models import Barrier, DeadLetter, OutboxMessage
-from tests.conftest import InTestBroker, order_body
+from tests.conftest import InTestBroker, mug, order_body
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -131,6 +131,71 @@ def test_a_command_that_raises_fails_alone_and_the_rest_of_its_batch_commits(
     assert Reservation.objects.using("inventory").filter(saga_id=unlucky).count() == 0
     steps = {str(s.saga_id): s.state for s in SagaStep.objects.filter(name="reserve_stock")}
     assert steps == {saga_ids[0]: "succeeded", saga_ids[1]: "retrying", saga_ids[2]: "succeeded"}
+
+
+def test_a_business_failure_in_a_batch_is_stored_without_its_effects_and_the_rest_commit(
+    alice_api, catalogue, batching_broker, monkeypatch
+):
+    """The batch runs its operations with no savepoint each (two round trips fewer per command);
+    a business failure rolls it back, and it runs once more with one savepoint per operation, so
+    the failure is stored without its partial effects and the others commit, still together."""
+    from inventory.exceptions import InsufficientStock
+
+    saga_ids = [place(alice_api) for _ in range(3)]
+    for message in batching_broker.take("orchestration.start_saga"):
+        batching_broker.run(message)
+    reserves = [commands.Command.from_message(m["payload"]) for m in batching_broker.take("inventory.execute")]
+    unlucky = reserves[1].saga_id
+    real = commands.get_operation("inventory", "reserve")
+
+    def reserve(*, command):
+        result = real(command=command)  # its reservation is written ...
+        if command.saga_id == unlucky:
+            raise InsufficientStock("no more mugs")  # ... then it fails: the write must not stay
+        return result
+
+    monkeypatch.setitem(commands._OPERATIONS, ("inventory", "reserve"), reserve)
+    with CaptureQueriesContext(connections["inventory"]) as queries:
+        outcomes = commands.execute_many(service="inventory", commands=reserves)
+
+    assert [o["status"] for o in outcomes] == [commands.SUCCEEDED, commands.BUSINESS_FAILURE, commands.SUCCEEDED]
+    assert outcomes[1]["error"]["code"] == InsufficientStock.code
+    assert Reservation.objects.using("inventory").filter(saga_id=unlucky).count() == 0
+    stored = Barrier.objects.using("inventory").get(saga_id=unlucky, step="reserve_stock").outcome
+    assert stored["status"] == commands.BUSINESS_FAILURE
+    savepoints = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SAVEPOINT")]
+    assert savepoints, "the second run takes a savepoint per operation"
+    assert len([q for q in queries.captured_queries if "INSERT" in q["sql"] and "outboxmessage" in q["sql"]]) == 1
+    steps = {str(s.saga_id): s.state for s in SagaStep.objects.filter(name="reserve_stock")}
+    assert steps[saga_ids[0]] == steps[saga_ids[2]] == "succeeded"
+    assert steps[saga_ids[1]] != "succeeded"
+    batching_broker.deliver()
+    states = {str(saga.id): saga.state for saga in Saga.objects.all()}
+    assert states == {saga_ids[0]: "completed", saga_ids[1]: "compensated", saga_ids[2]: "completed"}
+    assert run_audit() == []
+
+
+def test_a_command_alone_that_fails_for_business_is_stored_without_its_effects(
+    alice_api, catalogue, broker, monkeypatch
+):
+    from inventory.exceptions import InsufficientStock
+
+    real = commands.get_operation("inventory", "reserve")
+
+    def reserve(*, command):
+        real(command=command)  # its reservation is written, then it fails: the write must not stay
+        raise InsufficientStock("no more mugs")
+
+    monkeypatch.setitem(commands._OPERATIONS, ("inventory", "reserve"), reserve)
+    saga_id = place(alice_api)
+    broker.deliver()
+
+    assert Saga.objects.get(id=saga_id).state == Saga.State.COMPENSATED
+    stored = Barrier.objects.using("inventory").get(saga_id=saga_id, step="reserve_stock", op="action").outcome
+    assert stored["status"] == commands.BUSINESS_FAILURE
+    assert Reservation.objects.using("inventory").filter(saga_id=saga_id).count() == 0
+    assert mug() == (50, 0)
+    assert run_audit() == []
 
 
 def test_a_reply_that_fails_fails_alone_and_the_others_apply(alice_api, catalogue, broker):
