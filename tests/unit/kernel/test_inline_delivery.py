@@ -135,3 +135,42 @@ def test_a_block_left_on_an_error_publishes_what_it_committed(alice_api, catalog
 
     assert [m["task"] for m in broker.queue] == [REPLY_TASK]
     assert SagaStep.objects.get(saga_id=saga_id, name="reserve_stock").state == SagaStep.State.RUNNING
+
+
+@pytest.mark.skipif(not celery_app.conf.broker_url.startswith("redis://"), reason="the Redis transport's publish batch")
+def test_messages_committed_together_reach_the_broker_in_one_round_trip(monkeypatch):
+    """The undelayed messages of one transaction are sent with one Redis pipeline (kombu's
+    publish batch), not one LPUSH each; each is still its own message on its queue, and marked
+    published."""
+    import redis
+    from django.db import transaction
+
+    queue = "test-publish-batch"
+    client = redis.Redis.from_url(celery_app.conf.broker_url)
+    client.delete(queue)
+    calls: list[str] = []
+    execute_command, execute_pipeline = redis.Redis.execute_command, redis.client.Pipeline.execute
+
+    def command(self, *args, **options):
+        calls.append(str(args[0]))
+        return execute_command(self, *args, **options)
+
+    def pipeline(self, *args, **kwargs):
+        calls.append("pipeline:" + ",".join(str(c[0][0]) for c in self.command_stack))
+        return execute_pipeline(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", command)
+    monkeypatch.setattr(redis.client.Pipeline, "execute", pipeline)
+    try:
+        with transaction.atomic(using="default"):
+            rows = outbox.enqueue_many(
+                using="default",
+                messages=[outbox.message(task="kernel.test_noop", queue=queue, payload={"n": n}) for n in range(3)],
+            )
+        assert "pipeline:LPUSH,LPUSH,LPUSH" in calls
+        assert "LPUSH" not in calls
+        assert client.llen(queue) == 3
+        published = OutboxMessage.objects.filter(id__in=[r.id for r in rows], published_at__isnull=False).count()
+        assert published == 3
+    finally:
+        client.delete(queue)
