@@ -25,6 +25,7 @@ and because a batch here needs Celery's per-message verdicts, which it does not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -182,8 +183,9 @@ class Batched(SagaTask):
             _IN_FLIGHT[0] += 1
 
         def on_return(result: Any) -> None:
-            for request in requests:
-                request.acknowledge()
+            with _acks_together(requests):
+                for request in requests:
+                    request.acknowledge()
             _returned(len(requests))
 
         def on_error(exc_info: Any) -> None:
@@ -248,6 +250,14 @@ def _direct_item(payload: dict[str, Any], message_id: str | None = None) -> dict
 _POOL_LOCK = threading.Lock()
 _IN_FLIGHT = [0]
 _WAITING: dict[str, Batched] = {}
+
+
+def _acks_together(requests: list[Any]) -> contextlib.AbstractContextManager[None]:
+    """Acknowledge a batch's messages in one broker round trip where the transport can (the
+    Redis transport's `RedisQoS.together`); else each on its own."""
+    qos = getattr(getattr(getattr(requests[0], "message", None), "channel", None), "qos", None)
+    together = getattr(qos, "together", None) if len(requests) > 1 else None
+    return together() if callable(together) else contextlib.nullcontext()
 
 
 # The messages of batched tasks the consumer holds: buffered, or in a batch not yet returned.
