@@ -388,8 +388,8 @@ SAGA_INLINE_DELIVERY = env_bool("SAGA_INLINE_DELIVERY", default=True)
 # their replies in one more. 1 turns batching off (a command per task, as before).
 SAGA_BATCH_SIZE = max(1, env_int("SAGA_BATCH_SIZE", 32))
 SAGA_BATCH_WAIT_MS = env_float("SAGA_BATCH_WAIT_MS", 2.0)
-# Off: a message reaching a worker whose pool runs nothing goes at once (no one to wait for).
-# On: it waits SAGA_BATCH_WAIT_MS for company even then (fuller batches, a slower idle hop).
+# Off: a message reaching a worker that holds at most one other message goes at once (a lone
+# order's hops wait for no batch). On: it waits SAGA_BATCH_WAIT_MS for company even then.
 SAGA_BATCH_WAIT_WHEN_IDLE = env_bool("SAGA_BATCH_WAIT_WHEN_IDLE", default=False)
 # A batch holds its messages unacknowledged until it is done: a worker may hold a batch's worth
 # across its pool (a quarter batch per process of the usual `-c 4`); 1 without batches.

@@ -108,6 +108,7 @@ def no_processes(monkeypatch, settings):
 
     def start_worker(concurrency, log_path, extra_env=None, *, name="bench", beat=False):
         workers.append(FakeWorker())
+        workers[-1].beat = beat
         return workers[-1]
 
     def measure(name, **kwargs):
@@ -126,6 +127,7 @@ def test_the_last_line_is_a_json_object_with_every_figure(no_processes):
     lines = out.getvalue().splitlines()
     summary = json.loads(lines[-1])
     assert len(no_processes) == 2
+    assert [w.beat for w in no_processes] == [True, False]  # the relay and sweeps run, once, as in production
     assert all(w.stopped for w in no_processes)
     assert summary["styles"] == ["orchestrated", "tcc"]
     assert summary["workers"] == 2
