@@ -106,13 +106,18 @@ def test_a_batch_of_commands_is_one_transaction_and_one_insert_of_replies(alice_
         assert SagaStep.objects.get(saga_id=saga_id, name="reserve_stock").state == "succeeded"
 
 
+def three_reserves(api, broker) -> tuple[list[str], list[commands.Command]]:
+    """Three orders started; their reserve commands, taken off the queue together."""
+    saga_ids = [place(api) for _ in range(3)]
+    for message in broker.take("orchestration.start_saga"):
+        broker.run(message)
+    return saga_ids, [commands.Command.from_message(m["payload"]) for m in broker.take("inventory.execute")]
+
+
 def test_a_command_that_raises_fails_alone_and_the_rest_of_its_batch_commits(
     alice_api, catalogue, batching_broker, monkeypatch
 ):
-    saga_ids = [place(alice_api) for _ in range(3)]
-    for message in batching_broker.take("orchestration.start_saga"):
-        batching_broker.run(message)
-    reserves = [commands.Command.from_message(m["payload"]) for m in batching_broker.take("inventory.execute")]
+    saga_ids, reserves = three_reserves(alice_api, batching_broker)
     unlucky = reserves[1].saga_id
     real = commands.get_operation("inventory", "reserve")
 
@@ -141,10 +146,7 @@ def test_a_business_failure_in_a_batch_is_stored_without_its_effects_and_the_res
     the failure is stored without its partial effects and the others commit, still together."""
     from inventory.exceptions import InsufficientStock
 
-    saga_ids = [place(alice_api) for _ in range(3)]
-    for message in batching_broker.take("orchestration.start_saga"):
-        batching_broker.run(message)
-    reserves = [commands.Command.from_message(m["payload"]) for m in batching_broker.take("inventory.execute")]
+    saga_ids, reserves = three_reserves(alice_api, batching_broker)
     unlucky = reserves[1].saga_id
     real = commands.get_operation("inventory", "reserve")
 

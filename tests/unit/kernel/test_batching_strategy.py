@@ -95,6 +95,14 @@ def ids(pool: Pool) -> list[list[str]]:
     return [[item["id"] for item in job["items"]] for job in pool.jobs]
 
 
+def working(handler) -> None:
+    """Two shipping commands in the pool: the worker holds more than a lone order's message, so
+    what comes next waits for company."""
+    shipping = handler("shipping")
+    shipping()
+    shipping()
+
+
 def test_a_lone_orders_commands_go_at_once_and_wait_for_company_once_the_worker_holds_more(worker):
     handler, pool, timer = worker
     receive = handler("inventory")
@@ -122,9 +130,7 @@ def test_a_waiting_worker_never_sends_at_once(worker, settings):
 
 def test_while_the_pool_works_commands_wait_for_the_batch_wait_then_go_as_one_batch(worker):
     handler, pool, timer = worker
-    shipping = handler("shipping")
-    shipping()
-    shipping()
+    working(handler)
     receive = handler("inventory")
     for _ in range(3):
         receive()
@@ -143,9 +149,7 @@ def test_while_the_pool_works_commands_wait_for_the_batch_wait_then_go_as_one_ba
 def test_a_full_buffer_goes_at_once(worker, monkeypatch):
     handler, pool, _timer = worker
     monkeypatch.setattr(celery_app.tasks["inventory.execute"], "flush_every", 2)
-    shipping = handler("shipping")
-    shipping()
-    shipping()
+    working(handler)
     receive = handler("inventory")
     receive()
     receive()
@@ -173,9 +177,7 @@ def test_while_every_process_is_busy_the_batch_grows_and_goes_when_one_returns(w
 
 def test_a_command_that_calls_outside_goes_alone_and_at_once(worker):
     handler, pool, timer = worker
-    shipping = handler("shipping")
-    shipping()
-    shipping()
+    working(handler)
     receive = handler("payments")
     receive("capture")  # no outside call: buffered
     receive("charge")  # calls the card gateway
