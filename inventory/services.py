@@ -12,6 +12,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 
+from sagaplatform.kernel import barrier
 from sagaplatform.observability import hooks as observability
 
 from . import contention
@@ -77,7 +78,7 @@ def reservation_reserve(*, saga_id: uuid.UUID, order_id: uuid.UUID, lines: list[
     in opposite orders.
     """
     reserved = []
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         for line in sorted(lines, key=lambda line: line["sku"]):
             got = stock_reserve_line(sku=line["sku"], quantity=int(line["quantity"]))
             Reservation.objects.using(DB).create(
@@ -93,7 +94,7 @@ def reservation_reserve(*, saga_id: uuid.UUID, order_id: uuid.UUID, lines: list[
 
 def _settle(*, saga_id: uuid.UUID, to_state: str, on_hand_delta: bool) -> int:
     settled = 0
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         held = Reservation.objects.using(DB).filter(saga_id=saga_id, state=Reservation.State.HELD).order_by("sku")
         for reservation in held:
             # Conditional on the state, so a reservation is settled once even if asked twice.

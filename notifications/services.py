@@ -6,10 +6,9 @@ import uuid
 from datetime import timedelta
 
 from django.core.mail import send_mail
-from django.db import transaction
 from django.utils import timezone
 
-from sagaplatform.kernel import outbox
+from sagaplatform.kernel import barrier, outbox
 from sagaplatform.kernel.clock import db_now
 
 from . import sms
@@ -41,7 +40,7 @@ def notification_queue(
     subject, template = TEMPLATES[kind]
     body = template.format(order_id=order_id, reason=reason or "unknown reason")
     created = []
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         for channel, recipient in ((Notification.Channel.EMAIL, email), (Notification.Channel.SMS, phone)):
             if not recipient:
                 continue

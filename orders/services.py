@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from sagaplatform.kernel import choreography, events, outbox, ports, sealing
+from sagaplatform.kernel import barrier, choreography, events, outbox, ports, sealing
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.commands import ORCHESTRATOR_QUEUE
 from sagaplatform.kernel.models import OutboxMessage
@@ -291,7 +291,7 @@ def _locked(order_id: uuid.UUID | str) -> Order:
 
 
 def order_approve(*, order_id: uuid.UUID | str) -> Order:
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         order = _locked(order_id)
         if order.status == Order.Status.APPROVED:
             return order
@@ -303,7 +303,7 @@ def order_approve(*, order_id: uuid.UUID | str) -> Order:
 
 
 def order_revoke(*, order_id: uuid.UUID | str, reason: str = "") -> Order:
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         order = _locked(order_id)
         if order.status == Order.Status.APPROVED:
             order.revoke()
@@ -314,7 +314,7 @@ def order_revoke(*, order_id: uuid.UUID | str, reason: str = "") -> Order:
 def order_reject(*, order_id: uuid.UUID | str, code: str, message: str) -> Order:
     """End a pending order that will not be fulfilled: cancelled if a person asked for it,
     rejected otherwise. Idempotent."""
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         order = _locked(order_id)
         if order.status == Order.Status.PENDING:
             if code == CANCELLED_CODE:
@@ -326,7 +326,7 @@ def order_reject(*, order_id: uuid.UUID | str, code: str, message: str) -> Order
 
 
 def order_ship(*, order_id: uuid.UUID | str) -> Order:
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         order = _locked(order_id)
         if order.status == Order.Status.APPROVED:
             order.ship()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from django.db import transaction
 from django.utils import timezone
+
+from sagaplatform.kernel import barrier
 
 from .exceptions import AlreadyDispatched, ShipmentNotDispatchable
 from .models import Shipment
@@ -15,7 +16,7 @@ DB = "shipping"
 
 def shipment_schedule(*, saga_id: uuid.UUID, order_id: uuid.UUID, address: dict, tentative: bool = False) -> Shipment:
     """Book a parcel with the carrier (with `tentative`, only hold the slot: TCC's try)."""
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         return Shipment.objects.using(DB).create(
             saga_id=saga_id,
             order_id=order_id,
@@ -27,7 +28,7 @@ def shipment_schedule(*, saga_id: uuid.UUID, order_id: uuid.UUID, address: dict,
 
 def shipment_confirm(*, saga_id: uuid.UUID) -> Shipment:
     """Confirm a tentative booking (TCC's confirm). Idempotent."""
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         shipment = Shipment.objects.using(DB).select_for_update().filter(saga_id=saga_id).first()
         if shipment is None or shipment.state == Shipment.State.CANCELLED:
             raise ShipmentNotDispatchable("Nothing booked to confirm", details={"saga_id": str(saga_id)})
@@ -39,7 +40,7 @@ def shipment_confirm(*, saga_id: uuid.UUID) -> Shipment:
 
 def shipment_dispatch(*, saga_id: uuid.UUID) -> Shipment:
     """The parcel leaves the warehouse: from here on it cannot be cancelled. Idempotent."""
-    with transaction.atomic(using=DB):
+    with barrier.atomic(DB):
         shipment = Shipment.objects.using(DB).select_for_update().filter(saga_id=saga_id).first()
         if shipment is None or shipment.state == Shipment.State.CANCELLED:
             raise ShipmentNotDispatchable(

@@ -812,3 +812,55 @@ def test_execute_rolls_back_effect_and_reply_together_when_the_transaction_fails
     assert world() == before
     assert barrier_rows("inventory", saga.id) == {}
     assert [r["status"] for r in replies("inventory")] == ["transient_error"]
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize(
+    ("items", "status"),
+    [
+        ([{"sku": "SKU-BOOK", "quantity": 3}], "succeeded"),
+        # SKU-BOOK (taken first) fits, SKU-LAMP does not: the run with no savepoint rolls back,
+        # and the run again in the barrier's savepoint stores the failure.
+        ([{"sku": "SKU-LAMP", "quantity": 11}, {"sku": "SKU-BOOK", "quantity": 3}], "business_failure"),
+    ],
+)
+def test_a_service_function_run_by_the_barrier_opens_no_savepoint_of_its_own(new_saga, items, status):
+    """`reservation_reserve` is all or nothing by its own transaction; inside the barrier it
+    joins the command's (`barrier.atomic`): the only savepoint is the barrier's, and only on the
+    business failure's second run."""
+    from django.test.utils import CaptureQueriesContext
+
+    saga = new_saga(items=items)
+    before = world()
+
+    with CaptureQueriesContext(connections["inventory"]) as queries:
+        outcome = saga.execute("reserve")
+
+    assert outcome["status"] == status
+    savepoints = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SAVEPOINT")]
+    assert len(savepoints) == (0 if status == "succeeded" else 1)
+    if status == "business_failure":
+        assert world() == before  # SKU-BOOK's reservation went with the failure
+        assert barrier_rows("inventory", saga.id)[("reserve_stock", ACTION)] == outcome
+
+
+def test_a_service_function_called_inside_another_transaction_keeps_its_savepoint(new_saga):
+    """Called outside the barrier (the admin, the API), a failing service function rolls back
+    only its own writes, and the caller's transaction goes on."""
+    from django.db import transaction
+
+    from inventory.exceptions import InsufficientStock
+    from inventory.services import reservation_reserve
+
+    saga = new_saga()
+    before = world()
+    with transaction.atomic(using="inventory"):
+        with pytest.raises(InsufficientStock):
+            reservation_reserve(
+                saga_id=saga.id,
+                order_id=uuid.UUID(saga.context["order_id"]),
+                lines=[{"sku": "SKU-LAMP", "quantity": 11}, {"sku": "SKU-BOOK", "quantity": 3}],
+            )
+        # Still usable: the function's savepoint took its partial reservation back.
+        assert StockItem.objects.using("inventory").get(sku="SKU-BOOK").reserved == 0
+    assert world() == before
