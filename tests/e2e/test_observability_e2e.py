@@ -217,6 +217,7 @@ def test_metrics_need_the_bearer_token_in_production(run):
 def test_each_order_is_one_trace_from_the_request_through_every_worker_child(run):
     spans = run["spans"]
     by_id = {s["span_id"]: s for s in spans}
+    worker_pids: set[int] = set()
     for name, receipt in run["receipts"].items():
         saga_spans = [s for s in spans if s["attributes"].get("saga.id") == receipt["saga"]["id"]]
         assert saga_spans, name
@@ -229,7 +230,14 @@ def test_each_order_is_one_trace_from_the_request_through_every_worker_child(run
         assert "POST" in roots[0]["name"], roots[0]
         # Linked: every span's parent is in the same trace.
         assert all(by_id.get(s["parent_span_id"], {}).get("trace_id") in traces for s in trace if s is not roots[0])
-        assert len({s["pid"] for s in trace}) >= 3, name  # the web process and pool children
+        # Across processes: the web process's request, then the worker's pool children. Which
+        # child runs which task is the pool's choice: a short saga may run in one child alone.
+        workers = {s["pid"] for s in trace} - {roots[0]["pid"]}
+        assert workers, name
+        worker_pids |= workers
+    # Into every child: with more than twenty tasks in all, children recycled every twenty
+    # tasks are at least two processes, and each one's spans link up to their request.
+    assert len(worker_pids) >= 2, worker_pids
     retried = [
         s
         for s in spans
