@@ -119,6 +119,10 @@ def test_transient_failures_open_the_breaker_and_while_open_they_do_not_count(al
     assert state("payments") == "closed"
     steps = SagaStep.objects.filter(saga_id__in=ids, name="charge_payment")
     assert {s.state for s in steps} == {"succeeded"}
+    # Every held failure is a deferral, not an attempt: counted over the whole run, since the
+    # tracker may hear of the last held failures only once the outage is over (`deliver` stops
+    # at its limit with their news still queued).
+    held = [e for e in SagaEvent.objects.filter(saga_id__in=ids, kind="step_deferred") if e.data.get("not_counted")]
     assert sum(s.deferrals for s in steps) == len(held)
     assert not SagaEvent.objects.filter(saga_id__in=ids, kind="step_failed").exists()
 
