@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -446,6 +447,13 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- Channels -------------------------------------------------------------------------------
 
+# Probe an idle Redis connection after 10 s, then every 5 s; three misses and it is dead.
+_REDIS_KEEPALIVE = {
+    getattr(socket, name): value
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)  # Linux names; elsewhere the system's defaults apply
+}
+
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -454,11 +462,21 @@ if REDIS_URL:
             # channels_redis drops them silently. The publisher sends one batch per 50 ms and
             # the consumers heal any loss from the database, so this only bounds a slow client.
             #
-            # A consumer waits for messages in BZPOPMIN with a 5 s timeout; redis-py's async
-            # client gives up on a socket after 5 s too, so an idle websocket was dropped every
-            # few seconds. The socket timeout must be longer than that wait.
+            # A consumer waits for messages in BZPOPMIN, which Redis itself ends after 5 s, so
+            # the socket needs no timeout of its own (redis-py's default, 5 s, dropped idle
+            # websockets). None also keeps redis-py from writing under asyncio.wait_for, which on
+            # Python 3.11 loses a cancellation that lands as the write completes: the closed
+            # websocket's receive task then polled Redis forever. A dead Redis is found by TCP
+            # keepalive instead (about 25 s).
             "CONFIG": {
-                "hosts": [{"address": env_str("CHANNEL_LAYER_URL", REDIS_URL), "socket_timeout": 30}],
+                "hosts": [
+                    {
+                        "address": env_str("CHANNEL_LAYER_URL", REDIS_URL),
+                        "socket_timeout": None,
+                        "socket_keepalive": True,
+                        "socket_keepalive_options": _REDIS_KEEPALIVE,
+                    }
+                ],
                 "capacity": 500,
                 "expiry": 30,
             },

@@ -5,6 +5,7 @@ test (in-memory when embedded, channels_redis on the production stack)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -515,3 +516,29 @@ def test_a_dashboard_is_sent_no_more_rows_a_second_than_a_browser_paints(setting
         await ws.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_closed_sockets_wait_on_the_channel_layer_ends_wherever_the_cancel_lands():
+    """When a websocket closes, Channels cancels its consumer's wait on the channel layer. That
+    wait sends commands to Redis before it blocks; a cancel that landed just as a write completed
+    was lost (redis-py writes under asyncio.wait_for when the socket has a timeout, and Python
+    3.11's wait_for drops such a cancel), so the task polled Redis forever and the test server's
+    loop never closed. The cancel is swept over every step of the wait's start."""
+
+    async def scenario() -> list[int]:
+        layer = get_channel_layer()
+        lost = []
+        for steps in range(60):  # past the last write: by then it blocks in BZPOPMIN
+            channel = await layer.new_channel()
+            waiting = asyncio.ensure_future(layer.receive(channel))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            waiting.cancel()
+            done, _ = await asyncio.wait([waiting], timeout=2)
+            if not done:
+                lost.append(steps)
+                await layer.send(channel, {"type": "feed.headers", "headers": []})  # lets it end
+                await asyncio.wait([waiting], timeout=10)
+        return lost
+
+    assert async_to_sync(scenario)() == []
