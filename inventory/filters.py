@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import django_filters
 from django.db.models import F
 
-from sagaplatform.filters import BooleanFilter, FilterSet
+from sagaplatform.filters import BooleanFilter, FilterSet, TextFilter
 
 from .models import StockItem
 
@@ -15,9 +14,7 @@ class StockFilter(FilterSet):
         method="filter_in_stock",
         help_text="`true`: only SKUs with units available (on hand and not reserved); `false`: only the others.",
     )
-    sku = django_filters.CharFilter(
-        field_name="sku", lookup_expr="startswith", max_length=64, help_text="SKUs starting with this."
-    )
+    sku = TextFilter(field_name="sku", lookup_expr="startswith", max_length=64, help_text="SKUs starting with this.")
 
     class Meta:
         model = StockItem

@@ -19,7 +19,7 @@ from django.db.models import Q, TextField
 from django.db.models.functions import Cast, Upper
 from drf_spectacular.utils import extend_schema_field
 
-from sagaplatform.filters import BooleanFilter, DateTimeFilter, FilterSet
+from sagaplatform.filters import BooleanFilter, DateTimeFilter, FilterSet, TextFilter
 from sagaplatform.kernel.clock import db_now
 
 from .definitions import DEFINITIONS, MODES
@@ -88,16 +88,16 @@ class SagaFilter(FilterSet):
     stuck = BooleanFilter(
         field_name="stuck", help_text="`true`: only stuck sagas (see `state=stuck`); `false`: only the others."
     )
-    q = django_filters.CharFilter(
+    q = TextFilter(
         method="filter_q",
         max_length=200,
         help_text="Search: a saga id or order id (a full UUID), else a customer (e-mail or id) or a SKU, exactly.",
     )
-    customer = django_filters.CharFilter(
+    customer = TextFilter(
         method="filter_customer", max_length=254, help_text="The customer: e-mail (any case) or user id."
     )
-    sku = django_filters.CharFilter(method="filter_sku", max_length=64, help_text="Sagas whose order has this SKU.")
-    failure_code = django_filters.CharFilter(
+    sku = TextFilter(method="filter_sku", max_length=64, help_text="Sagas whose order has this SKU.")
+    failure_code = TextFilter(
         method="filter_failure_code",
         max_length=64,
         help_text="Why it failed or was cancelled: `failure.code`, e.g. `card_declined`, `retries_exhausted`.",

@@ -8,6 +8,9 @@ import django_filters
 from django import forms
 from django.core.exceptions import ValidationError
 from django_filters.fields import IsoDateTimeField
+from drf_spectacular.drainage import set_override
+
+from .api import ANY_TEXT
 
 
 class UtcIsoDateTimeField(IsoDateTimeField):
@@ -57,6 +60,17 @@ class BooleanFilter(django_filters.BooleanFilter):
         # A plain input: django-filter's boolean widgets turn an unknown value into "no filter".
         kwargs.setdefault("widget", forms.TextInput)
         super().__init__(*args, **kwargs)
+
+
+class TextFilter(django_filters.CharFilter):
+    """A text query parameter, documented as its form field takes it: at most `max_length`
+    characters, none of them NUL (refused with a 400). drf-spectacular documents a CharFilter as
+    any string, so a schema-valid `?sku=` of 65 characters was refused."""
+
+    def __init__(self, *args, max_length: int, **kwargs):
+        super().__init__(*args, max_length=max_length, **kwargs)
+        schema = {"type": "string", "maxLength": max_length, "pattern": ANY_TEXT}
+        set_override(self, "field", {**schema, "description": kwargs.get("help_text", "")})
 
 
 class FilterSet(django_filters.FilterSet):

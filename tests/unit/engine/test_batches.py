@@ -17,7 +17,7 @@ from orchestration.models import Saga, SagaEvent, SagaStep
 from sagaplatform.celery import app as celery_app
 from sagaplatform.kernel import batching, commands, outbox
 from sagaplatform.kernel.models import Barrier, DeadLetter, OutboxMessage
-from tests.conftest import InTestBroker, mug, order_body
+from tests.conftest import InTestBroker, mug, order_body, register_tasks
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -50,7 +50,7 @@ class BatchingBroker(InTestBroker):
 
 @pytest.fixture
 def batching_broker(monkeypatch) -> BatchingBroker:
-    celery_app.loader.import_default_modules()
+    register_tasks()
     fake = BatchingBroker()
     monkeypatch.setattr(outbox, "_send", fake.publish)
     monkeypatch.setattr(outbox, "runs_here", lambda message: message.queue == commands.ORCHESTRATOR_QUEUE)

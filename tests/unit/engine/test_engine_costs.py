@@ -27,7 +27,7 @@ from django.db import connections
 
 from orchestration.models import Saga
 from sagaplatform.celery import app as celery_app
-from tests.conftest import ON_POSTGRES, InTestBroker, order_body
+from tests.conftest import ON_POSTGRES, InTestBroker, order_body, register_tasks
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -162,7 +162,7 @@ def worker_broker(monkeypatch, settings) -> WorkerBroker:
     marked inline is run by the worker that committed it (outbox.runs_here)."""
     from sagaplatform.kernel import breakers, faults, outbox
 
-    celery_app.loader.import_default_modules()
+    register_tasks()
     # As deployed: circuit breakers and the live feed on (they cost the hot path Redis calls).
     settings.BREAKER_ENABLED = True
     settings.SAGA_FEED_ENABLED = True

@@ -17,6 +17,7 @@ import pytest
 
 from sagaplatform.celery import app as celery_app
 from sagaplatform.kernel import batching
+from tests.conftest import register_tasks
 
 
 class Request:
@@ -66,7 +67,7 @@ class Timer:
 @pytest.fixture
 def worker(monkeypatch):
     """A consumer with a pool of four processes; returns (handler of `service`.execute, pool, timer)."""
-    celery_app.loader.import_default_modules()
+    register_tasks()
     monkeypatch.setattr(batching, "create_request_cls", lambda *args, **kwargs: Request)
     monkeypatch.setattr(batching, "_IN_FLIGHT", [0])
     monkeypatch.setattr(batching, "_HELD", [0])

@@ -9,6 +9,7 @@ import pytest
 from django.db import connections
 
 from sagaplatform.celery import app as celery_app
+from tests.conftest import register_tasks
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True, databases="__all__")]
 
@@ -27,7 +28,7 @@ def kill(alias: str) -> int:
 
 
 def test_a_task_on_a_dead_connection_reconnects_and_runs_again(monkeypatch):
-    celery_app.loader.import_default_modules()
+    register_tasks()
     checks = []
     connection = connections["inventory"]
     monkeypatch.setattr(connection, "is_usable", lambda original=connection.is_usable: checks.append(1) or original())
@@ -41,7 +42,7 @@ def test_a_task_on_a_dead_connection_reconnects_and_runs_again(monkeypatch):
 
 
 def test_a_task_on_a_live_connection_makes_no_health_check(monkeypatch):
-    celery_app.loader.import_default_modules()
+    register_tasks()
     connection = connections["inventory"]
     connection.ensure_connection()
     checks = []
@@ -60,7 +61,7 @@ def test_a_task_failing_for_another_reason_is_not_run_again(monkeypatch):
 
     from sagaplatform.kernel import outbox
 
-    celery_app.loader.import_default_modules()
+    register_tasks()
     runs = []
 
     def failing(*, using, limit=500):
@@ -84,7 +85,7 @@ def test_a_task_whose_failed_query_was_in_a_transaction_runs_again():
     from payments.models import PaymentMethod
     from sagaplatform.kernel import sealing
 
-    celery_app.loader.import_default_modules()
+    register_tasks()
     pid = kill("payments")
 
     message = {"reference": "pm_restart", "order_id": None, "sealed_token": sealing.seal("tok_visa")}
@@ -98,7 +99,7 @@ def test_a_task_whose_failed_query_was_in_a_transaction_runs_again():
 def test_a_task_meeting_several_dead_connections_reconnects_them_all():
     """A server restart kills every database's session at once: a task that reads several
     databases meets them one after the other, and runs again once every dead one is replaced."""
-    celery_app.loader.import_default_modules()
+    register_tasks()
     from django.conf import settings
 
     killed = {alias: kill(alias) for alias in settings.DATABASE_ALIASES}

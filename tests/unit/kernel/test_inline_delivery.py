@@ -17,7 +17,7 @@ from sagaplatform.celery import app as celery_app
 from sagaplatform.kernel import outbox
 from sagaplatform.kernel.commands import REPLY_TASK
 from sagaplatform.kernel.models import OutboxMessage
-from tests.conftest import deliver_until, order_body
+from tests.conftest import deliver_until, order_body, register_tasks
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -53,7 +53,7 @@ def reply_rows(saga_id: str) -> list[OutboxMessage]:
 
 
 def test_runs_here_only_in_a_worker_task_that_consumes_the_queue(monkeypatch):
-    celery_app.loader.import_default_modules()
+    register_tasks()
     message = OutboxMessage(task=REPLY_TASK, queue="orchestrator", payload={})
     assert not outbox.runs_here(message)  # no task: the web process, a test's direct call
     with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE):
@@ -64,7 +64,7 @@ def test_runs_here_only_in_a_worker_task_that_consumes_the_queue(monkeypatch):
 
 
 def test_runs_here_is_off_with_the_setting(monkeypatch, settings):
-    celery_app.loader.import_default_modules()
+    register_tasks()
     settings.SAGA_INLINE_DELIVERY = False
     with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE):
         assert not outbox.runs_here(OutboxMessage(task=REPLY_TASK, queue="orchestrator", payload={}))
