@@ -19,7 +19,6 @@ from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
 from inventory.models import StockItem
-from inventory.services import stock_set
 from orders.models import Product
 from sagaplatform.celery import app as celery_app
 from sagaplatform.kernel import batching, faults, outbox
@@ -202,9 +201,20 @@ def broker(monkeypatch) -> InTestBroker:
 
 @pytest.fixture
 def catalogue(django_db_blocker) -> dict:
-    for sku, (price, stock) in CATALOGUE.items():
-        Product.objects.using("orders").update_or_create(sku=sku, defaults={"name": sku.title(), "unit_price": price})
-        stock_set(sku=sku, on_hand=stock)
+    # One statement per database (most tests ask for it: a get-or-create per row cost 3% of the
+    # fast tier); what is already there is overwritten, as `stock_set` would.
+    Product.objects.using("orders").bulk_create(
+        [Product(sku=sku, name=sku.title(), unit_price=price) for sku, (price, _) in CATALOGUE.items()],
+        update_conflicts=True,
+        unique_fields=["sku"],
+        update_fields=["name", "unit_price"],
+    )
+    StockItem.objects.using("inventory").bulk_create(
+        [StockItem(sku=sku, on_hand=stock) for sku, (_, stock) in CATALOGUE.items()],
+        update_conflicts=True,
+        unique_fields=["sku"],
+        update_fields=["on_hand"],
+    )
     return CATALOGUE
 
 

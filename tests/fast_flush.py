@@ -3,7 +3,7 @@
 A `transaction=True` test ends with Django's `flush` on each of the six databases: one
 `TRUNCATE` of every table, then the `post_migrate` signal, which re-creates every content type
 and permission the `TRUNCATE` removed. Measured here, that was about a second per test, and the
-fast tier has hundreds of such tests. Two changes, for the tests only:
+fast tier has hundreds of such tests. Three changes, for the tests only:
 
 * the tables are emptied with `DELETE` in one round trip per database. On the handful of rows a
   test leaves, `DELETE` is far cheaper than `TRUNCATE` (which swaps every table's files and takes
@@ -11,7 +11,9 @@ fast tier has hundreds of such tests. Two changes, for the tests only:
   the deletes does not matter inside the flush's transaction;
 * content types and permissions are kept, so nothing needs re-creating and `post_migrate` is not
   sent. They come from the models, which no test changes; rows that link them to users and
-  groups are deleted as before.
+  groups are deleted as before;
+* the statements are built once per database: listing its tables is a catalogue query, and
+  Django's flush also imports every app's `management` module each time, for `post_migrate`.
 
 What a test sees afterwards is what it saw before: every table empty but those two, which hold
 exactly what `post_migrate` would have written back.
@@ -19,6 +21,8 @@ exactly what `post_migrate` would have written back.
 
 from __future__ import annotations
 
+from django.core.management import sql as management_sql
+from django.core.management.color import no_style
 from django.core.management.commands import flush
 from django.db import connections
 
@@ -44,16 +48,28 @@ def install() -> None:
     original = DatabaseOperations.sql_flush
     DatabaseOperations.sql_flush = sql_flush  # type: ignore[method-assign]
 
+    statements: dict[tuple, list[str]] = {}
+
     class Command(flush.Command):
         def handle(self, **options):
-            if connections[options["database"]].vendor == "postgresql":
-                # Content types and permissions survive the flush above: nothing to re-create.
-                options["inhibit_post_migrate"] = True
             # What post_migrate would have done for this process: forget the cached content types
             # (a process the test started may have re-created them with new ids meanwhile).
             from django.contrib.contenttypes.models import ContentType
 
             ContentType.objects.clear_cache()
-            return super().handle(**options)
+            connection = connections[options["database"]]
+            if connection.vendor != "postgresql":
+                return super().handle(**options)
+            # Content types and permissions survive the flush above: nothing to re-create, so
+            # no post_migrate (nor the import of every app's management module it needs). The
+            # statements depend only on the tables, which no test adds: built once per database
+            # (listing the tables is a catalogue query).
+            reset_sequences, allow_cascade = options["reset_sequences"], options.get("allow_cascade", False)
+            key = (connection.alias, reset_sequences, allow_cascade)
+            if key not in statements:
+                statements[key] = management_sql.sql_flush(
+                    no_style(), connection, reset_sequences=reset_sequences, allow_cascade=allow_cascade
+                )
+            connection.ops.execute_sql_flush(statements[key])
 
     flush.Command = Command  # type: ignore[misc]

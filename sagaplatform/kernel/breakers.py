@@ -496,6 +496,7 @@ def reset() -> None:
             store.logs.clear()
             store.transitions.clear()
         return
-    keys = list(store.scan_iter(f"{PREFIX}*"))
+    # SCAN walks the whole database, 10 keys a round trip unless told otherwise.
+    keys = list(store.scan_iter(f"{PREFIX}*", count=1000))
     if keys:
         store.delete(*keys)
