@@ -8,7 +8,7 @@ import django_filters
 from django import forms
 from django.core.exceptions import ValidationError
 from django_filters.fields import IsoDateTimeField
-from drf_spectacular.drainage import set_override
+from drf_spectacular.utils import extend_schema_field
 
 from .api import ANY_TEXT
 
@@ -70,7 +70,7 @@ class TextFilter(django_filters.CharFilter):
     def __init__(self, *args, max_length: int, **kwargs):
         super().__init__(*args, max_length=max_length, **kwargs)
         schema = {"type": "string", "maxLength": max_length, "pattern": ANY_TEXT}
-        set_override(self, "field", {**schema, "description": kwargs.get("help_text", "")})
+        extend_schema_field({**schema, "description": kwargs.get("help_text", "")})(self)
 
 
 class FilterSet(django_filters.FilterSet):
