@@ -64,7 +64,7 @@ def install() -> None:
             # no post_migrate (nor the import of every app's management module it needs). The
             # statements depend only on the tables, which no test adds: built once per database
             # (listing the tables is a catalogue query).
-            reset_sequences, allow_cascade = options["reset_sequences"], options.get("allow_cascade", False)
+            reset_sequences, allow_cascade = options.get("reset_sequences", True), options.get("allow_cascade", False)
             key = (connection.alias, reset_sequences, allow_cascade)
             if key not in statements:
                 statements[key] = management_sql.sql_flush(

@@ -16,12 +16,16 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("reset_sequences", [True, False], ids=["flush-command-default", "between-tests"])
-def test_a_flush_empties_the_tables_and_keeps_the_permissions(reset_sequences):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"reset_sequences": True}, {"reset_sequences": False}],
+    ids=["flush-command", "flush-command-resetting-sequences", "between-tests"],
+)
+def test_a_flush_empties_the_tables_and_keeps_the_permissions(options):
     Product.objects.using("orders").create(sku="SKU-FLUSH", name="Flushed", unit_price="1.00")
     make_operator("before")
     for alias in ("default", "orders"):
-        call_command("flush", database=alias, interactive=False, verbosity=0, reset_sequences=reset_sequences)
+        call_command("flush", database=alias, interactive=False, verbosity=0, **options)
 
     assert not Product.objects.using("orders").exists()
     assert Permission.objects.filter(content_type__app_label="orchestration", codename="operate_saga").exists()
