@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db import connections
 from rest_framework.test import APIClient
 
 from inventory.models import StockItem
@@ -75,6 +76,11 @@ def pytest_configure(config):
     settings.SAGA_REGISTRY_DISCOVERY = False
     if ON_POSTGRES:
         fast_flush.install()
+        # The test databases need no durable commits: a commit does not wait for its WAL to
+        # reach the disk (what survives a crash is still consistent, and a crash ends the run).
+        # The processes the tests start keep the setting they would have in production.
+        for alias in settings.DATABASES:
+            connections[alias].settings_dict["OPTIONS"]["options"] = "-c synchronous_commit=off"
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
         isolate_xdist_worker(worker)
