@@ -208,7 +208,7 @@ def broker(monkeypatch) -> InTestBroker:
 @pytest.fixture
 def catalogue(django_db_blocker) -> dict:
     # One statement per database (most tests ask for it: a get-or-create per row cost 3% of the
-    # fast tier); what is already there is overwritten, as `stock_set` would.
+    # fast tier). A test starts with empty tables; a row already there is overwritten.
     Product.objects.using("orders").bulk_create(
         [Product(sku=sku, name=sku.title(), unit_price=price) for sku, (price, _) in CATALOGUE.items()],
         update_conflicts=True,
