@@ -15,6 +15,9 @@ fast tier has hundreds of such tests. Three changes, for the tests only:
 * the statements are built once per database: listing its tables is a catalogue query, and
   Django's flush also imports every app's `management` module each time, for `post_migrate`.
 
+Unlike `TRUNCATE`, which waits for every other transaction on a table, the `DELETE`s can
+deadlock with a process a test started that is still writing; the flush is then run again.
+
 What a test sees afterwards is what it saw before: every table empty but those two, which hold
 exactly what `post_migrate` would have written back.
 """
@@ -24,7 +27,8 @@ from __future__ import annotations
 from django.core.management import sql as management_sql
 from django.core.management.color import no_style
 from django.core.management.commands import flush
-from django.db import connections
+from django.db import OperationalError, connections
+from psycopg.errors import DeadlockDetected
 
 KEPT = frozenset({"django_content_type", "auth_permission"})
 
@@ -70,6 +74,15 @@ def install() -> None:
                 statements[key] = management_sql.sql_flush(
                     no_style(), connection, reset_sequences=reset_sequences, allow_cascade=allow_cascade
                 )
-            connection.ops.execute_sql_flush(statements[key])
+            for attempt in range(1, 6):
+                try:
+                    connection.ops.execute_sql_flush(statements[key])
+                    return
+                except OperationalError as error:
+                    # A process the test started (a server, a worker) may still be writing: its
+                    # transaction and the flush's DELETEs can deadlock, and PostgreSQL aborts one
+                    # of them. The flush's transaction was rolled back: run it again.
+                    if attempt == 5 or not isinstance(error.__cause__, DeadlockDetected):
+                        raise
 
     flush.Command = Command  # type: ignore[misc]
