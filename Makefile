@@ -46,16 +46,20 @@ run: setup ## Set up and serve the platform with demo data on http://127.0.0.1:$
 	$(BIN)/python manage.py seed_demo
 	$(BIN)/python manage.py serve --port $(PORT)
 
-# The whole suite: the fast tier on TEST_WORKERS xdist workers, then the slow tiers (real processes,
-# browsers) in one process, one test at a time, as they time real workers. With PYTEST_ARGS (a path,
-# `-m e2e`, `-k ...`), one run in one process of what they select.
+# The whole suite: the fast tier on TEST_WORKERS xdist workers; then the slow tiers (real processes,
+# browsers) on as many, each worker with its own databases, Redis database and var/
+# (tests/xdist_env.py), the browser tests together on one (one stack, one Chromium); then the
+# `serial` tests (the chaos tier, the simulations) in one process, one at a time: they restart
+# PostgreSQL, time recoveries, or open most of its connections. With PYTEST_ARGS (a path, `-m e2e`,
+# `-k ...`), one run in one process of what they select.
 test: install-dev ## Run the whole suite (on PostgreSQL + Redis + real workers when reachable)
 	@eval "$$($(BIN)/python -m tests.services)" && \
 	if [ -n "$(PYTEST_ARGS)" ]; then $(BIN)/python -m pytest $(PYTEST_ARGS); else \
 	  $(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS); fast=$$?; \
-	  $(BIN)/python -m pytest -m slow; slow=$$?; \
-	  echo "make test: fast tier exit $$fast, slow tiers exit $$slow"; \
-	  [ $$fast -eq 0 ] && [ $$slow -eq 0 ]; fi
+	  $(BIN)/python -m pytest -m "slow and not serial" -n $(TEST_WORKERS) --dist loadgroup; slow=$$?; \
+	  $(BIN)/python -m pytest -m serial; serial=$$?; \
+	  echo "make test: fast tier exit $$fast, slow tiers exit $$slow, serial tests exit $$serial"; \
+	  [ $$fast -eq 0 ] && [ $$slow -eq 0 ] && [ $$serial -eq 0 ]; fi
 
 test-fast: install-dev ## The fast tier: every test that starts no process or browser (-m "not slow"), on TEST_WORKERS xdist workers
 	@eval "$$($(BIN)/python -m tests.services)" && $(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)

@@ -25,7 +25,7 @@ from django.conf import settings
 from django.db import connections
 
 from loadtest import cpu_totals as cpu
-from loadtest.processes import ROOT, Process, worker_command
+from loadtest.processes import Process, worker_command
 
 BENCH_SKU = "SKU-BENCH"
 STYLES = ("orchestrated", "parallel", "tcc", "choreography")
@@ -527,7 +527,7 @@ def run_benchmark(
     phases = [("empty", 0), ("prefilled", compare_prefill)] if compare_prefill else [("", prefill)]
     _seed((n + warmup) * (len(styles) + 1) * len(phases) + 200)
     install_fault_rules([])
-    log_dir = ROOT / "var"
+    log_dir = settings.VAR_DIR
     log_dir.mkdir(exist_ok=True)
     # A retry is a delayed outbox row that only the relay publishes, and a lost attempt waits for
     # the sweeper: beat runs in the first worker, as in production. Retries happen with no fault
@@ -687,7 +687,7 @@ def run_styles_benchmark(*, n: int, concurrency: int, worker_concurrency: int, l
         FaultRule.objects.using(alias).filter(operation="*").delete()
         if latency_ms:
             FaultRule.objects.using(alias).create(service=alias, operation="*", latency_ms=latency_ms)
-    log_path = ROOT / "var" / "bench-worker.log"
+    log_path = settings.VAR_DIR / "bench-worker.log"
     log_path.parent.mkdir(exist_ok=True)
     worker = start_worker(worker_concurrency, log_path)
     results = {}

@@ -44,10 +44,10 @@ def main() -> None:
 
     from loadtest import bench, cpu
     from loadtest.observability_bench import MODES, _set_in_process
-    from loadtest.processes import ROOT, Process, celery
+    from loadtest.processes import Process, celery
 
     bench._seed(10 * (args.n + 5) * args.rounds)
-    log_path = ROOT / "var" / "obs-profile-worker.log"
+    log_path = settings.VAR_DIR / "obs-profile-worker.log"
     results: dict[str, list[float]] = {}
     for _round in range(args.rounds):
         for mode in args.modes.split(","):

@@ -27,7 +27,7 @@ from django.contrib.auth import get_user_model
 from django.db import connections
 from rest_framework.authtoken.models import Token
 
-from loadtest.processes import ROOT, free_port
+from loadtest.processes import free_port
 from loadtest.simulate import ADDRESS, REST, WorkerPool, _seed
 from orchestration.models import Saga
 from orders.models import Order
@@ -159,7 +159,7 @@ def run_ramp(
     _seed()
     tokens = _customers()
     port = free_port()
-    pool = WorkerPool(workers, step_timeout=30.0, handling_seconds=0.0, log_dir=ROOT / "var")
+    pool = WorkerPool(workers, step_timeout=30.0, handling_seconds=0.0, log_dir=settings.VAR_DIR)
     steps = [Step(rate, seconds) for rate in rates]
     current: list[Step | None] = [None]
     stop_watching = threading.Event()

@@ -23,7 +23,7 @@ from django.contrib.auth import get_user_model
 from inventory.models import StockItem
 from inventory.services import stock_set
 from loadtest.bench import Run, drive
-from loadtest.processes import ROOT, Process, beat_command, serve_command, worker_command
+from loadtest.processes import Process, beat_command, serve_command, worker_command
 from orchestration.audit import run_audit
 from orchestration.models import Saga, SagaEvent
 from orders.models import Product
@@ -131,7 +131,7 @@ def run_simulation(plan: Plan, out) -> int:
     _install_faults(plan)
     pool: WorkerPool | None = None
     if plan.spawn_workers:
-        pool = WorkerPool(plan.spawn_workers, plan.step_timeout, plan.handling_seconds, ROOT / "var", plan.breaker)
+        pool = WorkerPool(plan.spawn_workers, plan.step_timeout, plan.handling_seconds, settings.VAR_DIR, plan.breaker)
         pool.start()
     elif settings.SAGA_EMBEDDED_WORKER:
         from sagaplatform import embedded

@@ -11,7 +11,6 @@ import functools
 import os
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 from django.conf import settings
@@ -81,35 +80,12 @@ def pytest_configure(config):
         # The processes the tests start keep the setting they would have in production.
         for alias in settings.DATABASES:
             connections[alias].settings_dict["OPTIONS"]["options"] = "-c synchronous_commit=off"
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker:
-        isolate_xdist_worker(worker)
-
-
-def isolate_xdist_worker(worker: str) -> None:
-    """`make test-fast` runs on pytest-xdist workers (gw0, gw1...). pytest-django gives each its
-    own test databases (`test_<name>_gw0`...); the Redis database is shared, so each worker gets
-    its own cache key prefix (worker heartbeats, live-feed watch marks) and channel-layer prefix
-    (live-feed groups), and the stock-contention and breaker keys their own prefix. Attempt marks
-    need none: their keys hold the saga's id. The Prometheus directory is set per worker before
-    Django starts (`tests/xdist_env.py`)."""
-    for cache in settings.CACHES.values():
-        cache["KEY_PREFIX"] = f"{cache.get('KEY_PREFIX', '')}-{worker}"
-    layers: dict[str, dict[str, Any]] = settings.CHANNEL_LAYERS
-    for layer in layers.values():
-        if "CONFIG" in layer:  # channels_redis (the in-memory layer is the process's own)
-            layer["CONFIG"]["prefix"] = f"asgi-{worker}"
-    # The stock-contention counts and the circuit breakers keep their keys in that Redis too.
-    from inventory import contention
-    from sagaplatform.kernel import breakers
-
-    contention.PREFIX = f"contention-{worker}:"
-    breakers.PREFIX = f"breaker-{worker}:"
-    breakers.INDEX = breakers.PREFIX + "index"
 
 
 # The slow tiers, by directory: every test under tests/<tier>/ gets the tier's marker and `slow`
-# (`make test-fast` runs `-m "not slow"`: no child process, no browser).
+# (`make test-fast` runs `-m "not slow"`: no child process, no browser); the chaos tier's also
+# `serial` (`make test` runs those alone, one at a time: they restart PostgreSQL, kill workers and
+# time their recovery).
 TIERS = ("e2e", "chaos", "browser")
 TESTS = Path(__file__).resolve().parent
 
@@ -122,6 +98,12 @@ def pytest_collection_modifyitems(config, items):
         if parts and parts[0] in TIERS:
             item.add_marker(parts[0])
             item.add_marker("slow")
+            if parts[0] == "chaos":
+                item.add_marker("serial")
+            # On xdist workers (`make test`, `--dist loadgroup`), a file's tests run on one worker
+            # (several share a stack started once per module), and every browser test on one
+            # (they share one stack and one Chromium, started once per package).
+            item.add_marker(pytest.mark.xdist_group("browser" if parts[0] == "browser" else "/".join(parts)))
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL; `make test` does when it answers)")
     skip_prod = pytest.mark.skip(reason="needs PostgreSQL and Redis (DATABASE_URL, REDIS_URL)")
     for item in items:

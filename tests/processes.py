@@ -16,7 +16,9 @@ from loadtest.processes import ROOT, Process, free_port, wait_for, worker_comman
 
 __all__ = ["ARTIFACTS", "ROOT", "Worker", "database_urls", "flush_broker", "free_port", "wait_for", "wait_until_quiet"]
 
-ARTIFACTS = ROOT / "test-artifacts"
+# What the slow tiers leave to look at (process logs, outputs), in a directory per xdist worker
+# (test-artifacts/gw0/...): two tests on two workers may start processes of the same name.
+ARTIFACTS = ROOT / "test-artifacts" / os.environ.get("PYTEST_XDIST_WORKER", "")
 
 
 def database_urls() -> dict[str, str]:

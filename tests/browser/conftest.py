@@ -38,9 +38,10 @@ except ImportError:  # skipped below with the reason (or, on CI, failed)
 
 from loadtest.feed_bench import CHROMIUM, CHROMIUM_ARGS  # one definition for tests and benchmark
 from loadtest.processes import Process, serve_command
-from tests.processes import ARTIFACTS, Worker, database_urls, flush_broker, free_port, wait_for, wait_until_quiet
+from tests.processes import ARTIFACTS, ROOT, Worker, database_urls, flush_broker, free_port, wait_for, wait_until_quiet
 
-SCREENSHOTS = ARTIFACTS / "screenshots"
+# One place whatever the xdist worker (every browser test runs on the same one).
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 # Long enough for a browser test to cancel in, short enough for the happy path to wait out.
 HANDLING_SECONDS = "4"
 PRODUCTION = not settings.EMBEDDED_DATABASES and not settings.EMBEDDED_BROKER

@@ -22,6 +22,7 @@ from orchestration.models import Saga, SagaEvent
 from tests.processes import ARTIFACTS, ROOT, database_urls, flush_broker
 
 pytestmark = [
+    pytest.mark.serial,  # 40 clients and two workers: most of PostgreSQL's 100 connections
     pytest.mark.slow,
     pytest.mark.production,
     pytest.mark.django_db(transaction=True, databases="__all__"),

@@ -19,6 +19,7 @@ from tests.processes import ARTIFACTS, ROOT, database_urls, flush_broker
 # pytest-timeout's default of 120 s killed `manage.py simulate` mid-run on a busy machine, and
 # its worker processes (sessions of their own) outlived it.
 pytestmark = [
+    pytest.mark.serial,  # clients, two workers and a kill: many of PostgreSQL's 100 connections
     pytest.mark.production,
     pytest.mark.django_db(transaction=True, databases="__all__"),
     pytest.mark.timeout(330),

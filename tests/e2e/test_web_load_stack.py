@@ -25,6 +25,9 @@ from tests.conftest import order_body
 from tests.processes import ARTIFACTS, ROOT, database_urls, flush_broker, free_port, wait_for
 from tests.stack import PASSWORD, Stack
 
+# Load tests: each times what a stack refuses past its limit, and the ramp opens many connections.
+pytestmark = pytest.mark.serial
+
 URL = "/api/orders/"
 
 
