@@ -528,7 +528,7 @@ def run_benchmark(
     _seed((n + warmup) * (len(styles) + 1) * len(phases) + 200)
     install_fault_rules([])
     log_dir = settings.VAR_DIR
-    log_dir.mkdir(exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
     # A retry is a delayed outbox row that only the relay publishes, and a lost attempt waits for
     # the sweeper: beat runs in the first worker, as in production. Retries happen with no fault
     # injected too: a charge that overtakes its card's registration is retried (seen once in
@@ -688,7 +688,7 @@ def run_styles_benchmark(*, n: int, concurrency: int, worker_concurrency: int, l
         if latency_ms:
             FaultRule.objects.using(alias).create(service=alias, operation="*", latency_ms=latency_ms)
     log_path = settings.VAR_DIR / "bench-worker.log"
-    log_path.parent.mkdir(exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     worker = start_worker(worker_concurrency, log_path)
     results = {}
     try:

@@ -87,7 +87,7 @@ def run_observability_benchmark(*, n: int, concurrency: int, worker_concurrency:
         raise RuntimeError("the benchmark measures the production stack: set DATABASE_URL and REDIS_URL")
     bench._seed((n + warmup) * 2 * rounds)
     log_path = settings.VAR_DIR / "bench-worker.log"
-    log_path.parent.mkdir(exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     out.write(
         f"{n} orders per round, {rounds} rounds of off/on (on/off in even rounds), {concurrency} clients, "
         f"worker -c {worker_concurrency}\n"

@@ -153,5 +153,5 @@ class Stack:
 
 
 def artifacts_dir() -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS

@@ -100,7 +100,7 @@ def _healthy(url: str) -> bool:
 
 def start_stack(tmp: Path, *, extra_env: dict | None = None) -> LiveStack:
     """Start the web process (and, in production mode, a worker) on the test databases."""
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL", "CELERY_BROKER"))}
     env |= {
         "DJANGO_SETTINGS_MODULE": "sagaplatform.settings",

@@ -46,7 +46,7 @@ def simulate(*args: str, label: str) -> str:
     result = subprocess.run(
         [sys.executable, "manage.py", "simulate", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
     )
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / f"simulate-outage-{label}.out").write_text(result.stdout + result.stderr)
     print(result.stdout)
     assert "audit: 0 violation(s)" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -61,7 +61,7 @@ def simulate(*args: str, label: str, audit: bool = True) -> str:
     result = subprocess.run(
         [sys.executable, "manage.py", "simulate", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=800
     )
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / f"simulate-choreography-outage-{label}.out").write_text(result.stdout + result.stderr)
     print(result.stdout)
     assert "audit: " in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

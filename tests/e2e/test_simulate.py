@@ -45,7 +45,7 @@ def simulate(*args: str, label: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "manage.py", "simulate", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / f"simulate-{label}.out").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "audit: 0 violation(s)" in result.stdout

@@ -198,7 +198,7 @@ def test_a_short_ramp_has_no_5xx_refuses_past_the_limit_and_every_accepted_order
         text=True,
         timeout=240,
     )
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "ramp.out").write_text(result.stdout + result.stderr)
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
