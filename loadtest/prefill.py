@@ -184,7 +184,7 @@ def _insert_sql(template: Template, alias: str, label: str, salt: str) -> tuple[
     pk = qn(str(model._meta.pk.column))
     sql = (
         f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 (our own identifiers and tokens)
-        f"SELECT {', '.join(exprs)} FROM {table} t CROSS JOIN generate_series(%(first)s, %(last)s) AS g "
+        f"SELECT {', '.join(exprs)} FROM {table} t CROSS JOIN generate_series(%(first)s::int, %(last)s::int) AS g "
         f"WHERE t.{pk} = ANY(%(pks)s)"
     )
     return table, sql

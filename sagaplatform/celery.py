@@ -27,11 +27,23 @@ class SagaTask(Task):
         run's transaction rolled back. This replaces the health check (`SELECT 1`) before each
         task's first query: the common case costs nothing, a dead connection one failed
         statement and a check of each connection the process holds."""
-        from django.db import InterfaceError, OperationalError
+        from django.db import InterfaceError, NotSupportedError, OperationalError
 
+        replanned = False
         for delay in (*RECONNECT_DELAYS, None):
             try:
                 return super().__call__(*args, **kwargs)
+            except NotSupportedError as exc:
+                # A migration changed what a statement this process prepared returns (see
+                # DATABASE_PREPARED_STATEMENTS): PostgreSQL refuses that statement on this session
+                # until it is prepared again. New sessions prepare it afresh; run once more.
+                if replanned or not _stale_plan(exc):
+                    raise
+                replanned = False
+                logger.warning(
+                    "task %s: a prepared statement went stale (%s); reconnecting and running it again", self.name, exc
+                )
+                _close_idle_connections()
             except (OperationalError, InterfaceError) as exc:
                 # A restart kills every database's session at once, but the task meets them
                 # one at a time: check them all, not only the one that failed. The failed one
@@ -72,6 +84,23 @@ def _lost_connection(exc: BaseException) -> bool:
     if cause.sqlstate is None:
         return isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError)
     return cause.sqlstate.startswith(_LOST_SQLSTATES)
+
+
+def _stale_plan(exc: BaseException) -> bool:
+    """Whether a database error is PostgreSQL refusing a prepared statement whose result type a
+    schema change altered ("cached plan must not change result type", SQLSTATE 0A000)."""
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) == "0A000" and "cached plan" in str(cause)
+
+
+def _close_idle_connections() -> None:
+    """Close this thread's connections outside a transaction (their sessions' prepared statements
+    go with them); each opens again at its next query."""
+    from django.db import connections
+
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is not None and not connection.in_atomic_block:
+            connection.close()
 
 
 def _close_dead_connections() -> list[str]:

@@ -74,6 +74,11 @@ def pytest_configure(config):
     os.environ["SAGA_REGISTRY_DISCOVERY"] = "false"
     settings.SAGA_REGISTRY_DISCOVERY = False
     if ON_POSTGRES:
+        # The in-process tests run the engine and the services as the workers do, with prepared
+        # statements (DATABASE_PREPARED_STATEMENTS, on in workers only); the processes the tests
+        # start keep their own defaults.
+        for database in settings.DATABASES.values():
+            database["OPTIONS"].update(settings.PREPARED_STATEMENT_OPTIONS)
         fast_flush.install()
         # The test databases need no durable commits: a commit does not wait for its WAL to
         # reach the disk (what survives a crash is still consistent, and a crash ends the run).

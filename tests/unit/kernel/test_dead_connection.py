@@ -109,3 +109,42 @@ def test_a_task_meeting_several_dead_connections_reconnects_them_all():
     assert result.successful(), result.result
     for alias, pid in killed.items():
         assert connections[alias].connection.info.backend_pid != pid, alias
+
+
+def test_a_task_whose_prepared_statement_a_migration_made_stale_reconnects_and_runs_again(monkeypatch):
+    """Workers prepare the statements they run often (DATABASE_PREPARED_STATEMENTS; the tests
+    run with them too). A migration that changes the type of a column such a statement returns
+    makes PostgreSQL refuse it on that session for good ("cached plan must not change result
+    type"), even outside a transaction: the task reconnects, which prepares it afresh, and runs
+    once more."""
+    from sagaplatform.kernel import outbox
+    from sagaplatform.kernel.models import OutboxMessage
+
+    register_tasks()
+    runs = []
+    monkeypatch.setattr(outbox, "relay_due", lambda original=outbox.relay_due, **kw: runs.append(1) or original(**kw))
+    connection = connections["inventory"]
+    relay = celery_app.tasks["kernel.relay_outbox"]
+    for _ in range(6):  # psycopg prepares a statement at its sixth run on a session
+        assert relay.apply(args=["inventory"]).successful()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+        assert cursor.fetchone()[0] > 0, "the relay's query was not prepared"
+    pid = connection.connection.info.backend_pid
+    table = connection.ops.quote_name(OutboxMessage._meta.db_table)
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    params.pop("prepare_threshold", None)
+    with psycopg.connect(**params, autocommit=True) as other:
+        other.execute(f"ALTER TABLE {table} ALTER COLUMN publish_attempts TYPE bigint")
+        try:
+            runs.clear()
+            result = relay.apply(args=["inventory"])
+        finally:
+            other.execute(f"ALTER TABLE {table} ALTER COLUMN publish_attempts TYPE integer")
+            connection.close()  # its statements were prepared against the bigint column
+
+    assert result.successful(), result.result
+    assert runs == [1, 1]  # refused once, then run again on a new session
+    assert connection.connection is None or connection.connection.info.backend_pid != pid
