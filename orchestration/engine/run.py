@@ -19,7 +19,7 @@ from typing import Any
 from django.db import connections, transaction
 from django.db.models.functions import Now
 
-from sagaplatform.kernel import faults, outbox, registry
+from sagaplatform.kernel import breakers, faults, outbox, registry
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
 from sagaplatform.observability import hooks as observability
 from sagaplatform.observability import tracing
@@ -241,8 +241,10 @@ def load(saga_id: SagaId, *, actor: str = "engine", skip_locked: bool = False) -
 
 
 def locked(saga_id: SagaId, apply: Callable[[Run], bool], *, actor: str = "engine", skip_locked: bool = False) -> bool:
-    """Run `apply` on the locked saga; if it changed anything, advance and save. Returns that."""
-    with transaction.atomic(using=DB):
+    """Run `apply` on the locked saga; if it changed anything, advance and save. Returns that.
+    The breakers' counts of the replies it applies go to Redis with its next steps' admissions
+    (`breakers.together`)."""
+    with breakers.together(), transaction.atomic(using=DB):
         run = load(saga_id, actor=actor, skip_locked=skip_locked)
         if run is None or not apply(run):
             return False
@@ -265,12 +267,13 @@ def locked_many(items: list[Item], *, actor: str = "engine") -> list[bool | None
     whether it changed anything, or None if it raised (alone)."""
     if len(items) <= 1:
         return [_locked_alone(item, actor) for item in items]
-    try:
-        with transaction.atomic(using=DB):
-            return _apply_many(items, actor)
-    except Exception:
-        logger.warning("a batch of %d replies failed; applying each alone", len(items), exc_info=True)
-        return [_locked_alone(item, actor) for item in items]
+    with breakers.together():
+        try:
+            with transaction.atomic(using=DB):
+                return _apply_many(items, actor)
+        except Exception:
+            logger.warning("a batch of %d replies failed; applying each alone", len(items), exc_info=True)
+            return [_locked_alone(item, actor) for item in items]
 
 
 def _locked_alone(item: Item, actor: str) -> bool | None:

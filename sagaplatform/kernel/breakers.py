@@ -16,11 +16,14 @@ clock, so workers agree; in the embedded mode (one process, no Redis) in memory.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import random
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, cast
@@ -332,24 +335,106 @@ def enabled() -> bool:
 
 
 def record(name: str, ok: bool) -> str:
-    """Count one call's outcome; returns the state it moved to ("" if none). Never raises."""
+    """Count one call's outcome; returns the state it moved to ("" if none, or if the outcome is
+    held by `together` until the next question). Never raises."""
     if not enabled():
         return ""
     store = _store()
-    try:
-        if isinstance(store, _Memory):
-            moved = store.record(name, ok, _config())
-        else:
-            pipe = store.pipeline(transaction=False)
-            pipe.sadd(INDEX, name)
-            pipe.eval(_RECORD, 1, f"{PREFIX}{name}:", int(ok), *_config())
-            moved = str(pipe.execute()[1])
-    except Exception:
-        logger.warning("breaker %s: outcome not recorded", name, exc_info=True)
+    if isinstance(store, _Memory):
+        moved = store.record(name, ok, _config())
+        _log_moved(name, moved)
+        return moved
+    held = getattr(_held, "outcomes", None)
+    if held is not None:
+        held.append((name, ok))
         return ""
+    return _send(store, [(name, ok)])[0]
+
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """Hold the outcomes recorded inside this block and send them with the next question asked
+    of a breaker (`admit`, `peek`), in the same Redis round trip and before it, or when the
+    block ends: the orchestrator applying a reply and starting the next step asks Redis once,
+    not twice. Redis sees every outcome before any later question, as without the block."""
+    if getattr(_held, "outcomes", None) is not None:
+        yield
+        return
+    _held.outcomes = []
+    try:
+        yield
+    finally:
+        outcomes, _held.outcomes = _held.outcomes, None
+        if outcomes and enabled() and not isinstance(store := _store(), _Memory):
+            _send(store, outcomes)
+
+
+def _send(store: redis.Redis, outcomes: list[tuple[str, bool]], question: tuple[str, str] | None = None) -> list[Any]:
+    """Record `outcomes` in order, then ask `question` ((name, script)), in one round trip; the
+    states the outcomes moved to, then the question's answer. An outcome that cannot be
+    recorded is logged and dropped (a breaker must never fail its caller); the caller of a
+    question sees the error."""
+    pipe = store.pipeline(transaction=False)
+    for name, ok in outcomes:
+        pipe.sadd(INDEX, name)
+        _script(pipe, _RECORD, name, int(ok))
+    if question is not None:
+        _script(pipe, question[1], question[0], 0)
+    try:
+        answers = _execute(store, pipe)
+    except Exception:
+        if question is not None:
+            raise
+        logger.warning("breakers %s: outcomes not recorded", sorted({n for n, _ in outcomes}), exc_info=True)
+        return [""] * len(outcomes)
+    moved = [str(answer) for answer in answers[1 : 2 * len(outcomes) : 2]]
+    for (name, _), state in zip(outcomes, moved, strict=True):
+        _log_moved(name, state)
+    return [*moved, answers[-1]] if question is not None else moved
+
+
+def _log_moved(name: str, moved: str) -> None:
     if moved:
         logger.warning("circuit breaker %s is now %s", name, moved, extra={"breaker": name})
-    return moved
+
+
+_SHAS: dict[str, str] = {}
+
+
+def _script(pipe: Any, script: str, name: str, ok: int) -> None:
+    """Queue `script` on the pipeline by its digest (EVALSHA: Redis keeps it compiled; the 1-2 KB
+    of Lua travel only when Redis lacks it, `_execute`)."""
+    sha = _SHAS.get(script)
+    if sha is None:
+        sha = _SHAS[script] = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+    pipe.evalsha(sha, 1, f"{PREFIX}{name}:", ok, *_config())
+
+
+def _execute(store: redis.Redis, pipe: Any) -> list[Any]:
+    """Run the pipeline; where Redis lacked a script (after a restart or a flush) load the
+    scripts and run those commands again (a refused EVALSHA ran nothing; the other commands ran).
+    Raises the first error left."""
+    import redis
+
+    commands = list(pipe.command_stack)  # `execute` empties it
+    answers = pipe.execute(raise_on_error=False)
+    missing = [i for i, answer in enumerate(answers) if isinstance(answer, redis.exceptions.NoScriptError)]
+    if missing:
+        for script in _SHAS:
+            store.script_load(script)
+        again = store.pipeline(transaction=False)
+        for i in missing:
+            args, options = commands[i]
+            again.execute_command(*args, **options)
+        for i, answer in zip(missing, again.execute(raise_on_error=False), strict=True):
+            answers[i] = answer
+    for answer in answers:
+        if isinstance(answer, Exception):
+            raise answer
+    return answers
 
 
 def admit(name: str) -> Verdict:
@@ -371,7 +456,10 @@ def _ask(name: str, script: str, *, reserve: bool) -> Verdict:
     try:
         if isinstance(store, _Memory):
             return store.admit(name, _config(), reserve=reserve)
-        admitted, state, retry_at, now = store.eval(script, 1, f"{PREFIX}{name}:", 0, *_config())
+        held = getattr(_held, "outcomes", None) or []
+        if held:
+            _held.outcomes = []
+        admitted, state, retry_at, now = _send(store, held, (name, script))[-1]
         return Verdict(bool(int(admitted)), state, float(retry_at), float(now))
     except Exception:
         logger.warning("breaker %s: state not readable; admitting", name, exc_info=True)

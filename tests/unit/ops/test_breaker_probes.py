@@ -94,3 +94,42 @@ def test_detail_counts_the_window_and_its_failure_rate():
     assert inventory["inventory"]["failure_rate"] == 0.333
     assert inventory["orders"]["state"] == "closed"
     assert inventory["orders"]["recent"] == []
+
+
+def test_outcomes_held_together_reach_the_breaker_before_the_next_question(store, monkeypatch):
+    """`together` (the orchestrator applying replies) sends the outcomes it holds with the next
+    admission, in one Redis round trip and ahead of it: failures that open the breaker refuse
+    the admission asked after them, as they would one at a time."""
+    import redis
+
+    trips = []
+    execute = redis.client.Pipeline.execute
+    monkeypatch.setattr(
+        redis.client.Pipeline, "execute", lambda self, *a, **k: trips.append(1) or execute(self, *a, **k)
+    )
+    with breakers.together():
+        moved = [breakers.record("payments", False) for _ in range(4)]
+        refused = breakers.admit("payments")
+        breakers.record("shipping", False)
+    round_trips = len(trips)
+    assert (refused.admitted, refused.state) == (False, "open")
+    assert breakers.detail(["shipping"])["shipping"]["failures"] == 1  # sent when the block ended
+    if store == "redis":
+        assert moved == ["", "", "", ""]  # held: the move to open is logged when sent
+        assert round_trips == 2  # four outcomes and the admission, then the last outcome
+
+
+def test_a_breaker_whose_scripts_redis_forgot_loads_them_again(store):
+    """Scripts run by their digest (EVALSHA); after a Redis restart or SCRIPT FLUSH the next call
+    loads them and runs again, counting each outcome once."""
+    if store != "redis":
+        pytest.skip("Redis only")
+    breakers.record("payments", False)
+    breakers._store().script_flush()
+    with breakers.together():
+        breakers.record("payments", False)
+        assert breakers.admit("payments").admitted
+    breakers._store().script_flush()
+    breakers.record("payments", True)
+    assert breakers.detail(["payments"])["payments"]["calls"] == 3
+    assert breakers.detail(["payments"])["payments"]["failures"] == 2
