@@ -13,7 +13,11 @@
    savepoint, and on a business failure rolls its whole transaction back and runs again with
    one: see `call`.)
 
-Both inserts are `INSERT ... ON CONFLICT DO NOTHING`: the unique key, not a read, decides
+A command's action takes a shorter path (`call(savepoint=False)`): the operation first, then its
+row with the outcome in one insert; a row already there (or any failure) rolls the whole
+transaction back, and the action runs again as above.
+
+Every insert is `INSERT ... ON CONFLICT DO NOTHING`: the unique key, not a read, decides
 ("change instead of check"), so concurrent duplicates serialise on the index.
 
 An operation that calls outside the platform (a card gateway) must not hold its transaction
@@ -32,6 +36,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import connections, transaction
 from django.utils import timezone
 
@@ -128,20 +133,54 @@ def _store(using: str, saga_id: SagaId, step: str, op: str, outcome: dict[str, A
     Barrier.objects.using(using).filter(saga_id=saga_id, step=step, op=op).update(outcome=outcome)
 
 
+class Decided(BusinessError):
+    """Raised by `call(savepoint=False)` when the operation's row turns out to exist already (a
+    duplicate, an action a compensation refused), or when the operation failed other than for
+    business reasons before the row was read (a duplicate may fail on the service's own unique
+    keys): the caller rolls back and calls again with a savepoint, which reads the row first.
+    As for a business failure, which the caller handles the same way."""
+
+    code = "barrier_decided"
+
+
 def call(
-    *, using: str, command: Command, fn: Callable[..., dict[str, Any] | None], savepoint: bool = True
+    *,
+    using: str,
+    command: Command,
+    fn: Callable[..., dict[str, Any] | None],
+    savepoint: bool = True,
+    begun: bool = False,
 ) -> dict[str, Any]:
     """Run `command`'s operation `fn` through the barrier (see the module's docstring).
 
-    `savepoint=False` runs the operation without a savepoint of its own and lets a business
-    failure propagate: the caller must then roll its whole transaction back and call again with
-    a savepoint, which stores the failure (so an operation that fails for business reasons runs
-    twice, the first run rolled back). Two round trips (SAVEPOINT, RELEASE) fewer on the path
-    of every command that succeeds (`commands` does this). A confirm's refusal is a transient
-    error either way, never stored."""
+    `savepoint=False` is the fast path of a command that has no row yet, almost every one: the
+    action runs first, with no savepoint of its own, and its row is then inserted with
+    its outcome, one round trip where inserting the row first and storing the outcome later took
+    two. The unique key still decides: if the row exists, or the operation fails in any way (a
+    duplicate may trip the service's own unique keys), `Decided` or the business failure
+    propagates and the caller must roll its whole transaction back and call again with a
+    savepoint, which reads the row first, replays it or stores a failure, and meets a real
+    error again (so such a command runs twice, the first run rolled back). Two round trips (SAVEPOINT, RELEASE) fewer
+    too on the path of every command that succeeds (`commands` does this). A concurrent
+    duplicate waits on the first one's row (or its locks) and then finds the row. Compensations,
+    confirms (a refusal is a transient error, never stored: a confirm already made would be
+    refused again and again) and an action whose intent `begin` recorded (`begun`) read the row
+    first either way."""
     if not connections[using].in_atomic_block:
         raise RuntimeError("barrier.call must run inside transaction.atomic(using=...)")
     saga_id, step, op = command.saga_id, command.step, command.op
+    if not savepoint and op == ACTION and not begun:
+        try:
+            outcome = _run_unprotected(using, command, fn)
+        except (BusinessError, SoftTimeLimitExceeded):
+            raise
+        except Exception as exc:
+            # Perhaps the duplicate's own doing (a unique key of the service's rows, a lock): the
+            # run again reads the row first, and meets this error again if it is real.
+            raise Decided(f"{step}/{op} of saga {saga_id} failed before its row was read: {exc}") from exc
+        if not _insert(using, saga_id, step, op, outcome):
+            raise Decided(f"the barrier already holds {step}/{op} of saga {saga_id}")
+        return outcome
 
     if op == COMPENSATE and _insert(using, saga_id, step, ACTION, REFUSED_AFTER_COMPENSATION):
         _insert(using, saga_id, step, COMPENSATE, NULL_COMPENSATION)
@@ -167,13 +206,7 @@ def call(
             return {**stored, "replayed": True}
 
     if not savepoint:
-        try:
-            with _running(using):
-                outcome = {"status": "succeeded", "result": fn(command=command) or {}}
-        except BusinessError as exc:
-            if op == CONFIRM:  # never stored (below): the caller's rollback undoes its effects
-                raise TransientError(exc.message, code=exc.code, details=exc.details) from exc
-            raise
+        outcome = _run_unprotected(using, command, fn)
         _store(using, saga_id, step, op, outcome)
         return outcome
     try:
@@ -188,6 +221,17 @@ def call(
         outcome = {"status": "business_failure", "error": exc.as_dict()}
     _store(using, saga_id, step, op, outcome)
     return outcome
+
+
+def _run_unprotected(using: str, command: Command, fn: Callable[..., dict[str, Any] | None]) -> dict[str, Any]:
+    """The operation with no savepoint of its own; a business failure propagates (see `call`)."""
+    try:
+        with _running(using):
+            return {"status": "succeeded", "result": fn(command=command) or {}}
+    except BusinessError as exc:
+        if command.op == CONFIRM:  # never stored: the caller's rollback undoes its effects
+            raise TransientError(exc.message, code=exc.code, details=exc.details) from exc
+        raise
 
 
 def begin(*, using: str, command: Command) -> dict[str, Any] | None:

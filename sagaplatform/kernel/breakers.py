@@ -348,7 +348,7 @@ def record(name: str, ok: bool) -> str:
     if held is not None:
         held.append((name, ok))
         return ""
-    return _send(store, [(name, ok)])[0]
+    return str(_send(store, [(name, ok)])[0])
 
 
 _held = threading.local()
@@ -420,12 +420,12 @@ def _execute(store: redis.Redis, pipe: Any) -> list[Any]:
     import redis
 
     commands = list(pipe.command_stack)  # `execute` empties it
-    answers = pipe.execute(raise_on_error=False)
+    answers: list[Any] = pipe.execute(raise_on_error=False)
     missing = [i for i, answer in enumerate(answers) if isinstance(answer, redis.exceptions.NoScriptError)]
     if missing:
         for script in _SHAS:
             store.script_load(script)
-        again = store.pipeline(transaction=False)
+        again: Any = store.pipeline(transaction=False)
         for i in missing:
             args, options = commands[i]
             again.execute_command(*args, **options)

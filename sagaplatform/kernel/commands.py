@@ -276,7 +276,8 @@ def _execute_transaction(service: str, command: Command, *, savepoint: bool = Fa
                 outcome = _unknown_operation(service, command)
             else:
                 faults.arm_after_commit(service, command.operation)
-                outcome = barrier.call(using=service, command=command, fn=fn, savepoint=savepoint)
+                begun = calls_outside(service, command.operation)  # its intent's row is there
+                outcome = barrier.call(using=service, command=command, fn=fn, savepoint=savepoint, begun=begun)
             outbox.enqueue(
                 using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
             )

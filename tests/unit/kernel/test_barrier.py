@@ -324,6 +324,36 @@ def test_a_duplicate_delivery_replays_the_stored_outcome_without_a_second_effect
     assert barrier_rows(spec.service, saga.id)[(spec.step, spec.op)] == first
 
 
+@pytest.mark.parametrize("name", [n for n, o in OPERATIONS.items() if o.op == ACTION])
+def test_a_command_writes_its_row_once_with_its_outcome_and_a_duplicate_replays_it(name, new_saga):
+    """A command's action runs first and its row is inserted with the outcome, in one statement
+    (an action whose intent was recorded before its outside call updates that row);
+    the same command again finds the row, its second run is rolled back, and it replays."""
+    from django.test.utils import CaptureQueriesContext
+
+    saga = new_saga()
+    saga.prepare(name)
+    spec = OPERATIONS[name]
+    before = world()
+    table = Barrier._meta.db_table
+
+    with CaptureQueriesContext(connections[spec.service]) as queries:
+        first = saga.execute(name)
+    once = world()
+    second = saga.execute(name)
+
+    writes = [q["sql"].split()[0] for q in queries.captured_queries if f'"{table}"' in q["sql"].split(" WHERE ")[0]]
+    assert first["status"] == "succeeded"
+    check_effect(name, saga, before, once)
+    begun = commands.calls_outside(spec.service, spec.operation)
+    assert writes == (["INSERT", "INSERT", "SELECT", "UPDATE"] if begun else ["INSERT"]), (
+        writes
+    )  # intent, then as before
+    assert second == {**first, "replayed": True}
+    assert world() == once
+    assert barrier_rows(spec.service, saga.id)[(spec.step, spec.op)] == first
+
+
 def test_the_replay_returns_the_first_outcome_even_when_running_again_would_answer_differently(new_saga):
     """Release is idempotent on its own (it would release 0 the second time); the barrier
     answers with what the first delivery did."""
@@ -351,7 +381,8 @@ def test_the_same_step_in_another_saga_is_not_a_duplicate(new_saga):
 
 
 @pytest.mark.django_db(transaction=True, databases="__all__")
-def test_concurrent_duplicates_take_effect_once(new_saga):
+@pytest.mark.parametrize("path", ["run", "execute"])  # the row first; the action first (a command's)
+def test_concurrent_duplicates_take_effect_once(new_saga, path):
     """Eight workers get the same redelivered command at the same instant."""
     saga = new_saga()
     workers = 8
@@ -360,7 +391,7 @@ def test_concurrent_duplicates_take_effect_once(new_saga):
     def deliver(_):
         try:
             start.wait()
-            return saga.run("reserve")
+            return getattr(saga, path)("reserve")
         finally:
             connections.close_all()
 
