@@ -39,7 +39,7 @@ class SagaTask(Task):
                 # until it is prepared again. New sessions prepare it afresh; run once more.
                 if replanned or not _stale_plan(exc):
                     raise
-                replanned = False
+                replanned = True
                 logger.warning(
                     "task %s: a prepared statement went stale (%s); reconnecting and running it again", self.name, exc
                 )

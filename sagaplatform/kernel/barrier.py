@@ -154,14 +154,15 @@ def call(
     """Run `command`'s operation `fn` through the barrier (see the module's docstring).
 
     `savepoint=False` is the fast path of a command that has no row yet, almost every one: the
-    action runs first, with no savepoint of its own, and its row is then inserted with
-    its outcome, one round trip where inserting the row first and storing the outcome later took
+    action runs first, with no savepoint of its own, and its row is then inserted with its
+    outcome, one round trip where inserting the row first and storing the outcome later took
     two. The unique key still decides: if the row exists, or the operation fails in any way (a
     duplicate may trip the service's own unique keys), `Decided` or the business failure
     propagates and the caller must roll its whole transaction back and call again with a
     savepoint, which reads the row first, replays it or stores a failure, and meets a real
-    error again (so such a command runs twice, the first run rolled back). Two round trips (SAVEPOINT, RELEASE) fewer
-    too on the path of every command that succeeds (`commands` does this). A concurrent
+    error again (so such a command runs twice, the first run rolled back). Two round trips
+    (SAVEPOINT, RELEASE) fewer too on the path of every command that succeeds (`commands` does
+    this). A concurrent
     duplicate waits on the first one's row (or its locks) and then finds the row. Compensations,
     confirms (a refusal is a transient error, never stored: a confirm already made would be
     refused again and again) and an action whose intent `begin` recorded (`begun`) read the row

@@ -148,3 +148,28 @@ def test_a_task_whose_prepared_statement_a_migration_made_stale_reconnects_and_r
     assert result.successful(), result.result
     assert runs == [1, 1]  # refused once, then run again on a new session
     assert connection.connection is None or connection.connection.info.backend_pid != pid
+
+
+def test_a_statement_stale_again_after_the_reconnection_fails_the_task(monkeypatch):
+    """One more run, not a loop: a task whose statement is refused again on its new session fails
+    as any other database error would."""
+    from django.db import NotSupportedError
+
+    from sagaplatform.kernel import outbox
+
+    register_tasks()
+    runs = []
+
+    def stale(*, using, limit=500):
+        runs.append(using)
+        try:
+            raise psycopg.errors.FeatureNotSupported("cached plan must not change result type")
+        except psycopg.Error as exc:
+            raise NotSupportedError(str(exc)) from exc
+
+    monkeypatch.setattr(outbox, "relay_due", stale)
+    result = celery_app.tasks["kernel.relay_outbox"].apply(args=["inventory"])
+
+    assert result.failed()
+    assert isinstance(result.result, NotSupportedError)
+    assert runs == ["inventory", "inventory"]
