@@ -113,19 +113,26 @@ class Run:
 
 # The columns a run never changes: a saga's id and creation time; a step's identity and place
 # in the graph; an event's id (the database numbers it).
-_SAGA_FIXED = {"id", "created_at"}
-_STEP_FIXED = {"id", "saga", "name", "kind", "position", "service"}
-_EVENT_FIXED = {"id"}
+_SAGA_FIXED = frozenset({"id", "created_at"})
+_STEP_FIXED = frozenset({"id", "saga", "name", "kind", "position", "service"})
+_EVENT_FIXED = frozenset({"id"})
+# (model, fixed fields, vendor) -> the written fields and a row's `(%s::type, ...)`: the same for
+# every row, and `Field.db_type` costs more than the row's values (profiled in a worker).
+_LAYOUTS: dict[tuple[Any, frozenset[str], str], tuple[list[Any], str]] = {}
 
 
-def _columns(model: Any, fixed: set[str], connection: Any) -> list[Any]:
-    return [f for f in model._meta.concrete_fields if f.name not in fixed and f.column]
+def _layout(model: Any, fixed: frozenset[str], connection: Any) -> tuple[list[Any], str]:
+    key = (model, fixed, connection.vendor)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        fields = [f for f in model._meta.concrete_fields if f.name not in fixed and f.column]
+        layout = _LAYOUTS[key] = (fields, "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in fields) + ")")
+    return layout
 
 
-def _row(fields: list[Any], obj: Any, connection: Any, *, add: bool) -> tuple[str, list[Any]]:
-    """`(%s::type, ...)` and its parameters: `obj`'s values of `fields`, as Django saves them."""
-    sql = "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in fields) + ")"
-    return sql, [f.get_db_prep_save(f.pre_save(obj, add), connection) for f in fields]
+def _values(fields: list[Any], obj: Any, connection: Any, *, add: bool) -> list[Any]:
+    """`obj`'s values of `fields`, as Django saves them."""
+    return [f.get_db_prep_save(f.pre_save(obj, add), connection) for f in fields]
 
 
 def flush_many(runs: list[Run]) -> None:
@@ -157,14 +164,14 @@ def write_runs(runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]]) -> None
     quote = connection.ops.quote_name
     parts: list[tuple[str, list[Any]]] = []
 
-    def update(model: Any, fixed: set[str], objects: list[Any], id_type: str) -> None:
-        fields = _columns(model, fixed, connection)
+    def update(model: Any, fixed: frozenset[str], objects: list[Any], id_type: str) -> None:
+        fields, row = _layout(model, fixed, connection)
         names = [quote(str(f.column)) for f in fields]
+        row = row.replace("(", f"(%s::{id_type}, ", 1)
         rows, params = [], []
         for obj in objects:
-            values, row_params = _row(fields, obj, connection, add=False)
-            rows.append(values.replace("(", f"(%s::{id_type}, ", 1))
-            params.extend([str(obj.pk) if id_type == "uuid" else obj.pk, *row_params])
+            rows.append(row)
+            params.extend([str(obj.pk) if id_type == "uuid" else obj.pk, *_values(fields, obj, connection, add=False)])
         parts.append(
             (
                 f"UPDATE {quote(model._meta.db_table)} AS t SET {', '.join(f'{n} = v.{n}' for n in names)} "  # noqa: S608
@@ -179,12 +186,11 @@ def write_runs(runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]]) -> None
         update(SagaStep, _STEP_FIXED, steps, "bigint")
     events = [event for _, _, run_events in runs for event in run_events]
     if events:
-        fields = _columns(SagaEvent, _EVENT_FIXED, connection)
+        fields, row = _layout(SagaEvent, _EVENT_FIXED, connection)
         rows, params = [], []
         for event in events:
-            values, row_params = _row(fields, event, connection, add=True)
-            rows.append(values)
-            params.extend(row_params)
+            rows.append(row)
+            params.extend(_values(fields, event, connection, add=True))
         parts.append(
             (
                 f"INSERT INTO {quote(SagaEvent._meta.db_table)} ({', '.join(quote(str(f.column)) for f in fields)}) "  # noqa: S608
