@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 
 from django.core.mail import send_mail
+from django.db import connections
 from django.utils import timezone
 
 from sagaplatform.kernel import barrier, outbox
@@ -36,33 +37,58 @@ TEMPLATES = {
 def notification_queue(
     *, saga_id: uuid.UUID, order_id: str, kind: str, email: str, phone: str = "", reason: str = ""
 ) -> list[Notification]:
-    """Write the customer's messages and, in the same transaction, the messages to deliver them."""
+    """Write the customer's messages and, in the same transaction, the messages to deliver them:
+    each notification inserted only if it is new (its order, kind and channel are unique), then
+    the new ones' deliveries in one more statement (run inline: a notifications worker sends
+    each right after this commit, no hop). Two round trips where a get_or_create and a second
+    save per notification took six."""
     subject, template = TEMPLATES[kind]
     body = template.format(order_id=order_id, reason=reason or "unknown reason")
-    created = []
+    created, deliveries = [], []
     with barrier.atomic(DB):
         for channel, recipient in ((Notification.Channel.EMAIL, email), (Notification.Channel.SMS, phone)):
             if not recipient:
                 continue
-            notification, is_new = Notification.objects.using(DB).get_or_create(
+            notification = Notification(
+                saga_id=saga_id,
                 order_id=order_id,
                 kind=kind,
                 channel=channel,
-                defaults={"saga_id": saga_id, "recipient": recipient, "subject": subject, "body": body},
+                recipient=recipient,
+                subject=subject,
+                body=body,
             )
-            if is_new:
-                # Inline: a notifications worker sends it right after this commit, no hop.
-                message = outbox.enqueue(
-                    using=DB,
-                    task=DELIVER_TASK,
-                    queue=DB,
-                    payload={"notification_id": str(notification.id)},
-                    inline=True,
-                )
-                notification.deliver_message_id, notification.last_attempt_at = message.id, message.available_at
-                notification.save(using=DB, update_fields=["deliver_message_id", "last_attempt_at"])
+            message = outbox.message(task=DELIVER_TASK, queue=DB, payload={"notification_id": str(notification.id)})
+            notification.deliver_message_id = message.id
+            if _insert_if_new(notification):
+                deliveries.append(message)
+            else:
+                notification = Notification.objects.using(DB).get(order_id=order_id, kind=kind, channel=channel)
             created.append(notification)
+        outbox.enqueue_many(using=DB, messages=deliveries, inline=True)
     return created
+
+
+def _insert_if_new(notification: Notification) -> bool:
+    """`INSERT ... ON CONFLICT DO NOTHING` of `notification`, its last attempt now on the
+    database's clock, as its delivery's outbox row is due (SQLite shares the process's clock):
+    whether it was new."""
+    connection = connections[DB]
+    quote = connection.ops.quote_name
+    fields = [f for f in Notification._meta.concrete_fields if f.name != "last_attempt_at"]
+    values = [f.get_db_prep_save(f.pre_save(notification, True), connection) for f in fields]
+    if connection.vendor == "postgresql":
+        now_sql = "STATEMENT_TIMESTAMP()"  # Django's Now(), the outbox row's due time
+    else:
+        now_sql = "%s"
+        values.append(Notification._meta.get_field("last_attempt_at").get_db_prep_save(timezone.now(), connection))
+    columns = ", ".join(quote(str(f.column)) for f in [*fields, Notification._meta.get_field("last_attempt_at")])
+    placeholders = ", ".join(["%s"] * len(fields) + [now_sql])
+    # Only the model's own quoted names are interpolated; every value is a parameter.
+    sql = f"INSERT INTO {quote(Notification._meta.db_table)} ({columns}) VALUES ({placeholders}) ON CONFLICT DO NOTHING"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        return bool(cursor.rowcount == 1)
 
 
 def notification_deliver(*, notification_id: str) -> bool:
