@@ -401,16 +401,26 @@ def _log_moved(name: str, moved: str) -> None:
         logger.warning("circuit breaker %s is now %s", name, moved, extra={"breaker": name})
 
 
-_SHAS: dict[str, str] = {}
+# The scripts run by digest, and their digests (Redis's SHA-1 of the text).
+_SHAS: dict[str, str] = {
+    script: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest() for script in (_RECORD, _ADMIT, _PEEK)
+}
 
 
 def _script(pipe: Any, script: str, name: str, ok: int) -> None:
     """Queue `script` on the pipeline by its digest (EVALSHA: Redis keeps it compiled; the 1-2 KB
     of Lua travel only when Redis lacks it, `_execute`)."""
-    sha = _SHAS.get(script)
-    if sha is None:
-        sha = _SHAS[script] = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
-    pipe.evalsha(sha, 1, f"{PREFIX}{name}:", ok, *_config())
+    pipe.evalsha(_SHAS[script], 1, f"{PREFIX}{name}:", ok, *_config())
+
+
+def load_scripts(store: redis.Redis | None = None) -> None:
+    """Load every script run by digest into Redis: after a miss (`_execute`), all of them, so a
+    restarted Redis costs one reload, not one per script as each is first asked for."""
+    store = store or _store()
+    if isinstance(store, _Memory):
+        return
+    for script in _SHAS:
+        store.script_load(script)
 
 
 def _execute(store: redis.Redis, pipe: Any) -> list[Any]:
@@ -423,8 +433,7 @@ def _execute(store: redis.Redis, pipe: Any) -> list[Any]:
     answers: list[Any] = pipe.execute(raise_on_error=False)
     missing = [i for i, answer in enumerate(answers) if isinstance(answer, redis.exceptions.NoScriptError)]
     if missing:
-        for script in _SHAS:
-            store.script_load(script)
+        load_scripts(store)
         again: Any = store.pipeline(transaction=False)
         for i in missing:
             args, options = commands[i]

@@ -133,3 +133,18 @@ def test_a_breaker_whose_scripts_redis_forgot_loads_them_again(store):
     breakers.record("payments", True)
     assert breakers.detail(["payments"])["payments"]["calls"] == 3
     assert breakers.detail(["payments"])["payments"]["failures"] == 2
+
+
+def test_a_forgotten_script_reloads_them_all_at_once(store, monkeypatch):
+    """After a flush the first miss loads every script: the next kind of question asked (an
+    admission after an outcome) finds its script there and needs no second reload."""
+    if store != "redis":
+        pytest.skip("Redis only")
+    breakers._store().script_flush()
+    reloads = []
+    load = breakers.load_scripts
+    monkeypatch.setattr(breakers, "load_scripts", lambda *args: reloads.append(1) or load(*args))
+    breakers.record("inventory", True)
+    assert breakers.admit("inventory").admitted
+    assert breakers.peek("inventory").admitted
+    assert reloads == [1]
