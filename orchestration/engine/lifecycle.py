@@ -9,7 +9,7 @@ import uuid
 from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 
-from sagaplatform.kernel import attempts, outbox
+from sagaplatform.kernel import attempts
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.observability import tracing
 
@@ -31,6 +31,7 @@ def saga_start(*, saga_id: SagaId, definition: str, context: JSON, cancel: JSON 
                 return False
             spec = get_definition(definition)
             run = create_saga(saga_id=saga_id, definition=spec, context=context, now=db_now(DB))
+            run.outbox = []  # its first commands are written with it (`flush_many`)
             saga = run.saga
             run.record("saga_created", data={"definition": definition})
             saga.start()
@@ -94,7 +95,6 @@ def _start_together(starts: list[tuple[SagaId, str, JSON]], contexts: list[JSON 
         runs.append(run)
         results.append(True)
     flush_many(runs)
-    outbox.enqueue_many(using=DB, messages=[message for run in runs for message in run.outbox or ()])
     return results
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,8 +19,9 @@ from typing import Any
 from django.db import connections, transaction
 from django.db.models.functions import Now
 
-from sagaplatform.kernel import breakers, faults, outbox, registry
+from sagaplatform.kernel import breakers, faults, outbox, registry, rows
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
+from sagaplatform.kernel.models import OutboxMessage
 from sagaplatform.observability import hooks as observability
 from sagaplatform.observability import tracing
 
@@ -116,66 +117,57 @@ class Run:
 _SAGA_FIXED = frozenset({"id", "created_at"})
 _STEP_FIXED = frozenset({"id", "saga", "name", "kind", "position", "service"})
 _EVENT_FIXED = frozenset({"id"})
-# (model, fixed fields, vendor) -> the written fields and a row's `(%s::type, ...)`: the same for
-# every row, and `Field.db_type` costs more than the row's values (profiled in a worker).
-_LAYOUTS: dict[tuple[Any, frozenset[str], str], tuple[list[Any], str]] = {}
-
-
-def _layout(model: Any, fixed: frozenset[str], connection: Any) -> tuple[list[Any], str]:
-    key = (model, fixed, connection.vendor)
-    layout = _LAYOUTS.get(key)
-    if layout is None:
-        fields = [f for f in model._meta.concrete_fields if f.name not in fixed and f.column]
-        layout = _LAYOUTS[key] = (fields, "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in fields) + ")")
-    return layout
-
-
-def _values(fields: list[Any], obj: Any, connection: Any, *, add: bool) -> list[Any]:
-    """`obj`'s values of `fields`, as Django saves them."""
-    return [f.get_db_prep_save(f.pre_save(obj, add), connection) for f in fields]
 
 
 def flush_many(runs: list[Run]) -> None:
-    """Write runs: their sagas, changed steps and new events (on PostgreSQL in one statement for
-    all, `write_runs`), and their alerts; then hand each to the ON_FLUSH hooks."""
+    """Write runs: their sagas, changed steps, new events and the commands they send (on
+    PostgreSQL in one statement for all, `write_runs`; the commands are published once the
+    transaction commits), and their alerts; then hand each to the ON_FLUSH hooks."""
     if not runs:
         return
+    messages = [message for run in runs for message in run.outbox or ()]
     if connections[DB].vendor == "postgresql":
-        write_runs([(run.saga, run.changed_steps(), run.events) for run in runs])
+        write_runs([(run.saga, run.changed_steps(), run.events) for run in runs], messages)
+        outbox.written(using=DB, messages=messages)
     else:
         for run in runs:
             run.saga.save(using=DB)
             for step in run.changed_steps():
                 step.save(using=DB)
         SagaEvent.objects.using(DB).bulk_create([event for run in runs for event in run.events])
+        outbox.enqueue_many(using=DB, messages=messages)
+    for run in runs:
+        run.outbox = [] if run.outbox is not None else None
     Alert.objects.using(DB).bulk_create([alert for run in runs for alert in run.alerts])
     for run in runs:
         for hook in ON_FLUSH:
             hook(run)
 
 
-def write_runs(runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]]) -> None:
+def write_runs(runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]], messages: Sequence[Any] = ()) -> None:
     """Write runs in one statement (PostgreSQL): the sagas' UPDATE and their changed steps'
-    UPDATE (each `FROM (VALUES ...)`) and their events' INSERT, as data-modifying CTEs of one
-    query: one round trip for a whole batch, where a save per row took one each. Hand-written
-    rather than `bulk_update`, whose CASE per column costs more CPU than it saves. Only the
-    model's own quoted names are interpolated; every value is a parameter."""
+    UPDATE (each `FROM (VALUES ...)`), their events' INSERT and the outbox rows of `messages`, as
+    data-modifying CTEs of one query: one round trip for a whole batch, where a save per row
+    took one each. Hand-written rather than `bulk_update`, whose CASE per column costs more CPU
+    than it saves (`sagaplatform.kernel.rows`). Only the model's own quoted names are
+    interpolated; every value is a parameter."""
     connection = connections[DB]
     quote = connection.ops.quote_name
     parts: list[tuple[str, list[Any]]] = []
 
     def update(model: Any, fixed: frozenset[str], objects: list[Any], id_type: str) -> None:
-        fields, row = _layout(model, fixed, connection)
+        fields, row = rows.layout(model, fixed, connection)
         names = [quote(str(f.column)) for f in fields]
         row = row.replace("(", f"(%s::{id_type}, ", 1)
-        rows, params = [], []
+        params = []
         for obj in objects:
-            rows.append(row)
-            params.extend([str(obj.pk) if id_type == "uuid" else obj.pk, *_values(fields, obj, connection, add=False)])
+            params.extend(
+                [str(obj.pk) if id_type == "uuid" else obj.pk, *rows.values(fields, obj, connection, add=False)]
+            )
         parts.append(
             (
                 f"UPDATE {quote(model._meta.db_table)} AS t SET {', '.join(f'{n} = v.{n}' for n in names)} "  # noqa: S608
-                f"FROM (VALUES {', '.join(rows)}) AS v(id, {', '.join(names)}) WHERE t.id = v.id",
+                f"FROM (VALUES {', '.join([row] * len(objects))}) AS v(id, {', '.join(names)}) WHERE t.id = v.id",
                 params,
             )
         )
@@ -186,18 +178,9 @@ def write_runs(runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]]) -> None
         update(SagaStep, _STEP_FIXED, steps, "bigint")
     events = [event for _, _, run_events in runs for event in run_events]
     if events:
-        fields, row = _layout(SagaEvent, _EVENT_FIXED, connection)
-        rows, params = [], []
-        for event in events:
-            rows.append(row)
-            params.extend(_values(fields, event, connection, add=True))
-        parts.append(
-            (
-                f"INSERT INTO {quote(SagaEvent._meta.db_table)} ({', '.join(quote(str(f.column)) for f in fields)}) "  # noqa: S608
-                f"VALUES {', '.join(rows)}",
-                params,
-            )
-        )
+        parts.append(rows.insert(SagaEvent, events, connection, fixed=_EVENT_FIXED))
+    if messages:
+        parts.append(rows.insert(OutboxMessage, list(messages), connection))
     *ctes, (last_sql, last_params) = parts
     sql = ""
     all_params: list[Any] = []
@@ -252,7 +235,11 @@ def locked(saga_id: SagaId, apply: Callable[[Run], bool], *, actor: str = "engin
     (`breakers.together`)."""
     with breakers.together(), transaction.atomic(using=DB):
         run = load(saga_id, actor=actor, skip_locked=skip_locked)
-        if run is None or not apply(run):
+        if run is None:
+            return False
+        run.outbox = []  # the commands it sends are written with the run (`flush_many`)
+        if not apply(run):
+            outbox.enqueue_many(using=DB, messages=run.outbox)  # none, unless sent without a change
             return False
         style.of(run.definition).advance(run)
         run.flush()
@@ -328,9 +315,7 @@ def _apply_many(items: list[Item], actor: str) -> list[bool | None]:
                 style.of(run.definition).advance(run)
                 changed.add(key)
         results.append(applied)
-    written = [runs[key] for key in ids if key in changed]
-    flush_many(written)
-    outbox.enqueue_many(using=DB, messages=[message for run in written for message in run.outbox or ()])
+    flush_many([runs[key] for key in ids if key in changed])
     return results
 
 

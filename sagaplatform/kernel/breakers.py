@@ -416,11 +416,11 @@ def _script(pipe: Any, script: str, name: str, ok: int) -> None:
 def load_scripts(store: redis.Redis | None = None) -> None:
     """Load every script run by digest into Redis: after a miss (`_execute`), all of them, so a
     restarted Redis costs one reload, not one per script as each is first asked for."""
-    store = store or _store()
-    if isinstance(store, _Memory):
+    redis_store = store or _store()
+    if isinstance(redis_store, _Memory):
         return
     for script in _SHAS:
-        store.script_load(script)
+        redis_store.script_load(script)
 
 
 def _execute(store: redis.Redis, pipe: Any) -> list[Any]:
