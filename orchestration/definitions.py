@@ -7,6 +7,7 @@ every completed step has been compensated (they tell the order and the customer 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -140,7 +141,13 @@ class SagaDefinition:
         self._index.update({s.name: s for s in (*self.steps, *self.on_failure)})
 
     def graph(self) -> dict:
-        """The definition as data (JSON): what a saga's version snapshot stores."""
+        """The definition as data (JSON): what a saga's version snapshot stores. A copy of its
+        own for the caller."""
+        return copy.deepcopy(self._graph)
+
+    @cached_property
+    def _graph(self) -> dict:
+        # Built once: every saga's start records it (`record`), and a definition never changes.
         data = dataclasses.asdict(self)
         data.pop("_index")
         return json.loads(json.dumps(data))
@@ -148,7 +155,7 @@ class SagaDefinition:
     @cached_property
     def digest(self) -> str:
         """The content hash: sha256 of the canonical JSON of `graph()`."""
-        return hashlib.sha256(json.dumps(self.graph(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self._graph, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     @property
     def label(self) -> str:
@@ -420,7 +427,7 @@ def record(definition: SagaDefinition, *, using: str = "default") -> None:
     DefinitionSnapshot.objects.using(using).bulk_create(
         [
             DefinitionSnapshot(
-                digest=definition.digest, name=definition.name, version=definition.version, graph=definition.graph()
+                digest=definition.digest, name=definition.name, version=definition.version, graph=definition._graph
             )
         ],
         ignore_conflicts=True,

@@ -45,6 +45,9 @@ def test_a_snapshot_rebuilds_the_same_definition(mode):
     older["retired"] = True
     older["steps"][0]["retired"] = 1
     del older["steps"][0]["timeout"], older["steps"][0]["retry"]["jitter"]
+    # Each caller gets a copy of its own: the definition's graph (and so its digest) is unchanged.
+    assert "retired" not in definition.graph()
+    assert "timeout" in definition.graph()["steps"][0]
     rebuilt = SagaDefinition.from_graph(older)
     assert (rebuilt.steps[0].timeout, rebuilt.steps[0].retry.jitter) == (30.0, True)
     changed = definitions_changed.modes(dict(definitions.MODES))[mode]

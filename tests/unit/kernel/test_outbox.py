@@ -1,7 +1,8 @@
-"""The outbox's rows as written (kernel/outbox.py, kernel/rows.py): on PostgreSQL by a
+"""The outbox (kernel/outbox.py, kernel/rows.py). Its rows as written: on PostgreSQL by a
 hand-written INSERT from a cached template, elsewhere by the ORM. Either way a row is what the
 ORM would have stored, a message without a due time of its own is due at the database's clock
-(and knows it), and a batch is one statement."""
+(and knows it), and a batch is one statement. Its messages as sent: what monitoring shows of
+their arguments."""
 
 from __future__ import annotations
 
@@ -81,3 +82,18 @@ def test_a_message_outside_a_transaction_is_refused_and_nothing_is_written():
     with pytest.raises(RuntimeError, match=r"inside transaction\.atomic"):
         outbox.enqueue_many(using=DB, messages=[outbox.message(task="t.loose", queue="orders", payload={})])
     assert OutboxMessage.objects.using(DB).count() == count
+
+
+def test_a_sent_message_shows_monitoring_its_identifying_keys_only(monkeypatch):
+    sent = []
+    monkeypatch.setattr(outbox.current_app, "send_task", lambda name, **options: sent.append((name, options)))
+    payload = {"reference": "pm_1", "order_id": "o-1", "saga_id": "s-1", "sealed_token": "gAAAA-secret"}
+    outbox._send(outbox.message(task="payments.register_payment_method", queue="payments", payload=payload))
+    ((name, options),) = sent
+    assert name == "payments.register_payment_method"
+    assert options["args"] == [payload]  # the task gets the whole payload
+    assert options["argsrepr"] == "[{'saga_id': 's-1', 'reference': 'pm_1', ...}]"
+    assert "secret" not in options["argsrepr"]
+    assert options["kwargsrepr"] == "{}"
+    assert outbox.argsrepr({"anything": 1}) == "[{...}]"
+    assert outbox.argsrepr("not a mapping") == "[...]"
