@@ -220,13 +220,60 @@ def create_saga(*, saga_id: SagaId, definition: SagaDefinition, context: JSON, n
 def load(saga_id: SagaId, *, actor: str = "engine", skip_locked: bool = False) -> Run | None:
     """Lock the saga and read its steps, in the caller's transaction (None: no such saga, or
     locked by another with `skip_locked`)."""
-    # The database clock comes with the row lock: one round trip for both.
-    rows = Saga.objects.using(DB).select_for_update(skip_locked=skip_locked).filter(id=saga_id)
-    saga = rows.annotate(db_now=Now()).first()
+    key = str(uuid.UUID(str(saga_id)))
+    sagas, steps = lock_sagas([key], skip_locked=skip_locked)
+    saga = sagas.get(key)
     if saga is None:
         return None
-    steps = {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
-    return Run(saga=saga, definition=definitions.for_saga(saga), steps=steps, now=saga.db_now, actor=actor)
+    now = saga.db_now  # type: ignore[attr-defined]  # read with the lock (lock_sagas)
+    return Run(saga=saga, definition=definitions.for_saga(saga), steps=steps[key], now=now, actor=actor)
+
+
+# The two reads of `lock_sagas` on PostgreSQL, by (quoted table names, skip_locked): the same
+# text for any number of sagas (`= ANY(array)`), so a worker prepares each once, and no ORM
+# query is compiled per engine transaction.
+_LOCK_SQL: dict[tuple[str, bool], tuple[str, str]] = {}
+
+
+def _lock_sql(connection: Any, skip_locked: bool) -> tuple[str, str]:
+    found = _LOCK_SQL.get((connection.alias, skip_locked))
+    if found is None:
+        quote = connection.ops.quote_name
+
+        def columns(model: Any) -> str:
+            return ", ".join(quote(str(f.column)) for f in model._meta.concrete_fields)
+
+        found = _LOCK_SQL[(connection.alias, skip_locked)] = (
+            # The database clock comes with the row locks: one round trip for both (Django's
+            # Now() on PostgreSQL). Locked in id order, as every batch locks them.
+            f"SELECT {columns(Saga)}, STATEMENT_TIMESTAMP() AS db_now FROM {quote(Saga._meta.db_table)} "  # noqa: S608
+            f"WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE{' SKIP LOCKED' if skip_locked else ''}",
+            f"SELECT {columns(SagaStep)} FROM {quote(SagaStep._meta.db_table)} WHERE saga_id = ANY(%s::uuid[])",  # noqa: S608
+        )
+    return found
+
+
+def lock_sagas(ids: list[str], *, skip_locked: bool = False) -> tuple[dict[str, Saga], dict[str, dict[str, SagaStep]]]:
+    """Lock the sagas `ids` (in id order, one query, with the database clock as each one's
+    `db_now`) and read their steps (one more query), in the caller's transaction. Returns the
+    sagas found by id, and their steps by saga id and name (each step's `saga` the locked one).
+    A saga missing (or locked by another, with `skip_locked`) is in neither."""
+    connection = connections[DB]
+    if connection.vendor == "postgresql":
+        saga_sql, steps_sql = _lock_sql(connection, skip_locked)
+        found = list(Saga.objects.raw(saga_sql, [ids]).using(DB))
+        rows = SagaStep.objects.raw(steps_sql, [[str(saga.pk) for saga in found]]).using(DB) if found else []
+    else:
+        locking = Saga.objects.using(DB).select_for_update(skip_locked=skip_locked)
+        found = list(locking.filter(id__in=ids).order_by("id").annotate(db_now=Now()))
+        rows = SagaStep.objects.using(DB).filter(saga_id__in=[saga.pk for saga in found]) if found else []
+    sagas = {str(saga.pk): saga for saga in found}
+    steps: dict[str, dict[str, SagaStep]] = {key: {} for key in sagas}
+    for step in rows:
+        key = str(step.saga_id)
+        step.saga = sagas[key]
+        steps[key][step.name] = step
+    return sagas, steps
 
 
 def locked(saga_id: SagaId, apply: Callable[[Run], bool], *, actor: str = "engine", skip_locked: bool = False) -> bool:
@@ -282,15 +329,7 @@ def _locked_alone(item: Item, actor: str) -> bool | None:
 def _apply_many(items: list[Item], actor: str) -> list[bool | None]:
     keys = [str(uuid.UUID(str(saga_id))) for saga_id, _, _ in items]  # a malformed id raises: each alone then
     ids = sorted(set(keys))
-    sagas = {
-        str(saga.pk): saga
-        for saga in Saga.objects.using(DB).select_for_update().filter(id__in=ids).order_by("id").annotate(db_now=Now())
-    }
-    steps: dict[str, dict[str, SagaStep]] = {saga_id: {} for saga_id in sagas}
-    for step in SagaStep.objects.using(DB).filter(saga_id__in=list(sagas)):
-        saga = sagas[str(step.saga_id)]
-        step.saga = saga
-        steps[str(saga.pk)][step.name] = step
+    sagas, steps = lock_sagas(ids)
     runs: dict[str, Run] = {}
     changed: set[str] = set()
     results: list[bool | None] = []
@@ -305,7 +344,7 @@ def _apply_many(items: list[Item], actor: str) -> list[bool | None]:
                 saga=locked_saga,
                 definition=definitions.for_saga(locked_saga),
                 steps=steps[key],
-                now=locked_saga.db_now,
+                now=locked_saga.db_now,  # type: ignore[attr-defined]  # read with the lock
                 actor=actor,
             )
             run.outbox = []

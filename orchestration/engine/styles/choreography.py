@@ -22,14 +22,13 @@ import logging
 from datetime import timedelta
 
 from django.db import IntegrityError, transaction
-from django.db.models.functions import Now
 
 from sagaplatform.kernel import attempts, choreography, outbox
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, SUCCEEDED
 
-from ...definitions import SagaDefinition, StepSpec, for_context, for_saga
+from ...definitions import SagaDefinition, StepSpec, for_context
 from ...models import Saga, SagaStep
-from ..run import CANCELLED, DB, IN_FLIGHT, JSON, QueueIdle, Run, SagaId, create_saga, park
+from ..run import CANCELLED, DB, IN_FLIGHT, JSON, QueueIdle, Run, SagaId, create_saga, load, park
 from ..style import Style, register
 
 logger = logging.getLogger(__name__)
@@ -54,9 +53,10 @@ def track(*, message: JSON) -> None:
 
 def _track(message: JSON) -> None:
     with transaction.atomic(using=DB):
-        saga = Saga.objects.using(DB).select_for_update().annotate(db_now=Now()).get(id=message["saga_id"])
-        steps = {s.name: s for s in SagaStep.objects.using(DB).filter(saga=saga)}
-        run = Run(saga=saga, definition=for_saga(saga), steps=steps, now=saga.db_now, actor="tracker")
+        run = load(message["saga_id"], actor="tracker")
+        if run is None:
+            raise Saga.DoesNotExist(f"no saga {message['saga_id']}")
+        steps = run.steps
         run.record("event_observed", data={"event": message["event"], "emitter": message.get("emitter")})
         emitter = message.get("emitter")
         if emitter and emitter.get("step") in steps:

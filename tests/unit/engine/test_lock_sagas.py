@@ -1,0 +1,113 @@
+"""How an engine transaction locks its sagas and reads their steps (`run.lock_sagas`): every
+saga asked for, locked, with the database clock and its steps attached; a missing one left out;
+with `skip_locked`, one that another transaction holds left out rather than waited for. On
+PostgreSQL both reads are hand-written statements whose text does not depend on how many sagas
+a batch holds (one prepared statement each)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from django.db import connections, transaction
+from django.test.utils import CaptureQueriesContext
+
+from orchestration import engine
+from orchestration.engine import run
+from orchestration.models import Saga, SagaStep
+from sagaplatform.kernel.clock import db_now
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+CONTEXT = {"order_id": str(uuid.uuid4()), "mode": "orchestrated", "items": [], "amount": "1.00"}
+
+
+def started(count: int) -> list[str]:
+    ids = sorted(str(uuid.uuid4()) for _ in range(count))
+    for saga_id in ids:
+        engine.saga_start(saga_id=saga_id, definition="place_order", context=CONTEXT)
+    return ids
+
+
+def test_every_saga_asked_for_is_locked_with_its_steps_and_the_database_clock():
+    ids = started(3)
+    missing = str(uuid.uuid4())
+    with transaction.atomic(using="default"):
+        before = db_now("default")
+        with CaptureQueriesContext(connections["default"]) as queries:
+            sagas, steps = run.lock_sagas([*ids, missing])
+        assert sorted(sagas) == ids  # the missing one is left out
+        assert missing not in steps
+        for saga_id in ids:
+            saga = sagas[saga_id]
+            assert saga.state == Saga.State.RUNNING
+            assert before <= saga.db_now <= db_now("default")
+            stored = {s.name: s.state for s in SagaStep.objects.filter(saga_id=saga_id)}
+            assert {name: step.state for name, step in steps[saga_id].items()} == stored
+            assert all(step.saga is saga for step in steps[saga_id].values())  # no query to reach it
+    assert len(queries) == 2
+    if connections["default"].vendor == "postgresql":
+        assert queries[0]["sql"].rstrip().endswith("FOR UPDATE")
+        # The same text for one saga as for four: one prepared statement each.
+        assert statements(ids[:1]) == statements([*ids, missing])
+
+
+def statements(ids: list[str]) -> list[str]:
+    """The statements `lock_sagas(ids)` sends, as sent (placeholders, not values)."""
+    sent: list[str] = []
+
+    def record(execute, sql, params, many, context):
+        sent.append(sql)
+        return execute(sql, params, many, context)
+
+    with transaction.atomic(using="default"), connections["default"].execute_wrapper(record):
+        run.lock_sagas(ids)
+    return sent
+
+
+def test_a_saga_held_by_another_transaction_is_skipped_with_skip_locked_and_waited_for_without():
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("SQLite has no row locks")
+    held, free = started(2)
+    locked, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def holder() -> None:
+        try:
+            with transaction.atomic(using="default"):
+                run.lock_sagas([held])
+                locked.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+            done.set()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        with transaction.atomic(using="default"):
+            sagas, steps = run.lock_sagas([held, free], skip_locked=True)
+            assert list(sagas) == [free]
+            assert list(steps) == [free]
+        assert run.load(held, skip_locked=True) is None
+        waited: list[str] = []
+
+        def waiter() -> None:
+            try:
+                with transaction.atomic(using="default"):
+                    waited.extend(run.lock_sagas([held])[0])
+            finally:
+                connections.close_all()
+
+        second = threading.Thread(target=waiter)
+        second.start()
+        second.join(0.5)
+        assert second.is_alive()  # without skip_locked it waits for the holder
+        release.set()
+        second.join(10)
+        assert waited == [held]
+    finally:
+        release.set()
+        thread.join(10)
+    assert done.is_set()
