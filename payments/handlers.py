@@ -44,10 +44,11 @@ def _undo_outside(*, command: Command) -> None:
 
 
 def _take(command: Command) -> dict:
-    if not Charge.objects.using(DB).filter(saga_id=command.saga_id).exists():
+    charge = Charge.objects.using(DB).filter(saga_id=command.saga_id).first()
+    if charge is None:
         # No intent: the payment method was not registered when the outside step looked.
         services.payment_method_missing(reference=command.payload["payment_method"], attempt=command.attempt)
-    return services.charge_result(services.charge_outcome(saga_id=command.saga_id))
+    return services.charge_result(services.charge_outcome(saga_id=command.saga_id, charge=charge))
 
 
 @operation("payments", "charge", outside=_take_outside)

@@ -118,21 +118,21 @@ def idempotency_key(saga_id: uuid.UUID) -> str:
 
 def charge_begin(
     *, saga_id: uuid.UUID, order_id: uuid.UUID, amount: Decimal, currency: str, token: str, capture: bool = True
-) -> Charge:
-    """Record the intent to charge, inside the caller's transaction. Idempotent."""
-    charge, _ = Charge.objects.using(DB).get_or_create(
+) -> None:
+    """Record the intent to charge, inside the caller's transaction. Idempotent: one INSERT ...
+    ON CONFLICT DO NOTHING, so a charge already begun for the saga (an earlier attempt's) is
+    left as it is, where get_or_create took a read, a savepoint and the insert."""
+    intent = Charge(
         saga_id=saga_id,
-        defaults={
-            "order_id": order_id,
-            "amount": amount,
-            "currency": currency,
-            "state": Charge.State.PENDING,
-            "idempotency_key": idempotency_key(saga_id),
-            "payment_token": token,
-            "capture": capture,
-        },
+        order_id=order_id,
+        amount=amount,
+        currency=currency,
+        state=Charge.State.PENDING,
+        idempotency_key=idempotency_key(saga_id),
+        payment_token=token,
+        capture=capture,
     )
-    return charge
+    Charge.objects.using(DB).bulk_create([intent], ignore_conflicts=True)
 
 
 def charge_call(*, saga_id: uuid.UUID, attempt: int, operation: str = "charge") -> Charge | None:
@@ -242,9 +242,11 @@ def charge_abandon(*, saga_id: uuid.UUID) -> bool:
     )
 
 
-def charge_outcome(*, saga_id: uuid.UUID) -> Charge:
-    """The charge as the gateway answered it (the barrier's operation: reads only)."""
-    charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
+def charge_outcome(*, saga_id: uuid.UUID, charge: Charge | None = None) -> Charge:
+    """The charge as the gateway answered it (the barrier's operation: reads only). `charge`:
+    the saga's charge as the caller has just read it."""
+    if charge is None:
+        charge = Charge.objects.using(DB).filter(saga_id=saga_id).first()
     if charge is None or charge.state == Charge.State.PENDING:
         raise GatewayUnavailable("The gateway has not answered for this charge yet")
     if charge.state == Charge.State.DECLINED:

@@ -11,11 +11,12 @@ from decimal import Decimal
 import pytest
 from django.db import IntegrityError, connections, transaction
 from django.db.models.query import QuerySet
+from django.test.utils import CaptureQueriesContext
 
 from payments import gateway, selectors
 from payments.exceptions import CardDeclined, GatewayUnavailable
 from payments.models import Charge, LedgerEntry
-from payments.services import charge_create, charge_undo_call, payment_method_add
+from payments.services import charge_begin, charge_create, charge_undo_call, payment_method_add
 from payments.services import charge_refund as record_refund
 from sagaplatform.kernel import commands
 from sagaplatform.kernel.models import Barrier
@@ -141,6 +142,24 @@ def test_a_saga_cannot_be_charged_twice_even_bypassing_the_barrier():
     assert again.id == first.id
     assert money() == before
     assert LedgerEntry.objects.using(DB).count() == 1
+
+
+def test_an_intent_begun_again_is_one_statement_and_leaves_the_first_as_it_was():
+    saga_id, order_id = uuid.uuid4(), uuid.uuid4()
+    with transaction.atomic(using=DB):
+        charge_begin(saga_id=saga_id, order_id=order_id, amount=Decimal("12.50"), currency="EUR", token="tok_visa")
+    with transaction.atomic(using=DB), CaptureQueriesContext(connections[DB]) as queries:
+        charge_begin(saga_id=saga_id, order_id=uuid.uuid4(), amount=Decimal("99.00"), currency="USD", token="tok_x")
+    assert len(queries) == 1  # INSERT ... ON CONFLICT DO NOTHING, no read and no savepoint
+    stored = Charge.objects.using(DB).get(saga_id=saga_id)
+    assert (stored.order_id, stored.amount, stored.currency, stored.payment_token, stored.state) == (
+        order_id,
+        Decimal("12.50"),
+        "EUR",
+        "tok_visa",
+        Charge.State.PENDING,
+    )
+    assert stored.idempotency_key == f"{saga_id}:charge"
 
 
 def test_any_other_well_formed_token_behaves_like_a_good_card():
