@@ -51,8 +51,8 @@ def saga_start(*, saga_id: SagaId, definition: str, context: JSON, cancel: JSON 
 
 def saga_start_many(*, starts: list[tuple[SagaId, str, JSON]], contexts: list[JSON | None]) -> list[bool | None]:
     """Create and start a batch of sagas (`saga_id`, definition name, context) in one
-    transaction: their writes in one statement (`run.flush_many`), their first commands in one
-    INSERT. Idempotent as `saga_start`: a saga that exists, or a second start of one in the
+    transaction: their writes and their first commands in one statement on PostgreSQL
+    (`run.flush_many`). Idempotent as `saga_start`: a saga that exists, or a second start of one in the
     batch, does nothing. If anything raises (a concurrent duplicate start, an unknown
     definition), the transaction rolls back and each starts alone (`saga_start`). For each: True
     if it created the saga, False if it existed, None if it failed (alone)."""
