@@ -66,6 +66,31 @@ def statements(ids: list[str]) -> list[str]:
     return sent
 
 
+def test_the_instances_are_the_ones_the_orm_reads():
+    """Every column as the ORM converts it (JSON decoded, times aware), and saved like one."""
+    (saga_id,) = started(1)
+    result = {"reservation": "r-1", "lines": [{"sku": "SKU-MUG", "quantity": 2}], "none": None}
+    SagaStep.objects.filter(saga_id=saga_id, name="reserve_stock").update(result=result, error={"code": "x"})
+    with transaction.atomic(using="default"):
+        sagas, steps = run.lock_sagas([saga_id])
+    saga = sagas[saga_id]
+
+    def columns(obj) -> dict:
+        return {f.attname: getattr(obj, f.attname) for f in type(obj)._meta.concrete_fields}
+
+    assert columns(saga) == columns(Saga.objects.get(id=saga_id))
+    assert isinstance(saga.context, dict)
+    assert (saga._state.db, saga._state.adding) == ("default", False)
+    for step in SagaStep.objects.filter(saga_id=saga_id):
+        assert columns(steps[saga_id][step.name]) == columns(step)
+    assert steps[saga_id]["reserve_stock"].result == result
+    # Saved like an instance the ORM read: an UPDATE of the row, not a second row.
+    saga.failure = {"code": "checked"}
+    saga.save(update_fields=["failure"])
+    assert Saga.objects.get(id=saga_id).failure == {"code": "checked"}
+    assert Saga.objects.filter(id=saga_id).count() == 1
+
+
 def test_a_saga_held_by_another_transaction_is_skipped_with_skip_locked_and_waited_for_without():
     if connections["default"].vendor != "postgresql":
         pytest.skip("SQLite has no row locks")
