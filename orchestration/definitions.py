@@ -15,11 +15,15 @@ import random
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
 from sagaplatform.api import ApiError
 from sagaplatform.kernel import events
+
+if TYPE_CHECKING:
+    from .models import DefinitionSnapshot  # models import this module
 
 
 @dataclass(frozen=True)
@@ -418,20 +422,23 @@ class UnknownDefinitionVersion(LookupError, ApiError):
 _LOADED: dict[str, SagaDefinition] = {}
 
 
+def snapshot(definition: SagaDefinition) -> DefinitionSnapshot:
+    """The row that keeps `definition` as it is now (`record`)."""
+    from .models import DefinitionSnapshot
+
+    return DefinitionSnapshot(
+        digest=definition.digest, name=definition.name, version=definition.version, graph=definition._graph
+    )
+
+
 def record(definition: SagaDefinition, *, using: str = "default") -> None:
     """Keep a snapshot of `definition` (idempotent), in the caller's transaction: a saga that
-    starts on it can load it for the rest of its life, whatever the code says by then."""
+    starts on it can load it for the rest of its life, whatever the code says by then. (On
+    PostgreSQL the engine writes it in the statement that creates the saga, `create_saga`.)"""
     from .models import DefinitionSnapshot
 
     # INSERT ... ON CONFLICT DO NOTHING: one statement, and concurrent starts never collide.
-    DefinitionSnapshot.objects.using(using).bulk_create(
-        [
-            DefinitionSnapshot(
-                digest=definition.digest, name=definition.name, version=definition.version, graph=definition._graph
-            )
-        ],
-        ignore_conflicts=True,
-    )
+    DefinitionSnapshot.objects.using(using).bulk_create([snapshot(definition)], ignore_conflicts=True)
 
 
 def for_saga(saga) -> SagaDefinition:

@@ -1,8 +1,13 @@
-"""How an engine transaction locks its sagas and reads their steps (`run.lock_sagas`): every
-saga asked for, locked, with the database clock and its steps attached; a missing one left out;
-with `skip_locked`, one that another transaction holds left out rather than waited for. On
+"""The engine's own statements (orchestration/engine/run.py).
+
+How an engine transaction locks its sagas and reads their steps (`run.lock_sagas`): every saga
+asked for, locked, with the database clock and its steps attached; a missing one left out; with
+`skip_locked`, one that another transaction holds left out rather than waited for. On
 PostgreSQL both reads are hand-written statements whose text does not depend on how many sagas
-a batch holds (one prepared statement each)."""
+a batch holds (one prepared statement each), and the instances are the ones the ORM would read.
+
+How a saga is created (`run.create_saga`): on PostgreSQL its definition's snapshot, the saga and
+its steps in one statement, the steps numbered by the database."""
 
 from __future__ import annotations
 
@@ -10,12 +15,12 @@ import threading
 import uuid
 
 import pytest
-from django.db import connections, transaction
+from django.db import IntegrityError, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from orchestration import engine
+from orchestration import definitions, engine
 from orchestration.engine import run
-from orchestration.models import Saga, SagaStep
+from orchestration.models import DefinitionSnapshot, Saga, SagaStep
 from sagaplatform.kernel.clock import db_now
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -136,3 +141,32 @@ def test_a_saga_held_by_another_transaction_is_skipped_with_skip_locked_and_wait
         release.set()
         thread.join(10)
     assert done.is_set()
+
+
+def test_a_saga_its_steps_and_its_snapshot_are_created_in_one_statement():
+    saga_id = str(uuid.uuid4())
+    definition = definitions.PLACE_ORDER
+    with transaction.atomic(using="default"):
+        now = db_now("default")
+        with CaptureQueriesContext(connections["default"]) as queries:
+            created = run.create_saga(saga_id=saga_id, definition=definition, context=CONTEXT, now=now)
+    if connections["default"].vendor == "postgresql":
+        assert len(queries) == 1
+    stored = {s.name: s for s in SagaStep.objects.filter(saga_id=saga_id)}
+    assert {name: step.pk for name, step in created.steps.items()} == {name: s.pk for name, s in stored.items()}
+    assert [s.name for s in sorted(stored.values(), key=lambda s: (s.kind, s.position))] == [
+        *(s.name for s in definition.steps),
+        *(s.name for s in definition.on_failure),
+    ]
+    saga = Saga.objects.get(id=saga_id)
+    assert (saga.state, saga.context, saga.definition_hash) == (Saga.State.PENDING, CONTEXT, definition.digest)
+    assert saga.created_at == created.saga.created_at
+    assert DefinitionSnapshot.objects.get(digest=definition.digest).graph == definition.graph()
+    # A second saga on the same definition: the snapshot is kept once; the same id again fails
+    # and writes nothing.
+    with transaction.atomic(using="default"):
+        run.create_saga(saga_id=str(uuid.uuid4()), definition=definition, context=CONTEXT, now=None)
+    assert DefinitionSnapshot.objects.filter(digest=definition.digest).count() == 1
+    with pytest.raises(IntegrityError), transaction.atomic(using="default"):
+        run.create_saga(saga_id=saga_id, definition=definition, context={}, now=None)
+    assert SagaStep.objects.filter(saga_id=saga_id).count() == len(stored)
