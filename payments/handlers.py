@@ -37,6 +37,11 @@ def _take_outside(*, command: Command) -> None:
     services.charge_call(saga_id=command.saga_id, attempt=command.attempt, operation=command.operation)
 
 
+def _registered(*, command: Command) -> bool:
+    """Whether the charge's card is registered (its registration travels in a message of its own)."""
+    return services.payment_method_registered(reference=command.payload.get("payment_method"))
+
+
 def _undo_outside(*, command: Command) -> None:
     services.charge_undo_call(
         saga_id=command.saga_id, step=command.step, attempt=command.attempt, operation=command.operation
@@ -51,7 +56,7 @@ def _take(command: Command) -> dict:
     return services.charge_result(services.charge_outcome(saga_id=command.saga_id, charge=charge))
 
 
-@operation("payments", "charge", outside=_take_outside)
+@operation("payments", "charge", outside=_take_outside, ready=_registered)
 def charge(*, command: Command) -> dict:
     return _take(command)
 
@@ -59,7 +64,7 @@ def charge(*, command: Command) -> dict:
 # TCC: authorise (try), capture (confirm), void (cancel).
 
 
-@operation("payments", "authorize", outside=_take_outside)
+@operation("payments", "authorize", outside=_take_outside, ready=_registered)
 def authorize(*, command: Command) -> dict:
     return _take(command)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import connections, transaction
@@ -93,6 +94,14 @@ def payment_method_token(*, reference: str) -> str:
         with transaction.atomic(using=DB):
             PaymentMethod.objects.using(DB).get_or_create(reference=reference, defaults={"awaited_at": db_now(DB)})
     return ""
+
+
+def payment_method_registered(*, reference: Any) -> bool:
+    """Whether a card token is registered under `reference` (read only). A charge naming no
+    reference counts as registered: it fails at once, wherever it runs."""
+    if not isinstance(reference, str) or not reference:
+        return True
+    return PaymentMethod.objects.using(DB).filter(reference=reference).exclude(token="").exists()
 
 
 def payment_method_missing(*, reference: str, attempt: int) -> None:

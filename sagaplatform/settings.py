@@ -393,9 +393,14 @@ SAGA_RETRY_MAX_INTERVAL_OVERRIDE = env_float("SAGA_RETRY_MAX_INTERVAL_OVERRIDE",
 SAGA_DEADLINE_OVERRIDE = env_float("SAGA_DEADLINE_OVERRIDE", 0.0)
 # Chaos: publish every message twice, as an at-least-once broker may deliver it.
 SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", default=False)
-# A worker that commits a service's reply and also consumes the `orchestrator` queue applies the
-# reply itself, right after the commit, instead of a Celery hop (kernel/outbox.py, `runs_here`).
+# A worker that commits a message for a queue it consumes runs it itself, right after the
+# commit, instead of a Celery hop (kernel/outbox.py, `runs_here`): a service's reply, and with
+# SAGA_INLINE_COMMANDS the engine's commands to the services, round after round (a drain). Past
+# SAGA_INLINE_BUDGET_MS of one drain, what is left is published. Off: every command is a Celery
+# task of its own (each visible in Flower; a slow gateway call delays no other saga's steps).
 SAGA_INLINE_DELIVERY = env_bool("SAGA_INLINE_DELIVERY", default=True)
+SAGA_INLINE_COMMANDS = env_bool("SAGA_INLINE_COMMANDS", default=True)
+SAGA_INLINE_BUDGET_MS = env_float("SAGA_INLINE_BUDGET_MS", 1000.0)
 # Batches (kernel/batching.py): a worker takes up to SAGA_BATCH_SIZE of a service's commands at
 # once, waiting at most SAGA_BATCH_WAIT_MS for more, runs them in one transaction and applies
 # their replies in one more. 1 turns batching off (a command per task, as before).

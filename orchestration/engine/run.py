@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import connections, transaction
 from django.db.models.functions import Now
 
@@ -122,21 +123,22 @@ _STEP_ID = frozenset({"id"})  # numbered by the database
 
 def flush_many(runs: list[Run]) -> None:
     """Write runs: their sagas, changed steps, new events and the commands they send (on
-    PostgreSQL in one statement for all, `write_runs`; the commands are published once the
-    transaction commits), and their alerts; then hand each to the ON_FLUSH hooks."""
+    PostgreSQL in one statement for all, `write_runs`), and their alerts; then hand each to the
+    ON_FLUSH hooks. Once the transaction commits, a worker that consumes the commands' queues
+    runs them itself (`outbox.publish`, inline); anywhere else they are published."""
     if not runs:
         return
     messages = [message for run in runs for message in run.outbox or ()]
     if connections[DB].vendor == "postgresql":
         write_runs([(run.saga, run.changed_steps(), run.events) for run in runs], messages)
-        outbox.written(using=DB, messages=messages)
+        outbox.written(using=DB, messages=messages, inline=settings.SAGA_INLINE_COMMANDS)
     else:
         for run in runs:
             run.saga.save(using=DB)
             for step in run.changed_steps():
                 step.save(using=DB)
         SagaEvent.objects.using(DB).bulk_create([event for run in runs for event in run.events])
-        outbox.enqueue_many(using=DB, messages=messages)
+        outbox.enqueue_many(using=DB, messages=messages, inline=settings.SAGA_INLINE_COMMANDS)
     for run in runs:
         run.outbox = [] if run.outbox is not None else None
     Alert.objects.using(DB).bulk_create([alert for run in runs for alert in run.alerts])

@@ -46,7 +46,7 @@ from sagaplatform.celery import SagaTask
 from sagaplatform.observability import metrics
 from sagaplatform.observability.signals import ENQUEUED_HEADER
 
-from . import commands, deadletters
+from . import commands, deadletters, outbox
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +347,22 @@ def command_task(service: str) -> Callable[..., None]:
     def execute(self: CommandBatch, items: list[dict[str, Any]]) -> None:
         run_batch(self, service, items)
 
+    def run_inline(messages: list[Any]) -> list[bool]:
+        """The engine's commands to `service`, run where they committed (`outbox.BATCH_RUNNERS`):
+        for each, whether it ran. One that is not ready (`commands.ready_here`: a charge whose
+        card's registration is still queued) goes through the queue instead, behind it."""
+        parsed = [commands.Command.from_message(message.payload) for message in messages]
+        here = [commands.ready_here(service, command) for command in parsed]
+        if any(here):
+            commands.execute_many(
+                service=service,
+                commands=[command for command, ok in zip(parsed, here, strict=True) if ok],
+                contexts=[message.trace_context for message, ok in zip(messages, here, strict=True) if ok],
+            )
+        return here
+
+    outbox.BATCH_RUNNERS[execute.name] = run_inline
+    outbox.BATCH_ONLY.add(execute.name)
     return execute  # type: ignore[no-any-return]
 
 
@@ -361,8 +377,6 @@ def run_batch(task: Any, service: str, items: list[dict[str, Any]]) -> None:
             dead_letter(task, queue, item, exc)
             continue
         contexts.append(context)
-    if len(items) > 1:
-        logger.info("%s: %d messages in one batch", task.name, len(items))
     if parsed:
         commands.execute_many(service=service, commands=parsed, contexts=contexts)
 

@@ -63,17 +63,27 @@ class Command:
 Operation = Callable[..., dict[str, Any] | None]
 _OPERATIONS: dict[tuple[str, str], Operation] = {}
 _OUTSIDE: dict[tuple[str, str], Callable[..., None]] = {}
+_READY: dict[tuple[str, str], Callable[..., bool]] = {}
 
 
 def operation(
-    service: str, name: str, *, outside: Callable[..., None] | None = None
+    service: str,
+    name: str,
+    *,
+    outside: Callable[..., None] | None = None,
+    ready: Callable[..., bool] | None = None,
 ) -> Callable[[Operation], Operation]:
     """Register `fn(*, command) -> dict[str, Any] | None` as the service operation `name`.
 
     `outside(*, command)`, if given, makes the operation's calls outside the platform (a card
     gateway) before the operation's transaction and with none open, so no lock waits on the other
     side's answer. It records its intent and its outcome in transactions of its own (see
-    `barrier.begin`); `fn` then reads the recorded outcome."""
+    `barrier.begin`); `fn` then reads the recorded outcome.
+
+    `ready(*, command) -> bool`, if given, says whether what the command needs from another
+    message has arrived (a card's registration). A command run where the engine committed it
+    (`ready_here`) that is not ready goes through the service's queue instead, behind that
+    message."""
 
     def register(fn: Operation) -> Operation:
         key = (service, name)
@@ -82,6 +92,8 @@ def operation(
         _OPERATIONS[key] = fn
         if outside is not None:
             _OUTSIDE[key] = outside
+        if ready is not None:
+            _READY[key] = ready
         return fn
 
     return register
@@ -93,6 +105,19 @@ def get_operation(service: str, name: str) -> Operation:
 
 def registered_operations(service: str) -> list[str]:
     return sorted(name for (svc, name) in _OPERATIONS if svc == service)
+
+
+def ready_here(service: str, command: Command) -> bool:
+    """Whether `command` may run now, where the engine committed it: its operation's `ready`
+    says so, or it has none. If the check itself fails, the queue takes the command."""
+    check = _READY.get((service, command.operation))
+    if check is None:
+        return True
+    try:
+        return bool(check(command=command))
+    except Exception:
+        logger.warning("%s.%s: readiness check failed", service, command.operation, exc_info=True)
+        return False
 
 
 def calls_outside(service: str, operation: str) -> bool:
@@ -143,6 +168,8 @@ def execute_many(
     calls outside the platform runs alone (`execute`): no batch waits on the other side's
     answer."""
     contexts = contexts or [None] * len(commands)
+    if len(commands) > 1:
+        logger.info("%s.execute: %d messages in one batch", service, len(commands))
     alone = [i for i, command in enumerate(commands) if calls_outside(service, command.operation)]
     batch = [i for i in range(len(commands)) if i not in set(alone)]
     outcomes: dict[int, dict[str, Any]] = {}

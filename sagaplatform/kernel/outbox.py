@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -141,6 +142,8 @@ def message(
 # whether it ran); the engine registers the replies' runner. A task without one runs its
 # inline messages one at a time.
 BATCH_RUNNERS: dict[str, Callable[[list[OutboxMessage]], list[bool]]] = {}
+# Tasks whose messages only their batch runner can run (a batched task's body takes a batch).
+BATCH_ONLY: set[str] = set()
 
 
 def runs_here(message: OutboxMessage) -> bool:
@@ -246,31 +249,81 @@ def inline_after() -> Iterator[None]:
     _publish_inline(held)
 
 
+_drain = threading.local()
+
+
 def _publish_inline(held: list[tuple[str, OutboxMessage]]) -> int:
-    """Run each message here if this worker may (`runs_here`), a task's messages of one database
-    as one batch when the task has a batch runner; publish what did not run. Returns how many
-    ran here."""
+    """Run each message here if this worker may (`runs_here`); publish what did not run. Returns
+    how many ran here.
+
+    The messages that these runs commit in turn (a reply's next commands, a command's reply) are
+    queued and run by the same loop, round after round (a drain), not by nested calls: a saga's
+    whole flow may run here, and each round groups what several sagas sent into batches. The
+    rows that ran are marked published once per database when the drain ends. Past
+    `SAGA_INLINE_BUDGET_MS` of one drain, what is left is published instead; leaving on an error
+    (a time limit) publishes what is left and runs nothing more."""
+    queue: list[tuple[str, OutboxMessage]] | None = getattr(_drain, "queue", None)
+    if queue is not None:
+        queue.extend(held)
+        return 0
+    _drain.queue = queue = list(held)
+    deadline = time.monotonic() + settings.SAGA_INLINE_BUDGET_MS / 1000
+    ran: dict[str, list[Any]] = {}
+    groups: list[tuple[str, str, list[OutboxMessage]]] = []
+    try:
+        while queue:
+            groups[:] = _grouped(queue)
+            queue.clear()
+            inline = time.monotonic() < deadline
+            while groups:
+                using, task, messages = groups.pop(0)
+                _run_group(using, task, messages, ran, inline=inline)
+    except BaseException:
+        _drain.queue = None
+        for using, _task, messages in groups:
+            queue.extend((using, message) for message in messages)
+        for using, messages in _by_database(queue).items():
+            publish(using=using, messages=messages)
+        raise
+    finally:
+        _drain.queue = None
+        for using, ids in ran.items():
+            _mark_published(using, ids)
+    return sum(len(ids) for ids in ran.values())
+
+
+def _grouped(held: list[tuple[str, OutboxMessage]]) -> list[tuple[str, str, list[OutboxMessage]]]:
+    """`held` by database, task and queue, in the order first seen."""
     groups: dict[tuple[str, str, str], list[OutboxMessage]] = {}
     for using, message in held:
         groups.setdefault((using, message.task, message.queue), []).append(message)
-    ran_here = 0
-    for (using, task, _queue), messages in groups.items():
-        if not runs_here(messages[0]):
-            publish(using=using, messages=messages)
-            continue
-        runner = BATCH_RUNNERS.get(task)
-        if runner is not None and len(messages) > 1:
-            oks = _run_batch_inline(runner, messages)
-        else:
-            oks = [run_inline(message) for message in messages]
-        done = [message.id for message, ok in zip(messages, oks, strict=True) if ok]
-        if done:
-            _mark_published(using, done)
-            ran_here += len(done)
-        failed = [message for message, ok in zip(messages, oks, strict=True) if not ok]
-        if failed:
-            publish(using=using, messages=failed)
-    return ran_here
+    return [(using, task, messages) for (using, task, _queue), messages in groups.items()]
+
+
+def _by_database(held: list[tuple[str, OutboxMessage]]) -> dict[str, list[OutboxMessage]]:
+    by_database: dict[str, list[OutboxMessage]] = {}
+    for using, message in held:
+        by_database.setdefault(using, []).append(message)
+    return by_database
+
+
+def _run_group(
+    using: str, task: str, messages: list[OutboxMessage], ran: dict[str, list[Any]], *, inline: bool
+) -> None:
+    """Run one task's messages of one database here, as one batch when the task has a batch
+    runner, adding the ids of those that ran to `ran`; publish the others."""
+    if not inline or not runs_here(messages[0]):
+        publish(using=using, messages=messages)
+        return
+    runner = BATCH_RUNNERS.get(task)
+    if runner is not None and (len(messages) > 1 or task in BATCH_ONLY):
+        oks = _run_batch_inline(runner, messages)
+    else:
+        oks = [run_inline(message) for message in messages]
+    ran.setdefault(using, []).extend(message.id for message, ok in zip(messages, oks, strict=True) if ok)
+    failed = [message for message, ok in zip(messages, oks, strict=True) if not ok]
+    if failed:
+        publish(using=using, messages=failed)
 
 
 def _run_batch_inline(runner: Callable[[list[OutboxMessage]], list[bool]], messages: list[OutboxMessage]) -> list[bool]:

@@ -1,8 +1,11 @@
-"""A pool process killed in the middle of a batch: the worker takes several orders' inventory
-commands as one batch (one pool process, a long batch wait kept even when the pool is idle, so they gather), and the process
-dies after running them all and before the batch's commit. Each message gets Celery's verdict
-for a lost worker (sent again); every order completes, each reservation is made once, the stock
-adds up and the audit is clean."""
+"""A pool process killed in the middle of a batch, in the middle of a drain: the worker takes
+several orders' start messages as one batch (one pool process, a long batch wait kept even when
+the pool is idle, so they gather), runs their reserve commands right there as one batch (the
+engine's commands are run inline by the worker that committed them), and dies after running them
+all and before that batch's commit. The start messages get Celery's verdict for a lost worker
+(sent again; the sagas exist, so they change nothing); the reserve commands committed with the
+sagas and were never marked published, so the relay sends them once past its grace. Every order
+completes, each reservation is made once, the stock adds up and the audit is clean."""
 
 from __future__ import annotations
 

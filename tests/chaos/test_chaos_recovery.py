@@ -47,6 +47,10 @@ def stack(django_db_setup, django_db_blocker):
             "CELERY_TASK_SOFT_TIME_LIMIT": "5",
             "CELERY_TASK_TIME_LIMIT": "6",
             "PAYMENT_GATEWAY_HANG_SECONDS": str(HANG),  # inside the time limits
+            # These tests follow a service's command as a Celery message: its delivery, its
+            # restore, its redelivery. Commands run inline by the worker that committed them
+            # have their own (tests/chaos/test_chaos_batches.py).
+            "SAGA_INLINE_COMMANDS": "0",
         }
     )
     running.start()

@@ -183,6 +183,17 @@ def worker_broker(monkeypatch, settings) -> WorkerBroker:
             print(f"-- (inline) {message.task} {message.payload.get('step', '')} {message.payload.get('op', '')}")
         return run_inline(message)
 
+    run_batch_inline = outbox._run_batch_inline
+
+    def counted_batch_inline(runner, messages) -> list[bool]:
+        if TRACE:
+            print(f"-- (inline batch) {messages[0].task} x{len(messages)}")
+        oks = run_batch_inline(runner, messages)
+        for message, ok in zip(messages, oks, strict=True):
+            fake.meter.costs.inline[message.task] += ok  # one not run here is published (counted there)
+        return oks
+
+    monkeypatch.setattr(outbox, "_run_batch_inline", counted_batch_inline)
     consumes_every_queue = lambda message: settings.SAGA_INLINE_DELIVERY and message.task in celery_app.tasks  # noqa: E731
     monkeypatch.setattr(outbox, "runs_here", consumes_every_queue)
     monkeypatch.setattr(outbox, "run_inline", counted_inline)
@@ -222,13 +233,17 @@ BUDGETS: dict[str, dict[str, int]] = {
     # The engine writes the commands it sends in the statement that writes its run (write_runs); a
     # charge's intent is one INSERT ... ON CONFLICT DO NOTHING, and its outcome one read; a saga,
     # its steps and its definition's snapshot are inserted in one statement (create_saga).
-    "orchestrated": {"messages": 8, "round_trips": 146, "round_trips_default": 55, "health_checks": 0, "redis": 33},
-    "parallel": {"messages": 8, "round_trips": 145, "round_trips_default": 54, "health_checks": 0, "redis": 34},
+    # The engine's commands are run by the worker that committed them, round after round (a
+    # drain), and marked published once per database when it ends. Only the charge goes through
+    # the broker here: this broker runs the card's registration after the start (a worker usually
+    # runs it first), so the charge is not ready when the drain reaches it (commands.ready_here).
+    "orchestrated": {"messages": 1, "round_trips": 141, "round_trips_default": 52, "health_checks": 0, "redis": 33},
+    "parallel": {"messages": 1, "round_trips": 141, "round_trips_default": 52, "health_checks": 0, "redis": 34},
     # Before: 19 messages, 332 round trips (139 on default), 24 health checks.
-    "tcc": {"messages": 9, "round_trips": 159, "round_trips_default": 57, "health_checks": 0, "redis": 33},
+    "tcc": {"messages": 1, "round_trips": 158, "round_trips_default": 57, "health_checks": 0, "redis": 33},
     # Before: 16 messages, 313 round trips (97 on default), 22 health checks. Each reaction asks its
     # service's breaker (one Redis script each; the charge also the gateway's): 23 Redis commands.
-    "choreography": {"messages": 7, "round_trips": 178, "round_trips_default": 50, "health_checks": 0, "redis": 23},
+    "choreography": {"messages": 7, "round_trips": 177, "round_trips_default": 50, "health_checks": 0, "redis": 23},
 }
 
 

@@ -7,6 +7,10 @@ whose inline run failed."""
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
+import time
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +18,7 @@ from celery._state import _task_stack
 
 from orchestration.models import Saga, SagaStep
 from sagaplatform.celery import app as celery_app
-from sagaplatform.kernel import outbox
+from sagaplatform.kernel import commands, outbox
 from sagaplatform.kernel.commands import REPLY_TASK
 from sagaplatform.kernel.models import OutboxMessage
 from tests.conftest import deliver_until, order_body, register_tasks
@@ -70,17 +74,103 @@ def test_runs_here_is_off_with_the_setting(monkeypatch, settings):
         assert not outbox.runs_here(OutboxMessage(task=REPLY_TASK, queue="orchestrator", payload={}))
 
 
-def test_a_worker_of_every_queue_applies_its_reply_itself(alice_api, catalogue, broker, monkeypatch):
+def test_a_worker_of_every_queue_carries_the_saga_through_itself(alice_api, catalogue, broker, monkeypatch):
     saga_id, command = first_command(alice_api, broker)
 
     with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE):
         broker.run(command)
 
-    # The reply was applied at once: the saga moved on, and no reply went through the broker.
+    # The reply was applied at once, the commands it sent were run at once, their replies too, and
+    # so on to the end: no message went through the broker.
+    assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
+    assert broker.queue == []
+    # Every row that ran here is marked published: the relay will not send it again.
+    replies = reply_rows(saga_id)
+    commands_sent = [m for m in OutboxMessage.objects.using("default") if m.payload.get("saga_id") == saga_id]
+    assert len(replies) == 2  # reserve_stock, commit_stock
+    assert len(commands_sent) == 8
+    assert all(row.published_at is not None for row in [*replies, *commands_sent])
+
+
+def test_a_drain_runs_round_after_round_not_nested(alice_api, catalogue, broker, monkeypatch):
+    """Each run's messages are queued and run by the loop that ran it: a saga's eight commands
+    run at one stack depth, not one call deeper per step."""
+    saga_id, command = first_command(alice_api, broker)
+    depths: list[int] = []
+    execute_many = commands.execute_many
+
+    def measured(**kwargs):
+        depths.append(len(inspect.stack(0)))
+        return execute_many(**kwargs)
+
+    monkeypatch.setattr(commands, "execute_many", measured)
+    with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE):
+        broker.run(command)
+
+    assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
+    assert len(depths) >= 6  # the first command (off the broker), then the drain's rounds
+    assert len(set(depths[1:])) == 1, depths
+
+
+def test_a_round_runs_what_several_sagas_sent_as_one_batch(alice_api, catalogue, broker, monkeypatch):
+    """Two sagas started in one batch: each round of the drain runs both sagas' commands to a
+    service as one batch (one transaction), step after step."""
+    for _ in range(2):
+        assert alice_api.post("/api/orders/", order_body(), format="json").status_code == 202
+    starts = broker.take("orchestration.start_saga")
+    broker.deliver()  # the cards' registrations
+    sizes: list[tuple[str, int]] = []
+    execute_many = commands.execute_many
+
+    def measured(*, service, commands, contexts=None):
+        sizes.append((service, len(commands)))
+        return execute_many(service=service, commands=commands, contexts=contexts)
+
+    monkeypatch.setattr(commands, "execute_many", measured)
+    with worker_task(monkeypatch, "orchestration.start_saga", EVERY_QUEUE):
+        celery_app.tasks["orchestration.start_saga"].deliver([m["payload"] for m in starts])
+
+    assert broker.queue == []
+    assert Saga.objects.filter(state=Saga.State.COMPLETED).count() == 2
+    assert sizes[:2] == [("inventory", 2), ("payments", 2)]  # reserve_stock, then charge_payment
+    assert all(size == 2 for _service, size in sizes), sizes
+
+
+def test_a_charge_whose_card_is_not_registered_yet_goes_through_the_queue(alice_api, catalogue, broker, monkeypatch):
+    """The card's registration travels in a message of its own: a charge that reaches the drain
+    before it is sent through the payments queue, behind it, rather than failing and waiting out
+    a retry's backoff."""
+    receipt = alice_api.post("/api/orders/", order_body(), format="json").json()
+    saga_id = receipt["saga"]["id"]
+    registration = broker.take("payments.register_payment_method")
+    deliver_until(broker, "inventory.execute")
+    [command] = broker.take("inventory.execute")
+
+    with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE):
+        broker.run(command)
+
+    charge = SagaStep.objects.get(saga_id=saga_id, name="charge_payment")
+    assert (charge.state, charge.attempts) == (SagaStep.State.RUNNING, 1)
+    assert [m["task"] for m in broker.queue] == ["payments.execute"]
+    broker.queue[:0] = registration  # it was queued first
+    broker.deliver()
+    assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
+    assert SagaStep.objects.get(saga_id=saga_id, name="charge_payment").attempts == 1
+
+
+def test_past_its_budget_a_drain_publishes_what_is_left(alice_api, catalogue, broker, monkeypatch, settings):
+    settings.SAGA_INLINE_BUDGET_MS = 1500
+    saga_id, command = first_command(alice_api, broker)
+    ticks = itertools.count()  # each reading of the clock is a second later
+    monkeypatch.setattr(outbox, "time", types.SimpleNamespace(monotonic=lambda: float(next(ticks))))
+
+    with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE):
+        broker.run(command)
+
+    # The first round (the reply) ran within the budget; the second (the charge) did not run.
     assert SagaStep.objects.get(saga_id=saga_id, name="reserve_stock").state == SagaStep.State.SUCCEEDED
     assert [m["task"] for m in broker.queue] == ["payments.execute"]
-    [row] = reply_rows(saga_id)
-    assert row.published_at is not None  # the relay will not send it again
+    monkeypatch.setattr(outbox, "time", time)
     broker.deliver()
     assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
 
