@@ -363,6 +363,8 @@ def command_task(service: str) -> Callable[..., None]:
 
     outbox.BATCH_RUNNERS[execute.name] = run_inline
     outbox.BATCH_ONLY.add(execute.name)
+    # A saga's commands to several services in one round are parallel steps.
+    outbox.FAN_OUT_KEYS[execute.name] = lambda message: message.payload.get("saga_id")
     return execute  # type: ignore[no-any-return]
 
 

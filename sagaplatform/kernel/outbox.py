@@ -144,6 +144,11 @@ def message(
 BATCH_RUNNERS: dict[str, Callable[[list[OutboxMessage]], list[bool]]] = {}
 # Tasks whose messages only their batch runner can run (a batched task's body takes a batch).
 BATCH_ONLY: set[str] = set()
+# Tasks whose messages of one key in one round of a drain are meant to run at the same time (a
+# saga's commands to several services: parallel steps) -> the key of a message. The first of a
+# key runs here; the others are published, to run meanwhile in other processes, where a round
+# would run them one after another.
+FAN_OUT_KEYS: dict[str, Callable[[OutboxMessage], Any]] = {}
 
 
 def runs_here(message: OutboxMessage) -> bool:
@@ -272,9 +277,9 @@ def _publish_inline(held: list[tuple[str, OutboxMessage]]) -> int:
     groups: list[tuple[str, str, list[OutboxMessage]]] = []
     try:
         while queue:
-            groups[:] = _grouped(queue)
-            queue.clear()
             inline = time.monotonic() < deadline
+            groups[:] = _fanned_out(_grouped(queue)) if inline else _grouped(queue)
+            queue.clear()
             while groups:
                 using, task, messages = groups.pop(0)
                 _run_group(using, task, messages, ran, inline=inline)
@@ -290,6 +295,27 @@ def _publish_inline(held: list[tuple[str, OutboxMessage]]) -> int:
         for using, ids in ran.items():
             _mark_published(using, ids)
     return sum(len(ids) for ids in ran.values())
+
+
+def _fanned_out(groups: list[tuple[str, str, list[OutboxMessage]]]) -> list[tuple[str, str, list[OutboxMessage]]]:
+    """Publish, before the round runs anything, each message whose fan-out key an earlier group
+    of the round holds (a parallel step of a saga whose other branch runs here), so it runs
+    meanwhile in another process; return what is left to run here."""
+    keys: set[Any] = set()
+    left: list[tuple[str, str, list[OutboxMessage]]] = []
+    for using, task, messages in groups:
+        key_of = FAN_OUT_KEYS.get(task)
+        if key_of is None:
+            left.append((using, task, messages))
+            continue
+        here = [message for message in messages if key_of(message) not in keys]
+        meanwhile = [message for message in messages if key_of(message) in keys]
+        keys.update(key_of(message) for message in here)
+        if meanwhile:
+            publish(using=using, messages=meanwhile)
+        if here:
+            left.append((using, task, here))
+    return left
 
 
 def _grouped(held: list[tuple[str, OutboxMessage]]) -> list[tuple[str, str, list[OutboxMessage]]]:

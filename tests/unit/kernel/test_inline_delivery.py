@@ -81,15 +81,47 @@ def test_a_worker_of_every_queue_carries_the_saga_through_itself(alice_api, cata
         broker.run(command)
 
     # The reply was applied at once, the commands it sent were run at once, their replies too, and
-    # so on to the end: no message went through the broker.
+    # so on: no message went through the broker until the last three steps, which run in
+    # parallel. One of them ran here; the other two were published, to run meanwhile elsewhere.
+    steps = dict(SagaStep.objects.filter(saga_id=saga_id).values_list("name", "state"))
+    assert steps["dispatch_shipment"] == steps["commit_stock"] == SagaStep.State.SUCCEEDED
+    assert sorted(m["task"] for m in broker.queue) == ["notifications.execute", "orders.execute"]
+    broker.deliver()
     assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
-    assert broker.queue == []
-    # Every row that ran here is marked published: the relay will not send it again.
+    # Every row is marked published, those that ran here too: the relay will not send it again.
     replies = reply_rows(saga_id)
     commands_sent = [m for m in OutboxMessage.objects.using("default") if m.payload.get("saga_id") == saga_id]
     assert len(replies) == 2  # reserve_stock, commit_stock
     assert len(commands_sent) == 8
     assert all(row.published_at is not None for row in [*replies, *commands_sent])
+
+
+def test_parallel_steps_run_meanwhile_in_other_processes(alice_api, catalogue, broker, monkeypatch):
+    """A saga's commands to several services in one round are parallel steps: one runs here and
+    the others are published before it runs, for other processes to run at the same time."""
+    receipt = alice_api.post("/api/orders/", {**order_body(), "mode": "parallel"}, format="json").json()
+    [start] = broker.take("orchestration.start_saga")
+    broker.deliver()  # the card's registration
+    ran: list[str] = []
+    execute_many = commands.execute_many
+
+    def measured(*, service, commands, contexts=None):
+        ran.append(service)
+        return execute_many(service=service, commands=commands, contexts=contexts)
+
+    monkeypatch.setattr(commands, "execute_many", measured)
+    with worker_task(monkeypatch, "orchestration.start_saga", EVERY_QUEUE):
+        celery_app.tasks["orchestration.start_saga"].deliver([start["payload"]])
+
+    saga_id = receipt["saga"]["id"]
+    steps = dict(SagaStep.objects.filter(saga_id=saga_id).values_list("name", "state"))
+    # reserve_stock and charge_payment start together: the stock's ran here, the charge was sent.
+    assert ran == ["inventory"]
+    assert steps["reserve_stock"] == SagaStep.State.SUCCEEDED
+    assert steps["charge_payment"] == SagaStep.State.RUNNING
+    assert [m["task"] for m in broker.queue] == ["payments.execute"]
+    broker.deliver()
+    assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
 
 
 def test_a_drain_runs_round_after_round_not_nested(alice_api, catalogue, broker, monkeypatch):
@@ -107,8 +139,9 @@ def test_a_drain_runs_round_after_round_not_nested(alice_api, catalogue, broker,
     with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE):
         broker.run(command)
 
-    assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
-    assert len(depths) >= 6  # the first command (off the broker), then the drain's rounds
+    # The first command (off the broker), then the drain's rounds to the last steps.
+    assert SagaStep.objects.get(saga_id=saga_id, name="commit_stock").state == SagaStep.State.SUCCEEDED
+    assert len(depths) >= 6
     assert len(set(depths[1:])) == 1, depths
 
 
@@ -130,10 +163,13 @@ def test_a_round_runs_what_several_sagas_sent_as_one_batch(alice_api, catalogue,
     with worker_task(monkeypatch, "orchestration.start_saga", EVERY_QUEUE):
         celery_app.tasks["orchestration.start_saga"].deliver([m["payload"] for m in starts])
 
-    assert broker.queue == []
-    assert Saga.objects.filter(state=Saga.State.COMPLETED).count() == 2
+    # Both sagas reached their last three steps (parallel: one service's ran here, the other
+    # two were published), every round one batch for both.
     assert sizes[:2] == [("inventory", 2), ("payments", 2)]  # reserve_stock, then charge_payment
     assert all(size == 2 for _service, size in sizes), sizes
+    assert sorted(m["task"] for m in broker.queue) == ["notifications.execute"] * 2 + ["orders.execute"] * 2
+    broker.deliver()
+    assert Saga.objects.filter(state=Saga.State.COMPLETED).count() == 2
 
 
 def test_a_charge_whose_card_is_not_registered_yet_goes_through_the_queue(alice_api, catalogue, broker, monkeypatch):
