@@ -188,20 +188,14 @@ def _create(
     total = sum((products[i["sku"]].unit_price * i["quantity"] for i in items), Decimal("0.00"))
     if total > MAX_ORDER_TOTAL:
         raise OrderTooLarge(f"The order total {total} exceeds {MAX_ORDER_TOTAL}", details={"total": str(total)})
-    order = Order.objects.using(DB).create(
+    # Built first and inserted last: its messages' ids and due time go into its own INSERT.
+    order = Order(
         customer_id=customer_id,
         customer_email=customer_email,
         total=total,
         mode=mode,
         shipping_address=shipping_address,
     )
-    OrderLine.objects.using(DB).bulk_create(
-        [
-            OrderLine(order=order, sku=i["sku"], quantity=i["quantity"], unit_price=products[i["sku"]].unit_price)
-            for i in items
-        ]
-    )
-    OrderStatusChange.objects.using(DB).create(order=order, from_status="", to_status=order.status, reason="accepted")
     payment_method = f"pm_{uuid.uuid4().hex}"
     context = {
         "order_id": str(order.id),
@@ -214,38 +208,45 @@ def _create(
         "shipping_address": shipping_address,
         "mode": mode,
     }
+    # The registration goes after the start (tests and tools that step through messages expect
+    # the start first), in the same transaction: the charge comes several hops later.
+    registration = _registration(order, payment_method, payment_token)
     if mode == Order.Mode.CHOREOGRAPHY:
         # No coordinator to start: announce the order; the services take it from there. The
         # tracker's copy is the one remembered: it is announced again until the tracker has it.
         event = choreography.event_message(event=ORDER_PLACED, saga_id=order.saga_id, context=context)
         message = choreography.publish(using=DB, message=event)[-1]
+        outbox.enqueue_many(using=DB, messages=[registration])
     else:
-        message = outbox.enqueue(
-            using=DB,
+        start = outbox.message(
             task=START_SAGA_TASK,
             queue=ORCHESTRATOR_QUEUE,
             payload={"saga_id": str(order.saga_id), "mode": mode, "context": context},
         )
-    # After the start (tests and tools that step through messages expect the start first), in
-    # the same transaction: the charge comes several hops later.
-    _register_payment_method(order, payment_method, payment_token)
-    Order.objects.using(DB).filter(id=order.id).update(
-        start_message_id=message.id,
-        announced_at=message.available_at,
-        reannounce_at=message.available_at + REANNOUNCE_AFTER,
+        # One INSERT for both, published together once the order commits (one mark).
+        message, _ = outbox.enqueue_many(using=DB, messages=[start, registration])
+    order.start_message_id = message.id
+    order.announced_at = message.available_at
+    order.reannounce_at = message.available_at + REANNOUNCE_AFTER
+    order.save(using=DB, force_insert=True)
+    OrderLine.objects.using(DB).bulk_create(
+        [
+            OrderLine(order=order, sku=i["sku"], quantity=i["quantity"], unit_price=products[i["sku"]].unit_price)
+            for i in items
+        ]
     )
+    OrderStatusChange.objects.using(DB).create(order=order, from_status="", to_status=order.status, reason="accepted")
     return order
 
 
-def _register_payment_method(order: Order, reference: str, payment_token: str) -> None:
-    """Send the card token to the payments service alone, in the order's transaction, under the
-    opaque reference (`pm_<uuid>`) that everything else carries instead.
+def _registration(order: Order, reference: str, payment_token: str) -> OutboxMessage:
+    """The message that sends the card token to the payments service alone, in the order's
+    transaction, under the opaque reference (`pm_<uuid>`) that everything else carries instead.
 
     The token is sealed for payments (`kernel.sealing`): the orders outbox row and the broker
     message never show it, and this service keeps nothing of it. Payments registers it
     idempotently by reference; a charge that arrives first waits for it (section 10)."""
-    outbox.enqueue(
-        using=DB,
+    return outbox.message(
         task=REGISTER_PAYMENT_METHOD_TASK,
         queue=PAYMENTS_QUEUE,
         payload={

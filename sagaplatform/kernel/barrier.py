@@ -14,8 +14,9 @@
    one: see `call`.)
 
 A command's action takes a shorter path (`call(savepoint=False)`): the operation first, then its
-row with the outcome in one insert; a row already there (or any failure) rolls the whole
-transaction back, and the action runs again as above.
+row with the outcome in one insert (`run_first`, `insert_outcomes`: a batch's actions share the
+insert); a row already there (or any failure) rolls the whole transaction back, and the action
+runs again as above.
 
 Every insert is `INSERT ... ON CONFLICT DO NOTHING`: the unique key, not a read, decides
 ("change instead of check"), so concurrent duplicates serialise on the index.
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -94,29 +95,38 @@ def _running(using: str) -> Iterator[None]:
 
 
 def _insert(using: str, saga_id: SagaId, step: str, op: str, outcome: dict[str, Any] | None) -> bool:
+    return _insert_rows(using, [(saga_id, step, op, outcome)]) == 1
+
+
+def _insert_rows(using: str, rows: Sequence[tuple[SagaId, str, str, dict[str, Any] | None]]) -> int:
+    """Insert barrier rows (saga, step, op, outcome) in one statement, each unless its key is
+    there already. Returns how many were inserted."""
     connection = connections[using]
     fields = {f.name: f for f in Barrier._meta.concrete_fields}
-    values = [
-        fields["saga_id"].get_db_prep_save(saga_id, connection),
-        step,
-        op,
-        fields["outcome"].get_db_prep_save(outcome, connection),
-    ]
+    saga_field, outcome_field, created_field = fields["saga_id"], fields["outcome"], fields["created_at"]
     # The row's time comes from the database clock (the audit compares rows written by
     # different workers); SQLite shares the process clock.
-    if connection.vendor == "postgresql":
-        now_sql = "clock_timestamp()"
-    else:
-        now_sql = "%s"
-        values.append(fields["created_at"].get_db_prep_save(timezone.now(), connection))
+    postgres = connection.vendor == "postgresql"
+    now_sql = "clock_timestamp()" if postgres else "%s"
+    values: list[Any] = []
+    for saga_id, step, op, outcome in rows:
+        values += [
+            saga_field.get_db_prep_save(saga_id, connection),
+            step,
+            op,
+            outcome_field.get_db_prep_save(outcome, connection),
+        ]
+        if not postgres:
+            values.append(created_field.get_db_prep_save(timezone.now(), connection))
     quote = connection.ops.quote_name
     # Only quoted identifiers from the model are interpolated; every value is a parameter.
     table = quote(Barrier._meta.db_table)
     columns = ", ".join(quote(c) for c in ("saga_id", "step", "op", "outcome", "created_at"))
-    sql = f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, {now_sql}) ON CONFLICT DO NOTHING"  # noqa: S608
+    placeholders = ", ".join([f"(%s, %s, %s, %s, {now_sql})"] * len(rows))
+    sql = f"INSERT INTO {table} ({columns}) VALUES {placeholders} ON CONFLICT DO NOTHING"  # noqa: S608
     with connection.cursor() as cursor:
         cursor.execute(sql, values)
-        return bool(cursor.rowcount == 1)
+        return int(cursor.rowcount)
 
 
 def _action_failed(using: str, saga_id: SagaId, step: str) -> bool:
@@ -171,16 +181,8 @@ def call(
         raise RuntimeError("barrier.call must run inside transaction.atomic(using=...)")
     saga_id, step, op = command.saga_id, command.step, command.op
     if not savepoint and op == ACTION and not begun:
-        try:
-            outcome = _run_unprotected(using, command, fn)
-        except (BusinessError, SoftTimeLimitExceeded):
-            raise
-        except Exception as exc:
-            # Perhaps the duplicate's own doing (a unique key of the service's rows, a lock): the
-            # run again reads the row first, and meets this error again if it is real.
-            raise Decided(f"{step}/{op} of saga {saga_id} failed before its row was read: {exc}") from exc
-        if not _insert(using, saga_id, step, op, outcome):
-            raise Decided(f"the barrier already holds {step}/{op} of saga {saga_id}")
+        outcome = run_first(using=using, command=command, fn=fn)
+        insert_outcomes(using=using, done=[(command, outcome)])
         return outcome
 
     if op == COMPENSATE and _insert(using, saga_id, step, ACTION, REFUSED_AFTER_COMPENSATION):
@@ -198,9 +200,13 @@ def call(
         observability.barrier_hit(using, "null_compensation")
         return NULL_COMPENSATION
 
-    if not _insert(using, saga_id, step, op, None):
-        # The lock makes a concurrent run of a pending action (see `begin`) wait for the first.
-        stored = Barrier.objects.using(using).select_for_update().get(saga_id=saga_id, step=step, op=op).outcome
+    # An action whose intent `begin` recorded finds its row there: read (and lock) it first, and
+    # insert it only if `begin` never ran (one statement where a failing insert and a read took two).
+    found = _locked_outcome(using, saga_id, step, op) if begun else None
+    if found is None and not _insert(using, saga_id, step, op, None):
+        found = _locked_outcome(using, saga_id, step, op)
+    if found is not None:
+        stored = found[0]
         if stored is not None:
             logger.info("barrier replay for %s/%s/%s", saga_id, step, op)
             observability.barrier_hit(using, "hanging_refused" if stored == REFUSED_AFTER_COMPENSATION else "duplicate")
@@ -222,6 +228,43 @@ def call(
         outcome = {"status": "business_failure", "error": exc.as_dict()}
     _store(using, saga_id, step, op, outcome)
     return outcome
+
+
+def _locked_outcome(using: str, saga_id: SagaId, step: str, op: str) -> tuple[dict[str, Any] | None] | None:
+    """The row's outcome, its row locked (a concurrent run of a pending action, see `begin`,
+    waits for the first); None if there is no row."""
+    rows = Barrier.objects.using(using).select_for_update().filter(saga_id=saga_id, step=step, op=op)
+    for outcome in rows.values_list("outcome", flat=True):
+        return (outcome,)
+    return None
+
+
+def run_first(*, using: str, command: Command, fn: Callable[..., dict[str, Any] | None]) -> dict[str, Any]:
+    """The fast path's first half (`call(savepoint=False)`): a command's action, before its row.
+    The caller then inserts the row with the outcome (`insert_outcomes`), in the same transaction."""
+    try:
+        return _run_unprotected(using, command, fn)
+    except (BusinessError, SoftTimeLimitExceeded):
+        raise
+    except Exception as exc:
+        # Perhaps the duplicate's own doing (a unique key of the service's rows, a lock): the
+        # run again reads the row first, and meets this error again if it is real.
+        raise Decided(
+            f"{command.step}/{command.op} of saga {command.saga_id} failed before its row was read: {exc}"
+        ) from exc
+
+
+def insert_outcomes(*, using: str, done: list[tuple[Command, dict[str, Any]]]) -> None:
+    """The fast path's second half: the rows of actions `run_first` ran, with their outcomes, in
+    one INSERT (a batch's commands share it). If any row was there already, `Decided`: the
+    caller rolls its transaction back and runs each command again through `call` with a
+    savepoint."""
+    if not done:
+        return
+    rows = [(command.saga_id, command.step, command.op, outcome) for command, outcome in done]
+    if _insert_rows(using, rows) < len(rows):
+        held = ", ".join(f"{c.step}/{c.op} of saga {c.saga_id}" for c, _ in done)
+        raise Decided(f"the barrier already holds one of {held}")
 
 
 def _run_unprotected(using: str, command: Command, fn: Callable[..., dict[str, Any] | None]) -> dict[str, Any]:

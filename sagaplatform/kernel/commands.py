@@ -218,12 +218,18 @@ def _execute_together(
 ) -> dict[int, dict[str, Any]]:
     outcomes: dict[int, dict[str, Any]] = {}
     replies: list[OutboxMessage] = []
+    # The actions' barrier rows, inserted together once they all ran (see `barrier.call`'s fast path).
+    actions: list[tuple[Command, dict[str, Any]]] = []
     with transaction.atomic(using=service):
         for i, command, context in items:
             with tracing.restored(context), observability.step_attempt(service, command) as attempt:
                 fn = _OPERATIONS.get((service, command.operation))
                 if fn is None:
                     outcome = _unknown_operation(service, command)
+                elif not savepoint and command.op == barrier.ACTION:
+                    faults.arm_after_commit(service, command.operation)
+                    outcome = barrier.run_first(using=service, command=command, fn=fn)
+                    actions.append((command, outcome))
                 else:
                     faults.arm_after_commit(service, command.operation)
                     outcome = barrier.call(using=service, command=command, fn=fn, savepoint=savepoint)
@@ -232,6 +238,7 @@ def _execute_together(
                     outbox.message(task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
                 )
             outcomes[i] = outcome
+        barrier.insert_outcomes(using=service, done=actions)
         outbox.enqueue_many(using=service, messages=replies, inline=True)
         for _, command, _ in items:
             faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)

@@ -104,6 +104,11 @@ def test_a_batch_of_commands_is_one_transaction_and_one_insert_of_replies(alice_
     outbox_inserts = [s for s in sql if s.startswith("INSERT") and OutboxMessage._meta.db_table in s]
     assert len(outbox_inserts) == 1  # the three replies in one INSERT
     assert OutboxMessage.objects.using("inventory").filter(task=commands.REPLY_TASK).count() == 3
+    barrier_inserts = [s for s in sql if s.startswith("INSERT") and Barrier._meta.db_table in s]
+    assert len(barrier_inserts) == 1  # the three actions' barrier rows, with their outcomes, in one INSERT
+    stored = Barrier.objects.using("inventory").filter(step="reserve_stock", op="action")
+    assert sorted(str(b.saga_id) for b in stored) == sorted(saga_ids)
+    assert {b.outcome["status"] for b in stored} == {commands.SUCCEEDED}
     # ... and they were applied, as one batch, where they committed: each saga moved on.
     for saga_id in saga_ids:
         assert SagaStep.objects.get(saga_id=saga_id, name="reserve_stock").state == "succeeded"
@@ -146,6 +151,28 @@ def test_a_command_that_raises_fails_alone_and_the_rest_of_its_batch_commits(
     assert Reservation.objects.using("inventory").filter(saga_id=unlucky).count() == 0
     steps = {str(s.saga_id): s.state for s in SagaStep.objects.filter(name="reserve_stock")}
     assert steps == {saga_ids[0]: "succeeded", saga_ids[1]: "retrying", saga_ids[2]: "succeeded"}
+
+
+def test_a_duplicate_in_a_batch_replays_and_the_rest_of_its_batch_runs_once(alice_api, catalogue, batching_broker):
+    """One command of a batch ran before (a redelivery): its barrier row is there, so the batch's
+    one INSERT of rows falls short; the batch rolls back and runs again, each command reading its
+    row first. The duplicate replays its first outcome, the others run once."""
+    saga_ids, reserves = three_reserves(alice_api, batching_broker)
+    first = commands.execute_many(service="inventory", commands=[reserves[1]])
+    assert first[0]["status"] == commands.SUCCEEDED
+
+    outcomes = commands.execute_many(service="inventory", commands=reserves)
+
+    assert [o["status"] for o in outcomes] == [commands.SUCCEEDED] * 3
+    assert outcomes[1] == {**first[0], "replayed": True}
+    assert "replayed" not in outcomes[0]
+    assert "replayed" not in outcomes[2]
+    for saga_id in saga_ids:
+        assert Reservation.objects.using("inventory").filter(saga_id=saga_id).count() == 1
+        assert Barrier.objects.using("inventory").filter(saga_id=saga_id, step="reserve_stock").count() == 1
+    batching_broker.deliver()
+    assert {saga.state for saga in Saga.objects.all()} == {"completed"}
+    assert run_audit() == []
 
 
 def test_a_business_failure_in_a_batch_is_stored_without_its_effects_and_the_rest_commit(

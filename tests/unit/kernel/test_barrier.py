@@ -327,7 +327,8 @@ def test_a_duplicate_delivery_replays_the_stored_outcome_without_a_second_effect
 @pytest.mark.parametrize("name", [n for n, o in OPERATIONS.items() if o.op == ACTION])
 def test_a_command_writes_its_row_once_with_its_outcome_and_a_duplicate_replays_it(name, new_saga):
     """A command's action runs first and its row is inserted with the outcome, in one statement
-    (an action whose intent was recorded before its outside call updates that row);
+    (an action whose intent was recorded before its outside call reads and locks that row, then
+    stores its outcome there: no second insert);
     the same command again finds the row, its second run is rolled back, and it replays."""
     from django.test.utils import CaptureQueriesContext
 
@@ -346,9 +347,7 @@ def test_a_command_writes_its_row_once_with_its_outcome_and_a_duplicate_replays_
     assert first["status"] == "succeeded"
     check_effect(name, saga, before, once)
     begun = commands.calls_outside(spec.service, spec.operation)
-    assert writes == (["INSERT", "INSERT", "SELECT", "UPDATE"] if begun else ["INSERT"]), (
-        writes
-    )  # intent, then as before
+    assert writes == (["INSERT", "SELECT", "UPDATE"] if begun else ["INSERT"]), writes  # intent, lock, outcome
     assert second == {**first, "replayed": True}
     assert world() == once
     assert barrier_rows(spec.service, saga.id)[(spec.step, spec.op)] == first
