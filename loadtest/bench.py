@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from celery import chain, shared_task
 from django.conf import settings
@@ -516,16 +517,23 @@ def run_benchmark(
     compare_prefill: int = 0,
     prefill_days: float = 30.0,
     chain: bool = True,
+    rounds: int = 1,
 ) -> dict:
     """The saga in each style against the bare chain, on an empty database or after `prefill`
-    finished sagas were written; with `compare_prefill`, both in one run (empty first)."""
+    finished sagas were written; with `compare_prefill`, both in one run (empty first).
+
+    With `rounds` > 1, each phase measures every style and the chain that many times, in reverse
+    order in even rounds (saga then chain, chain then saga, ...), and reports the median of each
+    figure and, for the ratios, the geometric mean of each round's own: the host's speed drifts
+    over a run, a round's two halves ran back to back, and over an even number of rounds a steady
+    drift favours each side as often as the other."""
     from loadtest import prefill as history
 
     if settings.EMBEDDED_DATABASES or settings.EMBEDDED_BROKER:
         raise RuntimeError("the benchmark measures the production stack: set DATABASE_URL and REDIS_URL")
     styles = list(styles)
     phases = [("empty", 0), ("prefilled", compare_prefill)] if compare_prefill else [("", prefill)]
-    _seed((n + warmup) * (len(styles) + 1) * len(phases) + 200)
+    _seed((n * rounds + warmup) * (len(styles) + 1) * len(phases) + 200)
     install_fault_rules([])
     log_dir = settings.VAR_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -544,7 +552,8 @@ def run_benchmark(
             # Captured first, on a database that holds nothing else.
             templates = history.capture(make_templates(STYLES))
         out.write(
-            f"{n} orders per run, {concurrency} concurrent clients, {workers} worker(s) -c {worker_concurrency}, "
+            f"{n} orders per run{f', {rounds} rounds (in reverse order in even ones)' if rounds > 1 else ''}, "
+            f"{concurrency} concurrent clients, {workers} worker(s) -c {worker_concurrency}, "
             f"styles {', '.join(styles)}, fault rules {len(rules or [])} (beat on), cpu accounting "
             f"{'on' if cpu.available() else 'unavailable (no /proc)'}, debug {'on' if settings.DEBUG else 'off'}\n"
         )
@@ -560,39 +569,24 @@ def run_benchmark(
             install_fault_rules(rules or [])
             if rules:
                 time.sleep(1.2)  # the workers' fault-rule caches (one second)
-            runs: dict = {}
-            for style in styles:
-                placed: list[str] = []
-
-                def place(i: int, style: str = style, placed: list = placed) -> tuple[str, str]:
-                    order_id, saga_id = _place_saga_order(i, style)
-                    placed.append(saga_id)
-                    return order_id, saga_id
-
-                figures = measure(
-                    f"{phase + ' ' if phase else ''}saga {style}",
+            by_round = [
+                _measure_round(
+                    f"{phase + ' ' if phase else ''}{f'round {r + 1} ' if rounds > 1 else ''}",
+                    styles=styles,
+                    chain=chain,
+                    reverse=r % 2 == 1,
                     n=n,
                     concurrency=concurrency,
-                    warmup=warmup,
-                    place=place,
-                    finished=_finished_sagas,
+                    warmup=warmup if r == 0 else 0,  # warmed up once per phase
                     workers=processes,
                     out=out,
                 )
-                figures["outcomes"] = _outcomes(placed[-n:])
-                runs[style] = figures
-            if chain:
-                runs["chain"] = measure(
-                    f"{phase + ' ' if phase else ''}chain",
-                    n=n,
-                    concurrency=concurrency,
-                    warmup=warmup,
-                    place=_place_chain_order,
-                    finished=_finished_chains,
-                    workers=processes,
-                    out=out,
-                )
+                for r in range(rounds)
+            ]
+            runs = _median_runs(by_round) if rounds > 1 else by_round[0]
             results[phase or "run"] = {"prefilled_sagas": stored, "stored_sagas": _prefilled(), **runs}
+            if rounds > 1:
+                results[phase or "run"]["rounds"] = by_round
     finally:
         for process in processes:
             process.stop(timeout=30)
@@ -613,11 +607,13 @@ def run_benchmark(
         bare = runs.get("chain")
         for style in styles:
             saga = runs[style]
-            if bare:
-                saga["throughput_ratio"] = round(saga["throughput_per_s"] / bare["throughput_per_s"], 2)
-                saga["p50_ratio"] = round(saga["p50_ms"] / bare["p50_ms"], 2)
-                saga["p99_ratio"] = round(saga["p99_ms"] / bare["p99_ms"], 2)
-                saga["cpu_ratio"] = round(saga["cpu_ms_per_order"] / max(0.01, bare["cpu_ms_per_order"]), 2)
+            if bare and "rounds" in runs:
+                # The geometric mean of each round's own ratios (its two halves ran back to back).
+                per_round = [_ratios(r[style], r["chain"]) for r in runs["rounds"]]
+                saga.update({k: round(statistics.geometric_mean(r[k] for r in per_round), 2) for k in per_round[0]})
+                saga["round_ratios"] = per_round
+            elif bare:
+                saga.update(_ratios(saga, bare))
             out.write(
                 f"{phase + ': ' if phase else ''}saga {style:12}: {saga['throughput_per_s']} orders/s  p50 {saga['p50_ms']} ms  "
                 f"p95 {saga['p95_ms']} ms  p99 {saga['p99_ms']} ms  CPU {saga['cpu_ms_per_order']} ms/order "
@@ -673,6 +669,88 @@ def run_benchmark(
                 summary[key] = first[key]
     out.write(json.dumps(summary, default=str) + "\n")
     return summary
+
+
+def _measure_round(
+    label: str,
+    *,
+    styles: list[str],
+    chain: bool,
+    reverse: bool,
+    n: int,
+    concurrency: int,
+    warmup: int,
+    workers: list[Process],
+    out,
+) -> dict:
+    """One round: each style's saga and then the bare chain (the other way round if `reverse`)."""
+    runs: dict = {}
+    sides = [*styles, *(["chain"] if chain else [])]
+    for side in reversed(sides) if reverse else sides:
+        if side == "chain":
+            runs["chain"] = measure(
+                f"{label}chain",
+                n=n,
+                concurrency=concurrency,
+                warmup=warmup,
+                place=_place_chain_order,
+                finished=_finished_chains,
+                workers=workers,
+                out=out,
+            )
+            continue
+        placed: list[str] = []
+
+        def place(i: int, style: str = side, placed: list = placed) -> tuple[str, str]:
+            order_id, saga_id = _place_saga_order(i, style)
+            placed.append(saga_id)
+            return order_id, saga_id
+
+        figures = measure(
+            f"{label}saga {side}",
+            n=n,
+            concurrency=concurrency,
+            warmup=warmup,
+            place=place,
+            finished=_finished_sagas,
+            workers=workers,
+            out=out,
+        )
+        figures["outcomes"] = _outcomes(placed[-n:])
+        runs[side] = figures
+    if label and chain:
+        for style in styles:
+            ratios = _ratios(runs[style], runs["chain"])
+            out.write(
+                f"{label}ratio {style:12}: throughput saga/chain {ratios['throughput_ratio']}  "
+                f"p50 saga/chain {ratios['p50_ratio']}  CPU per order saga/chain {ratios['cpu_ratio']}\n"
+            )
+    return runs
+
+
+def _ratios(saga: dict, bare: dict) -> dict[str, float]:
+    return {
+        "throughput_ratio": round(saga["throughput_per_s"] / bare["throughput_per_s"], 2),
+        "p50_ratio": round(saga["p50_ms"] / bare["p50_ms"], 2),
+        "p99_ratio": round(saga["p99_ms"] / bare["p99_ms"], 2),
+        "cpu_ratio": round(saga["cpu_ms_per_order"] / max(0.01, bare["cpu_ms_per_order"]), 2),
+    }
+
+
+def _median_runs(by_round: list[dict]) -> dict:
+    """Each side's figures over the rounds: the median of each number (nested ones too), the
+    outcomes added up."""
+
+    def median(values: list, key: str = "") -> Any:
+        if key == "outcomes":
+            return {k: sum(v.get(k, 0) for v in values) for k in sorted({k for v in values for k in v})}
+        if isinstance(values[0], dict):
+            return {k: median([v[k] for v in values], k) for k in values[0]}
+        if isinstance(values[0], int | float) and not isinstance(values[0], bool):
+            return round(statistics.median(values), 2)
+        return values[0]
+
+    return {side: median([r[side] for r in by_round]) for side in by_round[0]}
 
 
 def run_styles_benchmark(*, n: int, concurrency: int, worker_concurrency: int, latency_ms: int, out) -> dict:

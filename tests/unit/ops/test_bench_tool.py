@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import statistics
 import time
 from datetime import timedelta
 from types import SimpleNamespace
@@ -33,6 +34,8 @@ def test_options_turn_into_the_benchmark_arguments():
     assert defaults["styles"] == ["orchestrated"]
     assert (defaults["n"], defaults["workers"], defaults["worker_concurrency"]) == (500, 1, 4)
     assert (defaults["rules"], defaults["prefill"], defaults["compare_prefill"], defaults["chain"]) == ([], 0, 0, True)
+    assert defaults["rounds"] == 1
+    assert options("--rounds", "3")["rounds"] == 3
 
     given = options(
         "--style", "tcc,parallel", "--style", "tcc", "--workers", "2", "--worker-concurrency", "3",
@@ -64,6 +67,7 @@ def test_options_turn_into_the_benchmark_arguments():
         ["--workers", "0"],
         ["--prefill", "-1"],
         ["--prefill", "10", "--compare-prefill", "10"],
+        ["--rounds", "0"],
     ],
 )
 def test_bad_options_are_refused_before_anything_runs(args, monkeypatch):
@@ -141,6 +145,45 @@ def test_the_last_line_is_a_json_object_with_every_figure(no_processes):
     assert summary["throughput_ratio"] == 0.5
     assert summary["saga"]["throughput_per_s"] == 20.0
     assert any("CPU per order saga/chain 2.5" in line for line in lines)
+
+
+def test_rounds_alternate_the_order_and_report_the_mean_of_each_rounds_own_ratio(no_processes, monkeypatch):
+    """The host slows down over the run: each measured run is 10 % slower than the one before,
+    the saga's true ratio being 0.5. Each round's own ratio leans to whichever side ran first;
+    with the order reversed every other round, their geometric mean over an even number of
+    rounds is the true ratio."""
+    calls: list[str] = []
+
+    def measure(name, **kwargs):
+        calls.append(name)
+        slower = 1 + 0.1 * (len(calls) - 1)
+        if "chain" in name:
+            return fake_figures(40.0 / slower, 40.0 * slower)
+        return {**fake_figures(20.0 / slower, 100.0 * slower), "warmup": kwargs["warmup"]}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "_outcomes", lambda ids: {"completed": 5})
+    out = io.StringIO()
+    bench.run_benchmark(n=5, concurrency=2, worker_concurrency=1, warmup=3, out=out, rounds=4)
+    summary = json.loads(out.getvalue().splitlines()[-1])
+
+    assert calls == [
+        "round 1 saga orchestrated", "round 1 chain",
+        "round 2 chain", "round 2 saga orchestrated",
+        "round 3 saga orchestrated", "round 3 chain",
+        "round 4 chain", "round 4 saga orchestrated",
+    ]  # fmt: skip
+    rounds = summary["run"]["rounds"]
+    assert [r["orchestrated"]["warmup"] for r in rounds] == [3, 0, 0, 0]  # warmed up once
+    own = [r["throughput_ratio"] for r in summary["run"]["orchestrated"]["round_ratios"]]
+    assert own == [0.55, 0.46, 0.54, 0.47]
+    assert summary["throughput_ratio"] == 0.5  # without the reversal: 0.55, 0.54, 0.53, 0.53
+    # Each side's figures are the median of its rounds; the outcomes are added up.
+    assert summary["saga"]["throughput_per_s"] == round(statistics.median([20.0, 20 / 1.3, 20 / 1.4, 20 / 1.7]), 2)
+    assert summary["saga"]["outcomes"] == {"completed": 20}
+    text = out.getvalue()
+    assert "round 2 ratio orchestrated" in text
+    assert "4 rounds" in text
 
 
 def test_compare_prefill_runs_empty_then_prefilled_and_prints_the_ratio(no_processes, monkeypatch):
