@@ -18,9 +18,8 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connections, transaction
-from django.db.models.functions import Now
 
-from sagaplatform.kernel import breakers, faults, outbox, registry, rows
+from sagaplatform.kernel import breakers, clock, faults, outbox, registry, rows
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
 from sagaplatform.kernel.models import OutboxMessage
 from sagaplatform.observability import hooks as observability
@@ -332,7 +331,13 @@ def lock_sagas(ids: list[str], *, skip_locked: bool = False) -> tuple[dict[str, 
                 rows = []
     else:
         locking = Saga.objects.using(DB).select_for_update(skip_locked=skip_locked)
-        found = list(locking.filter(id__in=ids).order_by("id").annotate(db_now=Now()))
+        found = list(locking.filter(id__in=ids).order_by("id"))
+        # SQLite runs in this process: its clock is the process clock (`clock.db_now`), read to the
+        # microsecond, where its own `now` keeps milliseconds and could read earlier than a
+        # `db_now` taken just before.
+        now = clock.db_now(DB)
+        for saga in found:
+            saga.db_now = now
         rows = SagaStep.objects.using(DB).filter(saga_id__in=[saga.pk for saga in found]) if found else []
     sagas = {str(saga.pk): saga for saga in found}
     steps: dict[str, dict[str, SagaStep]] = {key: {} for key in sagas}

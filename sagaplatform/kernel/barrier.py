@@ -101,6 +101,13 @@ def _insert(using: str, saga_id: SagaId, step: str, op: str, outcome: dict[str, 
 def _insert_rows(using: str, rows: Sequence[tuple[SagaId, str, str, dict[str, Any] | None]]) -> int:
     """Insert barrier rows (saga, step, op, outcome) in one statement, each unless its key is
     there already. Returns how many were inserted."""
+    sql, values = _rows_insert(using, rows)
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, values)
+        return int(cursor.rowcount)
+
+
+def _rows_insert(using: str, rows: Sequence[tuple[SagaId, str, str, dict[str, Any] | None]]) -> tuple[str, list[Any]]:
     connection = connections[using]
     fields = {f.name: f for f in Barrier._meta.concrete_fields}
     saga_field, outcome_field, created_field = fields["saga_id"], fields["outcome"], fields["created_at"]
@@ -124,9 +131,7 @@ def _insert_rows(using: str, rows: Sequence[tuple[SagaId, str, str, dict[str, An
     columns = ", ".join(quote(c) for c in ("saga_id", "step", "op", "outcome", "created_at"))
     placeholders = ", ".join([f"(%s, %s, %s, %s, {now_sql})"] * len(rows))
     sql = f"INSERT INTO {table} ({columns}) VALUES {placeholders} ON CONFLICT DO NOTHING"  # noqa: S608
-    with connection.cursor() as cursor:
-        cursor.execute(sql, values)
-        return int(cursor.rowcount)
+    return sql, values
 
 
 def _action_failed(using: str, saga_id: SagaId, step: str) -> bool:
@@ -259,12 +264,25 @@ def insert_outcomes(*, using: str, done: list[tuple[Command, dict[str, Any]]]) -
     one INSERT (a batch's commands share it). If any row was there already, `Decided`: the
     caller rolls its transaction back and runs each command again through `call` with a
     savepoint."""
-    if not done:
-        return
-    rows = [(command.saga_id, command.step, command.op, outcome) for command, outcome in done]
-    if _insert_rows(using, rows) < len(rows):
+    if done:
+        check_inserted(done, _insert_rows(using, [_row(command, outcome) for command, outcome in done]))
+
+
+def outcomes_insert(*, using: str, done: list[tuple[Command, dict[str, Any]]]) -> tuple[str, list[Any]]:
+    """`insert_outcomes`' statement, for the caller to run along with another one; it then
+    passes the rows it wrote to `check_inserted`."""
+    return _rows_insert(using, [_row(command, outcome) for command, outcome in done])
+
+
+def check_inserted(done: list[tuple[Command, dict[str, Any]]], inserted: int) -> None:
+    """`Decided` if fewer rows were inserted than actions ran (see `insert_outcomes`)."""
+    if inserted < len(done):
         held = ", ".join(f"{c.step}/{c.op} of saga {c.saga_id}" for c, _ in done)
         raise Decided(f"the barrier already holds one of {held}")
+
+
+def _row(command: Command, outcome: dict[str, Any]) -> tuple[SagaId, str, str, dict[str, Any]]:
+    return (command.saga_id, command.step, command.op, outcome)
 
 
 def _run_unprotected(using: str, command: Command, fn: Callable[..., dict[str, Any] | None]) -> dict[str, Any]:

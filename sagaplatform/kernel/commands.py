@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, transaction
 
 from sagaplatform.observability import hooks as observability
 from sagaplatform.observability import tracing
@@ -238,11 +238,24 @@ def _execute_together(
                     outbox.message(task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
                 )
             outcomes[i] = outcome
-        barrier.insert_outcomes(using=service, done=actions)
-        outbox.enqueue_many(using=service, messages=replies, inline=True)
+        _write_outcomes(service, actions, replies)
         for _, command, _ in items:
             faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)
     return outcomes
+
+
+def _write_outcomes(service: str, actions: list[tuple[Command, dict[str, Any]]], replies: list[OutboxMessage]) -> None:
+    """The barrier rows of the actions run first (`barrier.run_first`) and the replies: on
+    PostgreSQL in one statement (two data-modifying parts), elsewhere in two. A barrier row
+    already there rolls everything back (`barrier.Decided`)."""
+    if actions and connections[service].vendor == "postgresql":
+        inserted = outbox.enqueue_along(
+            using=service, messages=replies, along=barrier.outcomes_insert(using=service, done=actions), inline=True
+        )
+        barrier.check_inserted(actions, inserted)
+        return
+    barrier.insert_outcomes(using=service, done=actions)
+    outbox.enqueue_many(using=service, messages=replies, inline=True)
 
 
 def _unknown_operation(service: str, command: Command) -> dict[str, Any]:
@@ -306,15 +319,20 @@ def _execute_transaction(service: str, command: Command, *, savepoint: bool = Fa
     fn = _OPERATIONS.get((service, command.operation))
     try:
         with transaction.atomic(using=service):
+            begun = calls_outside(service, command.operation)  # its intent's row is there
+            actions: list[tuple[Command, dict[str, Any]]] = []
             if fn is None:
                 outcome = _unknown_operation(service, command)
+            elif not savepoint and not begun and command.op == barrier.ACTION:
+                # The fast path, its row written with the reply (`_write_outcomes`).
+                faults.arm_after_commit(service, command.operation)
+                outcome = barrier.run_first(using=service, command=command, fn=fn)
+                actions.append((command, outcome))
             else:
                 faults.arm_after_commit(service, command.operation)
-                begun = calls_outside(service, command.operation)  # its intent's row is there
                 outcome = barrier.call(using=service, command=command, fn=fn, savepoint=savepoint, begun=begun)
-            outbox.enqueue(
-                using=service, task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome), inline=True
-            )
+            reply = outbox.message(task=REPLY_TASK, queue=ORCHESTRATOR_QUEUE, payload=_reply(command, outcome))
+            _write_outcomes(service, actions, [reply])
             if fn is not None:
                 faults.crash_if(FaultRule.CrashPoint.BEFORE_COMMIT, service, command.operation)
     except BusinessError as exc:

@@ -90,6 +90,35 @@ def enqueue_many(*, using: str, messages: list[OutboxMessage], inline: bool = Fa
     return messages
 
 
+def enqueue_along(
+    *, using: str, messages: list[OutboxMessage], along: tuple[str, list[Any]], inline: bool = False
+) -> int:
+    """`enqueue_many` on PostgreSQL, with another data-modifying statement of the caller's run in
+    the same round trip (`along`: an INSERT's SQL and parameters, without RETURNING). Returns how
+    many rows that statement wrote. `messages` must not be empty."""
+    connection = connections[using]
+    if not connection.in_atomic_block:
+        raise RuntimeError(f"outbox.enqueue_along must run inside transaction.atomic(using={using!r})")
+    if connection.vendor != "postgresql" or not messages:
+        raise ValueError("outbox.enqueue_along writes at least one message, on PostgreSQL")
+    sql, params = rows.insert(OutboxMessage, messages, connection)
+    head, head_params = along
+    undue = {str(m.id): m for m in messages if not isinstance(m.available_at, datetime)}
+    # Both statements are the platform's own templates (every value a parameter).
+    statement = (
+        f"WITH head AS ({head} RETURNING 1), written AS ({sql} RETURNING id, available_at) "  # noqa: S608
+        "SELECT (SELECT count(*) FROM head), id, available_at FROM written"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(statement, [*head_params, *params])
+        found = cursor.fetchall()
+    for _, message_id, available_at in found:
+        if (message := undue.get(str(message_id))) is not None:
+            message.available_at = available_at
+    written(using=using, messages=messages, inline=inline)
+    return int(found[0][0])
+
+
 def written(*, using: str, messages: list[OutboxMessage], inline: bool = False) -> None:
     """Publish `messages`, whose rows the caller wrote in its own statement (the engine writes
     them with its run, `orchestration.engine.run.write_runs`), once the transaction commits: the

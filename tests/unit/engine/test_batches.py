@@ -101,11 +101,13 @@ def test_a_batch_of_commands_is_one_transaction_and_one_insert_of_replies(alice_
 
     assert [o["status"] for o in outcomes] == [commands.SUCCEEDED] * 3
     sql = [q["sql"] for q in queries.captured_queries]
-    outbox_inserts = [s for s in sql if s.startswith("INSERT") and OutboxMessage._meta.db_table in s]
+    outbox_inserts = [s for s in sql if f'INSERT INTO "{OutboxMessage._meta.db_table}"' in s]
     assert len(outbox_inserts) == 1  # the three replies in one INSERT
     assert OutboxMessage.objects.using("inventory").filter(task=commands.REPLY_TASK).count() == 3
-    barrier_inserts = [s for s in sql if s.startswith("INSERT") and Barrier._meta.db_table in s]
+    barrier_inserts = [s for s in sql if f'INSERT INTO "{Barrier._meta.db_table}"' in s]
     assert len(barrier_inserts) == 1  # the three actions' barrier rows, with their outcomes, in one INSERT
+    if connections["inventory"].vendor == "postgresql":
+        assert barrier_inserts == outbox_inserts  # both in one statement
     stored = Barrier.objects.using("inventory").filter(step="reserve_stock", op="action")
     assert sorted(str(b.saga_id) for b in stored) == sorted(saga_ids)
     assert {b.outcome["status"] for b in stored} == {commands.SUCCEEDED}
