@@ -401,6 +401,11 @@ SAGA_FAULT_DUPLICATE_DELIVERY = env_bool("SAGA_FAULT_DUPLICATE_DELIVERY", defaul
 SAGA_INLINE_DELIVERY = env_bool("SAGA_INLINE_DELIVERY", default=True)
 SAGA_INLINE_COMMANDS = env_bool("SAGA_INLINE_COMMANDS", default=True)
 SAGA_INLINE_BUDGET_MS = env_float("SAGA_INLINE_BUDGET_MS", 1000.0)
+# A saga's parallel steps in one round of a drain: one runs here; each other one is published to
+# run meanwhile in another process only if what runs here before it is expected to take this
+# long (each operation's moving average in this process; unknown counts as long). Quicker ones run
+# here, one after another: a broker hop costs more than they would wait. 0: always published.
+SAGA_FAN_OUT_AFTER_MS = env_float("SAGA_FAN_OUT_AFTER_MS", 25.0)
 # Batches (kernel/batching.py): a worker takes up to SAGA_BATCH_SIZE of a service's commands at
 # once, waiting at most SAGA_BATCH_WAIT_MS for more, runs them in one transaction and applies
 # their replies in one more. 1 turns batching off (a command per task, as before).

@@ -21,7 +21,7 @@ from rest_framework.test import APIClient
 from inventory.models import StockItem
 from orders.models import Product
 from sagaplatform.celery import app as celery_app
-from sagaplatform.kernel import batching, faults, outbox
+from sagaplatform.kernel import batching, commands, faults, outbox
 from sagaplatform.settings import FAST_PASSWORD_HASHERS
 from tests import fast_flush
 
@@ -243,6 +243,9 @@ def _test_settings(settings):
     settings.SHIPPING_HANDLING_SECONDS = 0
     # Fault rules are cached for a second per process: forget the last test's.
     faults.clear_cache()
+    # How long each operation took to run, learnt by this process: a drain's parallel steps
+    # are published while it knows none of them (`outbox._fanned_out`), as in a fresh worker.
+    commands.forget_run_times()
     # No worker runs in-process, so every order a test places stays pending: admission would
     # refuse its 51st. Admission has its own tests (tests/unit/api/test_web_load.py).
     settings.ORDERS_MAX_PENDING = 0

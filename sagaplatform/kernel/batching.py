@@ -365,6 +365,7 @@ def command_task(service: str) -> Callable[..., None]:
     outbox.BATCH_ONLY.add(execute.name)
     # A saga's commands to several services in one round are parallel steps.
     outbox.FAN_OUT_KEYS[execute.name] = lambda message: message.payload.get("saga_id")
+    outbox.RUN_MS[execute.name] = lambda message: commands.expected_ms(service, str(message.payload.get("operation")))
     return execute  # type: ignore[no-any-return]
 
 

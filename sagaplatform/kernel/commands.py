@@ -8,6 +8,7 @@ own outbox in the same transaction, so the effect and the news of it commit toge
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -142,12 +143,41 @@ def _reply(command: Command, outcome: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# How long each operation's commands took to run in this process, in ms (service, operation ->
+# a moving average): what a drain weighs before it runs a saga's parallel steps one after another
+# (`outbox.RUN_MS`). The barrier, the operation, the reply's INSERT and the commit, not what the
+# reply sets off.
+_RUN_MS: dict[tuple[str, str], float] = {}
+_SMOOTHING = 0.2
+
+
+def _took(service: str, ran: list[Command], started: float) -> None:
+    if not ran:
+        return
+    each = (time.perf_counter() - started) * 1000 / len(ran)
+    for command in ran:
+        key = (service, command.operation)
+        before = _RUN_MS.get(key)
+        _RUN_MS[key] = each if before is None else before + _SMOOTHING * (each - before)
+
+
+def expected_ms(service: str, operation: str) -> float | None:
+    """How long a command of `operation` on `service` takes to run here (None: none has yet)."""
+    return _RUN_MS.get((service, operation))
+
+
+def forget_run_times() -> None:
+    _RUN_MS.clear()
+
+
 def execute(*, service: str, message: dict[str, Any]) -> dict[str, Any]:
     """Run one command on `service`'s database and queue the reply. Returns the outcome."""
     command = Command.from_message(message)
     # The reply is published (or applied here: `outbox.inline_after`) once the attempt is done.
     with outbox.inline_after(), observability.step_attempt(service, command) as attempt:
+        started = time.perf_counter()
         outcome = _execute(service, command)
+        _took(service, [command], started)
         attempt.done(outcome)
     if (service, command.operation) in _OPERATIONS:
         faults.crash_if(FaultRule.CrashPoint.AFTER_REPLY, service, command.operation)
@@ -175,6 +205,7 @@ def execute_many(
     outcomes: dict[int, dict[str, Any]] = {}
     marks = [attempts.key(c.saga_id, c.step, c.op, c.attempt) for c in (commands[i] for i in batch)]
     with outbox.inline_after():
+        started = time.perf_counter()
         attempts.mark_many_started(marks)
         ready: list[int] = []
         for i in batch:
@@ -204,6 +235,7 @@ def execute_many(
                 outcomes[i] = _execute_transaction(service, commands[i])
                 attempt.done(outcomes[i])
         attempts.mark_many_answered(marks)  # the replies are committed: a late lease now waits for them
+        _took(service, [commands[i] for i in batch], started)
     for i in alone:
         with tracing.restored(contexts[i]):
             outcomes[i] = execute(service=service, message=commands[i].to_message())

@@ -176,8 +176,10 @@ BATCH_ONLY: set[str] = set()
 # Tasks whose messages of one key in one round of a drain are meant to run at the same time (a
 # saga's commands to several services: parallel steps) -> the key of a message. The first of a
 # key runs here; the others are published, to run meanwhile in other processes, where a round
-# would run them one after another.
+# would run them one after another, unless what runs here before them is quick (`RUN_MS`).
 FAN_OUT_KEYS: dict[str, Callable[[OutboxMessage], Any]] = {}
+# Those tasks -> how long a message is expected to take to run here, in ms (None: not known).
+RUN_MS: dict[str, Callable[[OutboxMessage], float | None]] = {}
 
 
 def runs_here(message: OutboxMessage) -> bool:
@@ -286,16 +288,22 @@ def inline_after() -> Iterator[None]:
 _drain = threading.local()
 
 
+# One group of a drain's round: a task's messages to one queue, each with the database whose
+# outbox holds it (a reply from every service's database: one batch).
+Group = tuple[str, list[tuple[str, OutboxMessage]]]
+
+
 def _publish_inline(held: list[tuple[str, OutboxMessage]]) -> int:
     """Run each message here if this worker may (`runs_here`); publish what did not run. Returns
     how many ran here.
 
     The messages that these runs commit in turn (a reply's next commands, a command's reply) are
     queued and run by the same loop, round after round (a drain), not by nested calls: a saga's
-    whole flow may run here, and each round groups what several sagas sent into batches. The
-    rows that ran are marked published once per database when the drain ends. Past
-    `SAGA_INLINE_BUDGET_MS` of one drain, what is left is published instead; leaving on an error
-    (a time limit) publishes what is left and runs nothing more."""
+    whole flow may run here, and each round groups what several sagas sent into batches (by
+    task and queue, whatever database wrote them). The rows that ran are marked published once
+    per database when the drain ends. Past `SAGA_INLINE_BUDGET_MS` of one drain, what is left is
+    published instead; leaving on an error (a time limit) publishes what is left and runs
+    nothing more."""
     queue: list[tuple[str, OutboxMessage]] | None = getattr(_drain, "queue", None)
     if queue is not None:
         queue.extend(held)
@@ -303,21 +311,20 @@ def _publish_inline(held: list[tuple[str, OutboxMessage]]) -> int:
     _drain.queue = queue = list(held)
     deadline = time.monotonic() + settings.SAGA_INLINE_BUDGET_MS / 1000
     ran: dict[str, list[Any]] = {}
-    groups: list[tuple[str, str, list[OutboxMessage]]] = []
+    groups: list[Group] = []
     try:
         while queue:
             inline = time.monotonic() < deadline
             groups[:] = _fanned_out(_grouped(queue)) if inline else _grouped(queue)
             queue.clear()
             while groups:
-                using, task, messages = groups.pop(0)
-                _run_group(using, task, messages, ran, inline=inline)
+                task, items = groups.pop(0)
+                _run_group(task, items, ran, inline=inline)
     except BaseException:
         _drain.queue = None
-        for using, _task, messages in groups:
-            queue.extend((using, message) for message in messages)
-        for using, messages in _by_database(queue).items():
-            publish(using=using, messages=messages)
+        for _task, items in groups:
+            queue.extend(items)
+        _publish_each(queue)
         raise
     finally:
         _drain.queue = None
@@ -326,59 +333,74 @@ def _publish_inline(held: list[tuple[str, OutboxMessage]]) -> int:
     return sum(len(ids) for ids in ran.values())
 
 
-def _fanned_out(groups: list[tuple[str, str, list[OutboxMessage]]]) -> list[tuple[str, str, list[OutboxMessage]]]:
+def _fanned_out(groups: list[Group]) -> list[Group]:
     """Publish, before the round runs anything, each message whose fan-out key an earlier group
     of the round holds (a parallel step of a saga whose other branch runs here), so it runs
-    meanwhile in another process; return what is left to run here."""
-    keys: set[Any] = set()
-    left: list[tuple[str, str, list[OutboxMessage]]] = []
-    for using, task, messages in groups:
+    meanwhile in another process; return what is left to run here.
+
+    Such a message stays here if what runs here before it is expected to take less than
+    SAGA_FAN_OUT_AFTER_MS (`RUN_MS`; unknown counts as long): a broker hop and another process's
+    pickup would cost more than the wait, and the replies of the steps run here are applied
+    together in the next round."""
+    limit = settings.SAGA_FAN_OUT_AFTER_MS
+    ahead: dict[Any, float | None] = {}  # key -> expected ms of what runs here first (None: unknown)
+    left: list[Group] = []
+    for task, items in groups:
         key_of = FAN_OUT_KEYS.get(task)
         if key_of is None:
-            left.append((using, task, messages))
+            left.append((task, items))
             continue
-        here = [message for message in messages if key_of(message) not in keys]
-        meanwhile = [message for message in messages if key_of(message) in keys]
-        keys.update(key_of(message) for message in here)
-        if meanwhile:
-            publish(using=using, messages=meanwhile)
+        cost_of = RUN_MS.get(task)
+        here: list[tuple[str, OutboxMessage]] = []
+        meanwhile: list[tuple[str, OutboxMessage]] = []
+        for using, message in items:
+            key = key_of(message)
+            waits = ahead.get(key, 0.0)
+            if key in ahead and (waits is None or waits >= limit):
+                meanwhile.append((using, message))
+                continue
+            here.append((using, message))
+            cost = cost_of(message) if cost_of is not None else None
+            ahead[key] = None if waits is None or cost is None else waits + cost
+        _publish_each(meanwhile)
         if here:
-            left.append((using, task, here))
+            left.append((task, here))
     return left
 
 
-def _grouped(held: list[tuple[str, OutboxMessage]]) -> list[tuple[str, str, list[OutboxMessage]]]:
-    """`held` by database, task and queue, in the order first seen."""
-    groups: dict[tuple[str, str, str], list[OutboxMessage]] = {}
+def _grouped(held: list[tuple[str, OutboxMessage]]) -> list[Group]:
+    """`held` by task and queue, in the order first seen."""
+    groups: dict[tuple[str, str], list[tuple[str, OutboxMessage]]] = {}
     for using, message in held:
-        groups.setdefault((using, message.task, message.queue), []).append(message)
-    return [(using, task, messages) for (using, task, _queue), messages in groups.items()]
+        groups.setdefault((message.task, message.queue), []).append((using, message))
+    return [(task, items) for (task, _queue), items in groups.items()]
 
 
-def _by_database(held: list[tuple[str, OutboxMessage]]) -> dict[str, list[OutboxMessage]]:
+def _publish_each(held: list[tuple[str, OutboxMessage]]) -> None:
+    """Publish `held`, each database's messages together."""
     by_database: dict[str, list[OutboxMessage]] = {}
     for using, message in held:
         by_database.setdefault(using, []).append(message)
-    return by_database
-
-
-def _run_group(
-    using: str, task: str, messages: list[OutboxMessage], ran: dict[str, list[Any]], *, inline: bool
-) -> None:
-    """Run one task's messages of one database here, as one batch when the task has a batch
-    runner, adding the ids of those that ran to `ran`; publish the others."""
-    if not inline or not runs_here(messages[0]):
+    for using, messages in by_database.items():
         publish(using=using, messages=messages)
+
+
+def _run_group(task: str, items: list[tuple[str, OutboxMessage]], ran: dict[str, list[Any]], *, inline: bool) -> None:
+    """Run one task's messages to one queue here, as one batch when the task has a batch runner,
+    adding the ids of those that ran to `ran` (by database); publish the others."""
+    if not inline or not runs_here(items[0][1]):
+        _publish_each(items)
         return
+    messages = [message for _using, message in items]
     runner = BATCH_RUNNERS.get(task)
     if runner is not None and (len(messages) > 1 or task in BATCH_ONLY):
         oks = _run_batch_inline(runner, messages)
     else:
         oks = [run_inline(message) for message in messages]
-    ran.setdefault(using, []).extend(message.id for message, ok in zip(messages, oks, strict=True) if ok)
-    failed = [message for message, ok in zip(messages, oks, strict=True) if not ok]
-    if failed:
-        publish(using=using, messages=failed)
+    for (using, message), ok in zip(items, oks, strict=True):
+        if ok:
+            ran.setdefault(using, []).append(message.id)
+    _publish_each([item for item, ok in zip(items, oks, strict=True) if not ok])
 
 
 def _run_batch_inline(runner: Callable[[list[OutboxMessage]], list[bool]], messages: list[OutboxMessage]) -> list[bool]:

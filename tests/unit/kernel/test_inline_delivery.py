@@ -124,6 +124,78 @@ def test_parallel_steps_run_meanwhile_in_other_processes(alice_api, catalogue, b
     assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
 
 
+def test_parallel_steps_quicker_than_a_hop_run_here_once_the_worker_knows_them(
+    alice_api, catalogue, broker, monkeypatch, settings
+):
+    """A worker learns how long each operation takes. Once it knows the last three steps are
+    quick, it runs them itself, one after another: the second order sends nothing through the
+    broker, and the three replies are applied together."""
+    from orchestration.engine import replies
+
+    settings.SAGA_FAN_OUT_AFTER_MS = 60_000  # whatever this machine's speed, these count as quick
+    saga_id, command = first_command(alice_api, broker)
+    with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE):
+        broker.run(command)
+    # The first order: commit_stock's time was not known yet, so the other two went meanwhile.
+    assert sorted(m["task"] for m in broker.queue) == ["notifications.execute", "orders.execute"]
+    broker.deliver()  # run here, in this process: now it knows them too
+    assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
+    assert commands.expected_ms("orders", "ship") is not None
+
+    batches: list[int] = []
+    locked_many = replies.locked_many
+
+    def measured(items, **kwargs):
+        batches.append(len(items))
+        return locked_many(items, **kwargs)
+
+    monkeypatch.setattr(replies, "locked_many", measured)
+    saga_id, command = first_command(alice_api, broker)
+    with worker_task(monkeypatch, "inventory.execute", EVERY_QUEUE):
+        broker.run(command)
+
+    assert broker.queue == []
+    assert Saga.objects.get(id=saga_id).state == Saga.State.COMPLETED
+    assert batches[-1] == 3, batches  # commit_stock's, mark_shipped's and notify_customer's replies
+
+
+@pytest.mark.parametrize(
+    ("costs", "limit", "published"),
+    [
+        ([3.0, 3.0, 3.0], 10.0, []),  # 0 then 3 then 6 ms ahead of each: all here
+        ([8.0, 4.0, 4.0], 10.0, ["c"]),  # 12 ms ahead of the third: it goes meanwhile
+        ([None, 1.0, 1.0], 10.0, ["b", "c"]),  # the first's time unknown: counts as long
+        ([1.0, None, 1.0], 10.0, ["c"]),
+        ([1.0, 1.0, 1.0], 0.0, ["b", "c"]),  # 0: every parallel step but one goes meanwhile
+    ],
+)
+def test_a_parallel_step_goes_meanwhile_only_behind_work_expected_to_take_long(
+    monkeypatch, settings, costs, limit, published
+):
+    settings.SAGA_FAN_OUT_AFTER_MS = limit
+    cost = dict(zip("abc", costs, strict=True))
+    monkeypatch.setitem(outbox.FAN_OUT_KEYS, "test.execute", lambda message: message.payload["saga_id"])
+    monkeypatch.setitem(outbox.RUN_MS, "test.execute", lambda message: cost[message.payload["step"]])
+    sent: list[str] = []
+    monkeypatch.setattr(outbox, "publish", lambda *, using, messages: sent.extend(m.payload["step"] for m in messages))
+    steps = {
+        step: OutboxMessage(task="test.execute", queue=f"q{i}", payload={"saga_id": "s1", "step": step})
+        for i, step in enumerate("abc")
+    }
+    other_saga = OutboxMessage(task="test.execute", queue="q0", payload={"saga_id": "s2", "step": "b"})
+    # One saga's commands to three queues, and another saga's to the first: its own key.
+    groups = outbox._grouped(
+        [("default", steps["a"]), ("other", other_saga), ("default", steps["b"]), ("default", steps["c"])]
+    )
+
+    left = outbox._fanned_out(groups)
+
+    assert sent == published
+    kept = [m.payload["step"] for _task, items in left for _using, m in items if m.payload["saga_id"] == "s1"]
+    assert kept == [step for step in "abc" if step not in published]
+    assert left[0][1] == [("default", steps["a"]), ("other", other_saga)]
+
+
 def test_a_drain_runs_round_after_round_not_nested(alice_api, catalogue, broker, monkeypatch):
     """Each run's messages are queued and run by the loop that ran it: a saga's eight commands
     run at one stack depth, not one call deeper per step."""
