@@ -40,7 +40,8 @@ class Saga(FSMModelMixin, models.Model):
     # Empty for a saga started before definitions were versioned (it runs the code's).
     definition_hash = models.CharField(max_length=64, blank=True, default="")
     definition_label = models.CharField(max_length=96, blank=True, default="")
-    state = FSMField(default=State.PENDING, choices=State.choices, protected=True, db_index=True)
+    # Indexed first in saga_state_created, which serves a filter on the state alone too.
+    state = FSMField(default=State.PENDING, choices=State.choices, protected=True)
     context = models.JSONField(default=dict)
     failure = models.JSONField(null=True, blank=True)
     # Bumped on every recorded event: the event sequence number, and the guard against two
@@ -178,7 +179,8 @@ class SagaStep(FSMModelMixin, models.Model):
         CONFIRMED = "confirmed"
         CONFIRM_FAILED = "confirm_failed"
 
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
+    # No index of its own: saga_step_unique_name (saga, name) serves every lookup by saga.
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps", db_index=False)
     name = models.CharField(max_length=64)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.ACTION)
     position = models.PositiveSmallIntegerField()
@@ -323,7 +325,8 @@ class SagaStep(FSMModelMixin, models.Model):
 class SagaEvent(models.Model):
     """Append-only timeline of a saga: every transition, retry and failure, in order (`seq`)."""
 
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="events")
+    # No index of its own: saga_event_unique_seq (saga, seq) serves every lookup by saga.
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="events", db_index=False)
     seq = models.PositiveIntegerField()
     step = models.CharField(max_length=64, blank=True)
     kind = models.CharField(max_length=32)
