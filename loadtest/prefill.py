@@ -8,9 +8,10 @@ generate_series`), one statement per template row set and table. Each clone gets
 every UUID of the template, in a UUID column or inside a text or JSON value, becomes
 `md5(uuid || salt || clone)`, the same function in every database, so references across tables
 and databases still agree; the other unique tokens (a payment method's `pm_...`, a gateway's
-`ch_...`, a tracking number) are replaced the same way. Every timestamp is moved so the clone
-ended a pseudo-random age ago, between `min_age` and `max_age`. So the audit passes over the
-pre-filled data exactly as over the templates (`tests/test_bench_tool.py`).
+`ch_...`, a tracking number) are replaced the same way. Every timestamp is moved so the clones
+ended evenly spread between `max_age` and `min_age` ago, and they are written oldest first. So
+the audit passes over the pre-filled data exactly as over the templates
+(`tests/unit/ops/test_bench_tool.py`).
 
 PostgreSQL only (the benchmark's database).
 """
@@ -177,7 +178,7 @@ def _insert_sql(template: Template, alias: str, label: str, salt: str) -> tuple[
                 text = f"replace({text}, '{token}', {_new_token(token, token_kind, salt)})"
             value = f"({text})::jsonb" if kind == "JSONField" else text
         elif kind == "DateTimeField":
-            value = f"t.{column} + %(shift)s - make_interval(secs => %(spread)s * ((hashtext('{salt}' || g) & 65535) / 65535.0))"
+            value = f"t.{column} + %(shift)s + make_interval(secs => %(step)s * (g - %(base)s))"
         columns.append(column)
         exprs.append(value)
     table = qn(model._meta.db_table)
@@ -185,7 +186,7 @@ def _insert_sql(template: Template, alias: str, label: str, salt: str) -> tuple[
     sql = (
         f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 (our own identifiers and tokens)
         f"SELECT {', '.join(exprs)} FROM {table} t CROSS JOIN generate_series(%(first)s::int, %(last)s::int) AS g "
-        f"WHERE t.{pk} = ANY(%(pks)s)"
+        f"WHERE t.{pk} = ANY(%(pks)s) ORDER BY g, t.{pk}"
     )
     return table, sql
 
@@ -197,10 +198,17 @@ def prefill(
     min_age: timedelta = timedelta(hours=3),
     max_age: timedelta = timedelta(days=30),
     chunk: int = 5000,
+    slices: int = 20,
     out=None,
 ) -> dict:
-    """Write `n` clones of `templates` (round robin), each ended between `min_age` and `max_age`
-    ago. Returns the rows written per database and table, and the seconds it took."""
+    """Write `n` clones of `templates` (round robin), ended evenly between `max_age` and
+    `min_age` ago. Returns the rows written per database and table, and the seconds it took.
+
+    The rows go in oldest first, as a platform that ran for that long would have appended them:
+    the time is cut in `slices`, and each slice's clones of every template are written before
+    the next slice's, each statement's in time order. An index that relies on it (the
+    timeline's BRIN, `saga_event_created_brin`) then skips the history as it would in
+    production; written in random time order, the planner would scan the whole table instead."""
     if not templates:
         raise ValueError("no template saga to clone")
     if connections["default"].vendor != "postgresql":
@@ -210,30 +218,39 @@ def prefill(
     with connections["default"].cursor() as cursor:
         cursor.execute("SELECT now()")
         anchor = cursor.fetchone()[0]
-    written: dict[str, int] = {}
+    span = (max_age - min_age).total_seconds()
+    plans = []
     for index, template in enumerate(templates):
         clones = n // len(templates) + (index < n % len(templates))
-        if not clones:
-            continue
-        # The clone ended `max_age` ago, plus up to (max_age - min_age) younger.
-        shift = (anchor - max_age) - template.ended_at
-        spread = -(max_age - min_age).total_seconds()
-        base = index * (n // len(templates) + 1)  # clone numbers never repeat across templates
-        for alias, label in TABLES:
-            pks = template.rows.get((alias, label))
-            if not pks:
-                continue
-            table, sql = _insert_sql(template, alias, label, salt)
-            for first in range(0, clones, chunk):
-                last = min(clones, first + chunk) - 1
-                with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
-                    cursor.execute(
-                        sql, {"first": base + first, "last": base + last, "pks": pks, "shift": shift, "spread": spread}
-                    )
-                    key = f"{alias}.{table.strip(chr(34))}"
-                    written[key] = written.get(key, 0) + cursor.rowcount
-        if out is not None and (index + 1) % 5 == 0:
-            out.write(f"  pre-fill: {index + 1}/{len(templates)} templates cloned\n")
+        if clones:
+            plans.append((template, clones, index * (n // len(templates) + 1)))  # clone numbers never repeat
+    written: dict[str, int] = {}
+    aliases = list(dict.fromkeys(alias for alias, _ in TABLES))
+    statements = {
+        (index, alias, label): _insert_sql(template, alias, label, salt)
+        for index, (template, _, _) in enumerate(plans)
+        for alias, label in TABLES
+        if template.rows.get((alias, label))
+    }
+    for part in range(slices):
+        for alias in aliases:  # each database's share of the slice in one transaction
+            with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+                for index, (template, clones, base) in enumerate(plans):
+                    # Clone j ended max_age ago plus j steps: the last one just before min_age.
+                    first, end = clones * part // slices, clones * (part + 1) // slices
+                    params = {"shift": (anchor - max_age) - template.ended_at, "step": span / clones, "base": base}
+                    for table_alias, label in TABLES:
+                        if table_alias != alias or (index, alias, label) not in statements:
+                            continue
+                        table, sql = statements[(index, alias, label)]
+                        pks = template.rows[(alias, label)]
+                        for low in range(first, end, chunk):
+                            high = min(end, low + chunk) - 1
+                            cursor.execute(sql, {**params, "first": base + low, "last": base + high, "pks": pks})
+                            key = f"{alias}.{table.strip(chr(34))}"
+                            written[key] = written.get(key, 0) + cursor.rowcount
+        if out is not None and (part + 1) % 5 == 0:
+            out.write(f"  pre-fill: {part + 1}/{slices} of the time written\n")
     # What autovacuum would have done to a history this old: statistics for the planner, and
     # the BRIN index of the timeline summarized (saga_event_created_brin).
     for alias in {alias for alias, _ in TABLES}:

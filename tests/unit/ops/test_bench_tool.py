@@ -4,6 +4,7 @@ accounting from /proc and the pre-fill of finished sagas (`loadtest/`)."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import statistics
@@ -238,7 +239,7 @@ def test_delta_counts_a_backend_born_mid_run_whole_and_never_goes_negative():
 @pytest.mark.postgres
 def test_prefill_clones_real_sagas_into_every_database_and_the_audit_passes(alice_api, catalogue, broker):
     from orchestration.audit import run_audit
-    from orchestration.models import Saga, SagaStep
+    from orchestration.models import Saga, SagaEvent, SagaStep
     from orders.models import Order
     from payments.models import Charge
     from sagaplatform.kernel.clock import db_now
@@ -276,3 +277,8 @@ def test_prefill_clones_real_sagas_into_every_database_and_the_audit_passes(alic
         assert Charge.objects.using("payments").get(saga_id=saga.id).order_id == order.id
         assert SagaStep.objects.filter(saga=saga).count() == SagaStep.objects.filter(saga_id=ids[0]).count()
     assert run_audit() == []
+    # Written oldest first, as the engine appends a timeline: in the order they were written, no
+    # clone's event is older than an earlier written one's by more than a template's own span.
+    written = list(SagaEvent.objects.exclude(saga_id__in=ids).order_by("id").values_list("created_at", flat=True))
+    assert written[0] < written[-1] - timedelta(days=5)
+    assert all(later > earlier - timedelta(hours=1) for earlier, later in itertools.pairwise(written))
