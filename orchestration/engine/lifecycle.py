@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import datetime
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models.functions import Now
 
 from sagaplatform.kernel import attempts
@@ -27,10 +28,11 @@ def saga_start(*, saga_id: SagaId, definition: str, context: JSON, cancel: JSON 
     With `cancel`, the saga is created already cancelled (a cancel that overtook the start)."""
     try:
         with transaction.atomic(using=DB):
-            if Saga.objects.using(DB).filter(id=saga_id).exists():
+            exists, now = _existing([str(uuid.UUID(str(saga_id)))])
+            if exists:
                 return False
             spec = get_definition(definition)
-            run = create_saga(saga_id=saga_id, definition=spec, context=context, now=db_now(DB))
+            run = create_saga(saga_id=saga_id, definition=spec, context=context, now=now)
             run.outbox = []  # its first commands are written with it (`flush_many`)
             saga = run.saga
             run.record("saga_created", data={"definition": definition})
@@ -73,10 +75,24 @@ def saga_start_many(*, starts: list[tuple[SagaId, str, JSON]], contexts: list[JS
     return results
 
 
+def _existing(ids: list[str]) -> tuple[set[str], datetime]:
+    """Which of these sagas exist, and the database clock: one round trip on PostgreSQL."""
+    connection = connections[DB]
+    if connection.vendor != "postgresql":
+        return {str(i) for i in Saga.objects.using(DB).filter(id__in=ids).values_list("id", flat=True)}, db_now(DB)
+    table = connection.ops.quote_name(Saga._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT clock_timestamp(), ARRAY(SELECT id::text FROM {table} WHERE id = ANY(%s::uuid[]))",  # noqa: S608
+            [ids],
+        )
+        now, found = cursor.fetchone()
+    return set(found), now
+
+
 def _start_together(starts: list[tuple[SagaId, str, JSON]], contexts: list[JSON | None]) -> list[bool | None]:
     ids = [str(uuid.UUID(str(saga_id))) for saga_id, _, _ in starts]
-    exists = {str(i) for i in Saga.objects.using(DB).filter(id__in=ids).values_list("id", flat=True)}
-    now = db_now(DB)
+    exists, now = _existing(ids)
     runs: list[Run] = []
     results: list[bool | None] = []
     for key, (_, definition, context), trace_context in zip(ids, starts, contexts, strict=True):

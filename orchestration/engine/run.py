@@ -255,26 +255,44 @@ def load(saga_id: SagaId, *, actor: str = "engine", skip_locked: bool = False) -
     return Run(saga=saga, definition=definitions.for_saga(saga), steps=steps[key], now=now, actor=actor)
 
 
-# The two reads of `lock_sagas` on PostgreSQL, by (quoted table names, skip_locked): the same
-# text for any number of sagas (`= ANY(array)`), so a worker prepares each once, and no ORM
-# query is compiled per engine transaction.
+# The reads of `lock_sagas` on PostgreSQL, by (database alias, skip_locked): the same text for
+# any number of sagas (`= ANY(array)`), so a worker prepares each once, and no ORM query is
+# compiled per engine transaction.
 _LOCK_SQL: dict[tuple[str, bool], tuple[str, str]] = {}
 
 
 def _lock_sql(connection: Any, skip_locked: bool) -> tuple[str, str]:
+    """(the sagas locked with their steps, in one statement; the steps of some sagas alone)."""
     found = _LOCK_SQL.get((connection.alias, skip_locked))
     if found is None:
         quote = connection.ops.quote_name
+        saga_table, step_table = quote(Saga._meta.db_table), quote(SagaStep._meta.db_table)
 
-        def columns(model: Any) -> str:
-            return ", ".join(quote(str(f.column)) for f in model._meta.concrete_fields)
+        def columns(model: Any, alias: str) -> str:
+            return ", ".join(f"{alias}.{quote(str(f.column))}" for f in model._meta.concrete_fields)
 
         found = _LOCK_SQL[(connection.alias, skip_locked)] = (
-            # The database clock comes with the row locks: one round trip for both (Django's
-            # Now() on PostgreSQL). Locked in id order, as every batch locks them.
-            f"SELECT {columns(Saga)}, STATEMENT_TIMESTAMP() AS db_now FROM {quote(Saga._meta.db_table)} "  # noqa: S608
-            f"WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE{' SKIP LOCKED' if skip_locked else ''}",
-            f"SELECT {columns(SagaStep)} FROM {quote(SagaStep._meta.db_table)} WHERE saga_id = ANY(%s::uuid[])",  # noqa: S608
+            # Locked in id order, as every batch locks them, with the database clock (Django's
+            # Now() on PostgreSQL) and their steps: one round trip for all. The rows of one
+            # shape or the other (a saga, or a step), each NULL where it is the other: a join
+            # ON false gives those NULLs their column types.
+            #
+            # The steps are read in the statement's snapshot, taken before the locks. If a saga
+            # was changed by a transaction that committed after it (one this lock waited for),
+            # the lock returns the saga's newest row but the snapshot shows its steps as they
+            # were: `fresh` is false (the row locked is not the row the snapshot sees), and
+            # `lock_sagas` reads those sagas' steps again. Every write of a step writes its saga
+            # row in the same transaction (`write_runs`, `create_saga`).
+            f"WITH locked AS MATERIALIZED (SELECT {columns(Saga, 's')}, s.ctid AS locked_row "  # noqa: S608
+            f"FROM {saga_table} s WHERE s.id = ANY(%s::uuid[]) ORDER BY s.id FOR UPDATE"
+            f"{' SKIP LOCKED' if skip_locked else ''}) "
+            f"SELECT {columns(Saga, 'l')}, {columns(SagaStep, 't')}, STATEMENT_TIMESTAMP(), "
+            "COALESCE(seen.ctid = l.locked_row, false) "
+            f"FROM locked l LEFT JOIN {saga_table} seen ON seen.id = l.id LEFT JOIN {step_table} t ON false "
+            f"UNION ALL SELECT {columns(Saga, 'n')}, {columns(SagaStep, 't')}, NULL, NULL "
+            f"FROM {step_table} t LEFT JOIN {saga_table} n ON false "
+            "WHERE t.saga_id IN (SELECT id FROM locked)",
+            f"SELECT {columns(SagaStep, 't')} FROM {step_table} t WHERE t.saga_id = ANY(%s::uuid[])",  # noqa: S608
         )
     return found
 
@@ -310,25 +328,32 @@ def _instances(model: Any, rows: list[tuple[Any, ...]], connection: Any) -> Iter
 
 
 def lock_sagas(ids: list[str], *, skip_locked: bool = False) -> tuple[dict[str, Saga], dict[str, dict[str, SagaStep]]]:
-    """Lock the sagas `ids` (in id order, one query, with the database clock as each one's
-    `db_now`) and read their steps (one more query), in the caller's transaction. Returns the
-    sagas found by id, and their steps by saga id and name (each step's `saga` the locked one).
-    A saga missing (or locked by another, with `skip_locked`) is in neither."""
+    """Lock the sagas `ids` (in id order, with the database clock as each one's `db_now`) and
+    read their steps, in the caller's transaction: on PostgreSQL in one statement (a second
+    reads again the steps of a saga changed while the first waited for its lock), elsewhere in
+    two. Returns the sagas found by id, and their steps by saga id and name (each step's `saga`
+    the locked one). A saga missing (or locked by another, with `skip_locked`) is in neither."""
     connection = connections[DB]
     rows: Any
     if connection.vendor == "postgresql":
-        saga_sql, steps_sql = _lock_sql(connection, skip_locked)
+        lock_sql, steps_sql = _lock_sql(connection, skip_locked)
+        width = len(Saga._meta.concrete_fields)
         with connection.cursor() as cursor:
-            cursor.execute(saga_sql, [ids])
-            found = []
-            for saga, (db_now,) in _instances(Saga, cursor.fetchall(), connection):
+            cursor.execute(lock_sql, [ids])
+            read = cursor.fetchall()
+            saga_rows = [row[:width] + row[-2:] for row in read if row[-1] is not None]
+            step_rows = [row[width:-2] for row in read if row[-1] is None]
+            found, stale = [], []
+            for saga, (db_now, fresh) in _instances(Saga, saga_rows, connection):
                 saga.db_now = db_now
                 found.append(saga)
-            if found:
-                cursor.execute(steps_sql, [[str(saga.pk) for saga in found]])
-                rows = [step for step, _ in _instances(SagaStep, cursor.fetchall(), connection)]
-            else:
-                rows = []
+                if not fresh:
+                    stale.append(str(saga.pk))
+            rows = [step for step, _ in _instances(SagaStep, step_rows, connection)]
+            if stale:  # changed since the statement began: their steps as they are now
+                rows = [step for step in rows if str(step.saga_id) not in set(stale)]
+                cursor.execute(steps_sql, [stale])
+                rows += [step for step, _ in _instances(SagaStep, cursor.fetchall(), connection)]
     else:
         locking = Saga.objects.using(DB).select_for_update(skip_locked=skip_locked)
         found = list(locking.filter(id__in=ids).order_by("id"))

@@ -5,6 +5,8 @@ asked for, locked, with the database clock and its steps attached; a missing one
 `skip_locked`, one that another transaction holds left out rather than waited for. On
 PostgreSQL both reads are hand-written statements whose text does not depend on how many sagas
 a batch holds (one prepared statement each), and the instances are the ones the ORM would read.
+There the steps come in the locking statement; a saga changed while it waited for its lock has
+its steps read again.
 
 How a saga is created (`run.create_saga`): on PostgreSQL its definition's snapshot, the saga and
 its steps in one statement, the steps numbered by the database."""
@@ -51,11 +53,13 @@ def test_every_saga_asked_for_is_locked_with_its_steps_and_the_database_clock():
             stored = {s.name: s.state for s in SagaStep.objects.filter(saga_id=saga_id)}
             assert {name: step.state for name, step in steps[saga_id].items()} == stored
             assert all(step.saga is saga for step in steps[saga_id].values())  # no query to reach it
-    assert len(queries) == 2
     if connections["default"].vendor == "postgresql":
-        assert queries[0]["sql"].rstrip().endswith("FOR UPDATE")
-        # The same text for one saga as for four: one prepared statement each.
+        assert len(queries) == 1  # the locks, the clock and the steps
+        assert "FOR UPDATE" in queries[0]["sql"]
+        # The same text for one saga as for four: one prepared statement.
         assert statements(ids[:1]) == statements([*ids, missing])
+    else:
+        assert len(queries) == 2
 
 
 def statements(ids: list[str]) -> list[str]:
@@ -141,6 +145,61 @@ def test_a_saga_held_by_another_transaction_is_skipped_with_skip_locked_and_wait
         release.set()
         thread.join(10)
     assert done.is_set()
+
+
+def test_a_lock_that_waited_reads_the_steps_the_holder_committed():
+    """The steps come in the locking statement, read in its snapshot, taken before it waited: a
+    saga the holder changed meanwhile has its steps read again, as the holder committed them."""
+    if connections["default"].vendor != "postgresql":
+        pytest.skip("SQLite has no row locks")
+    (saga_id,) = started(1)
+    locked, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        try:
+            with transaction.atomic(using="default"):
+                sagas, steps = run.lock_sagas([saga_id])
+                locked.set()
+                release.wait(10)
+                # As the engine writes a run: the step and its saga row, in one transaction.
+                step = steps[saga_id]["reserve_stock"]
+                SagaStep.objects.filter(pk=step.pk).update(attempts=7, result={"held": True})
+                Saga.objects.filter(id=saga_id).update(version=sagas[saga_id].version + 1)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    read: list = []
+
+    def waiter() -> None:
+        try:
+            with transaction.atomic(using="default"), CaptureQueriesContext(connections["default"]) as queries:
+                read.append(run.lock_sagas([saga_id]))
+                read.append(len(queries))
+        finally:
+            connections.close_all()
+
+    try:
+        assert locked.wait(10)
+        second = threading.Thread(target=waiter)
+        second.start()
+        second.join(0.5)
+        assert second.is_alive()  # waiting for the holder's lock, its snapshot already taken
+        release.set()
+        second.join(10)
+    finally:
+        release.set()
+        thread.join(10)
+    (sagas, steps), statements_sent = read
+    assert sagas[saga_id].version == Saga.objects.get(id=saga_id).version
+    step = steps[saga_id]["reserve_stock"]
+    assert (step.attempts, step.result) == (7, {"held": True})
+    assert statements_sent == 2  # the steps of the changed saga, read again
+    # Unchanged meanwhile: one statement.
+    with transaction.atomic(using="default"), CaptureQueriesContext(connections["default"]) as queries:
+        assert run.lock_sagas([saga_id])[1][saga_id]["reserve_stock"].attempts == 7
+    assert len(queries) == 1
 
 
 def test_a_saga_its_steps_and_its_snapshot_are_created_in_one_statement():
