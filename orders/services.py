@@ -6,7 +6,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from sagaplatform.kernel import barrier, choreography, events, outbox, ports, sealing
+from sagaplatform.kernel import barrier, choreography, events, outbox, ports, rows, sealing
 from sagaplatform.kernel.clock import db_now
 from sagaplatform.kernel.commands import ORCHESTRATOR_QUEUE
 from sagaplatform.kernel.models import OutboxMessage
@@ -179,7 +179,7 @@ def idempotency_keys_purge(*, batch: int = 1000) -> int:
 def _create(
     *, customer_id: int, customer_email: str, items: list[dict], payment_token: str, shipping_address: dict, mode: str
 ) -> Order:
-    _admit()
+    now = _admit()
     skus = [item["sku"] for item in items]
     products = {p.sku: p for p in Product.objects.using(DB).filter(sku__in=skus, is_active=True)}
     unknown = sorted(set(skus) - set(products))
@@ -210,36 +210,65 @@ def _create(
     }
     # The registration goes after the start (tests and tools that step through messages expect
     # the start first), in the same transaction: the charge comes several hops later.
-    registration = _registration(order, payment_method, payment_token)
+    registration = _registration(order, payment_method, payment_token, now=now)
+    messages = [registration]
     if mode == Order.Mode.CHOREOGRAPHY:
         # No coordinator to start: announce the order; the services take it from there. The
         # tracker's copy is the one remembered: it is announced again until the tracker has it.
         event = choreography.event_message(event=ORDER_PLACED, saga_id=order.saga_id, context=context)
         message = choreography.publish(using=DB, message=event)[-1]
-        outbox.enqueue_many(using=DB, messages=[registration])
     else:
-        start = outbox.message(
+        message = outbox.message(
             task=START_SAGA_TASK,
             queue=ORCHESTRATOR_QUEUE,
             payload={"saga_id": str(order.saga_id), "mode": mode, "context": context},
+            now=now,
         )
-        # One INSERT for both, published together once the order commits (one mark).
-        message, _ = outbox.enqueue_many(using=DB, messages=[start, registration])
+        messages.insert(0, message)
     order.start_message_id = message.id
     order.announced_at = message.available_at
     order.reannounce_at = message.available_at + REANNOUNCE_AFTER
-    order.save(using=DB, force_insert=True)
-    OrderLine.objects.using(DB).bulk_create(
-        [
-            OrderLine(order=order, sku=i["sku"], quantity=i["quantity"], unit_price=products[i["sku"]].unit_price)
-            for i in items
-        ]
-    )
-    OrderStatusChange.objects.using(DB).create(order=order, from_status="", to_status=order.status, reason="accepted")
+    lines = [
+        OrderLine(order=order, sku=i["sku"], quantity=i["quantity"], unit_price=products[i["sku"]].unit_price)
+        for i in items
+    ]
+    accepted = OrderStatusChange(order=order, from_status="", to_status=order.status, reason="accepted")
+    _insert(order, lines, accepted, messages)
     return order
 
 
-def _registration(order: Order, reference: str, payment_token: str) -> OutboxMessage:
+# Numbered by the database.
+_SERIAL = frozenset({"id"})
+
+
+def _insert(order: Order, lines: list[OrderLine], accepted: OrderStatusChange, messages: list[OutboxMessage]) -> None:
+    """Write a new order, its lines, its first status and its messages (published together once
+    the transaction commits, one mark): on PostgreSQL in one statement of data-modifying CTEs,
+    where the ORM took an INSERT each; the messages' due time is the one `_admit` read."""
+    connection = connections[DB]
+    if connection.vendor != "postgresql":
+        outbox.enqueue_many(using=DB, messages=messages)
+        order.save(using=DB, force_insert=True)
+        OrderLine.objects.using(DB).bulk_create(lines)
+        accepted.save(using=DB, force_insert=True)
+        return
+    parts = [
+        rows.insert(OutboxMessage, messages, connection),
+        rows.insert(Order, [order], connection),
+        rows.insert(OrderLine, lines, connection, fixed=_SERIAL),
+    ]
+    last_sql, last_params = rows.insert(OrderStatusChange, [accepted], connection, fixed=_SERIAL)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "WITH " + ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(parts)) + " " + last_sql,
+            [*(param for _, params in parts for param in params), *last_params],
+        )
+    for obj in (order, *lines, accepted):
+        obj._state.adding, obj._state.db = False, DB
+    outbox.written(using=DB, messages=messages)
+
+
+def _registration(order: Order, reference: str, payment_token: str, *, now: datetime | None = None) -> OutboxMessage:
     """The message that sends the card token to the payments service alone, in the order's
     transaction, under the opaque reference (`pm_<uuid>`) that everything else carries instead.
 
@@ -256,6 +285,7 @@ def _registration(order: Order, reference: str, payment_token: str) -> OutboxMes
             "saga_id": str(order.saga_id),
             "sealed_token": sealing.seal(payment_token),
         },
+        now=now,
     )
 
 
@@ -269,8 +299,9 @@ def _reannounce_registrations(order_ids) -> int:
     return outbox.republish(using=DB, ids=ids) if ids else 0
 
 
-def _admit() -> None:
+def _admit() -> datetime:
     """Refuse a new order while ORDERS_MAX_PENDING orders wait for their saga to decide them.
+    Returns the database clock, read with the count (the order's messages are due then).
 
     Pending orders are the work accepted and not yet done: past the limit, more would only
     queue, and a queue longer than the workers can drain makes leases and deadlines expire on
@@ -279,12 +310,21 @@ def _admit() -> None:
     by as many requests as the web process runs at once. An idempotent replay is never refused.
     """
     limit = settings.ORDERS_MAX_PENDING
+    connection = connections[DB]
     if not limit:
-        return
+        return db_now(DB)
     since = timezone.now() - REANNOUNCE_FOR
-    pending = Order.objects.using(DB).filter(status=Order.Status.PENDING, announced_at__gte=since)[:limit].count()
+    pending_orders = Order.objects.using(DB).filter(status=Order.Status.PENDING, announced_at__gte=since)[:limit]
+    if connection.vendor == "postgresql":
+        counted, params = pending_orders.values("id").query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT clock_timestamp(), (SELECT count(*) FROM ({counted}) AS pending)", params)  # noqa: S608
+            now, pending = cursor.fetchone()
+    else:
+        now, pending = db_now(DB), pending_orders.count()
     if pending >= limit:
         raise Overloaded("Too many orders are in progress; retry in a moment")
+    return now
 
 
 def _locked(order_id: uuid.UUID | str) -> Order:
