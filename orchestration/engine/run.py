@@ -127,6 +127,9 @@ def flush_many(runs: list[Run]) -> None:
     runs them itself (`outbox.publish`, inline); anywhere else they are published."""
     if not runs:
         return
+    for run in runs:
+        if run.saga.is_terminal:
+            run.saga.deadline_at = None  # ended: nothing left to expire (saga_deadline_open keeps open sagas only)
     messages = [message for run in runs for message in run.outbox or ()]
     if connections[DB].vendor == "postgresql":
         write_runs([(run.saga, run.changed_steps(), run.events) for run in runs], messages)

@@ -93,6 +93,7 @@ def test_declined_payment_compensates_the_reservation(alice_api, catalogue, brok
 
     saga = Saga.objects.get(id=receipt["saga"]["id"])
     assert saga.state == Saga.State.COMPENSATED
+    assert saga.deadline_at is None  # ended: nothing left to expire
     after = stock("SKU-LAMP")
     assert (after.on_hand, after.reserved) == (before.on_hand, before.reserved)
     assert after.version == before.version + 2  # reserved, then released

@@ -129,6 +129,7 @@ def test_a_cancel_at_every_point_of_the_flow_ends_consistent(alice_api, catalogu
             assert book.on_hand == on_hand_before - 1, point
             assert charge.state == "captured", point
         assert book.reserved == 0, point
+        assert saga.deadline_at is None, point  # ended: nothing left to expire
         outcomes.add(cancel.status_code)
         if cancel.status_code == 409:
             break  # from here on every cancel comes too late
