@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import uuid
-
 from django.db import models
+
+from sagaplatform.kernel.ids import new_id
 
 
 class StockItem(models.Model):
@@ -42,7 +42,7 @@ class Reservation(models.Model):
         RELEASED = "released"
         COMMITTED = "committed"
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField(primary_key=True, default=new_id, editable=False)
     saga_id = models.UUIDField(db_index=True)
     order_id = models.UUIDField(db_index=True)
     sku = models.CharField(max_length=64)

@@ -5,13 +5,14 @@ changes, reservation, charge, ledger, shipment, notification), written before th
 The shapes are real: a few sagas are first run by the platform itself (`capture` takes their
 rows in every database), then cloned N times by set-based SQL (`INSERT ... SELECT ... CROSS JOIN
 generate_series`), one statement per template row set and table. Each clone gets its own ids:
-every UUID of the template, in a UUID column or inside a text or JSON value, becomes
-`md5(uuid || salt || clone)`, the same function in every database, so references across tables
-and databases still agree; the other unique tokens (a payment method's `pm_...`, a gateway's
-`ch_...`, a tracking number) are replaced the same way. Every timestamp is moved so the clones
-ended evenly spread between `max_age` and `min_age` ago, and they are written oldest first. So
-the audit passes over the pre-filled data exactly as over the templates
-(`tests/unit/ops/test_bench_tool.py`).
+every UUID of the template, in a UUID column or inside a text or JSON value, becomes a version 7
+UUID of the clone's time with the random bits of `md5(uuid || salt || clone)` (`_clone_uuid`),
+the same function in every database, so references across tables and databases still agree and
+the keys are in time order as the platform's own (`kernel/ids.py`); the other unique tokens (a
+payment method's `pm_...`, a gateway's `ch_...`, a tracking number) are replaced the same way.
+Every timestamp is moved so the clones ended evenly spread between `max_age` and `min_age` ago,
+and they are written oldest first. So the audit passes over the pre-filled data exactly as over
+the templates (`tests/unit/ops/test_bench_tool.py`).
 
 PostgreSQL only (the benchmark's database).
 """
@@ -152,10 +153,23 @@ def _names(model: type[models.Model], ids: list[str]) -> Q:
     return match
 
 
+def _clone_uuid(seed: str) -> str:
+    """SQL for the clone's UUID: version 7, its time the clone's (`%(origin)s` plus `g`'s share of
+    the span, in milliseconds), its random bits those of `md5(seed)`."""
+    digest = f"md5({seed})"
+    millis = "(extract(epoch FROM %(origin)s + make_interval(secs => %(step)s * (g - %(base)s))) * 1000)::bigint"
+    variant = f"substr('89ab', get_byte(decode(substr({digest}, 17, 2), 'hex'), 0) %% 4 + 1, 1)"
+    return (
+        f"(lpad(to_hex({millis}), 12, '0') || '7' || substr({digest}, 14, 3) || {variant} "
+        f"|| substr({digest}, 18, 15))::uuid"
+    )
+
+
 def _new_token(token: str, kind: str, salt: str) -> str:
     """SQL for the clone's token (the clone number is `g`)."""
     if kind == "uuid":
-        return f"md5('{token}' || '{salt}' || g)::uuid::text"
+        seed = f"'{token}' || '{salt}' || g"
+        return f"{_clone_uuid(seed)}::text"
     sql = f"substr(md5('{token}' || '{salt}' || g), 1, {len(token)})"
     return f"upper({sql})" if token.isupper() else sql
 
@@ -171,7 +185,7 @@ def _insert_sql(template: Template, alias: str, label: str, salt: str) -> tuple[
             continue
         value = f"t.{column}"
         if kind in UUID_TYPES:
-            value = f"md5(t.{column}::text || '{salt}' || g)::uuid"
+            value = _clone_uuid(f"t.{column}::text || '{salt}' || g")
         elif kind in TEXT_TYPES or kind == "JSONField":
             text = f"t.{column}::text" if kind == "JSONField" else value
             for token, token_kind in template.tokens.get((alias, label, str(f.column)), ()):
@@ -238,7 +252,12 @@ def prefill(
                 for index, (template, clones, base) in enumerate(plans):
                     # Clone j ended max_age ago plus j steps: the last one just before min_age.
                     first, end = clones * part // slices, clones * (part + 1) // slices
-                    params = {"shift": (anchor - max_age) - template.ended_at, "step": span / clones, "base": base}
+                    params = {
+                        "shift": (anchor - max_age) - template.ended_at,
+                        "origin": anchor - max_age,
+                        "step": span / clones,
+                        "base": base,
+                    }
                     for table_alias, label in TABLES:
                         if table_alias != alias or (index, alias, label) not in statements:
                             continue
@@ -257,4 +276,8 @@ def prefill(
         with connections[alias].cursor() as cursor:
             for table in {_model(label)._meta.db_table for a, label in TABLES if a == alias}:
                 cursor.execute(f"VACUUM (ANALYZE) {connections[alias].ops.quote_name(table)}")
+    # A history written over weeks is on disk by now, not in the buffers for the next checkpoint
+    # to write while the benchmark runs (one checkpoint serves the whole cluster).
+    with connections["default"].cursor() as cursor:
+        cursor.execute("CHECKPOINT")
     return {"sagas": n, "rows": written, "seconds": round(time.monotonic() - started, 1)}

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import uuid
-
 from django.db import models
+
+from sagaplatform.kernel.ids import new_id
 
 
 class Notification(models.Model):
@@ -21,7 +21,7 @@ class Notification(models.Model):
         QUEUED = "queued"
         SENT = "sent"
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField(primary_key=True, default=new_id, editable=False)
     saga_id = models.UUIDField(db_index=True)
     order_id = models.UUIDField(db_index=True)
     channel = models.CharField(max_length=8, choices=Channel.choices)

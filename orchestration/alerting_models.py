@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import base64
 import secrets
-import uuid
 
 from django.db import models
 from django.db.models import Q
+
+from sagaplatform.kernel.ids import new_id
 
 
 def new_signing_secret() -> str:
@@ -95,7 +96,7 @@ class AlertDelivery(models.Model):
         DELIVERED = "delivered"
         FAILED = "failed"
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField(primary_key=True, default=new_id, editable=False)
     group = models.ForeignKey(AlertGroup, on_delete=models.CASCADE, related_name="deliveries")
     channel = models.ForeignKey(AlertChannel, on_delete=models.CASCADE, related_name="deliveries")
     status = models.CharField(max_length=16)  # firing or resolved: what this notification says

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-import uuid
-
 from django.conf import settings
 from django.db import models
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Upper
 from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
+
+from sagaplatform.kernel.ids import new_id
 
 
 def key_text(path: str) -> Cast:
@@ -33,7 +33,7 @@ class Saga(FSMModelMixin, models.Model):
 
     TERMINAL_STATES = (State.COMPLETED, State.COMPENSATED, State.FAILED, State.CANCELLED)
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField(primary_key=True, default=new_id, editable=False)
     definition = models.CharField(max_length=64)
     # The exact definition it runs, recorded at its start (`definitions.for_saga`): the content
     # hash of the step graph (a `DefinitionSnapshot`) and its human label ("place_order v1").

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import uuid
-
 from django.db import models
 from django_fsm import FSMField, FSMModelMixin, transition
+
+from sagaplatform.kernel.ids import new_id
 
 # The failure code a saga carries when a person cancelled it.
 CANCELLED_CODE = "cancelled"
@@ -42,7 +42,7 @@ class Order(FSMModelMixin, models.Model):
         REJECTED = "rejected"
         CANCELLED = "cancelled"
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField(primary_key=True, default=new_id, editable=False)
     customer_id = models.BigIntegerField(db_index=True)
     customer_email = models.EmailField(blank=True)
     status = FSMField(default=Status.PENDING, choices=Status.choices, protected=True)
@@ -50,7 +50,7 @@ class Order(FSMModelMixin, models.Model):
     currency = models.CharField(max_length=3, default="EUR")
     mode = models.CharField(max_length=16, choices=Mode.choices, default=Mode.ORCHESTRATED)
     shipping_address = models.JSONField()
-    saga_id = models.UUIDField(unique=True, default=uuid.uuid4)
+    saga_id = models.UUIDField(unique=True, default=new_id)
     # The outbox message that starts the saga, when it was first published, and when it is next
     # due to be published again: a pending order is announced again until its saga decides it; a
     # choreographed one (this is then the tracker's copy of `order.placed`) until the tracker has

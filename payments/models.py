@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import uuid
-
 from django.db import models
+
+from sagaplatform.kernel.ids import new_id
 
 
 class Charge(models.Model):
@@ -22,7 +22,7 @@ class Charge(models.Model):
         VOIDED = "voided"  # the hold released, nothing taken
         REFUNDED = "refunded"
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField(primary_key=True, default=new_id, editable=False)
     saga_id = models.UUIDField(unique=True)
     order_id = models.UUIDField(db_index=True)
     amount = models.DecimalField(max_digits=12, decimal_places=2)

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import uuid
-
 from django.db import models
+
+from sagaplatform.kernel.ids import new_id
 
 
 class Shipment(models.Model):
@@ -14,7 +14,7 @@ class Shipment(models.Model):
         DISPATCHED = "dispatched"
         CANCELLED = "cancelled"
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField(primary_key=True, default=new_id, editable=False)
     saga_id = models.UUIDField(unique=True)
     order_id = models.UUIDField(db_index=True)
     state = models.CharField(max_length=16, choices=State.choices, default=State.SCHEDULED)

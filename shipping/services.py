@@ -21,7 +21,8 @@ def shipment_schedule(*, saga_id: uuid.UUID, order_id: uuid.UUID, address: dict,
             saga_id=saga_id,
             order_id=order_id,
             address=address,
-            tracking_number="SP" + uuid.UUID(str(saga_id)).hex[:16].upper(),
+            # The id's last 16 digits, its random part: the first are its creation time.
+            tracking_number="SP" + uuid.UUID(str(saga_id)).hex[-16:].upper(),
             state=Shipment.State.TENTATIVE if tentative else Shipment.State.SCHEDULED,
         )
 

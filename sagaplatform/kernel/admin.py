@@ -37,12 +37,13 @@ from .models import Barrier, DeadLetter, FaultRule, OutboxMessage, ServiceInstan
 
 
 def short_id(value: object) -> str:
-    """A UUID's first 8 characters, the whole of it on hover: lists stay readable, and the
-    search still takes the whole id."""
+    """A UUID's last 8 characters, the whole of it on hover: lists stay readable, and the
+    search still takes the whole id. The last, as the first are the key's creation time
+    (kernel/ids.py), the same for every id of one minute."""
     if value in (None, ""):
         return "-"
     text = str(value)
-    return format_html('<span title="{}">{}</span>', text, text[:8]) if len(text) == 36 else text
+    return format_html('<span title="{}">{}</span>', text, text[-8:]) if len(text) == 36 else text
 
 
 def admin_link(viewname: str, pk: object, text: str | None = None) -> str:

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import uuid
-
 from django.db import models
 from django.db.models.functions import Now
+
+from sagaplatform.kernel.ids import new_id
 
 
 class Barrier(models.Model):
@@ -42,7 +42,7 @@ class OutboxMessage(models.Model):
     the message id doubles as the Celery task id, so consumers can tell a republish apart.
     """
 
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    id = models.UUIDField(primary_key=True, default=new_id, editable=False)
     task = models.CharField(max_length=128)
     queue = models.CharField(max_length=64)
     payload = models.JSONField()

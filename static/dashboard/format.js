@@ -19,8 +19,10 @@ export function ts(iso) {
   return Number.isNaN(t) ? null : t;
 }
 
+// An id's last 8 characters: its random part. A key begins with its creation time (UUID
+// version 7), so the ids of one minute share their first characters.
 export function shortId(id) {
-  return id ? String(id).slice(0, 8) : "—";
+  return id ? String(id).slice(-8) : "—";
 }
 
 export function fmtDuration(ms) {

@@ -9,6 +9,7 @@ import json
 import os
 import statistics
 import time
+import uuid
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -277,6 +278,10 @@ def test_prefill_clones_real_sagas_into_every_database_and_the_audit_passes(alic
         assert Charge.objects.using("payments").get(saga_id=saga.id).order_id == order.id
         assert SagaStep.objects.filter(saga=saga).count() == SagaStep.objects.filter(saga_id=ids[0]).count()
     assert run_audit() == []
+    # Keys in time order, as the platform writes its own: version 7 UUIDs, the clones' in the
+    # order of their times (clones of the two templates share each time slot).
+    assert {saga.id.version for saga in clones} | {uuid.UUID(i).version for i in ids} == {7}
+    assert [s.finished_at for s in sorted(clones, key=lambda s: s.id)] == sorted(s.finished_at for s in clones)
     # Written oldest first, as the engine appends a timeline: in the order they were written, no
     # clone's event is older than an earlier written one's by more than a template's own span.
     written = list(SagaEvent.objects.exclude(saga_id__in=ids).order_by("id").values_list("created_at", flat=True))
