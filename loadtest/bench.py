@@ -229,7 +229,7 @@ def _finished_sagas(ids: list[str]) -> list[str]:
 
     # At rest: ended, or parked for an operator (a failure rate can park a saga).
     at_rest = (*Saga.TERMINAL_STATES, Saga.State.PARKED)
-    return [str(i) for i in Saga.objects.filter(id__in=ids, state__in=at_rest).values_list("id", flat=True)]
+    return [str(i) for i in Saga.objects.filter(id__in=ids, state__in=at_rest).order_by().values_list("id", flat=True)]
 
 
 def _finished_chains(ids: list[str]) -> list[str]:
@@ -237,7 +237,10 @@ def _finished_chains(ids: list[str]) -> list[str]:
 
     return [
         str(i)
-        for i in Notification.objects.using("notifications").filter(saga_id__in=ids).values_list("saga_id", flat=True)
+        for i in Notification.objects.using("notifications")
+        .filter(saga_id__in=ids)
+        .order_by()
+        .values_list("saga_id", flat=True)
     ]
 
 
@@ -529,6 +532,7 @@ def run_benchmark(
     prefill_days: float = 30.0,
     chain: bool = True,
     rounds: int = 1,
+    autovacuum: bool = True,
 ) -> dict:
     """The saga in each style against the bare chain, on an empty database or after `prefill`
     finished sagas were written; with `compare_prefill`, both in one run (empty first).
@@ -537,8 +541,13 @@ def run_benchmark(
     order in even rounds (saga then chain, chain then saga, ...), and reports the median of each
     figure and, for the ratios, the geometric mean of each round's own: the host's speed drifts
     over a run, a round's two halves ran back to back, and over an even number of rounds a steady
-    drift favours each side as often as the other."""
+    drift favours each side as often as the other.
+
+    With `autovacuum`, a server that runs no autovacuum gets its work done by the bench while
+    it measures (`loadtest.autovacuum`), as a production server would do it."""
     from loadtest import prefill as history
+    from loadtest.autovacuum import Autovacuum
+    from loadtest.autovacuum import mode as autovacuum_mode
 
     if settings.EMBEDDED_DATABASES or settings.EMBEDDED_BROKER:
         raise RuntimeError("the benchmark measures the production stack: set DATABASE_URL and REDIS_URL")
@@ -566,7 +575,8 @@ def run_benchmark(
             f"{n} orders per run{f', {rounds} rounds (in reverse order in even ones)' if rounds > 1 else ''}, "
             f"{concurrency} concurrent clients, {workers} worker(s) -c {worker_concurrency}, "
             f"styles {', '.join(styles)}, fault rules {len(rules or [])} (beat on), cpu accounting "
-            f"{'on' if cpu.available() else 'unavailable (no /proc)'}, debug {'on' if settings.DEBUG else 'off'}\n"
+            f"{'on' if cpu.available() else 'unavailable (no /proc)'}, debug {'on' if settings.DEBUG else 'off'}, "
+            f"autovacuum {autovacuum_mode(enabled=autovacuum)}\n"
         )
         for phase, count in phases:
             stored = 0
@@ -580,22 +590,24 @@ def run_benchmark(
             install_fault_rules(rules or [])
             if rules:
                 time.sleep(1.2)  # the workers' fault-rule caches (one second)
-            by_round = [
-                _measure_round(
-                    f"{phase + ' ' if phase else ''}{f'round {r + 1} ' if rounds > 1 else ''}",
-                    styles=styles,
-                    chain=chain,
-                    reverse=r % 2 == 1,
-                    n=n,
-                    concurrency=concurrency,
-                    warmup=warmup if r == 0 else 0,  # warmed up once per phase
-                    workers=processes,
-                    out=out,
-                )
-                for r in range(rounds)
-            ]
+            with Autovacuum(enabled=autovacuum) as vacuums:
+                by_round = [
+                    _measure_round(
+                        f"{phase + ' ' if phase else ''}{f'round {r + 1} ' if rounds > 1 else ''}",
+                        styles=styles,
+                        chain=chain,
+                        reverse=r % 2 == 1,
+                        n=n,
+                        concurrency=concurrency,
+                        warmup=warmup if r == 0 else 0,  # warmed up once per phase
+                        workers=processes,
+                        out=out,
+                    )
+                    for r in range(rounds)
+                ]
             runs = _median_runs(by_round) if rounds > 1 else by_round[0]
             results[phase or "run"] = {"prefilled_sagas": stored, "stored_sagas": _prefilled(), **runs}
+            results[phase or "run"]["autovacuum_emulated"] = len(vacuums.ran) if vacuums.active else None
             if rounds > 1:
                 results[phase or "run"]["rounds"] = by_round
     finally:
@@ -612,6 +624,7 @@ def run_benchmark(
         "debug": settings.DEBUG,
         "styles": styles,
         "fault_rules": [r.__dict__ | {"pk": None} for r in rules or []],
+        "autovacuum": autovacuum_mode(enabled=autovacuum),
     }
     for phase, runs in results.items():
         block = dict(runs)

@@ -36,6 +36,11 @@ def add_bench_arguments(parser) -> None:
     )
     parser.add_argument("--prefill-days", type=float, default=30.0, help="pre-filled sagas ended up to this long ago")
     parser.add_argument("--no-chain", action="store_true", help="skip the bare chain")
+    parser.add_argument(
+        "--no-autovacuum",
+        action="store_true",
+        help="on a PostgreSQL server with autovacuum off, do not do its work while measuring (it is done by default)",
+    )
     parser.add_argument("--styles", action="store_true", help="compare the four transaction styles' latency instead")
     parser.add_argument(
         "--observability",
@@ -78,6 +83,7 @@ def bench_options(options: dict) -> dict:
         "prefill_days": options["prefill_days"],
         "chain": not options["no_chain"],
         "rounds": options["rounds"] or 1,
+        "autovacuum": not options["no_autovacuum"],
     }
 
 

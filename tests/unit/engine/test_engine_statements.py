@@ -229,3 +229,42 @@ def test_a_saga_its_steps_and_its_snapshot_are_created_in_one_statement():
     with pytest.raises(IntegrityError), transaction.atomic(using="default"):
         run.create_saga(saga_id=saga_id, definition=definition, context={}, now=None)
     assert SagaStep.objects.filter(saga_id=saga_id).count() == len(stored)
+
+
+@pytest.mark.postgres
+def test_the_steps_are_read_by_index_with_a_plan_made_while_the_table_was_small():
+    """A worker keeps its prepared statement's generic plan, made from the statistics of the
+    table as it was, while the table grows under it. The lock statement reads each saga's steps
+    by a lookup of its own: planned from statistics over 20 sagas, it still reads them by index
+    once the table holds 320 (as a semi-join it became a sequential scan of every step).
+    Statistics over one or two sagas would make any form scan: autovacuum's analyze, as the
+    table grows, is what keeps plans right (loadtest/autovacuum.py)."""
+    ids = started(20)
+    connection = connections["default"]
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE orchestration_saga")
+        cursor.execute("ANALYZE orchestration_sagastep")
+    template = Saga.objects.get(id=ids[0])
+    template_steps = list(SagaStep.objects.filter(saga_id=ids[0]))
+    sagas, steps = [], []
+    for _ in range(300):
+        saga = Saga(**{f.attname: getattr(template, f.attname) for f in Saga._meta.concrete_fields})
+        saga.pk = uuid.uuid4()
+        sagas.append(saga)
+        for step in template_steps:
+            copy = SagaStep(**{f.attname: getattr(step, f.attname) for f in SagaStep._meta.concrete_fields})
+            copy.pk, copy.saga_id = None, saga.pk
+            steps.append(copy)
+    Saga.objects.bulk_create(sagas)
+    SagaStep.objects.bulk_create(steps)
+
+    lock_sql, _ = run._lock_sql(connection, False)
+    wanted = "'{" + ",".join(ids) + "}'::uuid[]"
+    with transaction.atomic(using="default"), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute("PREPARE lock_plan(uuid[]) AS " + lock_sql.replace("%s", "$1"))
+        cursor.execute(f"EXPLAIN EXECUTE lock_plan({wanted})")
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        cursor.execute("DEALLOCATE lock_plan")
+    assert "Seq Scan on orchestration_sagastep" not in plan, plan
+    assert "orchestration_sagastep" in plan

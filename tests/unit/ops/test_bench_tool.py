@@ -17,8 +17,9 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connections
 
-from loadtest import bench
+from loadtest import autovacuum, bench
 from loadtest import cpu_totals as cpu
 from loadtest import prefill as history
 from loadtest.management.commands.bench import Command, bench_options
@@ -38,6 +39,8 @@ def test_options_turn_into_the_benchmark_arguments():
     assert (defaults["rules"], defaults["prefill"], defaults["compare_prefill"], defaults["chain"]) == ([], 0, 0, True)
     assert defaults["rounds"] == 1
     assert options("--rounds", "3")["rounds"] == 3
+    assert defaults["autovacuum"] is True
+    assert options("--no-autovacuum")["autovacuum"] is False
 
     given = options(
         "--style", "tcc,parallel", "--style", "tcc", "--workers", "2", "--worker-concurrency", "3",
@@ -186,6 +189,68 @@ def test_rounds_alternate_the_order_and_report_the_mean_of_each_rounds_own_ratio
     text = out.getvalue()
     assert "round 2 ratio orchestrated" in text
     assert "4 rounds" in text
+
+
+@pytest.mark.parametrize(
+    ("server", "enabled", "expected"), [(True, True, "server"), (False, True, "emulated"), (False, False, "off")]
+)
+def test_the_summary_says_who_did_autovacuums_work(no_processes, monkeypatch, server, enabled, expected):
+    monkeypatch.setattr(autovacuum, "postgres_aliases", lambda: ["default"])
+    monkeypatch.setattr(autovacuum, "server_runs_it", lambda alias: server)
+    monkeypatch.setattr(autovacuum, "run_once", lambda aliases: ["default: ANALYZE public.t"])
+    out = io.StringIO()
+    bench.run_benchmark(n=5, concurrency=2, worker_concurrency=1, warmup=0, out=out, autovacuum=enabled)
+    summary = json.loads(out.getvalue().splitlines()[-1])
+    assert summary["autovacuum"] == expected
+    assert f"autovacuum {expected}" in out.getvalue().splitlines()[0]
+    # Only an emulation counts what it ran (here: however many passes the stubbed run lasted).
+    assert (summary["run"]["autovacuum_emulated"] is None) == (expected != "emulated")
+
+
+def _flush_stats(alias: str) -> None:
+    """Make this session's table counters visible now (PostgreSQL publishes them at most once a
+    second otherwise)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+@pytest.mark.postgres
+def test_autovacuums_work_is_found_by_the_servers_thresholds_and_done():
+    from inventory.models import StockItem
+
+    alias, table = "inventory", "public.inventory_stockitem"
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f"VACUUM (ANALYZE) {table}")  # whatever the tests before left: nothing due
+    StockItem.objects.using(alias).bulk_create([StockItem(sku=f"AV-{i}", on_hand=i) for i in range(20)])
+    _flush_stats(alias)
+    assert table not in dict(autovacuum.due(alias))  # 20 changed rows: under 50 + 10 %
+
+    StockItem.objects.using(alias).bulk_create([StockItem(sku=f"AV-{i}", on_hand=i) for i in range(20, 200)])
+    _flush_stats(alias)
+    assert dict(autovacuum.due(alias))[table] == "ANALYZE"  # 200 rows inserted: not 1,000 for a vacuum
+
+    StockItem.objects.using(alias).filter(sku__startswith="AV-").delete()
+    _flush_stats(alias)
+    assert dict(autovacuum.due(alias))[table] == "VACUUM (ANALYZE)"  # 200 dead rows
+
+    assert f"{alias}: VACUUM (ANALYZE) {table}" in autovacuum.run_once([alias])
+    _flush_stats(alias)
+    assert table not in dict(autovacuum.due(alias))
+    with connections[alias].cursor() as cursor:
+        cursor.execute(
+            "SELECT n_dead_tup, last_vacuum IS NOT NULL FROM pg_stat_user_tables WHERE relname = %s",
+            [table.split(".")[1]],
+        )
+        assert cursor.fetchone() == (0, True)
+
+
+@pytest.mark.postgres
+def test_the_emulation_runs_only_where_the_server_runs_no_autovacuum():
+    server = autovacuum.server_runs_it("default")
+    assert autovacuum.Autovacuum().active is not server
+    assert autovacuum.Autovacuum(enabled=False).active is False
 
 
 def test_compare_prefill_runs_empty_then_prefilled_and_prints_the_ratio(no_processes, monkeypatch):
