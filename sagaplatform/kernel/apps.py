@@ -11,3 +11,8 @@ class KernelConfig(AppConfig):
     name = "sagaplatform.kernel"
     label = "kernel"
     verbose_name = "Messaging kernel"
+
+    def ready(self) -> None:
+        from . import sqlcache
+
+        sqlcache.install()  # psycopg's parse of the engine's long statements, cached
