@@ -552,6 +552,7 @@ def run_benchmark(
     if settings.EMBEDDED_DATABASES or settings.EMBEDDED_BROKER:
         raise RuntimeError("the benchmark measures the production stack: set DATABASE_URL and REDIS_URL")
     styles = list(styles)
+    vacuum_mode = autovacuum_mode(enabled=autovacuum)
     phases = [("empty", 0), ("prefilled", compare_prefill)] if compare_prefill else [("", prefill)]
     _seed((n * rounds + warmup) * (len(styles) + 1) * len(phases) + 200)
     install_fault_rules([])
@@ -576,7 +577,7 @@ def run_benchmark(
             f"{concurrency} concurrent clients, {workers} worker(s) -c {worker_concurrency}, "
             f"styles {', '.join(styles)}, fault rules {len(rules or [])} (beat on), cpu accounting "
             f"{'on' if cpu.available() else 'unavailable (no /proc)'}, debug {'on' if settings.DEBUG else 'off'}, "
-            f"autovacuum {autovacuum_mode(enabled=autovacuum)}\n"
+            f"autovacuum {vacuum_mode}\n"
         )
         for phase, count in phases:
             stored = 0
@@ -624,7 +625,7 @@ def run_benchmark(
         "debug": settings.DEBUG,
         "styles": styles,
         "fault_rules": [r.__dict__ | {"pk": None} for r in rules or []],
-        "autovacuum": autovacuum_mode(enabled=autovacuum),
+        "autovacuum": vacuum_mode,
     }
     for phase, runs in results.items():
         block = dict(runs)

@@ -31,7 +31,7 @@ LONG_STATEMENTS = 64
 LONG_STATEMENT_BYTES = 32 * 1024
 NAMES = ("_query2pg_nocache", "_query2pg_client_nocache")
 
-_installed: dict[str, Any] = {}
+_installed: set[str] = set()  # the names replaced in this process
 
 
 def _cached(parse: Callable[[bytes, str], Any]) -> Callable[[bytes, str], Any]:
@@ -46,25 +46,21 @@ def _cached(parse: Callable[[bytes, str], Any]) -> Callable[[bytes, str], Any]:
         return parse(query, encoding)
 
     parse_long.cache_info = remembered.cache_info  # type: ignore[attr-defined]
-    parse_long.cache_clear = remembered.cache_clear  # type: ignore[attr-defined]
     return parse_long
 
 
 def install() -> bool:
     """Cache psycopg's parse of long statements, once per process. Returns whether it is on."""
-    try:
-        from psycopg import _queries
-    except ImportError:  # pragma: no cover (psycopg is a requirement)
-        return False
+    from psycopg import _queries
+
     if _installed:
         return True
     if not all(callable(getattr(_queries, name, None)) for name in NAMES):
         logger.warning("psycopg's statement parsers moved: long statements are parsed at every run")
         return False
     for name in NAMES:
-        original = getattr(_queries, name)
-        _installed[name] = original
-        setattr(_queries, name, _cached(original))
+        setattr(_queries, name, _cached(getattr(_queries, name)))
+        _installed.add(name)
     return True
 
 

@@ -27,8 +27,6 @@ def test_every_uuid_key_the_platform_creates_is_time_ordered():
     from django.apps import apps
     from django.db import models
 
-    from sagaplatform.kernel.ids import new_id as key
-
     uuid_keys = [
         (model._meta.label, field.name)
         for model in apps.get_models()
@@ -39,7 +37,7 @@ def test_every_uuid_key_the_platform_creates_is_time_ordered():
     assert ("kernel.OutboxMessage", "id") in uuid_keys
     assert ("orders.Order", "saga_id") in uuid_keys
     for label, name in uuid_keys:
-        assert apps.get_model(label)._meta.get_field(name).default is key, (label, name)
+        assert apps.get_model(label)._meta.get_field(name).default is new_id, (label, name)
 
 
 @pytest.mark.django_db(databases="__all__")
