@@ -25,7 +25,12 @@ An operation that calls outside the platform (a card gateway) must not hold its 
 while the other side answers, so it spans two: `begin()` commits the action row with no outcome
 (the intent), the call runs with no transaction open, and `call()` then finds that pending row,
 locks it and runs the operation as if it had just inserted it. `settle()` stores the outcome of
-a pending action from elsewhere (a compensation that had to finish it first).
+a pending action from elsewhere (a compensation that had to finish it first), marked `settled`.
+
+A choreographed reaction that runs out of attempts undoes its own step (`unless_answered`): not
+if the action has stored an outcome of its own meanwhile. Its event went out with that outcome
+(a second delivery of the event, such as the tracker's nudge, ran it), so the flow has moved on
+and the undo would take back what the next services already act on.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ REFUSED_AFTER_COMPENSATION = {
     },
 }
 NULL_COMPENSATION = {"status": "succeeded", "result": {}, "barrier": "null_compensation"}
+# `call(unless_answered=True)`: the action answered on its own; nothing was undone or stored.
+ACTION_ANSWERED = {"status": "succeeded", "result": {}, "barrier": "action_answered"}
 
 
 # The database whose operation `call` is running in this context, if any (see `atomic`).
@@ -165,6 +172,7 @@ def call(
     fn: Callable[..., dict[str, Any] | None],
     savepoint: bool = True,
     begun: bool = False,
+    unless_answered: bool = False,
 ) -> dict[str, Any]:
     """Run `command`'s operation `fn` through the barrier (see the module's docstring).
 
@@ -181,7 +189,11 @@ def call(
     duplicate waits on the first one's row (or its locks) and then finds the row. Compensations,
     confirms (a refusal is a transient error, never stored: a confirm already made would be
     refused again and again) and an action whose intent `begin` recorded (`begun`) read the row
-    first either way."""
+    first either way.
+
+    `unless_answered`, for a compensation: if its action has stored an outcome of its own (not
+    one `settle` stored for it), undo nothing, store nothing and return `ACTION_ANSWERED`. The
+    action's row is locked first, so a run of the action still in flight is waited for."""
     if not connections[using].in_atomic_block:
         raise RuntimeError("barrier.call must run inside transaction.atomic(using=...)")
     saga_id, step, op = command.saga_id, command.step, command.op
@@ -195,6 +207,13 @@ def call(
         logger.info("null compensation for %s/%s", saga_id, step)
         observability.barrier_hit(using, "null_compensation")
         return NULL_COMPENSATION
+    # The insert above found the action's row, after waiting for a run of the action that was
+    # writing it (a unique check waits for the row's writer). The row is read locked: no run of
+    # the action can store an outcome between this read and the undo.
+    if op == COMPENSATE and unless_answered and answered(using=using, saga_id=saga_id, step=step):
+        logger.info("%s/%s answered on its own: not undone", saga_id, step)
+        observability.barrier_hit(using, "action_answered")
+        return ACTION_ANSWERED
     # The action failed, and a failure is stored without its effects: nothing to undo. (A TCC
     # cancel sent to a try still in flight that then failed ends here.)
     if (
@@ -233,6 +252,15 @@ def call(
         outcome = {"status": "business_failure", "error": exc.as_dict()}
     _store(using, saga_id, step, op, outcome)
     return outcome
+
+
+def answered(*, using: str, saga_id: SagaId, step: str) -> bool:
+    """Whether the step's action has stored an outcome of its own: not pending, not refused by
+    its compensation, not stored by `settle`. Its row stays locked until the caller's
+    transaction ends. Inside the caller's transaction."""
+    found = _locked_outcome(using, saga_id, step, ACTION)
+    outcome = found[0] if found else None
+    return outcome is not None and outcome != REFUSED_AFTER_COMPENSATION and not outcome.get("settled")
 
 
 def _locked_outcome(using: str, saga_id: SagaId, step: str, op: str) -> tuple[dict[str, Any] | None] | None:
@@ -311,9 +339,10 @@ def begin(*, using: str, command: Command) -> dict[str, Any] | None:
 
 
 def settle(*, using: str, saga_id: SagaId, step: str, outcome: dict[str, Any]) -> bool:
-    """Store the outcome of a pending action, unless it has one already."""
+    """Store the outcome of a pending action, unless it has one already, marked as stored here
+    (`settled`): the action itself never ran to its end, and published nothing."""
     return bool(
         Barrier.objects.using(using)
         .filter(saga_id=saga_id, step=step, op=ACTION, outcome__isnull=True)
-        .update(outcome=outcome)
+        .update(outcome={**outcome, "settled": True})
     )

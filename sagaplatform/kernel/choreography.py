@@ -452,8 +452,16 @@ def _announce(service: str, rule: Reaction, message: dict[str, Any], outcome: di
 
 def _give_up(service: str, rule: Reaction, message: dict[str, Any], command: Command, error: dict[str, Any]) -> None:
     """Out of attempts. The last one may have committed after all: undo this step too (the
-    barrier makes that a no-op if it never ran, and refuses it should it run later)."""
+    barrier makes that a no-op if it never ran, and refuses it should it run later).
+
+    Unless another delivery of the event ran the action to its end (the tracker's nudge starts a
+    second run beside a chain of retries): its outcome and its event committed together, the
+    next services act on it, and this give-up changes nothing (`barrier.call(unless_answered)`)."""
     undo = _undo_of(service, rule)
+    if rule.op == ACTION and undo is None and barrier.answered(using=service, saga_id=command.saga_id, step=rule.step):
+        # Nothing to undo, and no failure to tell: the tracker heard the action's own answer.
+        logger.info("%s reaction %s gave up, but another delivery had answered it", service, rule.key)
+        return
     undone: str | None = None
     failure = {
         "code": "retries_exhausted",
@@ -474,7 +482,12 @@ def _give_up(service: str, rule: Reaction, message: dict[str, Any], command: Com
             attempt=1,
             payload=command.payload,
         )
-        result = barrier.call(using=service, command=undo_command, fn=get_operation(service, undo.operation))
+        result = barrier.call(
+            using=service, command=undo_command, fn=get_operation(service, undo.operation), unless_answered=True
+        )
+        if result is barrier.ACTION_ANSWERED:
+            logger.info("%s reaction %s gave up, but another delivery had answered it", service, rule.key)
+            return
         if result.get("barrier") == "null_compensation":
             undone = "null_compensation"  # it never ran, and never will
         else:

@@ -73,7 +73,7 @@ HANDLER_DURATION = Histogram(
 BARRIER_HITS = Counter(
     f"{PREFIX}_barrier_hits",
     "Messages the barrier answered without running the operation",
-    ["service", "kind"],  # duplicate, null_compensation, hanging_refused
+    ["service", "kind"],  # duplicate, null_compensation, hanging_refused, action_answered
 )
 LOCK_CONFLICTS = Counter(f"{PREFIX}_optimistic_lock_conflicts", "Optimistic-lock version conflicts", ["service"])
 LOCK_RETRIES = Counter(

@@ -155,6 +155,66 @@ def test_a_missing_event_is_detected_by_its_lease_and_the_service_nudged(alice_a
     assert SagaEvent.objects.filter(saga_id=saga_id, kind="event_nudged", step="approve_order").count() == 1
 
 
+def complete_beside_a_held_chain(api, broker, reaction: str) -> tuple[dict, dict]:
+    """Place an order and hold the first event for `reaction` (a chain of retries still to come)
+    while the tracker's nudge runs it a second time and the order completes. Returns the
+    receipt and the held message."""
+    receipt = place(api)
+    held = None
+    while broker.queue:
+        message = broker.queue.pop(0)
+        if held is None and message["payload"].get("reaction") == reaction:
+            held = message
+            broker.run({**message, "payload": {**message["payload"], "nudge": True}})
+            continue
+        broker.run(message)
+    assert held is not None
+    assert Saga.objects.get(id=receipt["saga"]["id"]).state == "completed"
+    return receipt, held
+
+
+def give_up(broker, held: dict, *, service: str, operation: str, attempt: int) -> None:
+    """The held chain's last attempt fails, and it gives up."""
+    FaultRule.objects.using(service).create(service=service, operation=operation, fail_first=99)
+    faults.clear_cache()
+    broker.run({**held, "payload": {**held["payload"], "attempt": attempt}})
+    broker.deliver()
+
+
+def test_a_reaction_that_gives_up_after_another_delivery_answered_undoes_nothing(alice_api, catalogue, broker):
+    """Seen in `manage.py simulate` with a worker killed: the charge's retries kept failing, the
+    tracker nudged the step, the nudged run charged and the order completed; then the first
+    chain's last attempt failed too and gave up, refunding the charge of a completed order. The
+    nudged run's outcome went out with its event: the give-up must leave it be."""
+    receipt, held = complete_beside_a_held_chain(alice_api, broker, "charge_payment:action")
+    saga_id = receipt["saga"]["id"]
+
+    give_up(broker, held, service="payments", operation="charge", attempt=5)
+
+    assert Saga.objects.get(id=saga_id).state == "completed"
+    assert Charge.objects.using("payments").get().state == "captured"
+    assert list(LedgerEntry.objects.using("payments").values_list("kind", flat=True)) == ["charge"]
+    assert mug() == (48, 0)  # no payment failure reached inventory: the stock stays sold
+    observed = SagaEvent.objects.filter(saga_id=saga_id, kind="event_observed").values_list("data__event", flat=True)
+    assert "payment.failed" not in set(observed)
+    assert run_audit() == []
+
+
+def test_a_step_with_no_undo_that_gives_up_after_another_delivery_answered_tells_nothing(alice_api, catalogue, broker):
+    """As above for a step after the point of no return (no undo): the late give-up's note
+    would tell the tracker the step failed."""
+    receipt, held = complete_beside_a_held_chain(alice_api, broker, "mark_shipped:action")
+    saga_id = receipt["saga"]["id"]
+
+    give_up(broker, held, service="orders", operation="ship", attempt=30)
+
+    emitters = SagaEvent.objects.filter(saga_id=saga_id, kind="event_observed").values_list("data__emitter", flat=True)
+    assert [e for e in emitters if e and e.get("status") == "gave_up"] == []
+    assert steps(saga_id)["mark_shipped"] == "succeeded"
+    assert Order.objects.using("orders").get(id=receipt["id"]).status == "shipped"
+    assert run_audit() == []
+
+
 def test_an_event_that_never_comes_parks_the_saga(alice_api, catalogue, broker):
     receipt = place(alice_api)
     saga_id = receipt["saga"]["id"]

@@ -15,7 +15,7 @@ from decimal import Decimal
 
 import pytest
 from django.conf import settings
-from django.db import connections
+from django.db import connections, transaction
 
 from inventory.models import Reservation, StockItem
 from inventory.services import stock_set
@@ -27,6 +27,7 @@ from sagaplatform.kernel import barrier, commands
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, REPLY_TASK
 from sagaplatform.kernel.errors import TransientError
 from sagaplatform.kernel.models import Barrier, OutboxMessage
+from sagaplatform.observability import metrics
 from shipping.models import Shipment
 from tests.conftest import ADDRESS
 
@@ -899,3 +900,96 @@ def test_a_service_function_called_inside_another_transaction_keeps_its_savepoin
         # Still usable: the function's savepoint took its partial reservation back.
         assert StockItem.objects.using("inventory").get(sku="SKU-BOOK").reserved == 0
     assert world() == before
+
+
+# --- a choreographed give-up's undo (`call(unless_answered=True)`) -----------------------------
+
+
+def give_up_undo(saga: SagaContext) -> dict:
+    """The undo a reaction that ran out of attempts makes of its own step (reserve_stock's)."""
+    command = commands.Command.from_message(saga.message("release"))
+    with transaction.atomic(using="inventory"):
+        return barrier.call(
+            using="inventory",
+            command=command,
+            fn=commands.get_operation("inventory", "release"),
+            unless_answered=True,
+        )
+
+
+def test_a_give_up_leaves_an_action_that_answered_on_its_own(new_saga):
+    saga = new_saga()
+    assert saga.run("reserve")["status"] == "succeeded"
+    before = world()
+    hits = metrics.BARRIER_HITS.labels("inventory", "action_answered")
+    counted = hits._value.get()
+
+    assert give_up_undo(saga) is barrier.ACTION_ANSWERED
+    assert hits._value.get() == counted + 1
+
+    assert world() == before  # still reserved
+    assert not Barrier.objects.using("inventory").filter(saga_id=saga.id, op=COMPENSATE).exists()
+
+
+def test_a_give_up_undoes_an_action_whose_outcome_it_settled(new_saga):
+    """An outcome `settle` stored (the action took effect outside and never recorded it) is no
+    answer of the action's own: the give-up undoes it."""
+    saga = new_saga()
+    assert saga.run("reserve")["status"] == "succeeded"
+    Barrier.objects.using("inventory").filter(saga_id=saga.id, op=ACTION).update(outcome=None)
+    assert barrier.settle(using="inventory", saga_id=saga.id, step="reserve_stock", outcome={"status": "succeeded"})
+
+    undone = give_up_undo(saga)
+
+    assert undone["status"] == "succeeded"
+    assert "barrier" not in undone
+    assert [state for *_, state in world()["reservations"]] == ["released"]
+
+
+def test_a_give_up_before_the_action_is_a_null_compensation(new_saga):
+    saga = new_saga()
+
+    assert give_up_undo(saga) == NULL_COMPENSATION
+    assert saga.run("reserve") == {**REFUSED, "replayed": True}
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.skipif(not settings.DATABASES["inventory"]["ENGINE"].endswith("postgresql"), reason="row locks")
+def test_a_give_up_waits_for_a_run_of_the_action_still_in_flight(new_saga):
+    """The action's row is there with no outcome yet (an intent `begin` committed) and another
+    delivery is running the action: the give-up waits for it, then leaves its answer be."""
+    saga = new_saga()
+    action = commands.Command.from_message(saga.message("reserve"))
+    with transaction.atomic(using="inventory"):
+        assert barrier.begin(using="inventory", command=action) is None
+    ran, finish = threading.Event(), threading.Event()
+
+    def run_action() -> dict:
+        try:
+            with transaction.atomic(using="inventory"):
+                outcome = barrier.call(
+                    using="inventory", command=action, fn=commands.get_operation("inventory", "reserve"), begun=True
+                )
+                ran.set()
+                assert finish.wait(30)
+            return outcome
+        finally:
+            connections.close_all()
+
+    def undo() -> dict:
+        try:
+            return give_up_undo(saga)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        acted = pool.submit(run_action)
+        assert ran.wait(30)
+        undone = pool.submit(undo)
+        with pytest.raises(TimeoutError):
+            undone.result(timeout=0.5)  # held by the action's row lock
+        finish.set()
+        assert acted.result(timeout=30)["status"] == "succeeded"
+        assert undone.result(timeout=30) is barrier.ACTION_ANSWERED
+
+    assert [state for *_, state in world()["reservations"]] == ["held"]  # not released
