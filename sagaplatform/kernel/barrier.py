@@ -27,10 +27,11 @@ while the other side answers, so it spans two: `begin()` commits the action row 
 locks it and runs the operation as if it had just inserted it. `settle()` stores the outcome of
 a pending action from elsewhere (a compensation that had to finish it first), marked `settled`.
 
-A choreographed reaction that runs out of attempts undoes its own step (`unless_answered`): not
-if the action has stored an outcome of its own meanwhile. Its event went out with that outcome
-(a second delivery of the event, such as the tracker's nudge, ran it), so the flow has moved on
-and the undo would take back what the next services already act on.
+A choreographed reaction that runs out of attempts undoes its own step (`unless_answered`), or,
+with nothing to undo, tells of its failure: neither if the action has stored an outcome of its
+own meanwhile (`answered`). Its event went out with that outcome (a second delivery of the
+event, such as the tracker's nudge, ran it), so the flow has moved on and the undo would take
+back what the next services already act on.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def call(
     # The insert above found the action's row, after waiting for a run of the action that was
     # writing it (a unique check waits for the row's writer). The row is read locked: no run of
     # the action can store an outcome between this read and the undo.
-    if op == COMPENSATE and unless_answered and answered(using=using, saga_id=saga_id, step=step):
+    if op == COMPENSATE and unless_answered and _own_answer(_locked_outcome(using, saga_id, step, ACTION)):
         logger.info("%s/%s answered on its own: not undone", saga_id, step)
         observability.barrier_hit(using, "action_answered")
         return ACTION_ANSWERED
@@ -255,10 +256,24 @@ def call(
 
 
 def answered(*, using: str, saga_id: SagaId, step: str) -> bool:
-    """Whether the step's action has stored an outcome of its own: not pending, not refused by
-    its compensation, not stored by `settle`. Its row stays locked until the caller's
-    transaction ends. Inside the caller's transaction."""
-    found = _locked_outcome(using, saga_id, step, ACTION)
+    """Whether the step's action has stored an outcome of its own (`_own_answer`), deciding
+    nothing: a run of the action still inserting its row is waited for by an insert of that row
+    that is rolled back at once (its savepoint), and a row found stays locked until the caller's
+    transaction ends. Inside the caller's transaction. Counted as an `action_answered` hit when
+    it has."""
+    with transaction.atomic(using=using):
+        if _insert(using, saga_id, step, ACTION, None):
+            transaction.set_rollback(True, using=using)
+            return False
+    if not _own_answer(_locked_outcome(using, saga_id, step, ACTION)):
+        return False
+    observability.barrier_hit(using, "action_answered")
+    return True
+
+
+def _own_answer(found: tuple[dict[str, Any] | None] | None) -> bool:
+    """Whether an action's row (as `_locked_outcome` reads it) holds an outcome the action stored
+    itself: not pending, not refused by its compensation, not stored by `settle`."""
     outcome = found[0] if found else None
     return outcome is not None and outcome != REFUSED_AFTER_COMPENSATION and not outcome.get("settled")
 

@@ -491,6 +491,12 @@ def _give_up(service: str, rule: Reaction, message: dict[str, Any], command: Com
         if result.get("barrier") == "null_compensation":
             undone = "null_compensation"  # it never ran, and never will
         else:
+            if settle is not None:
+                # A run in flight when the settle above looked (its gateway call unanswered) may
+                # have recorded its charge since, which the undo then refunded: that is the
+                # action's outcome now, stored so that the run, once it gets to its transaction,
+                # replays it instead of announcing a success.
+                settle(saga_id=command.saga_id, step=rule.step)
             undone = "compensated" if result["status"] == SUCCEEDED else "refused"
         # From now on the action only replays (refused, or its undone success): remember the
         # give-up with the undo, so that a re-request publishes this failure again, not that.

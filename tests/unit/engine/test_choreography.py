@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.core import mail
+from django.db import transaction
 from django.utils import timezone
 
 from orchestration import sweeper
 from orchestration.audit import run_audit
 from orchestration.models import Alert, Saga, SagaEvent, SagaStep
 from orders.models import Order
+from payments import gateway, services
 from payments.models import Charge, LedgerEntry
-from sagaplatform.kernel import faults
+from sagaplatform.kernel import barrier, choreography, faults
+from sagaplatform.kernel.commands import ACTION, Command
 from sagaplatform.kernel.models import FaultRule
 from shipping.models import Shipment
 from tests.conftest import mug, order_body
@@ -212,6 +216,65 @@ def test_a_step_with_no_undo_that_gives_up_after_another_delivery_answered_tells
     assert [e for e in emitters if e and e.get("status") == "gave_up"] == []
     assert steps(saga_id)["mark_shipped"] == "succeeded"
     assert Order.objects.using("orders").get(id=receipt["id"]).status == "shipped"
+    assert run_audit() == []
+
+
+def test_a_give_up_racing_a_nudged_charge_answered_before_its_undo_announces_no_capture(
+    alice_api, catalogue, broker, monkeypatch
+):
+    """The nudged run's gateway call was in flight when the give-up looked (the charge pending,
+    nothing to settle), and its answer was recorded before the give-up's undo refunded the
+    charge. The give-up then stores the refunded charge as the action's outcome: the nudged run,
+    once it gets to its transaction, replays it and tells the give-up's failure again, where it
+    would have announced the capture of a refunded charge."""
+    receipt = place(alice_api)
+    saga_id = uuid.UUID(receipt["saga"]["id"])
+    held = None
+    while held is None:
+        message = broker.queue.pop(0)
+        if message["payload"].get("reaction") == "charge_payment:action":
+            held = message
+        else:
+            broker.run(message)
+    # The nudged run's outside step, up to its gateway call: its intent committed, the call in flight.
+    rule = next(r for r in choreography.reactions() if r.service == "payments" and r.key == "charge_payment:action")
+    payload = choreography.payload_for(rule, held["payload"])
+    nudged = Command(saga_id=saga_id, step=rule.step, op=ACTION, operation="charge", attempt=1, payload=payload)
+    with transaction.atomic(using="payments"):
+        assert barrier.begin(using="payments", command=nudged) is None
+        services.charge_begin(
+            saga_id=saga_id,
+            order_id=payload["order_id"],
+            amount=Decimal(payload["amount"]),
+            currency=payload["currency"],
+            token=services.payment_method_token(reference=payload["payment_method"]),
+        )
+    Charge.objects.using("payments").filter(saga_id=saga_id).update(calls_in_doubt=1)
+
+    settle = choreography._SETTLERS[("payments", "charge")]
+
+    def settle_then_the_call_in_flight_answers(*, saga_id, step):
+        settle(saga_id=saga_id, step=step)
+        charge = Charge.objects.using("payments").get(saga_id=saga_id)
+        if charge.state == Charge.State.PENDING:
+            taken = gateway.charge(
+                token=charge.payment_token, amount=charge.amount, idempotency_key=charge.idempotency_key, attempt=1
+            )
+            services._record_taken(charge, taken.reference)  # the nudged run records the answer
+
+    monkeypatch.setitem(choreography._SETTLERS, ("payments", "charge"), settle_then_the_call_in_flight_answers)
+    give_up(broker, held, service="payments", operation="charge", attempt=5)
+    FaultRule.objects.using("payments").all().delete()
+    faults.clear_cache()
+    choreography.react(service="payments", message={**held["payload"], "nudge": True}, admitted=True)
+    broker.deliver()
+
+    assert Saga.objects.get(id=saga_id).state == "compensated"
+    assert Charge.objects.using("payments").get().state == "refunded"
+    assert list(LedgerEntry.objects.using("payments").values_list("kind", flat=True)) == ["charge", "refund"]
+    observed = SagaEvent.objects.filter(saga_id=saga_id, kind="event_observed").values_list("data__event", flat=True)
+    assert "payment.captured" not in set(observed)
+    assert mug() == (50, 0)
     assert run_audit() == []
 
 

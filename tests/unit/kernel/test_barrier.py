@@ -34,6 +34,7 @@ from tests.conftest import ADDRESS
 pytestmark = pytest.mark.django_db(databases="__all__")
 
 ALIASES = settings.DATABASE_ALIASES
+ON_POSTGRES = settings.DATABASES["inventory"]["ENGINE"].endswith("postgresql")
 REFUSED = {
     "status": "business_failure",
     "error": {
@@ -953,8 +954,39 @@ def test_a_give_up_before_the_action_is_a_null_compensation(new_saga):
     assert saga.run("reserve") == {**REFUSED, "replayed": True}
 
 
+def held_open(run, probe) -> tuple:
+    """`run()` in an inventory transaction that one thread holds open, then `probe()` in another:
+    the probe must wait for the run's commit. Returns both results."""
+    ran, finish = threading.Event(), threading.Event()
+
+    def hold():
+        try:
+            with transaction.atomic(using="inventory"):
+                outcome = run()
+                ran.set()
+                assert finish.wait(30)
+            return outcome
+        finally:
+            connections.close_all()
+
+    def ask():
+        try:
+            return probe()
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        acted = pool.submit(hold)
+        assert ran.wait(30)
+        asked = pool.submit(ask)
+        with pytest.raises(TimeoutError):
+            asked.result(timeout=0.5)  # held by the run's row
+        finish.set()
+        return acted.result(timeout=30), asked.result(timeout=30)
+
+
 @pytest.mark.django_db(transaction=True, databases="__all__")
-@pytest.mark.skipif(not settings.DATABASES["inventory"]["ENGINE"].endswith("postgresql"), reason="row locks")
+@pytest.mark.skipif(not ON_POSTGRES, reason="row locks")
 def test_a_give_up_waits_for_a_run_of_the_action_still_in_flight(new_saga):
     """The action's row is there with no outcome yet (an intent `begin` committed) and another
     delivery is running the action: the give-up waits for it, then leaves its answer be."""
@@ -962,34 +994,46 @@ def test_a_give_up_waits_for_a_run_of_the_action_still_in_flight(new_saga):
     action = commands.Command.from_message(saga.message("reserve"))
     with transaction.atomic(using="inventory"):
         assert barrier.begin(using="inventory", command=action) is None
-    ran, finish = threading.Event(), threading.Event()
+    reserve = commands.get_operation("inventory", "reserve")
 
-    def run_action() -> dict:
-        try:
-            with transaction.atomic(using="inventory"):
-                outcome = barrier.call(
-                    using="inventory", command=action, fn=commands.get_operation("inventory", "reserve"), begun=True
-                )
-                ran.set()
-                assert finish.wait(30)
-            return outcome
-        finally:
-            connections.close_all()
+    acted, undone = held_open(
+        lambda: barrier.call(using="inventory", command=action, fn=reserve, begun=True), lambda: give_up_undo(saga)
+    )
 
-    def undo() -> dict:
-        try:
-            return give_up_undo(saga)
-        finally:
-            connections.close_all()
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        acted = pool.submit(run_action)
-        assert ran.wait(30)
-        undone = pool.submit(undo)
-        with pytest.raises(TimeoutError):
-            undone.result(timeout=0.5)  # held by the action's row lock
-        finish.set()
-        assert acted.result(timeout=30)["status"] == "succeeded"
-        assert undone.result(timeout=30) is barrier.ACTION_ANSWERED
-
+    assert acted["status"] == "succeeded"
+    assert undone is barrier.ACTION_ANSWERED
     assert [state for *_, state in world()["reservations"]] == ["held"]  # not released
+
+
+def test_answered_decides_nothing_for_an_action_with_no_row(new_saga):
+    saga = new_saga()
+    with transaction.atomic(using="inventory"):
+        assert barrier.answered(using="inventory", saga_id=saga.id, step="reserve_stock") is False
+
+    assert not Barrier.objects.using("inventory").filter(saga_id=saga.id).exists()  # its wait left no row
+    assert saga.run("reserve")["status"] == "succeeded"  # and the action still runs
+    hits = metrics.BARRIER_HITS.labels("inventory", "action_answered")
+    counted = hits._value.get()
+    with transaction.atomic(using="inventory"):
+        assert barrier.answered(using="inventory", saga_id=saga.id, step="reserve_stock") is True
+    assert hits._value.get() == counted + 1
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.skipif(not ON_POSTGRES, reason="row locks")
+def test_answered_waits_for_a_run_still_inserting_the_actions_row(new_saga):
+    """A reaction with no undo gives up while another delivery's run has inserted the action's
+    row and not committed: a plain read would not see that row, and the give-up would tell the
+    tracker the step failed just before the run announces its success."""
+    saga = new_saga()
+    action = commands.Command.from_message(saga.message("reserve"))
+    reserve = commands.get_operation("inventory", "reserve")
+
+    def ask() -> bool:
+        with transaction.atomic(using="inventory"):
+            return barrier.answered(using="inventory", saga_id=saga.id, step="reserve_stock")
+
+    acted, asked = held_open(lambda: barrier.call(using="inventory", command=action, fn=reserve), ask)
+
+    assert acted["status"] == "succeeded"
+    assert asked is True
