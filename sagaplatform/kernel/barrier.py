@@ -28,8 +28,8 @@ locks it and runs the operation as if it had just inserted it. `settle()` stores
 a pending action from elsewhere (a compensation that had to finish it first), marked `settled`.
 
 A choreographed reaction that runs out of attempts undoes its own step (`unless_answered`), or,
-with nothing to undo, tells of its failure: neither if the action has stored an outcome of its
-own meanwhile (`answered`). Its event went out with that outcome (a second delivery of the
+with nothing to undo, tells of its failure: neither if the action (or the compensation) has
+stored an outcome of its own meanwhile (`answered`). Its event went out with that outcome (a second delivery of the
 event, such as the tracker's nudge, ran it), so the flow has moved on and the undo would take
 back what the next services already act on.
 """
@@ -255,17 +255,18 @@ def call(
     return outcome
 
 
-def answered(*, using: str, saga_id: SagaId, step: str) -> bool:
-    """Whether the step's action has stored an outcome of its own (`_own_answer`), deciding
-    nothing: a run of the action still inserting its row is waited for by an insert of that row
-    that is rolled back at once (its savepoint), and a row found stays locked until the caller's
-    transaction ends. Inside the caller's transaction. Counted as an `action_answered` hit when
-    it has."""
+def answered(*, using: str, saga_id: SagaId, step: str, op: str = ACTION) -> bool:
+    """Whether the step's `op` has stored an outcome of its own (an action: `_own_answer`; a
+    compensation: any), deciding nothing: a run still inserting the row is waited for by an
+    insert of that row that is rolled back at once (its savepoint), and a row found stays locked
+    until the caller's transaction ends. Inside the caller's transaction. Counted as an
+    `action_answered` hit when it has."""
     with transaction.atomic(using=using):
-        if _insert(using, saga_id, step, ACTION, None):
+        if _insert(using, saga_id, step, op, None):
             transaction.set_rollback(True, using=using)
             return False
-    if not _own_answer(_locked_outcome(using, saga_id, step, ACTION)):
+    found = _locked_outcome(using, saga_id, step, op)
+    if not (_own_answer(found) if op == ACTION else bool(found and found[0] is not None)):
         return False
     observability.barrier_hit(using, "action_answered")
     return True

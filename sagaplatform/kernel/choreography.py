@@ -454,12 +454,13 @@ def _give_up(service: str, rule: Reaction, message: dict[str, Any], command: Com
     """Out of attempts. The last one may have committed after all: undo this step too (the
     barrier makes that a no-op if it never ran, and refuses it should it run later).
 
-    Unless another delivery of the event ran the action to its end (the tracker's nudge starts a
-    second run beside a chain of retries): its outcome and its event committed together, the
-    next services act on it, and this give-up changes nothing (`barrier.call(unless_answered)`)."""
+    Unless another delivery of the event ran the reaction to its end (the tracker's nudge starts
+    a second run beside a chain of retries): its outcome and its event committed together, the
+    next services act on it, and this give-up changes nothing (`barrier.call(unless_answered)`,
+    `barrier.answered`)."""
     undo = _undo_of(service, rule)
-    if rule.op == ACTION and undo is None and barrier.answered(using=service, saga_id=command.saga_id, step=rule.step):
-        # Nothing to undo, and no failure to tell: the tracker heard the action's own answer.
+    if undo is None and barrier.answered(using=service, saga_id=command.saga_id, step=rule.step, op=rule.op):
+        # Nothing to undo, and no failure to tell: the tracker heard the reaction's own answer.
         logger.info("%s reaction %s gave up, but another delivery had answered it", service, rule.key)
         return
     undone: str | None = None

@@ -159,13 +159,13 @@ def test_a_missing_event_is_detected_by_its_lease_and_the_service_nudged(alice_a
     assert SagaEvent.objects.filter(saga_id=saga_id, kind="event_nudged", step="approve_order").count() == 1
 
 
-def complete_beside_a_held_chain(api, broker, reaction: str) -> tuple[dict, dict]:
+def complete_beside_a_held_chain(api, broker, reaction: str, *, ends: str = "completed") -> tuple[dict, dict]:
     """Place an order and hold the first event for `reaction` (a chain of retries still to come)
-    while the tracker's nudge runs it a second time and the order completes. Returns the
+    while the tracker's nudge runs it a second time and the saga ends (`ends`). Returns the
     receipt and the held message."""
     receipt = place(api)
     held = None
-    while broker.queue:
+    while broker.queue or broker.release_delayed():  # the retries' delayed messages too
         message = broker.queue.pop(0)
         if held is None and message["payload"].get("reaction") == reaction:
             held = message
@@ -173,7 +173,7 @@ def complete_beside_a_held_chain(api, broker, reaction: str) -> tuple[dict, dict
             continue
         broker.run(message)
     assert held is not None
-    assert Saga.objects.get(id=receipt["saga"]["id"]).state == "completed"
+    assert Saga.objects.get(id=receipt["saga"]["id"]).state == ends
     return receipt, held
 
 
@@ -216,6 +216,23 @@ def test_a_step_with_no_undo_that_gives_up_after_another_delivery_answered_tells
     assert [e for e in emitters if e and e.get("status") == "gave_up"] == []
     assert steps(saga_id)["mark_shipped"] == "succeeded"
     assert Order.objects.using("orders").get(id=receipt["id"]).status == "shipped"
+    assert run_audit() == []
+
+
+def test_a_compensation_that_gives_up_after_another_delivery_answered_tells_nothing(alice_api, catalogue, broker):
+    """As above for an undo: the refund's nudged run refunded, the saga ended compensated, then
+    the first chain's last attempt gave up: its note would tell the tracker the refund failed."""
+    FaultRule.objects.using("shipping").create(service="shipping", operation="schedule", fail_first=99)
+    faults.clear_cache()
+    receipt, held = complete_beside_a_held_chain(alice_api, broker, "charge_payment:compensate", ends="compensated")
+    saga_id = receipt["saga"]["id"]
+
+    give_up(broker, held, service="payments", operation="refund", attempt=10)
+
+    emitters = SagaEvent.objects.filter(saga_id=saga_id, kind="event_observed").values_list("data__emitter", flat=True)
+    assert [e for e in emitters if e and e["step"] == "charge_payment" and e.get("status") == "gave_up"] == []
+    assert steps(saga_id)["charge_payment"] == "compensated"
+    assert Charge.objects.using("payments").get().state == "refunded"
     assert run_audit() == []
 
 
