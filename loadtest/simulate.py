@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -24,7 +25,7 @@ from inventory.models import StockItem
 from inventory.services import stock_set
 from loadtest.bench import Run, drive
 from loadtest.processes import Process, beat_command, serve_command, worker_command
-from orchestration.audit import run_audit
+from orchestration.audit import Violation, run_audit
 from orchestration.models import Saga, SagaEvent
 from orders.models import Product
 from orders.services import order_place
@@ -200,10 +201,44 @@ def run_simulation(plan: Plan, out) -> int:
     if outage:
         _report_outage(placed, outage, plan, out)
     violations = run_audit(gateway=True)  # its workers share this process's Redis
+    report_violations(violations, out)
+    return len(violations)
+
+
+def report_violations(violations: list[Violation], out) -> None:
+    """Each violation, and after the first of each saga (up to `TOLD_SAGAS`), its story."""
+    told: set[str] = set()
     for violation in violations:
         out.write(f"  VIOLATION {violation}\n")
+        found = SAGA_ID.search(violation.subject)
+        if found and found[0] not in told and len(told) < TOLD_SAGAS:
+            told.add(found[0])
+            out.writelines(f"{line}\n" for line in saga_story(found[0]))
     out.write(f"audit: {len(violations)} violation(s)\n")
-    return len(violations)
+
+
+# A violation's saga is told in the run's output, all that a CI run keeps: the first few.
+TOLD_SAGAS, TOLD_EVENTS = 2, 30
+SAGA_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def saga_story(saga_id: str) -> list[str]:
+    """A saga's style, state and timeline (its last `TOLD_EVENTS` events), one line each, with
+    what each observed event's emitter said: enough to see which deliveries raced."""
+    saga = Saga.objects.filter(id=saga_id).first()
+    if saga is None:
+        return [f"    (no saga {saga_id})"]
+    lines = [f"    saga {saga.id}: {(saga.context or {}).get('mode') or saga.definition}, {saga.state}"]
+    events = SagaEvent.objects.filter(saga=saga).order_by("-seq")[:TOLD_EVENTS]
+    for event in reversed(list(events)):
+        data = event.data or {}
+        emitter = data.get("emitter") or {}
+        said = " ".join(f"{key}={emitter[key]}" for key in ("service", "op", "status", "undone") if emitter.get(key))
+        heard = f" {data['event']}" if data.get("event") else ""
+        moved = f" {event.from_state}->{event.to_state}" if event.from_state else ""
+        line = f"    {event.seq:>3} {event.created_at:%H:%M:%S.%f} {event.kind} {event.step or '-'}{moved}"
+        lines.append(f"{line}{heard} {said}".rstrip())
+    return lines
 
 
 def _report(placed: list[str], figures: dict, out) -> None:

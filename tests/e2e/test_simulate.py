@@ -47,7 +47,8 @@ def simulate(*args: str, label: str) -> subprocess.CompletedProcess:
     )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / f"simulate-{label}.out").write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The tail holds the violations and the story of each one's saga (`loadtest.simulate.saga_story`).
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
     assert "audit: 0 violation(s)" in result.stdout
     return result
 
