@@ -2,7 +2,7 @@
 reply counts for its service's breaker, and while a service's breaker refuses calls its steps
 wait instead of failing.
 
-* A step about to start (`defer_start`) waits with `next_attempt_at` set to when the breaker may
+* A step about to start (`defer_starts`) waits with `next_attempt_at` set to when the breaker may
   admit again plus a jitter spread over BREAKER_RESUME_SPREAD; the sweeper starts it then (and
   asks the breaker again). No attempt is made, so none is consumed.
 * A transient failure that arrives while the breaker refuses calls (`hold_retry`) is not counted
@@ -48,23 +48,33 @@ def record_reply(service: str, status: str) -> None:
     breakers.record(service, status != TRANSIENT_ERROR)
 
 
-def defer_start(run: Run, step: SagaStep, spec: StepSpec) -> bool:
-    wait = wait_for_instance(run, step, spec, held=False)
-    if wait:
-        step.next_attempt_at = run.now + timedelta(seconds=wait)
-        return True
-    verdict = breakers.admit(spec.service)
-    if verdict.admitted:
-        return False
-    delay = breakers.resume_delay(verdict)
-    step.next_attempt_at = run.now + timedelta(seconds=delay)
-    run.record(
-        "step_deferred",
-        step=step,
-        from_state=step.state,
-        data={"breaker": spec.service, "state": verdict.state, "resume_in": round(delay, 3), "attempt": 0},
-    )
-    return True
+def defer_starts(run: Run, due: list[tuple[StepSpec, SagaStep]]) -> set[str]:
+    """The names of the steps of `due` (about to start, in order) that must wait: no live
+    instance of their service, or its breaker refuses calls. The breakers of the steps that
+    passed the first check are asked in one Redis round trip (`breakers.admit_many`), in order."""
+    waiting: set[str] = set()
+    asking: list[tuple[StepSpec, SagaStep]] = []
+    for spec, step in due:
+        wait = wait_for_instance(run, step, spec, held=False)
+        if wait:
+            step.next_attempt_at = run.now + timedelta(seconds=wait)
+            waiting.add(step.name)
+        else:
+            asking.append((spec, step))
+    verdicts = breakers.admit_many([spec.service for spec, _ in asking])
+    for (spec, step), verdict in zip(asking, verdicts, strict=True):
+        if verdict.admitted:
+            continue
+        delay = breakers.resume_delay(verdict)
+        step.next_attempt_at = run.now + timedelta(seconds=delay)
+        run.record(
+            "step_deferred",
+            step=step,
+            from_state=step.state,
+            data={"breaker": spec.service, "state": verdict.state, "resume_in": round(delay, 3), "attempt": 0},
+        )
+        waiting.add(step.name)
+    return waiting
 
 
 def hold_retry(run: Run, step: SagaStep, spec: StepSpec) -> float:

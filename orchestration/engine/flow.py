@@ -33,6 +33,7 @@ def settled(spec: StepSpec, step: SagaStep) -> bool:
 
 
 def start_ready(run: Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
+    due: list[tuple[StepSpec, SagaStep]] = []
     for spec, step in steps:
         if step.state == State.PENDING and all(run.steps[d].state in DONE for d in spec.depends_on):
             wait = spec.start_delay()
@@ -44,13 +45,18 @@ def start_ready(run: Run, steps: list[tuple[StepSpec, SagaStep]]) -> None:
                 continue
             if step.next_attempt_at and step.next_attempt_at > run.now:
                 continue
-            if run.saga.state == Saga.State.RUNNING and deferral.defer_start(run, step, spec):
-                continue  # its service's circuit breaker refuses calls: wait, attempt nothing
-            step.dispatch()
-            step.started_at = run.now
-            lease(run, step, spec)
-            run.record("step_started", step=step, from_state=State.PENDING, data={"attempt": 1})
-            send(run, step, spec, ACTION, attempt=1)
+            due.append((spec, step))
+    # Steps whose service's circuit breaker refuses calls (or that has no live instance) wait and
+    # attempt nothing; the breakers of all the others are asked in one round trip.
+    waiting = deferral.defer_starts(run, due) if run.saga.state == Saga.State.RUNNING else set()
+    for spec, step in due:
+        if step.name in waiting:
+            continue
+        step.dispatch()
+        step.started_at = run.now
+        lease(run, step, spec)
+        run.record("step_started", step=step, from_state=State.PENDING, data={"attempt": 1})
+        send(run, step, spec, ACTION, attempt=1)
 
 
 def advance_compensation(run: Run) -> None:

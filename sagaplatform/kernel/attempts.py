@@ -11,16 +11,25 @@ live in the process's memory.
 
 Marks are a hint: losing them (Redis restarted) only means the sweeper times the attempt out as
 it did before marks existed.
+
+Where a worker applies the replies itself (`outbox.inline_after` and the drain that follows it,
+`answers_held`), the `answered` marks are not written on their own: they ride with this
+thread's next breaker round trip (`breakers._send`, which the orchestrator makes when it applies
+the reply that the mark is about, before that reply's commit), or are written when the drain
+ends (at most `SAGA_INLINE_BUDGET_MS` later, far inside any lease).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -94,8 +103,45 @@ def _write(mark_key: str, state: str) -> None:
     _write_many([mark_key], state)
 
 
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def answers_held() -> Iterator[None]:
+    """Hold the `answered` marks written inside this block (see the module's docstring): they go
+    with this thread's next breaker round trip (`queue_held`), or when the block ends."""
+    if getattr(_held, "keys", None) is not None:
+        yield
+        return
+    _held.keys = []
+    try:
+        yield
+    finally:
+        keys, _held.keys = _held.keys, None
+        _write_many(keys, ANSWERED)
+
+
+def queue_held(pipe: Any) -> int:
+    """Add the held `answered` marks to `pipe`, a Redis pipeline about to run, and forget them.
+    Returns how many commands were added (their answers come first)."""
+    keys = getattr(_held, "keys", None)
+    if not keys:
+        return 0
+    _held.keys = []
+    for mark_key in keys:
+        _queue(pipe, mark_key, ANSWERED)
+    return len(keys)
+
+
+def _queue(pipe: Any, mark_key: str, state: str) -> None:
+    if state == STARTED:
+        pipe.set(mark_key, state, px=TTL_MS)
+    else:  # keep the time to live set at the start: it is the start time
+        pipe.set(mark_key, state, xx=True, keepttl=True)
+
+
 def _write_many(mark_keys: list[str], state: str) -> None:
-    """Write marks: a batch's in one Redis round trip."""
+    """Write marks: a batch's in one Redis round trip (`answered` ones held, `answers_held`)."""
     if not mark_keys:
         return
     store = _store()
@@ -104,12 +150,13 @@ def _write_many(mark_keys: list[str], state: str) -> None:
             for mark_key in mark_keys:
                 store.write(mark_key, state)
             return
+        held = getattr(_held, "keys", None)
+        if held is not None and state == ANSWERED:
+            held.extend(mark_keys)
+            return
         pipe = store.pipeline(transaction=False)
         for mark_key in mark_keys:
-            if state == STARTED:
-                pipe.set(mark_key, state, px=TTL_MS)
-            else:  # keep the time to live set at the start: it is the start time
-                pipe.set(mark_key, state, xx=True, keepttl=True)
+            _queue(pipe, mark_key, state)
         pipe.execute()
     except Exception:
         logger.warning("attempt marks %s not written", ", ".join(mark_keys), exc_info=True)

@@ -23,12 +23,14 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, cast
 
 from django.conf import settings
+
+from . import attempts
 
 if TYPE_CHECKING:
     import redis
@@ -372,28 +374,30 @@ def together() -> Iterator[None]:
             _send(store, outcomes)
 
 
-def _send(store: redis.Redis, outcomes: list[tuple[str, bool]], question: tuple[str, str] | None = None) -> list[Any]:
-    """Record `outcomes` in order, then ask `question` ((name, script)), in one round trip; the
-    states the outcomes moved to, then the question's answer. An outcome that cannot be
-    recorded is logged and dropped (a breaker must never fail its caller); the caller of a
-    question sees the error."""
+def _send(store: redis.Redis, outcomes: list[tuple[str, bool]], questions: Sequence[tuple[str, str]] = ()) -> list[Any]:
+    """Record `outcomes` in order, then ask `questions` ((name, script) each, in order), in one
+    round trip; the states the outcomes moved to, then each question's answer. An outcome that
+    cannot be recorded is logged and dropped (a breaker must never fail its caller); the caller
+    of a question sees the error."""
     pipe = store.pipeline(transaction=False)
+    # The attempts' `answered` marks held by an inline drain ride along (kernel/attempts.py).
+    marks = attempts.queue_held(pipe)
     for name, ok in outcomes:
         pipe.sadd(INDEX, name)
         _script(pipe, _RECORD, name, int(ok))
-    if question is not None:
-        _script(pipe, question[1], question[0], 0)
+    for name, script in questions:
+        _script(pipe, script, name, 0)
     try:
-        answers = _execute(store, pipe)
+        answers = _execute(store, pipe)[marks:]
     except Exception:
-        if question is not None:
+        if questions:
             raise
         logger.warning("breakers %s: outcomes not recorded", sorted({n for n, _ in outcomes}), exc_info=True)
         return [""] * len(outcomes)
     moved = [str(answer) for answer in answers[1 : 2 * len(outcomes) : 2]]
     for (name, _), state in zip(outcomes, moved, strict=True):
         _log_moved(name, state)
-    return [*moved, answers[-1]] if question is not None else moved
+    return [*moved, *answers[2 * len(outcomes) :]]
 
 
 def _log_moved(name: str, moved: str) -> None:
@@ -452,6 +456,31 @@ def admit(name: str) -> Verdict:
     return _ask(name, _ADMIT, reserve=True)
 
 
+def admit_many(names: list[str]) -> list[Verdict]:
+    """`admit` for each of `names` in turn (one name may come more than once: each asks for a
+    call, and may take a half-open probe), in one Redis round trip: the steps one engine run
+    starts together (parallel steps) ask once, not once each."""
+    if len(names) <= 1 or not enabled():
+        return [admit(name) for name in names]
+    store = _store()
+    try:
+        if isinstance(store, _Memory):
+            return [store.admit(name, _config(), reserve=True) for name in names]
+        held = getattr(_held, "outcomes", None) or []
+        if held:
+            _held.outcomes = []
+        answers = _send(store, held, [(name, _ADMIT) for name in names])[len(held) :]
+        return [_verdict(answer) for answer in answers]
+    except Exception:
+        logger.warning("breakers %s: state not readable; admitting", sorted(set(names)), exc_info=True)
+        return [Verdict(True, CLOSED) for _ in names]
+
+
+def _verdict(answer: Any) -> Verdict:
+    admitted, state, retry_at, now = answer
+    return Verdict(bool(int(admitted)), state, float(retry_at), float(now))
+
+
 def peek(name: str) -> Verdict:
     """Would `admit` refuse a call now? Reserves no probe and changes nothing: for a caller that
     only decides whether to wait (another call, later, asks `admit`)."""
@@ -468,8 +497,7 @@ def _ask(name: str, script: str, *, reserve: bool) -> Verdict:
         held = getattr(_held, "outcomes", None) or []
         if held:
             _held.outcomes = []
-        admitted, state, retry_at, now = _send(store, held, (name, script))[-1]
-        return Verdict(bool(int(admitted)), state, float(retry_at), float(now))
+        return _verdict(_send(store, held, [(name, script)])[-1])
     except Exception:
         logger.warning("breaker %s: state not readable; admitting", name, exc_info=True)
         return Verdict(True, CLOSED)

@@ -31,7 +31,7 @@ from django.utils import timezone
 from sagaplatform.observability import hooks as observability
 from sagaplatform.observability import tracing
 
-from . import faults, rows
+from . import attempts, faults, rows
 from .clock import db_now
 from .models import OutboxMessage
 
@@ -273,16 +273,19 @@ def inline_after() -> Iterator[None]:
     held: list[tuple[str, OutboxMessage]] = []
     previous = getattr(_deferred, "held", None)
     _deferred.held = held
-    try:
-        yield
-    except BaseException:
-        # Leaving on an error (a time limit): send what committed, run nothing more here.
+    # The `answered` marks of the commands run in this block go with the breaker round trip of
+    # their replies' application, in the drain that follows (kernel/attempts.py).
+    with attempts.answers_held():
+        try:
+            yield
+        except BaseException:
+            # Leaving on an error (a time limit): send what committed, run nothing more here.
+            _deferred.held = previous
+            for using, message in held:
+                publish(using=using, messages=[message])
+            raise
         _deferred.held = previous
-        for using, message in held:
-            publish(using=using, messages=[message])
-        raise
-    _deferred.held = previous
-    _publish_inline(held)
+        _publish_inline(held)
 
 
 _drain = threading.local()
@@ -312,24 +315,26 @@ def _publish_inline(held: list[tuple[str, OutboxMessage]]) -> int:
     deadline = time.monotonic() + settings.SAGA_INLINE_BUDGET_MS / 1000
     ran: dict[str, list[Any]] = {}
     groups: list[Group] = []
-    try:
-        while queue:
-            inline = time.monotonic() < deadline
-            groups[:] = _fanned_out(_grouped(queue)) if inline else _grouped(queue)
-            queue.clear()
-            while groups:
-                task, items = groups.pop(0)
-                _run_group(task, items, ran, inline=inline)
-    except BaseException:
-        _drain.queue = None
-        for _task, items in groups:
-            queue.extend(items)
-        _publish_each(queue)
-        raise
-    finally:
-        _drain.queue = None
-        for using, ids in ran.items():
-            _mark_published(using, ids)
+    # A command's `answered` mark rides with the breaker round trip of the reply's application.
+    with attempts.answers_held():
+        try:
+            while queue:
+                inline = time.monotonic() < deadline
+                groups[:] = _fanned_out(_grouped(queue)) if inline else _grouped(queue)
+                queue.clear()
+                while groups:
+                    task, items = groups.pop(0)
+                    _run_group(task, items, ran, inline=inline)
+        except BaseException:
+            _drain.queue = None
+            for _task, items in groups:
+                queue.extend(items)
+            _publish_each(queue)
+            raise
+        finally:
+            _drain.queue = None
+            for using, ids in ran.items():
+                _mark_published(using, ids)
     return sum(len(ids) for ids in ran.values())
 
 

@@ -150,3 +150,100 @@ def test_a_forgotten_script_reloads_them_all_at_once(store, monkeypatch):
     assert breakers.admit("inventory").admitted
     assert breakers.peek("inventory").admitted
     assert reloads == [1]
+
+
+def test_answered_marks_held_by_a_drain_ride_with_the_next_breaker_round_trip(store, monkeypatch):
+    """Inside an inline drain (`attempts.answers_held`) a command's `answered` mark costs no Redis
+    round trip of its own: it goes in the pipeline of the next breaker question asked on this
+    thread (the orchestrator applying that reply), or, if none is asked, when the drain ends.
+    Outside a drain it is written at once, as are `started` marks."""
+    import uuid
+
+    import redis
+
+    from sagaplatform.kernel import attempts
+
+    if store != "redis":
+        pytest.skip("Redis only: the embedded mode's marks are in memory")
+    trips = []
+    execute = redis.client.Pipeline.execute
+    monkeypatch.setattr(
+        redis.client.Pipeline,
+        "execute",
+        lambda self, *a, **k: trips.append(len(self.command_stack)) or execute(self, *a, **k),
+    )
+    saga = uuid.uuid4()
+    first, second, outside = (attempts.key(saga, step, "action", 1) for step in ("reserve", "charge", "ship"))
+    attempts.mark_many_started([first, second, outside])
+    assert len(trips) == 1
+
+    def state(mark_key):
+        return attempts.read([mark_key])[mark_key].state
+
+    with attempts.answers_held():
+        attempts.mark_answered(first)
+        assert len(trips) == 1  # held
+        assert state(first) == attempts.STARTED
+        asked = len(trips)
+        with breakers.together():
+            breakers.record("payments", True)
+            assert breakers.admit("payments").admitted  # the held mark goes with this question
+        assert len(trips) == asked + 1
+        assert trips[-1] == 4  # the mark, the breaker's index and outcome, the question
+        assert state(first) == attempts.ANSWERED
+        attempts.mark_answered(second)
+        asked = len(trips)
+    assert len(trips) == asked + 1  # no question asked: written when the drain ended
+    assert state(second) == attempts.ANSWERED
+    attempts.mark_answered(outside)
+    assert state(outside) == attempts.ANSWERED  # outside a drain: at once
+    assert breakers.detail(["payments"])["payments"]["calls"] == 1
+
+
+def test_a_held_answered_mark_does_not_disturb_the_breakers_answers(store):
+    """The marks' answers come first in the shared pipeline; the breaker still reads its own: an
+    outcome that opens it refuses the question asked after it."""
+    import uuid
+
+    from sagaplatform.kernel import attempts
+
+    if store != "redis":
+        pytest.skip("Redis only")
+    mark = attempts.key(uuid.uuid4(), "charge", "action", 1)
+    attempts.mark_started(mark)
+    with attempts.answers_held(), breakers.together():
+        attempts.mark_answered(mark)
+        moved = [breakers.record("payments", False) for _ in range(4)]
+        refused = breakers.admit("payments")
+    assert moved == ["", "", "", ""]
+    assert (refused.admitted, refused.state) == (False, "open")
+    assert attempts.read([mark])[mark].state == attempts.ANSWERED
+
+
+def test_admissions_asked_together_are_decided_in_turn(store, monkeypatch):
+    """`admit_many` asks each name's breaker in order, as many `admit` calls would (a half-open
+    breaker's probes go to the first askers; a closed one admits; an open one refuses), held
+    outcomes first, and in Redis in one round trip."""
+    import redis
+
+    for _ in range(4):
+        breakers.record("payments", False)
+    wait_for(lambda: breakers.peek("payments").state == "half_open", timeout=5, message="half-open")
+    trips = []
+    execute = redis.client.Pipeline.execute
+    monkeypatch.setattr(
+        redis.client.Pipeline, "execute", lambda self, *a, **k: trips.append(1) or execute(self, *a, **k)
+    )
+    with breakers.together():
+        breakers.record("inventory", True)
+        verdicts = breakers.admit_many(["payments", "inventory", "payments", "payments"])
+    round_trips = len(trips)
+    assert [(v.admitted, v.state) for v in verdicts] == [
+        (True, "half_open"),
+        (True, "closed"),
+        (True, "half_open"),
+        (False, "half_open"),  # two probes at once, as configured
+    ]
+    assert breakers.detail(["inventory"])["inventory"]["calls"] == 1  # the held outcome went first
+    if store == "redis":
+        assert round_trips == 1

@@ -156,3 +156,27 @@ def test_the_payment_gateway_is_not_called_while_its_breaker_is_open(alice_api, 
     assert retry.data["error"]["code"] == "gateway_unavailable"
     assert "circuit breaker is open" in retry.data["error"]["message"]
     assert Charge.objects.using("payments").get().calls_in_doubt == 0  # no call was started
+
+
+def test_parallel_steps_start_unless_their_own_breaker_refuses(alice_api, catalogue, broker, monkeypatch):
+    """The steps one engine run starts together ask their breakers in one round trip
+    (`deferral.defer_starts`, `breakers.admit_many`): a parallel saga whose payments breaker is
+    open reserves its stock at once, and its charge alone waits, deferred, with no attempt."""
+    breakers.force("payments", "open", by="test", seconds=60)
+    asked = []
+    admit_many = breakers.admit_many
+    monkeypatch.setattr(breakers, "admit_many", lambda names: asked.append(list(names)) or admit_many(names))
+    response = alice_api.post("/api/orders/", {**order_body(), "mode": "parallel"}, format="json")
+    assert response.status_code == 202, response.content
+    saga_id = response.json()["saga"]["id"]
+    broker.deliver(limit=20)
+
+    assert ["inventory", "payments"] in asked  # the two first steps, in one question
+    steps = {s.name: s for s in SagaStep.objects.filter(saga_id=saga_id)}
+    assert steps["reserve_stock"].state == "succeeded"
+    charge = steps["charge_payment"]
+    assert (charge.state, charge.attempts, charge.next_attempt_at is not None) == ("pending", 0, True)
+    deferred = SagaEvent.objects.get(saga_id=saga_id, kind="step_deferred")
+    assert (deferred.step, deferred.data["breaker"], deferred.data["state"]) == ("charge_payment", "payments", "open")
+    assert not SagaEvent.objects.filter(saga_id=saga_id, kind="step_started", step="charge_payment").exists()
+    assert Saga.objects.get(id=saga_id).state == "running"
