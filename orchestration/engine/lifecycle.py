@@ -32,7 +32,8 @@ def saga_start(*, saga_id: SagaId, definition: str, context: JSON, cancel: JSON 
             if exists:
                 return False
             spec = get_definition(definition)
-            run = create_saga(saga_id=saga_id, definition=spec, context=context, now=now)
+            # Written once, as it stands after its first steps start, with its first commands.
+            run = create_saga(saga_id=saga_id, definition=spec, context=context, now=now, deferred=True)
             run.outbox = []  # its first commands are written with it (`flush_many`)
             saga = run.saga
             run.record("saga_created", data={"definition": definition})
@@ -102,7 +103,7 @@ def _start_together(starts: list[tuple[SagaId, str, JSON]], contexts: list[JSON 
         exists.add(key)
         with tracing.restored(trace_context):  # its first commands join the order's trace
             spec = get_definition(definition)
-            run = create_saga(saga_id=key, definition=spec, context=context, now=now)
+            run = create_saga(saga_id=key, definition=spec, context=context, now=now, deferred=True)
             run.outbox = []
             run.record("saga_created", data={"definition": definition})
             run.saga.start()

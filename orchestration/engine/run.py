@@ -67,6 +67,9 @@ class Run:
     # In a batch (`locked_many`): the commands this run sends, written with the whole batch's
     # in one INSERT. None: each is written as it is sent.
     outbox: list[Any] | None = None
+    # A saga created by this run and not yet written (`create_saga(deferred=True)`): its row and
+    # its steps are inserted, in their final state, by the statement that writes the run.
+    created: bool = False
 
     def record(
         self, kind: str, *, step: SagaStep | None = None, from_state: str = "", data: JSON | None = None
@@ -132,7 +135,13 @@ def flush_many(runs: list[Run]) -> None:
             run.saga.deadline_at = None  # ended: nothing left to expire (saga_deadline_open keeps open sagas only)
     messages = [message for run in runs for message in run.outbox or ()]
     if connections[DB].vendor == "postgresql":
-        write_runs([(run.saga, run.changed_steps(), run.events) for run in runs], messages)
+        write_runs(
+            [(run.saga, run.changed_steps(), run.events) for run in runs if not run.created],
+            messages,
+            created=[(run.definition, run.saga, list(run.steps.values()), run.events) for run in runs if run.created],
+        )
+        for run in runs:
+            run.created = False
         outbox.written(using=DB, messages=messages, inline=settings.SAGA_INLINE_COMMANDS)
     else:
         for run in runs:
@@ -149,16 +158,36 @@ def flush_many(runs: list[Run]) -> None:
             hook(run)
 
 
-def write_runs(runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]], messages: Sequence[Any] = ()) -> None:
+def write_runs(
+    runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]],
+    messages: Sequence[Any] = (),
+    *,
+    created: Sequence[tuple[SagaDefinition, Saga, list[SagaStep], list[SagaEvent]]] = (),
+) -> None:
     """Write runs in one statement (PostgreSQL): the sagas' UPDATE and their changed steps'
     UPDATE (each `FROM (VALUES ...)`), their events' INSERT and the outbox rows of `messages`, as
     data-modifying CTEs of one query: one round trip for a whole batch, where a save per row
     took one each. Hand-written rather than `bulk_update`, whose CASE per column costs more CPU
     than it saves (`sagaplatform.kernel.rows`). Only the model's own quoted names are
-    interpolated; every value is a parameter."""
+    interpolated; every value is a parameter.
+
+    The sagas of `created` (definition, saga, every step, events) are inserted instead, as they
+    stand, with their definitions' snapshots (if new): a saga started in this transaction is
+    written once, not inserted and then updated. Their steps get their ids back. A saga that
+    exists already raises IntegrityError."""
     connection = connections[DB]
     quote = connection.ops.quote_name
     parts: list[tuple[str, list[Any]]] = []
+    new_steps = [step for _, _, steps, _ in created for step in steps]
+    if created:
+        snapshots = {definition.digest: definition for definition, _, _, _ in created}
+        snapshot_sql, snapshot_params = rows.insert(
+            DefinitionSnapshot, [definitions.snapshot(d) for d in snapshots.values()], connection
+        )
+        parts.append((f"{snapshot_sql} ON CONFLICT DO NOTHING", snapshot_params))
+        parts.append(rows.insert(Saga, [saga for _, saga, _, _ in created], connection))
+        steps_sql, steps_params = rows.insert(SagaStep, new_steps, connection, fixed=_STEP_ID)
+        parts.append((f"{steps_sql} RETURNING id, saga_id, name", steps_params))
 
     def update(model: Any, fixed: frozenset[str], objects: list[Any], id_type: str) -> None:
         fields, row = rows.layout(model, fixed, connection)
@@ -177,16 +206,22 @@ def write_runs(runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]], message
             )
         )
 
-    update(Saga, _SAGA_FIXED, [saga for saga, _, _ in runs], "uuid")
+    if runs:
+        update(Saga, _SAGA_FIXED, [saga for saga, _, _ in runs], "uuid")
     steps = [step for _, changed, _ in runs for step in changed]
     if steps:
         update(SagaStep, _STEP_FIXED, steps, "bigint")
     events = [event for _, _, run_events in runs for event in run_events]
+    events += [event for _, _, _, run_events in created for event in run_events]
     if events:
         parts.append(rows.insert(SagaEvent, events, connection, fixed=_EVENT_FIXED))
     if messages:
         parts.append(rows.insert(OutboxMessage, list(messages), connection))
-    *ctes, (last_sql, last_params) = parts
+    last_params: list[Any]
+    if created:  # every part a CTE; the query returns the new steps' ids (the third part)
+        ctes, last_sql, last_params = parts, "SELECT id, saga_id, name FROM w2", []
+    else:
+        *ctes, (last_sql, last_params) = parts
     sql = ""
     all_params: list[Any] = []
     if ctes:
@@ -195,12 +230,22 @@ def write_runs(runs: list[tuple[Saga, list[SagaStep], list[SagaEvent]]], message
             all_params.extend(cte_params)
     with connection.cursor() as cursor:
         cursor.execute(sql + last_sql, [*all_params, *last_params])
+        ids = {(str(saga_id), name): step_id for step_id, saga_id, name in cursor.fetchall()} if created else {}
+    for _, saga, saga_steps, _ in created:
+        for obj in (saga, *saga_steps):
+            obj._state.adding, obj._state.db = False, DB
+        for step in saga_steps:
+            step.id = ids[(str(saga.pk), step.name)]
 
 
-def create_saga(*, saga_id: SagaId, definition: SagaDefinition, context: JSON, now: datetime | None) -> Run:
+def create_saga(
+    *, saga_id: SagaId, definition: SagaDefinition, context: JSON, now: datetime | None, deferred: bool = False
+) -> Run:
     """Create a saga and its steps (pending), in the caller's transaction. With `now`, the saga
     gets its deadline from it; without, it has none (no one could act on it). The definition's
-    snapshot is recorded with it (`definitions.record`)."""
+    snapshot is recorded with it (`definitions.record`). `deferred` (with `now`, on PostgreSQL):
+    nothing is written yet; the run's first flush inserts the saga and its steps as they then
+    stand (`write_runs`), in its one statement."""
     saga = Saga(
         id=saga_id,
         definition=definition.name,
@@ -218,6 +263,8 @@ def create_saga(*, saga_id: SagaId, definition: SagaDefinition, context: JSON, n
         for i, s in enumerate(group)
     ]
     connection = connections[DB]
+    if connection.vendor == "postgresql" and deferred and now is not None:
+        return Run(saga=saga, definition=definition, steps={s.name: s for s in steps}, now=now, created=True)
     if connection.vendor == "postgresql":
         _insert_saga(connection, definition, saga, steps)
     else:

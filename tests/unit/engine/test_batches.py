@@ -315,12 +315,13 @@ def test_starts_in_one_batch_are_one_transaction_and_a_bad_one_fails_alone(alice
     with CaptureQueriesContext(connections["default"]) as queries:
         together = engine.saga_start_many(starts=batch[1:] + batch[:1], contexts=[None] * 3)
     assert together == [True, True, False]  # the first one existed already
-    # Their first commands are written in the statement that writes the sagas (PostgreSQL), or
-    # in one INSERT of their own.
+    # Their first commands are written in the statement that inserts the sagas as they stand
+    # once started (PostgreSQL), or in one INSERT of their own.
     writes = [q["sql"] for q in queries if f'INSERT INTO "{OutboxMessage._meta.db_table}"' in q["sql"]]
     assert len(writes) == 1
     if connections["default"].vendor == "postgresql":
-        assert f'UPDATE "{Saga._meta.db_table}"' in writes[0]
+        assert f'INSERT INTO "{Saga._meta.db_table}"' in writes[0]
+        assert f'UPDATE "{Saga._meta.db_table}"' not in writes[0]
     assert [m["task"] for m in broker.queue] == ["inventory.execute"] * 2  # their first commands
 
     again = engine.saga_start_many(

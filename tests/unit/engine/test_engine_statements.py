@@ -9,7 +9,8 @@ There the steps come in the locking statement; a saga changed while it waited fo
 its steps read again.
 
 How a saga is created (`run.create_saga`): on PostgreSQL its definition's snapshot, the saga and
-its steps in one statement, the steps numbered by the database."""
+its steps in one statement, the steps numbered by the database; a saga started by the engine is
+inserted as it stands once its first steps started, in the statement that writes its start."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from orchestration import definitions, engine
 from orchestration.engine import run
 from orchestration.models import DefinitionSnapshot, Saga, SagaStep
 from sagaplatform.kernel.clock import db_now
+from sagaplatform.kernel.models import OutboxMessage
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
 
@@ -268,3 +270,38 @@ def test_the_steps_are_read_by_index_with_a_plan_made_while_the_table_was_small(
         cursor.execute("DEALLOCATE lock_plan")
     assert "Seq Scan on orchestration_sagastep" not in plan, plan
     assert "orchestration_sagastep" in plan
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_started_saga_is_written_once_as_it_stands_after_its_first_steps_start(count):
+    """A start (`lifecycle.saga_start`, a batch of them `saga_start_many`) creates its sagas in
+    memory, starts their first steps, and writes them with their events and first commands in
+    one statement (`run.write_runs`, `created`): on PostgreSQL no saga or step row is inserted
+    and then updated. What is stored is what the engine decided; a second start of the same
+    saga does nothing."""
+    ids = sorted(str(uuid.uuid4()) for _ in range(count))
+    starts = [(saga_id, "place_order", CONTEXT) for saga_id in ids]
+    with CaptureQueriesContext(connections["default"]) as queries:
+        assert engine.saga_start_many(starts=starts, contexts=[None] * count) == [True] * count
+    writes = [
+        q["sql"] for q in queries.captured_queries if '"orchestration_saga' in q["sql"] and "SELECT" not in q["sql"][:7]
+    ]
+    if connections["default"].vendor == "postgresql":
+        assert len(writes) == 1, writes
+        assert 'UPDATE "orchestration_saga"' not in writes[0]
+        assert 'UPDATE "orchestration_sagastep"' not in writes[0]
+    for saga_id in ids:
+        saga = Saga.objects.get(id=saga_id)
+        steps = {s.name: s for s in SagaStep.objects.filter(saga_id=saga_id)}
+        assert saga.state == Saga.State.RUNNING
+        assert saga.deadline_at is not None
+        assert (steps["reserve_stock"].state, steps["reserve_stock"].attempts) == ("running", 1)
+        assert steps["reserve_stock"].deadline_at is not None
+        assert {s.state for name, s in steps.items() if name != "reserve_stock"} == {"pending"}
+        kinds = list(saga.events.order_by("seq").values_list("kind", flat=True))
+        assert kinds == ["saga_created", "saga_started", "step_started"]
+        assert saga.version == 3
+        assert OutboxMessage.objects.filter(payload__saga_id=saga_id, task="inventory.execute").count() == 1
+    assert DefinitionSnapshot.objects.filter(digest=definitions.PLACE_ORDER.digest).count() == 1
+    assert engine.saga_start_many(starts=starts, contexts=[None] * count) == [False] * count
+    assert SagaStep.objects.filter(saga_id__in=ids).count() == count * len(steps)
