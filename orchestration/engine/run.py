@@ -18,6 +18,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connections, transaction
+from django.utils import timezone
 
 from sagaplatform.kernel import breakers, clock, faults, outbox, registry, rows
 from sagaplatform.kernel.commands import ACTION, COMPENSATE, CONFIRM, Command
@@ -188,6 +189,7 @@ def write_runs(
         parts.append(rows.insert(Saga, [saga for _, saga, _, _ in created], connection))
         steps_sql, steps_params = rows.insert(SagaStep, new_steps, connection, fixed=_STEP_ID)
         parts.append((f"{steps_sql} RETURNING id, saga_id, name", steps_params))
+    returning = len(parts) - 1  # the new steps' ids: what the statement returns
 
     def update(model: Any, fixed: frozenset[str], objects: list[Any], id_type: str) -> None:
         fields, row = rows.layout(model, fixed, connection)
@@ -218,8 +220,8 @@ def write_runs(
     if messages:
         parts.append(rows.insert(OutboxMessage, list(messages), connection))
     last_params: list[Any]
-    if created:  # every part a CTE; the query returns the new steps' ids (the third part)
-        ctes, last_sql, last_params = parts, "SELECT id, saga_id, name FROM w2", []
+    if created:  # every part a CTE; the query returns the new steps' ids
+        ctes, last_sql, last_params = parts, f"SELECT id, saga_id, name FROM w{returning}", []  # noqa: S608
     else:
         *ctes, (last_sql, last_params) = parts
     sql = ""
@@ -230,12 +232,13 @@ def write_runs(
             all_params.extend(cte_params)
     with connection.cursor() as cursor:
         cursor.execute(sql + last_sql, [*all_params, *last_params])
-        ids = {(str(saga_id), name): step_id for step_id, saga_id, name in cursor.fetchall()} if created else {}
+        ids = {(saga_id, name): step_id for step_id, saga_id, name in cursor.fetchall()} if created else {}
     for _, saga, saga_steps, _ in created:
         for obj in (saga, *saga_steps):
             obj._state.adding, obj._state.db = False, DB
+        key = uuid.UUID(str(saga.pk))  # however the caller spelled it
         for step in saga_steps:
-            step.id = ids[(str(saga.pk), step.name)]
+            step.id = ids[(key, step.name)]
 
 
 def create_saga(
@@ -264,6 +267,7 @@ def create_saga(
     ]
     connection = connections[DB]
     if connection.vendor == "postgresql" and deferred and now is not None:
+        saga.created_at = timezone.now()  # as its INSERT will set it (auto_now_add), for what reads it first
         return Run(saga=saga, definition=definition, steps={s.name: s for s in steps}, now=now, created=True)
     if connection.vendor == "postgresql":
         _insert_saga(connection, definition, saga, steps)

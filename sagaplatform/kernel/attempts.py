@@ -15,8 +15,9 @@ it did before marks existed.
 Where a worker applies the replies itself (`outbox.inline_after` and the drain that follows it,
 `answers_held`), the `answered` marks are not written on their own: they ride with this
 thread's next breaker round trip (`breakers._send`, which the orchestrator makes when it applies
-the reply that the mark is about, before that reply's commit), or are written when the drain
-ends (at most `SAGA_INLINE_BUDGET_MS` later, far inside any lease).
+the reply that the mark is about, before that reply's commit), or, with no breaker round trip
+(breakers off), are written at the end of the drain's round after the one that held them (the
+round that applies their replies: `flush_held`).
 """
 
 from __future__ import annotations
@@ -121,16 +122,45 @@ def answers_held() -> Iterator[None]:
         _write_many(keys, ANSWERED)
 
 
-def queue_held(pipe: Any) -> int:
-    """Add the held `answered` marks to `pipe`, a Redis pipeline about to run, and forget them.
-    Returns how many commands were added (their answers come first)."""
-    keys = getattr(_held, "keys", None)
+def queue_held(pipe: Any) -> list[str]:
+    """Add the held `answered` marks to `pipe`, a Redis pipeline about to run, and take them out
+    of the hold; returns their keys (their answers come first). If the pipeline fails, the
+    caller gives them back (`hold_again`)."""
+    keys: list[str] | None = getattr(_held, "keys", None)
     if not keys:
-        return 0
+        return []
     _held.keys = []
     for mark_key in keys:
         _queue(pipe, mark_key, ANSWERED)
-    return len(keys)
+    return keys
+
+
+def hold_again(keys: list[str]) -> None:
+    """Marks taken by `queue_held` whose pipeline failed: held again (written when the block
+    ends), or, outside a hold, written now."""
+    held = getattr(_held, "keys", None)
+    if held is not None:
+        held[:0] = keys
+    else:
+        _write_many(keys, ANSWERED)
+
+
+def held_now() -> list[str]:
+    """The marks held at this moment (see `flush_held`)."""
+    return list(getattr(_held, "keys", None) or ())
+
+
+def flush_held(keys: list[str]) -> None:
+    """Write now the held marks among `keys`: held through a whole round of the drain, which no
+    breaker round trip took (breakers off)."""
+    held = getattr(_held, "keys", None)
+    if not held:
+        return
+    wanted = set(keys)
+    due = [k for k in held if k in wanted]
+    if due:
+        _held.keys = [k for k in held if k not in wanted]
+        _write_many(due, ANSWERED, held=False)
 
 
 def _queue(pipe: Any, mark_key: str, state: str) -> None:
@@ -140,8 +170,9 @@ def _queue(pipe: Any, mark_key: str, state: str) -> None:
         pipe.set(mark_key, state, xx=True, keepttl=True)
 
 
-def _write_many(mark_keys: list[str], state: str) -> None:
-    """Write marks: a batch's in one Redis round trip (`answered` ones held, `answers_held`)."""
+def _write_many(mark_keys: list[str], state: str, *, held: bool = True) -> None:
+    """Write marks: a batch's in one Redis round trip (`answered` ones held inside
+    `answers_held`, unless `held` is false)."""
     if not mark_keys:
         return
     store = _store()
@@ -150,9 +181,9 @@ def _write_many(mark_keys: list[str], state: str) -> None:
             for mark_key in mark_keys:
                 store.write(mark_key, state)
             return
-        held = getattr(_held, "keys", None)
-        if held is not None and state == ANSWERED:
-            held.extend(mark_keys)
+        holding = getattr(_held, "keys", None) if held else None
+        if holding is not None and state == ANSWERED:
+            holding.extend(mark_keys)
             return
         pipe = store.pipeline(transaction=False)
         for mark_key in mark_keys:

@@ -388,8 +388,10 @@ def _send(store: redis.Redis, outcomes: list[tuple[str, bool]], questions: Seque
     for name, script in questions:
         _script(pipe, script, name, 0)
     try:
-        answers = _execute(store, pipe)[marks:]
+        answers = _execute(store, pipe, marks=len(marks))[len(marks) :]
     except Exception:
+        if marks:
+            attempts.hold_again(marks)
         if questions:
             raise
         logger.warning("breakers %s: outcomes not recorded", sorted({n for n, _ in outcomes}), exc_info=True)
@@ -427,10 +429,11 @@ def load_scripts(store: redis.Redis | None = None) -> None:
         redis_store.script_load(script)
 
 
-def _execute(store: redis.Redis, pipe: Any) -> list[Any]:
+def _execute(store: redis.Redis, pipe: Any, *, marks: int = 0) -> list[Any]:
     """Run the pipeline; where Redis lacked a script (after a restart or a flush) load the
     scripts and run those commands again (a refused EVALSHA ran nothing; the other commands ran).
-    Raises the first error left."""
+    Raises the first error left, except in the first `marks` answers (attempt marks riding
+    along: a hint, logged, never the breaker's failure)."""
     import redis
 
     commands = list(pipe.command_stack)  # `execute` empties it
@@ -444,8 +447,11 @@ def _execute(store: redis.Redis, pipe: Any) -> list[Any]:
             again.execute_command(*args, **options)
         for i, answer in zip(missing, again.execute(raise_on_error=False), strict=True):
             answers[i] = answer
-    for answer in answers:
+    for i, answer in enumerate(answers):
         if isinstance(answer, Exception):
+            if i < marks:
+                logger.warning("an attempt mark was not written: %s", answer)
+                continue
             raise answer
     return answers
 

@@ -268,8 +268,9 @@ _deferred = threading.local()
 @contextlib.contextmanager
 def inline_after() -> Iterator[None]:
     """Hold the inline runs of the messages committed inside this block until it ends (a
-    service's command: its reply is applied once the attempt's own span, metrics and marks are
-    done, not counted as the service's handler time)."""
+    service's command: its reply is applied once the attempt's own span and metrics are done,
+    not counted as the service's handler time; its `answered` mark goes with the reply's
+    application, `attempts.answers_held`)."""
     held: list[tuple[str, OutboxMessage]] = []
     previous = getattr(_deferred, "held", None)
     _deferred.held = held
@@ -319,12 +320,14 @@ def _publish_inline(held: list[tuple[str, OutboxMessage]]) -> int:
     with attempts.answers_held():
         try:
             while queue:
+                carried = attempts.held_now()  # marks of the round before: its replies run in this one
                 inline = time.monotonic() < deadline
                 groups[:] = _fanned_out(_grouped(queue)) if inline else _grouped(queue)
                 queue.clear()
                 while groups:
                     task, items = groups.pop(0)
                     _run_group(task, items, ran, inline=inline)
+                attempts.flush_held(carried)  # what no breaker round trip took (breakers off)
         except BaseException:
             _drain.queue = None
             for _task, items in groups:

@@ -305,3 +305,15 @@ def test_a_started_saga_is_written_once_as_it_stands_after_its_first_steps_start
     assert DefinitionSnapshot.objects.filter(digest=definitions.PLACE_ORDER.digest).count() == 1
     assert engine.saga_start_many(starts=starts, contexts=[None] * count) == [False] * count
     assert SagaStep.objects.filter(saga_id__in=ids).count() == count * len(steps)
+
+
+def test_a_start_whose_saga_id_is_spelled_otherwise_still_numbers_its_steps():
+    """The start message's id may be spelled in capitals (any UUID spelling): the steps the
+    start inserts are matched to their database ids all the same."""
+    saga_id = uuid.uuid4()
+    assert engine.saga_start(saga_id=str(saga_id).upper(), definition="place_order", context=CONTEXT)
+    assert Saga.objects.get(id=saga_id).state == Saga.State.RUNNING
+    assert SagaStep.objects.filter(saga_id=saga_id).count() == len(definitions.PLACE_ORDER.steps) + len(
+        definitions.PLACE_ORDER.on_failure
+    )
+    assert not engine.saga_start(saga_id=str(saga_id), definition="place_order", context=CONTEXT)

@@ -247,3 +247,73 @@ def test_admissions_asked_together_are_decided_in_turn(store, monkeypatch):
     assert breakers.detail(["inventory"])["inventory"]["calls"] == 1  # the held outcome went first
     if store == "redis":
         assert round_trips == 1
+
+
+def test_held_marks_shift_no_breaker_answer_and_survive_a_failed_round_trip(store, monkeypatch):
+    """The marks' answers come first in the pipeline they ride: an outcome recorded with a
+    mark still reports the move it caused, and questions asked with one still get their own
+    answers. A pipeline that fails gives its marks back to the hold (written when it ends),
+    and a mark that Redis refuses is logged, never taken for the breaker's answer."""
+    import uuid
+
+    import redis
+
+    from sagaplatform.kernel import attempts
+
+    if store != "redis":
+        pytest.skip("Redis only")
+    first, second, third = (attempts.key(uuid.uuid4(), "charge", "action", 1) for _ in range(3))
+    attempts.mark_many_started([first, second, third])
+    with attempts.answers_held():
+        attempts.mark_answered(first)
+        moved = [breakers.record("payments", False) for _ in range(4)]  # the first carries the mark
+        attempts.mark_answered(second)
+        refused = breakers.admit_many(["payments", "payments"])
+    assert moved == ["", "", "", "open"]
+    assert [v.admitted for v in refused] == [False, False]
+    assert {attempts.read([k])[k].state for k in (first, second)} == {attempts.ANSWERED}
+
+    def failing(*args, **kwargs):
+        raise redis.exceptions.ConnectionError("Redis went away")
+
+    with attempts.answers_held():
+        attempts.mark_answered(third)
+        with monkeypatch.context() as patched:
+            patched.setattr(breakers, "_execute", failing)
+            assert breakers.admit("inventory").admitted  # unknown: admits, as ever
+        assert attempts.read([third])[third].state == attempts.STARTED  # held again, not lost
+    assert attempts.read([third])[third].state == attempts.ANSWERED
+
+    store_ = breakers._store()
+    store_.set("not-a-number", "x")
+    pipe = store_.pipeline(transaction=False)
+    pipe.incr("not-a-number")  # refused by Redis, as a mark might be
+    pipe.get("not-a-number")
+    assert breakers._execute(store_, pipe, marks=1)[1] == "x"
+    pipe = store_.pipeline(transaction=False)
+    pipe.incr("not-a-number")
+    with pytest.raises(redis.exceptions.ResponseError):
+        breakers._execute(store_, pipe)
+    store_.delete("not-a-number")
+
+
+def test_held_marks_are_written_when_flushed(store):
+    """`flush_held(keys)` (the end of a drain's round that asked no breaker) writes those of
+    `keys` still held, at once, and keeps the others held."""
+    import uuid
+
+    from sagaplatform.kernel import attempts
+
+    if store != "redis":
+        pytest.skip("Redis only: the embedded mode writes its marks to memory at once")
+    older, newer = (attempts.key(uuid.uuid4(), "ship", "action", 1) for _ in range(2))
+    attempts.mark_many_started([older, newer])
+    with attempts.answers_held():
+        attempts.mark_answered(older)
+        carried = attempts.held_now()
+        attempts.mark_answered(newer)
+        attempts.flush_held(carried)
+        assert attempts.read([older])[older].state == attempts.ANSWERED
+        assert attempts.read([newer])[newer].state == attempts.STARTED  # held until its round ends
+        assert attempts.held_now() == [newer]
+    assert attempts.read([newer])[newer].state == attempts.ANSWERED
